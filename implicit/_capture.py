@@ -1,0 +1,84 @@
+"""Finding and substituting the tensors a user function reads from its closure.
+
+Gradients must reach tensors that ``g`` captures (closure variables, module
+parameters), and the differentiable core needs them as explicit inputs so that
+autograd orders and frees the graph correctly and so that partial derivatives can
+be taken. Both jobs use a :class:`~torch.overrides.TorchFunctionMode`, which sees
+every tensor each torch operation receives:
+
+* :class:`Recorder` lists the tensors requiring grad that ``g`` reads but did not
+  create itself (one evaluation of ``g``, at the initial guess);
+* :class:`Substitute` swaps those tensors for stand-ins (the same values, but owned
+  by a transform or detached) whenever ``g`` is evaluated again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if type(obj) in (list, tuple):
+        return type(obj)(tree_map_tensors(item, fn) for item in obj)
+    if type(obj) is dict:
+        return {key: tree_map_tensors(value, fn) for key, value in obj.items()}
+    return obj
+
+
+def tree_tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif type(obj) in (list, tuple):
+        for item in obj:
+            yield from tree_tensors(item)
+    elif type(obj) is dict:
+        for value in obj.values():
+            yield from tree_tensors(value)
+
+
+class Recorder(TorchFunctionMode):
+    """Records the tensors requiring grad that flow into operations from outside.
+
+    Args:
+        known: tensors that are not captures (the explicit arguments, the state).
+    """
+
+    def __init__(self, known: Iterable[torch.Tensor]):
+        super().__init__()
+        self._made = {id(t) for t in known}
+        self._keep_alive = list(known)
+        self.captured: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for tensor in tree_tensors((args, kwargs)):
+            if id(tensor) not in self._made and tensor.requires_grad:
+                self.captured.setdefault(id(tensor), tensor)
+        out = func(*args, **kwargs)
+        for tensor in tree_tensors(out):
+            # Keep outputs alive so that their ids are not recycled for another tensor.
+            self._made.add(id(tensor))
+            self._keep_alive.append(tensor)
+        return out
+
+
+class Substitute(TorchFunctionMode):
+    """Replaces captured tensors (matched by identity) in every operation."""
+
+    def __init__(self, replacements: dict[int, torch.Tensor]):
+        super().__init__()
+        self._replacements = replacements
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def swap(tensor: torch.Tensor) -> torch.Tensor:
+            return self._replacements.get(id(tensor), tensor)
+
+        return func(*tree_map_tensors(args, swap), **tree_map_tensors(kwargs or {}, swap))

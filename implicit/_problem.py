@@ -1,0 +1,220 @@
+"""Normalising user input into one flat, batched root problem.
+
+Every front door hands the core a :class:`Problem`: a residual ``g(z, *args)``
+whose state may be a tensor or a tuple of tensors, viewed by the solvers as one
+flat ``(B, n)`` tensor (``B`` independent problems when batched, ``B = 1``
+otherwise). The explicit tensor arguments and the captured tensors are the
+problem's *inputs*: the tensors gradients flow to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from implicit._capture import Recorder, Substitute
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+Form = Literal["root", "fixed_point", "inverse"]
+
+
+class Problem:
+    """A root problem seen as a residual on a flat ``(B, n)`` view.
+
+    The three forms differ only in how the user's function becomes a residual and in
+    how the stopping tolerance is scaled (problem ``b`` has converged when
+    ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``):
+
+    ============  ========================  ==============================
+    form          residual                  scale
+    ============  ========================  ==============================
+    root          ``fn(z, *args)``          0 (absolute tolerance)
+    fixed_point   ``fn(z, *args) − z``      ``‖z_b‖₂`` (relative to the state)
+    inverse       ``fn(z, *args[1:]) − y``  ``‖y_b‖₂`` with ``y = args[0]``
+    ============  ========================  ==============================
+
+    Args:
+        fn: the user's function; returns a tensor (or tuple) shaped like ``z``.
+        z0: the initial state, a tensor or a tuple of tensors.
+        args: the extra positional arguments; tensors among them are inputs. For the
+            inverse form ``args[0]`` is the target ``y``.
+        batched: whether dim 0 of every state tensor indexes independent problems.
+        form: ``"root"``, ``"fixed_point"`` or ``"inverse"``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        z0: State,
+        args: Sequence[Any],
+        *,
+        batched: bool,
+        form: Form = "root",
+    ):
+        self.name = "g" if form == "root" else "f"
+        if not callable(fn):
+            raise TypeError(f"{self.name} must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.form = form
+        self.batched = bool(batched)
+        self.is_tuple = isinstance(z0, (tuple, list))
+        self.initial = tuple(z0) if self.is_tuple else z0
+        states = tuple(z0) if self.is_tuple else (z0,)
+        _check_states(states, self.batched)
+        self.dtype = states[0].dtype
+        self.device = states[0].device
+        self.shapes = [s.shape for s in states]
+        self.batch_size = states[0].shape[0] if self.batched else 1
+        self.sizes = [math.prod(s.shape[1:]) if self.batched else s.numel() for s in states]
+        self.n = sum(self.sizes)
+        self.args = tuple(args)
+        self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
+        for i in self.tensor_positions:
+            _check_arg(self.args[i], i, self.dtype, self.device)
+        self.captured: list[torch.Tensor] = []
+
+    # -- the flat view ------------------------------------------------------------
+    def pack(self, states: State) -> torch.Tensor:
+        """A state (tensor or tuple) as one ``(B, n)`` tensor."""
+        parts = tuple(states) if self.is_tuple else (states,)
+        flat = [p.reshape(self.batch_size, -1) for p in parts]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+    def unpack(self, flat: torch.Tensor) -> State:
+        """The inverse of :meth:`pack`."""
+        if not self.is_tuple:
+            return flat.reshape(self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=1)
+        return tuple(p.reshape(shape) for p, shape in zip(parts, self.shapes))
+
+    # -- inputs -------------------------------------------------------------------
+    @property
+    def explicit(self) -> list[torch.Tensor]:
+        """The tensors among the explicit arguments."""
+        return [self.args[i] for i in self.tensor_positions]
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """Explicit tensor arguments followed by captured tensors."""
+        return self.explicit + self.captured
+
+    def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """``g`` on the flat view, with ``inputs`` standing in for the problem's inputs.
+
+        The stand-ins may be detached copies or transform-owned versions of the
+        original inputs: captured tensors are swapped in by identity.
+        """
+        n_explicit = len(self.tensor_positions)
+        args = list(self.args)
+        for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
+            args[position] = tensor
+        if self.form == "inverse":
+            target, args = args[0], args[1:]
+        stand_ins = inputs[n_explicit:]
+        if all(s is c for s, c in zip(stand_ins, self.captured)):
+            out = self.fn(self.unpack(z), *args)
+        else:
+            replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
+            with Substitute(replacements):
+                out = self.fn(self.unpack(z), *args)
+        out = self._pack_output(out)
+        if self.form == "fixed_point":
+            return out - z
+        if self.form == "inverse":
+            return out - self.pack(target)
+        return out
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-problem scale of the stopping tolerance (see the class docstring)."""
+        if self.form == "fixed_point":
+            return torch.linalg.vector_norm(z, dim=1)
+        if self.form == "inverse":
+            return torch.linalg.vector_norm(self.pack(self.args[0]), dim=1)
+        return z.new_zeros(z.shape[0])
+
+    def discover(self, z0: torch.Tensor) -> torch.Tensor:
+        """Evaluate ``g(z0)`` once, recording the captured tensors that require grad.
+
+        Returns the residual at ``z0`` (detached), which the solver reuses as its
+        first evaluation.
+        """
+        z0 = z0.detach()
+        known = [z0, *self.explicit]
+        with torch.enable_grad(), Recorder(known) as recorder:
+            r0 = self.residual(z0, *self.explicit)
+        self.captured = list(recorder.captured.values())
+        return r0.detach()
+
+    def needs_grad(self) -> bool:
+        return any(t.requires_grad for t in self.inputs)
+
+    def _pack_output(self, out: Any) -> torch.Tensor:
+        parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if len(parts) != len(self.shapes) or (self.is_tuple != isinstance(out, (tuple, list))):
+            raise ValueError(
+                f"{self.name} must return the same structure as z: expected "
+                f"{_describe(self.shapes, self.is_tuple)}, got {_describe_value(out)}"
+            )
+        for part, shape in zip(parts, self.shapes):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"{self.name} must return tensors, got {type(part).__name__}")
+            if part.shape != shape:
+                raise ValueError(
+                    f"{self.name} returned shape {tuple(part.shape)} but z has shape "
+                    f"{tuple(shape)}: the residual must have the shape of z"
+                )
+            if part.dtype != self.dtype:
+                raise TypeError(
+                    f"{self.name} returned dtype {part.dtype} but z has dtype "
+                    f"{self.dtype}: cast the inputs or z0 so that they agree"
+                )
+        return self.pack(out)
+
+
+def _describe(shapes: Sequence[torch.Size], is_tuple: bool) -> str:
+    text = ", ".join(str(tuple(s)) for s in shapes)
+    return f"a tuple of shapes ({text})" if is_tuple else f"a tensor of shape {text}"
+
+
+def _describe_value(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} item(s)"
+    return f"a {type(out).__name__}"
+
+
+def _check_states(states: Sequence[Any], batched: bool) -> None:
+    if not states:
+        raise ValueError("z0 must be a tensor or a non-empty tuple of tensors")
+    for i, state in enumerate(states):
+        label = "z0" if len(states) == 1 else f"z0[{i}]"
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
+        if not state.is_floating_point():
+            raise TypeError(f"{label} must be a floating-point tensor, got {state.dtype}")
+        if state.numel() == 0:
+            raise ValueError(f"{label} is empty: there is nothing to solve for")
+        if batched and state.dim() == 0:
+            raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
+        if state.dtype != states[0].dtype:
+            raise TypeError(f"{label} has dtype {state.dtype}, z0[0] has {states[0].dtype}")
+        if state.device != states[0].device:
+            raise ValueError(f"{label} is on {state.device}, z0[0] is on {states[0].device}")
+        if batched and state.shape[0] != states[0].shape[0]:
+            raise ValueError(
+                f"{label} has batch size {state.shape[0]}, z0[0] has {states[0].shape[0]}"
+            )
+
+
+def _check_arg(arg: torch.Tensor, position: int, dtype: torch.dtype, device) -> None:
+    if arg.device != device:
+        raise ValueError(f"argument {position} (after z0) is on {arg.device} but z0 is on {device}")
+    if arg.is_floating_point() and arg.dtype != dtype:
+        raise TypeError(
+            f"argument {position} (after z0) has dtype {arg.dtype} but z0 has dtype "
+            f"{dtype}: use one floating-point dtype"
+        )

@@ -1,0 +1,140 @@
+"""Result codes, solve reports and what happens when a solve fails.
+
+Everything that says how a solve ended lives here: the status codes, the
+:class:`SolveInfo` / :class:`BackwardInfo` reports, and the ``on_failure`` policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Literal
+
+import torch
+
+OnFailure = Literal["warn", "raise", "ignore"]
+
+# Per-sample status codes, ordered by severity: the status of a batch is its worst sample's.
+CONVERGED = 0
+MAX_ITER = 1
+BREAKDOWN = 2
+FAILED = 3
+NONFINITE = 4
+STATUS_NAMES = {
+    CONVERGED: "converged",
+    MAX_ITER: "max_iter",
+    BREAKDOWN: "breakdown",
+    FAILED: "failed",
+    NONFINITE: "nonfinite",
+}
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A forward or backward solve stopped before reaching its tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """A solve failed and ``on_failure="raise"`` was requested.
+
+    Attributes:
+        info: the :class:`SolveInfo` (forward) or :class:`BackwardInfo` (backward)
+            of the failed solve.
+    """
+
+    def __init__(self, message: str, info: SolveInfo | BackwardInfo):
+        super().__init__(message)
+        self.info = info
+
+
+def status_name(codes: torch.Tensor) -> str:
+    """The name of the worst status in a tensor of per-sample codes."""
+    return STATUS_NAMES[int(codes.max())] if codes.numel() else "converged"
+
+
+@dataclasses.dataclass
+class BackwardInfo:
+    """How the adjoint linear solve ``(∂g/∂z)ᵀ w = v`` of a backward pass ended.
+
+    Attributes:
+        converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
+        residual: ``‖(∂g/∂z)ᵀ w − v‖ / ‖v‖`` per problem (NaN where the mode does
+            not measure it, e.g. ``one_step``).
+        iterations: iterations of the linear solver (the maximum over samples).
+        matvecs: vector-Jacobian products the solve used (a dense solve counts the
+            ``n`` products that build the Jacobian).
+        status: ``"converged"``, ``"max_iter"``, ``"breakdown"`` or ``"nonfinite"``:
+            the worst over the batch.
+        method: name of the linear solver.
+    """
+
+    converged: torch.Tensor
+    residual: torch.Tensor
+    iterations: int
+    matvecs: int
+    status: str
+    method: str
+
+
+@dataclasses.dataclass
+class SolveInfo:
+    """How a forward solve ended.
+
+    Attributes:
+        converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
+        residual: final residual norm ``‖g(z)‖₂`` per problem, same shape.
+        iterations: iterations taken (the maximum over samples).
+        f_evals: evaluations of ``g`` (or ``f``); one call on the whole batch counts once.
+        history: the worst residual norm over the batch after each iteration,
+            starting with the initial guess.
+        status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or
+            ``"failed"``: the worst over the batch.
+        solver: name of the forward solver.
+        message: extra detail from the solver (e.g. scipy's message), or ``""``.
+        jac_evals: dense Jacobians built by the solver (Newton).
+        backward: filled in by ``backward()``: the adjoint solve's :class:`BackwardInfo`.
+    """
+
+    converged: torch.Tensor
+    residual: torch.Tensor
+    iterations: int
+    f_evals: int
+    history: list[float]
+    status: str
+    solver: str
+    message: str = ""
+    jac_evals: int = 0
+    backward: BackwardInfo | None = None
+
+    def __repr__(self) -> str:
+        worst = float(self.residual.max()) if self.residual.numel() else 0.0
+        return (
+            f"SolveInfo(status={self.status!r}, solver={self.solver!r}, "
+            f"converged={int(self.converged.sum())}/{self.converged.numel()}, "
+            f"worst_residual={worst:.3e}, iterations={self.iterations}, "
+            f"f_evals={self.f_evals}, backward={self.backward!r})"
+        )
+
+
+def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -> None:
+    """Warn, raise or stay silent when ``info`` says the solve did not converge."""
+    if on_failure == "ignore" or bool(info.converged.all()):
+        return
+    failed = int((~info.converged).sum())
+    total = info.converged.numel()
+    worst = float(info.residual.nan_to_num(nan=float("inf")).max())
+    message = (
+        f"{what} did not converge: status {info.status!r} for {failed} of {total} "
+        f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."
+    )
+    if isinstance(info, SolveInfo):
+        message += " Raise max_iter, loosen tol, or try another solver."
+        if info.message:
+            message += f" Solver said: {info.message}"
+    else:
+        message += (
+            " Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a "
+            "preconditioner."
+        )
+    if on_failure == "raise":
+        raise ConvergenceError(message, info)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)

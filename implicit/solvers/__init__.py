@@ -1,0 +1,41 @@
+"""Forward solvers: one file per method, all behind :class:`Solver`.
+
+Pick one by name (``solver="anderson"``, with options as keyword arguments of the
+front door) or pass an instance (``solver=implicit.solvers.Anderson(m=8)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from implicit._checks import check_options
+from implicit.solvers.base import Solver
+from implicit.solvers.fixed_point import FixedPoint
+
+__all__ = ["NAMES", "FixedPoint", "Solver", "resolve"]
+
+#: Solver names accepted by ``solver=``.
+NAMES: dict[str, type[Solver]] = {
+    FixedPoint.name: FixedPoint,
+}
+
+
+def resolve(solver: str | Solver, options: dict[str, Any]) -> Solver:
+    """A solver given by name (with constructor options) or by instance."""
+    if isinstance(solver, Solver):
+        if options:
+            raise TypeError(
+                f"solver options {sorted(options)} can only be given with a solver name; "
+                f"set them on the instance instead"
+            )
+        return solver
+    if not isinstance(solver, str) or solver not in NAMES:
+        raise ValueError(
+            f"unknown solver {solver!r}: use one of {sorted(NAMES)} or an instance of "
+            f"implicit.solvers.Solver"
+        )
+    cls = NAMES[solver]
+    parameters = inspect.signature(cls).parameters
+    check_options(f"solver {solver!r}", options, parameters)
+    return cls(**options)

@@ -1,0 +1,118 @@
+"""The interface every forward solver implements, and the loop that drives it.
+
+A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)``
+(row ``b`` is problem ``b``). It implements two small methods:
+
+* :meth:`Solver.init` builds the method's state from the first iterate;
+* :meth:`Solver.step` proposes the next iterate and its residual.
+
+:meth:`Solver.solve` owns everything else, once for all methods: per-problem stopping
+(``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``), freezing of finished problems, non-finite
+detection, the residual history and the counters of :class:`~implicit.SolveInfo`.
+A method that is not iterative (scipy, a black box) overrides :meth:`Solver.solve`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+
+from implicit._operators import Residual
+from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
+
+
+class Solver(abc.ABC):
+    """A method for ``g(z) = 0`` on a flat batch ``(B, n)``.
+
+    Args:
+        check_every: test for the end of the loop (a host synchronisation) every this
+            many iterations; ``None`` means every iteration on the CPU and every 4 on
+            accelerators, where a synchronisation stalls the device. Finished problems
+            stop changing at once either way.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, check_every: int | None = None):
+        if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+        self.check_every = check_every
+
+    def init(self, fn: Residual, z: torch.Tensor, r: torch.Tensor) -> Any:
+        """The method's state at the first iterate ``z`` with residual ``r = g(z)``."""
+        return None
+
+    @abc.abstractmethod
+    def step(
+        self, fn: Residual, z: torch.Tensor, r: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One iteration from ``z`` (residual ``r``): the next ``z``, ``g(z)`` and state.
+
+        Every row is stepped; the driver discards the rows of finished problems.
+        """
+
+    def solve(
+        self,
+        fn: Residual,
+        z0: torch.Tensor,
+        r0: torch.Tensor | None,
+        *,
+        tol: float,
+        max_iter: int,
+    ) -> tuple[torch.Tensor, SolveInfo]:
+        """Iterate from ``z0`` (whose residual ``r0`` may be known) until every problem
+        has converged, turned non-finite, or ``max_iter`` iterations have passed."""
+        z = z0
+        r = fn(z) if r0 is None else r0
+        check_every = self.check_every or (1 if z.device.type == "cpu" else 4)
+        norms = torch.linalg.vector_norm(r, dim=1)
+        codes = self._classify(
+            norms, fn.scale(z), tol, torch.full_like(norms, MAX_ITER, dtype=torch.long)
+        )
+        done = codes != MAX_ITER
+        iterations = torch.zeros_like(codes)
+        history = [norms.max()]
+        state = self.init(fn, z, r)
+        for k in range(max_iter):
+            if k % check_every == 0 and bool(done.all()):
+                break
+            z_new, r_new, state = self.step(fn, z, r, state)
+            new_norms = torch.linalg.vector_norm(r_new, dim=1)
+            # A problem whose residual turns non-finite stops at its last finite iterate.
+            blew_up = ~done & ~torch.isfinite(new_norms)
+            keep = (done | blew_up).unsqueeze(1)
+            z = torch.where(keep, z, z_new)
+            r = torch.where(keep, r, r_new)
+            iterations = iterations + (~done).long()
+            norms = torch.where(done | blew_up, norms, new_norms)
+            codes = torch.where(blew_up, NONFINITE, codes)
+            codes = torch.where(
+                done | blew_up, codes, self._classify(norms, fn.scale(z), tol, codes)
+            )
+            done = codes != MAX_ITER
+            history.append(torch.where(blew_up, new_norms, norms).max())
+        info = SolveInfo(
+            converged=codes == CONVERGED,
+            residual=norms.detach(),
+            iterations=int(iterations.max()),
+            f_evals=fn.f_evals,
+            history=torch.stack(history).detach().tolist(),
+            status=status_name(codes),
+            solver=self.name,
+            jac_evals=fn.jac_evals,
+        )
+        return z, info
+
+    @staticmethod
+    def _classify(norms, scale, tol, codes):
+        converged = norms <= tol * (1 + scale)
+        codes = torch.where(converged, CONVERGED, codes)
+        return torch.where(torch.isfinite(norms), codes, NONFINITE)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_")
+        )
+        return f"{type(self).__name__}({fields})"

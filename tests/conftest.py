@@ -1,0 +1,61 @@
+"""Shared problems and references for the test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (absolute when b = 0)."""
+    a, b = a.detach(), b.detach()
+    scale = float(torch.linalg.vector_norm(b))
+    diff = float(torch.linalg.vector_norm(a - b))
+    return diff / scale if scale > 0 else diff
+
+
+def contractive_matrix(n: int, norm: float, *, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """A random n×n matrix with spectral norm ``norm``."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, n, generator=generator, dtype=dtype)
+    return w * (norm / torch.linalg.matrix_norm(w, ord=2))
+
+
+def unrolled_fixed_point(f, z0, *args, iterations: int = 400):
+    """The reference: plain autograd through many fixed-point iterations."""
+    z = z0
+    for _ in range(iterations):
+        z = f(z, *args)
+    return z
+
+
+class TanhProblem:
+    """The seed notebook's problem ``z = tanh(W z + x)``, batched over rows."""
+
+    def __init__(
+        self, n: int = 6, batch: int = 3, norm: float = 0.5, seed: int = 0, dtype=torch.float64
+    ):
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.W = contractive_matrix(n, norm, seed=seed, dtype=dtype).requires_grad_()
+        self.x = torch.randn(batch, n, generator=generator, dtype=dtype).requires_grad_()
+        self.z0 = torch.zeros(batch, n, dtype=dtype)
+
+    def f(self, z, x):
+        return torch.tanh(z @ self.W.T + x)
+
+    def g(self, z, x):
+        return self.f(z, x) - z
+
+    def closed_form_dzdx(self, z):
+        """dz*/dx per sample: (I − D W)⁻¹ D with D = diag(1 − z²)."""
+        d = 1 - z.detach() ** 2
+        eye = torch.eye(z.shape[1], dtype=z.dtype)
+        jac_f = d.unsqueeze(2) * self.W.detach()
+        return torch.linalg.solve(eye - jac_f, torch.diag_embed(d))
+
+
+@pytest.fixture
+def tanh_problem():
+    return TanhProblem()
