@@ -35,18 +35,27 @@ def tour_solvers(n: int = 10) -> list[dict[str, object]]:
     for name in sorted(implicit.solvers.NAMES):
         start = time.perf_counter()
         z, info = implicit.fixed_point(
-            f, torch.zeros(n, dtype=torch.float64), x, solver=name, tol=1e-10, max_iter=500,
+            f,
+            torch.zeros(n, dtype=torch.float64),
+            x,
+            solver=name,
+            tol=1e-10,
+            max_iter=500,
             return_info=True,
         )
         jac = torch.func.jacrev(
-            lambda x: implicit.fixed_point(
+            lambda x, name=name: implicit.fixed_point(
                 f, torch.zeros(n, dtype=torch.float64), x, solver=name, tol=1e-10, max_iter=500
             )
         )(x)
         elapsed = time.perf_counter() - start
         d = 1 - z**2
-        closed_form = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - d[:, None] * w, torch.diag(d))
-        error = float(torch.linalg.matrix_norm(jac - closed_form) / torch.linalg.matrix_norm(closed_form))
+        closed_form = torch.linalg.solve(
+            torch.eye(n, dtype=torch.float64) - d[:, None] * w, torch.diag(d)
+        )
+        error = float(
+            torch.linalg.matrix_norm(jac - closed_form) / torch.linalg.matrix_norm(closed_form)
+        )
         rows.append(
             {
                 "solver": name,
@@ -78,7 +87,9 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m implicit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m implicit", description=__doc__.split("\n\n")[0]
+    )
     parser.parse_args(argv)
     print(f"implicit {implicit.__version__} (torch {torch.__version__})\n")
     print("1. The seed problem z = tanh(W z + x), n = 10, ‖W‖₂ = 0.9, float64.")
