@@ -1,17 +1,21 @@
 """implicit: differentiable fixed points, roots and inverses for PyTorch."""
 
-from implicit import linear, solvers
+from implicit import layers, linear, solvers
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 from implicit.api import fixed_point, root_solve
+from implicit.layers import DEQ, ImplicitLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEQ",
     "BackwardInfo",
     "ConvergenceError",
     "ConvergenceWarning",
+    "ImplicitLayer",
     "SolveInfo",
     "fixed_point",
+    "layers",
     "linear",
     "root_solve",
     "solvers",
