@@ -191,12 +191,15 @@ def test_tuple_state_diagnostics_see_the_whole_jacobian():
     radius = torch.linalg.eigvals(blocks).abs().amax(dim=1)
     assert rel_err(deq.spectral_radius(x, z, iterations=1000), radius) <= 2e-3
     penalty = deq.jacobian_penalty(x, z, samples=1, generator=torch.Generator().manual_seed(0))
-    probe = torch.empty(2, 11, dtype=torch.float64).bernoulli_(
-        0.5, generator=torch.Generator().manual_seed(0)
-    )
-    probe = 2 * probe - 1
+    probe = rademacher(2, 11, seed=0)
     exact = (torch.einsum("bi,bij->bj", probe, blocks) ** 2).sum(dim=1).mean()
     assert penalty.detach().item() == pytest.approx(exact.item(), rel=1e-12)
+
+
+def rademacher(*shape: int, seed: int) -> torch.Tensor:
+    """The ±1 probes ``jacobian_penalty`` draws from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return 2 * torch.empty(*shape, dtype=torch.float64).bernoulli_(0.5, generator=generator) - 1
 
 
 def exact_jacobian(f, z, x) -> torch.Tensor:
@@ -255,13 +258,7 @@ class TestJacobianRegulariser:
         penalty = self.deq.jacobian_penalty(
             self.x, self.z, generator=torch.Generator().manual_seed(5)
         )
-        probe = (
-            2
-            * torch.empty(3, 4, dtype=torch.float64).bernoulli_(
-                0.5, generator=torch.Generator().manual_seed(5)
-            )
-            - 1
-        )
+        probe = rademacher(3, 4, seed=5)
         assert set(probe.unique().tolist()) == {-1.0, 1.0}
         exact = (torch.einsum("bi,bij->bj", probe, self.blocks) ** 2).sum(dim=1).mean()
         assert penalty.detach().item() == pytest.approx(exact.item(), rel=1e-12)
