@@ -6,8 +6,9 @@ autograd orders and frees the graph correctly and so that partial derivatives ca
 be taken. Both jobs use a :class:`~torch.overrides.TorchFunctionMode`, which sees
 every tensor each torch operation receives:
 
-* :class:`Recorder` lists the tensors requiring grad that ``g`` reads but did not
-  create itself (one evaluation of ``g``, at the initial guess);
+* :class:`Recorder` lists the tensors carrying derivatives (requiring grad, dual
+  tensors of forward mode, ``torch.func``-transformed tensors) that ``g`` reads but did
+  not create itself (one evaluation of ``g``, at the initial guess);
 * :class:`Substitute` swaps those tensors for stand-ins (the same values, but owned
   by a transform or detached) whenever ``g`` is evaluated again.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch.overrides import TorchFunctionMode
 
 
@@ -44,8 +46,18 @@ def tree_tensors(obj: Any) -> Iterable[torch.Tensor]:
             yield from tree_tensors(value)
 
 
+def carries_derivative(tensor: torch.Tensor) -> bool:
+    """Whether derivatives with respect to ``tensor`` may be asked for: it requires
+    grad, carries a forward-mode tangent, or belongs to a ``torch.func`` transform."""
+    return (
+        tensor.requires_grad
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or forward_ad.unpack_dual(tensor).tangent is not None
+    )
+
+
 class Recorder(TorchFunctionMode):
-    """Records the tensors requiring grad that flow into operations from outside.
+    """Records the tensors that flow into operations from outside and carry derivatives.
 
     Args:
         known: tensors that are not captures (the explicit arguments, the state).
@@ -60,7 +72,7 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for tensor in tree_tensors((args, kwargs)):
-            if id(tensor) not in self._made and tensor.requires_grad:
+            if id(tensor) not in self._made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
         for tensor in tree_tensors(out):

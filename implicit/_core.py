@@ -218,8 +218,9 @@ def _transforming() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _has_tangent(tensors: Sequence[torch.Tensor]) -> bool:
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open."""
+    return forward_ad._current_level >= 0
 
 
 def solve(
@@ -243,14 +244,11 @@ def solve(
         report_failure(info, on_failure, "forward solve")
         return z, info
     settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n))
-    r0 = problem.discover(z0) if torch.is_grad_enabled() else None
     transforming = _transforming()
+    derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
+    r0 = problem.discover(z0) if derivatives_possible else None
     root = _RootProblem(problem, solver, settings, None if transforming else r0)
-    differentiable = (
-        transforming
-        or _has_tangent(problem.inputs)
-        or (torch.is_grad_enabled() and problem.needs_grad())
-    )
+    differentiable = derivatives_possible and problem.carries_derivatives()
     if differentiable:
         z = _ImplicitFunction.apply(root, z0.detach(), *problem.inputs)
     else:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from implicit._capture import Recorder, Substitute
+from implicit._capture import Recorder, Substitute, carries_derivative
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 Form = Literal["root", "fixed_point", "inverse"]
@@ -136,7 +136,7 @@ class Problem:
         return z.new_zeros(z.shape[0])
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
-        """Evaluate ``g(z0)`` once, recording the captured tensors that require grad.
+        """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives.
 
         Returns the residual at ``z0`` (detached), which the solver reuses as its
         first evaluation.
@@ -148,8 +148,9 @@ class Problem:
         self.captured = list(recorder.captured.values())
         return r0.detach()
 
-    def needs_grad(self) -> bool:
-        return any(t.requires_grad for t in self.inputs)
+    def carries_derivatives(self) -> bool:
+        """Whether derivatives may be asked for with respect to any input."""
+        return any(carries_derivative(t) for t in self.inputs)
 
     def _pack_output(self, out: Any) -> torch.Tensor:
         parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)

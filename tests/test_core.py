@@ -281,3 +281,33 @@ class TestHigherOrder:
         hess = torch.func.hessian(lambda x: loss_of(solve(x)))(x)
         hess_ref = torch.func.hessian(lambda x: loss_of(ref(x)))(x)
         assert rel_err(hess, hess_ref) <= 1e-8
+
+    def test_tangents_on_captured_tensors(self):
+        # Regression: a tensor captured by f (not an explicit argument) carries a tangent
+        # under torch.func.jvp / jacfwd / vmap and forward_ad: it must be seen.
+        import torch.autograd.forward_ad as forward_ad
+
+        p = TanhProblem(n=4, batch=1)
+        W = p.W.detach()
+        z0 = torch.zeros(4, dtype=torch.float64)
+
+        def solve(x):
+            return implicit.fixed_point(
+                lambda z: torch.tanh(W @ z + x), z0, solver="fixed_point", **TIGHT
+            )
+
+        def ref(x):
+            return unrolled_fixed_point(lambda z: torch.tanh(W @ z + x), z0)
+
+        x = p.x.detach()[0]
+        tangent = torch.randn_like(x)
+        _, want = torch.func.jvp(ref, (x,), (tangent,))
+        assert rel_err(torch.func.jvp(solve, (x,), (tangent,))[1], want) <= 1e-9
+        assert rel_err(torch.func.jacfwd(solve)(x) @ tangent, want) <= 1e-9
+        assert rel_err(torch.func.jacrev(solve)(x) @ tangent, want) <= 1e-9
+        with forward_ad.dual_level():
+            out = solve(forward_ad.make_dual(x, tangent))
+            got = forward_ad.unpack_dual(out).tangent
+        assert rel_err(got, want) <= 1e-9
+        xs = torch.stack([x, 2 * x, -x])
+        assert rel_err(torch.func.vmap(solve)(xs), torch.stack([ref(a) for a in xs])) <= 1e-9
