@@ -3,6 +3,10 @@
 Solves the seed notebook's problem ``z = tanh(W z + x)`` (``n = 10``) with every
 forward solver and checks ``dz*/dx`` from the implicit backward against the closed
 form ``−(∂g/∂z)⁻¹ ∂g/∂x = (I − D W)⁻¹ D`` with ``D = diag(1 − z*²)``.
+
+Then trains a small DEQ classifier on scikit-learn's digits with the implicit backward
+and with ``backward="unroll"`` and compares them (see ``implicit._tour_deq``; needs the
+``[examples]`` extra).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 import torch
 
 import implicit
+from implicit import _tour_deq
 
 
 def seed_problem(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m implicit", description=__doc__.split("\n\n")[0]
     )
-    parser.parse_args(argv)
+    _tour_deq.add_arguments(parser)
+    options = parser.parse_args(argv)
     print(f"implicit {implicit.__version__} (torch {torch.__version__})\n")
     print("1. The seed problem z = tanh(W z + x), n = 10, ‖W‖₂ = 0.9, float64.")
     print("   dz*/dx from the implicit backward against the closed form (I − D W)⁻¹ D:\n")
     print(format_table(tour_solvers()))
+    tour_deq(options)
     return 0
+
+
+def tour_deq(options: argparse.Namespace) -> None:
+    print("\n2. A DEQ classifier on scikit-learn's digits, trained with the implicit backward")
+    print("   and, from the same initialisation, with backward='unroll':\n")
+    _tour_deq.run(options, format_table)
 
 
 if __name__ == "__main__":
