@@ -136,8 +136,11 @@ class Broyden(Solver):
     def _restart(fn, z, r, state, restart):
         """Forget the updates of ``restart`` samples and rescale their ``H₀`` at ``z``."""
         jr = fn.linearize(z).matvec(r)
-        alpha = (r * jr).sum(dim=1) / (r * r).sum(dim=1)
-        usable = torch.isfinite(alpha) & (alpha != 0)
+        # Guarded divisions: a NaN in the branch torch.where discards would still
+        # poison the derivative under backward="unroll" (here at r = 0).
+        squared = (r * r).sum(dim=1)
+        alpha = (r * jr).sum(dim=1) / torch.where(squared > 0, squared, 1)
+        usable = (squared > 0) & torch.isfinite(alpha) & (alpha != 0)
         h0 = torch.where(usable, 1 / torch.where(usable, alpha, 1), -1.0)
         keep = ~restart.unsqueeze(1).unsqueeze(2)
         return dataclasses.replace(

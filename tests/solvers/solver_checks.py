@@ -93,6 +93,30 @@ def unroll_test(solver: str, **options):
     return test
 
 
+def exact_root_unroll_test(solver: str, **options):
+    """Under ``backward="unroll"``, a sample whose residual is exactly zero while the
+    others still iterate must not turn the gradients NaN (0/0 in a discarded branch)."""
+
+    def test():
+        p = TanhProblem(n=4, batch=2, norm=0.8)
+        constant = torch.tensor([True, False]).unsqueeze(1)
+
+        def f(z, x):
+            # Sample 0 is the constant map z ↦ x: solved exactly by the first step.
+            return torch.where(constant, x, p.f(z, x))
+
+        z = implicit.fixed_point(
+            f, p.z0, p.x, solver=solver, backward="unroll", batched=True, tol=1e-13, **options
+        )
+        grads = torch.autograd.grad(loss_of(z), [p.x, p.W])
+        reference = unrolled_fixed_point(f, p.z0, p.x)
+        refs = torch.autograd.grad(loss_of(reference), [p.x, p.W])
+        for got, want in zip(grads, refs):
+            assert rel_err(got, want) <= 1e-7
+
+    return test
+
+
 def counting_test(solver: str, **options):
     """``SolveInfo.f_evals`` is the number of calls of the user's function."""
 

@@ -9,6 +9,7 @@ from solver_checks import (
     assert_fixed_point,
     contractive_maps_test,
     counting_test,
+    exact_root_unroll_test,
     nonfinite_test,
     tanh_test,
     unroll_test,
@@ -22,6 +23,7 @@ test_converges_on_tanh_problem = tanh_test("anderson")
 test_history_longer_than_the_problem = tanh_test("anderson", m=12)  # n = 6: singular Gram
 test_converges_with_mixing = tanh_test("anderson", mixing=0.5)
 test_unroll_matches_unrolled_reference = unroll_test("anderson")
+test_unroll_past_an_exact_root = exact_root_unroll_test("anderson")
 test_counts_every_evaluation = counting_test("anderson")
 test_stops_nonfinite_samples = nonfinite_test("anderson")
 test_random_contractive_maps = contractive_maps_test("anderson")

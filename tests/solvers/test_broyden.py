@@ -11,6 +11,7 @@ from solver_checks import (
     MonotoneCubic,
     contractive_maps_test,
     counting_test,
+    exact_root_unroll_test,
     nonfinite_test,
     tanh_test,
     unroll_test,
@@ -24,6 +25,7 @@ test_converges_on_tanh_problem = tanh_test("broyden")
 test_converges_with_short_memory = tanh_test("broyden", memory=1)
 test_converges_without_line_search = tanh_test("broyden", line_search=False)
 test_unroll_matches_unrolled_reference = unroll_test("broyden")
+test_unroll_past_an_exact_root = exact_root_unroll_test("broyden")
 test_counts_every_evaluation = counting_test("broyden")
 test_stops_nonfinite_samples = nonfinite_test("broyden")
 test_stops_nonfinite_samples_without_line_search = nonfinite_test("broyden", line_search=False)

@@ -9,6 +9,7 @@ from solver_checks import (
     MonotoneCubic,
     contractive_maps_test,
     counting_test,
+    exact_root_unroll_test,
     nonfinite_test,
     tanh_test,
     unroll_test,
@@ -23,6 +24,7 @@ test_converges_on_tanh_problem = tanh_test("newton")
 test_krylov_converges_on_tanh_problem = tanh_test("newton", linear="krylov")
 test_converges_without_line_search = tanh_test("newton", line_search=False)
 test_unroll_matches_unrolled_reference = unroll_test("newton")
+test_unroll_past_an_exact_root = exact_root_unroll_test("newton")
 test_counts_every_evaluation = counting_test("newton")
 test_stops_nonfinite_samples = nonfinite_test("newton")
 test_krylov_stops_nonfinite_samples = nonfinite_test("newton", linear="krylov")
