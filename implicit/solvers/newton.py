@@ -25,7 +25,8 @@ class _NewtonState:
     Attributes:
         linearization: ``∂g/∂z`` at the current iterate when the line search already
             built it there (the full step was taken), else None.
-        jacobian: the last dense Jacobian ``(B, n, n)`` (dense mode).
+        jacobian: the last dense Jacobian ``(B, n, n)`` (dense mode), taken at the
+            iterate the last step started from.
         lu: its LU factorisation ``(LU, pivots)``, as from ``torch.linalg.lu_factor``;
             singular blocks are factorised as the identity and marked in ``singular``.
         singular: ``(B,)`` blocks of ``jacobian`` that are singular.
@@ -70,8 +71,9 @@ class Newton(Solver):
 
     Cost per iteration: one evaluation of ``g`` at the full step (it also provides
     the next linearisation), one per backtracking trial, and one more to linearise
-    where a shortened step was taken; plus ``n`` vector-Jacobian products (dense,
-    counted in ``SolveInfo.jac_evals``) or the GMRES products (krylov).
+    where a shortened step was taken (and once at the start); plus ``n``
+    vector-Jacobian products (dense, counted in ``SolveInfo.jac_evals``) or the GMRES
+    products (krylov).
 
     Args:
         linear: ``"dense"``, ``"krylov"``, or ``"auto"``: dense when the problem has
