@@ -10,14 +10,20 @@ import inspect
 from typing import Any
 
 from implicit._checks import check_options
+from implicit.solvers.anderson import Anderson
 from implicit.solvers.base import Solver
+from implicit.solvers.broyden import Broyden
 from implicit.solvers.fixed_point import FixedPoint
+from implicit.solvers.newton import Newton
 
-__all__ = ["NAMES", "FixedPoint", "Solver", "resolve"]
+__all__ = ["NAMES", "Anderson", "Broyden", "FixedPoint", "Newton", "Solver", "resolve"]
 
 #: Solver names accepted by ``solver=``.
 NAMES: dict[str, type[Solver]] = {
     FixedPoint.name: FixedPoint,
+    Anderson.name: Anderson,
+    Newton.name: Newton,
+    Broyden.name: Broyden,
 }
 
 
