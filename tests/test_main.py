@@ -31,7 +31,7 @@ def test_tour_trains_the_deq_classifier_in_fast_mode(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    result = run("--fast", "--solver", "fixed_point", "--out", str(tmp_path))
+    result = run("--fast", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "1. The seed problem" in out and "2. A DEQ classifier" in out
@@ -55,7 +55,7 @@ def test_tour_without_the_examples_extra_says_what_to_install(tmp_path):
         "import sys; sys.modules.update(dict.fromkeys(['sklearn', 'matplotlib', 'tqdm']));"
         "from implicit.__main__ import main; sys.exit(main(sys.argv[1:]))"
     )
-    result = run("--fast", "--solver", "fixed_point", "--out", str(tmp_path), code=code)
+    result = run("--fast", "--out", str(tmp_path), code=code)
     assert result.returncode == 0, result.stderr
     assert "1. The seed problem" in result.stdout  # the part that needs nothing extra ran
     assert 'pip install ".[examples]"' in result.stdout

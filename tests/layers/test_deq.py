@@ -399,3 +399,14 @@ def test_non_convergence_follows_on_failure():
     with pytest.warns(implicit.ConvergenceWarning):
         deq(x)
     assert deq.last_info.status == "max_iter"
+
+
+def test_defaults_anderson_and_auto():
+    cell, x = Cell(), make_input()
+    deq = implicit.DEQ(cell)
+    assert deq.solver.name == "anderson" and deq.backward_mode.name == "auto"
+    z = deq(x)
+    assert deq.last_info.solver == "anderson"
+    # Default tol 1e-4: the gradient is as accurate as the fixed point.
+    for g, want in zip(grads_of(z, x, cell), reference(cell, x)):
+        assert rel_err(g, want) <= 1e-3

@@ -107,3 +107,14 @@ def test_bad_input_and_options():
     layer = implicit.ImplicitLayer(lambda z, scale: scale * z, solver="fixed_point")
     with pytest.raises(TypeError, match="pass z0"):
         layer(2.0)
+
+
+def test_defaults_newton_and_auto():
+    a, b = spd_system()
+    layer = implicit.ImplicitLayer(energy_gradient)
+    z = layer(a, b, z0=torch.zeros(5, dtype=torch.float64))
+    assert layer.last_info.solver == "newton" and layer.last_info.status == "converged"
+    (grad_b,) = torch.autograd.grad(z.sum(), [b])
+    sig = torch.sigmoid(z.detach())
+    hessian = a.detach() + torch.diag(sig * (1 - sig))
+    assert rel_err(grad_b, torch.linalg.solve(hessian, torch.ones(5, dtype=a.dtype))) <= 1e-6
