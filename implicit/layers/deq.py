@@ -31,7 +31,8 @@ class DEQ(SolverLayer):
         solver: a forward solver name from ``implicit.solvers.NAMES`` or an instance.
         backward: a backward mode name from ``implicit.linear.NAMES`` or an instance,
             e.g. ``"phantom"`` or ``implicit.linear.Phantom(steps=5, damping=0.5)``.
-        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + ‖z‖₂)`` for each sample.
+        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each sample, with the
+            sample's scale ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` measured at the initial state.
         max_iter: the forward iteration cap (and the backward's, unless its instance
             sets one).
         batched: dim 0 of the state indexes independent samples (per-sample
