@@ -12,12 +12,14 @@ from typing import Any
 from implicit._checks import check_options
 from implicit.solvers.base import Solver
 from implicit.solvers.fixed_point import FixedPoint
+from implicit.solvers.scipy import Scipy
 
-__all__ = ["NAMES", "FixedPoint", "Solver", "resolve"]
+__all__ = ["NAMES", "FixedPoint", "Scipy", "Solver", "resolve"]
 
 #: Solver names accepted by ``solver=``.
 NAMES: dict[str, type[Solver]] = {
     FixedPoint.name: FixedPoint,
+    Scipy.name: Scipy,
 }
 
 
