@@ -47,6 +47,7 @@ class Problem:
             inverse form ``args[0]`` is the target ``y``.
         batched: whether dim 0 of every state tensor indexes independent problems.
         form: ``"root"``, ``"fixed_point"`` or ``"inverse"``.
+        initial: what error messages call ``z0`` (e.g. a black box's answer).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Problem:
         *,
         batched: bool,
         form: Form = "root",
+        initial: str = "z0",
     ):
         self.name = "g" if form == "root" else "f"
         if not callable(fn):
@@ -67,7 +69,8 @@ class Problem:
         self.is_tuple = isinstance(z0, (tuple, list))
         self.initial = tuple(z0) if self.is_tuple else z0
         states = tuple(z0) if self.is_tuple else (z0,)
-        _check_states(states, self.batched)
+        self.initial_name = initial
+        _check_states(states, self.batched, initial)
         self.dtype = states[0].dtype
         self.device = states[0].device
         self.shapes = [s.shape for s in states]
@@ -77,7 +80,7 @@ class Problem:
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
         for i in self.tensor_positions:
-            _check_arg(self.args[i], self._arg_label(i), self.dtype, self.device)
+            _check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
         # The structure fn returns: that of z, or of y in the inverse form.
         self.out_shapes, self.out_is_tuple = self.shapes, self.is_tuple
         if form == "inverse":
@@ -86,7 +89,7 @@ class Problem:
 
     def _arg_label(self, position: int) -> str:
         if self.form != "inverse":
-            return f"argument {position} (after z0)"
+            return f"argument {position}" + (" (after z0)" if self.initial_name == "z0" else "")
         return "y" if position == 0 else f"argument {position - 1} (after y)"
 
     def _check_target(self) -> torch.Size:
@@ -183,7 +186,8 @@ class Problem:
 
     def _pack_output(self, out: Any) -> torch.Tensor:
         parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        like = "y" if self.form == "inverse" else "z"
+        like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
+        like = "y" if self.form == "inverse" else like
         if len(parts) != len(self.out_shapes) or (
             self.out_is_tuple != isinstance(out, (tuple, list))
         ):
@@ -230,11 +234,11 @@ def _describe_value(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
-def _check_states(states: Sequence[Any], batched: bool) -> None:
+def _check_states(states: Sequence[Any], batched: bool, name: str) -> None:
     if not states:
-        raise ValueError("z0 must be a tensor or a non-empty tuple of tensors")
+        raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
     for i, state in enumerate(states):
-        label = "z0" if len(states) == 1 else f"z0[{i}]"
+        label = name if len(states) == 1 else f"{name}[{i}]"
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
         if not state.is_floating_point():
@@ -244,19 +248,20 @@ def _check_states(states: Sequence[Any], batched: bool) -> None:
         if batched and state.dim() == 0:
             raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
         if state.dtype != states[0].dtype:
-            raise TypeError(f"{label} has dtype {state.dtype}, z0[0] has {states[0].dtype}")
+            raise TypeError(f"{label} has dtype {state.dtype}, {name}[0] has {states[0].dtype}")
         if state.device != states[0].device:
-            raise ValueError(f"{label} is on {state.device}, z0[0] is on {states[0].device}")
+            raise ValueError(f"{label} is on {state.device}, {name}[0] is on {states[0].device}")
         if batched and state.shape[0] != states[0].shape[0]:
             raise ValueError(
-                f"{label} has batch size {state.shape[0]}, z0[0] has {states[0].shape[0]}"
+                f"{label} has batch size {state.shape[0]}, {name}[0] has {states[0].shape[0]}"
             )
 
 
-def _check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device) -> None:
+def _check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:
     if arg.device != device:
-        raise ValueError(f"{label} is on {arg.device} but z0 is on {device}")
+        raise ValueError(f"{label} is on {arg.device} but {name} is on {device}")
     if arg.is_floating_point() and arg.dtype != dtype:
         raise TypeError(
-            f"{label} has dtype {arg.dtype} but z0 has dtype {dtype}: use one floating-point dtype"
+            f"{label} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
+            f"floating-point dtype"
         )
