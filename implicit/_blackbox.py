@@ -102,16 +102,14 @@ class _Call(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # Unreachable: the outputs are marked non-differentiable.
-        raise RuntimeError("a black box has no derivative of its own")
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.mark_non_differentiable(*outputs)
+        ctx.outputs = len(outputs) if isinstance(output, tuple) else None
 
     @staticmethod
     def jvp(ctx, *tangents):
-        return None
+        # Forward mode asks even for outputs marked non-differentiable: they have none.
+        return None if ctx.outputs is None else (None,) * ctx.outputs
 
     @staticmethod
     def vmap(info, in_dims, h, spec, *args):
