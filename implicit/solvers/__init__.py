@@ -10,15 +10,30 @@ import inspect
 from typing import Any
 
 from implicit._checks import check_options
+from implicit.solvers.anderson import Anderson
 from implicit.solvers.base import Solver
+from implicit.solvers.broyden import Broyden
 from implicit.solvers.fixed_point import FixedPoint
+from implicit.solvers.newton import Newton
 from implicit.solvers.scipy import Scipy
 
-__all__ = ["NAMES", "FixedPoint", "Scipy", "Solver", "resolve"]
+__all__ = [
+    "NAMES",
+    "Anderson",
+    "Broyden",
+    "FixedPoint",
+    "Newton",
+    "Scipy",
+    "Solver",
+    "resolve",
+]
 
 #: Solver names accepted by ``solver=``.
 NAMES: dict[str, type[Solver]] = {
     FixedPoint.name: FixedPoint,
+    Anderson.name: Anderson,
+    Newton.name: Newton,
+    Broyden.name: Broyden,
     Scipy.name: Scipy,
 }
 

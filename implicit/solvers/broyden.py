@@ -1,0 +1,151 @@
+"""Limited-memory "good" Broyden on the inverse Jacobian."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from implicit.solvers._line_search import backtrack, frozen_rows
+from implicit.solvers.base import Solver
+
+#: Step halvings the line search may try after the full step (t ≥ 2⁻¹⁰); a sample
+#: that fails them all restarts with a fresh, descent-guaranteeing initial guess.
+HALVINGS = 10
+
+
+@dataclasses.dataclass
+class _BroydenState:
+    """The inverse-Jacobian estimate ``H = h₀ I + Σ_j u_j v_jᵀ`` per sample.
+
+    Attributes:
+        u, v: ``(B, memory, n)`` low-rank factors, oldest first (zeros where unused).
+        h0: ``(B,)`` the scale of the initial guess.
+        restart: ``(B,)`` samples whose estimate is rebuilt at the next step.
+        proposed: the iterate the last step proposed (to recognise frozen rows).
+        frozen: ``(B,)`` rows the driver has stopped.
+    """
+
+    u: torch.Tensor
+    v: torch.Tensor
+    h0: torch.Tensor
+    restart: torch.Tensor
+    frozen: torch.Tensor
+    proposed: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``H x`` per sample."""
+        return self.h0.unsqueeze(1) * x + torch.einsum(
+            "bmn,bm->bn", self.u, torch.einsum("bmn,bn->bm", self.v, x)
+        )
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """``Hᵀ x`` per sample."""
+        return self.h0.unsqueeze(1) * x + torch.einsum(
+            "bmn,bm->bn", self.v, torch.einsum("bmn,bn->bm", self.u, x)
+        )
+
+
+class Broyden(Solver):
+    """Limited-memory Broyden's method ("good" update of the inverse Jacobian).
+
+    A quasi-Newton method: superlinear convergence without ever forming or solving
+    with a Jacobian. It keeps an estimate ``H ≈ (∂g/∂z)⁻¹`` per sample as a scaled
+    identity plus ``memory`` rank-one terms (``(B, memory, n)`` tensors), steps
+    ``d = −H g(z)`` and, after the step ``s`` with residual change ``y``, applies the
+    Sherman–Morrison form of Broyden's good update,
+    ``H ← H + (s − H y) sᵀH / (sᵀ H y)``, dropping the oldest term when the memory
+    is full. The popular choice for deep equilibrium models (Bai et al., 2019).
+
+    The initial guess is ``H₀ = I / α`` with ``α = gᵀ(∂g/∂z)g / ‖g‖²`` (one
+    Jacobian-vector product), so ``d = −H₀ g`` is a descent direction of ``‖g‖²``
+    whatever the sign of the Jacobian (``α = −1``, the fixed-point guess
+    ``∂g/∂z ≈ −I``, where it is zero or not finite). A sample *restarts* from such a
+    fresh guess, at its current iterate, when its update is degenerate
+    (``|sᵀHy| ≤ √eps ‖s‖ ‖Hy‖``) or not finite, or when its line search fails.
+
+    The line search halves the step (per sample, at most 10 times) until ``½‖g‖²``
+    decreases by the Armijo rule with the slope a Newton step would have.
+
+    Cost per iteration: one evaluation of ``g``, plus one per backtracking trial, plus
+    one evaluation and one Jacobian-vector product when a sample (re)starts.
+
+    Args:
+        memory: rank-one terms kept (at least 1).
+        line_search: backtrack on ``½‖g‖²``; ``False`` always takes the full step.
+        check_every: see :class:`~implicit.solvers.Solver`.
+    """
+
+    name = "broyden"
+
+    def __init__(
+        self, *, memory: int = 20, line_search: bool = True, check_every: int | None = None
+    ):
+        super().__init__(check_every=check_every)
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        self.memory = memory
+        self.line_search = bool(line_search)
+
+    def init(self, fn, z, r):
+        batch, n = z.shape
+        return _BroydenState(
+            u=z.new_zeros(batch, self.memory, n),
+            v=z.new_zeros(batch, self.memory, n),
+            h0=z.new_full((batch,), -1.0),
+            restart=torch.ones(batch, dtype=torch.bool, device=z.device),
+            frozen=torch.zeros(batch, dtype=torch.bool, device=z.device),
+        )
+
+    def step(self, fn, z, r, state):
+        frozen = frozen_rows(z, state.proposed, state.frozen)
+        restart = state.restart & ~frozen
+        if bool(restart.any()):
+            state = self._restart(fn, z, r, state, restart)
+        direction = -state.apply(r)
+        if self.line_search:
+            slope = -(r * r).sum(dim=1)
+            z_new, r_new, passed, _ = backtrack(
+                fn, z, r, direction, slope, halvings=HALVINGS, skip=frozen
+            )
+        else:
+            z_new = z + direction
+            r_new = fn(z_new)
+            passed = torch.ones_like(frozen)
+        s = z_new - z
+        hy = state.apply(r_new - r)
+        denominator = (s * hy).sum(dim=1)
+        size = torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(hy, dim=1)
+        eps = torch.finfo(z.dtype).eps
+        usable = passed & torch.isfinite(denominator) & (denominator.abs() > math.sqrt(eps) * size)
+        safe = torch.where(usable, denominator, 1).unsqueeze(1)
+        u = torch.where(usable.unsqueeze(1), (s - hy) / safe, 0)
+        v = torch.where(usable.unsqueeze(1), state.apply_transpose(s), 0)
+        state = dataclasses.replace(
+            state,
+            u=torch.cat([state.u[:, 1:], u.unsqueeze(1)], dim=1),
+            v=torch.cat([state.v[:, 1:], v.unsqueeze(1)], dim=1),
+            restart=~usable,
+            frozen=frozen,
+            proposed=z_new,
+        )
+        return z_new, r_new, state
+
+    @staticmethod
+    def _restart(fn, z, r, state, restart):
+        """Forget the updates of ``restart`` samples and rescale their ``H₀`` at ``z``."""
+        jr = fn.linearize(z).matvec(r)
+        # Guarded divisions: a NaN in the branch torch.where discards would still
+        # poison the derivative under backward="unroll" (here at r = 0).
+        squared = (r * r).sum(dim=1)
+        alpha = (r * jr).sum(dim=1) / torch.where(squared > 0, squared, 1)
+        usable = (squared > 0) & torch.isfinite(alpha) & (alpha != 0)
+        h0 = torch.where(usable, 1 / torch.where(usable, alpha, 1), -1.0)
+        keep = ~restart.unsqueeze(1).unsqueeze(2)
+        return dataclasses.replace(
+            state,
+            u=torch.where(keep, state.u, 0),
+            v=torch.where(keep, state.v, 0),
+            h0=torch.where(restart, h0, state.h0),
+        )

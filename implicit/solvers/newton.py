@@ -1,0 +1,221 @@
+"""Newton's method: dense per-sample Jacobians, or matrix-free Newton–Krylov."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from implicit._operators import Jacobian, Operator
+from implicit.linear import GMRES
+from implicit.solvers._line_search import backtrack, frozen_rows
+from implicit.solvers.base import Solver
+
+#: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
+HALVINGS = 20
+#: Inner GMRES iterations per Newton step when the ``krylov`` instance sets none.
+KRYLOV_MAX_ITER = 100
+
+
+@dataclasses.dataclass
+class _NewtonState:
+    """What one Newton step leaves for the next.
+
+    Attributes:
+        linearization: ``∂g/∂z`` at the current iterate when the line search already
+            built it there (the full step was taken), else None.
+        jacobian: the last dense Jacobian ``(B, n, n)`` (dense mode), taken at the
+            iterate the last step started from.
+        lu: its LU factorisation ``(LU, pivots)``, as from ``torch.linalg.lu_factor``;
+            singular blocks are factorised as the identity and marked in ``singular``.
+        singular: ``(B,)`` blocks of ``jacobian`` that are singular.
+        proposed: the iterate the last step proposed (to recognise frozen rows).
+        frozen: ``(B,)`` rows the driver has stopped.
+        initial_norm: ``‖g(z₀)‖`` per sample, the scale of the Krylov forcing term.
+    """
+
+    linearization: Jacobian | None
+    frozen: torch.Tensor
+    initial_norm: torch.Tensor
+    jacobian: torch.Tensor | None = None
+    lu: tuple[torch.Tensor, torch.Tensor] | None = None
+    singular: torch.Tensor | None = None
+    proposed: torch.Tensor | None = None
+
+
+class Newton(Solver):
+    """Newton's method with a backtracking line search: the default of
+    :func:`~implicit.root_solve`.
+
+    For problems that are not contractive fixed points, or when few iterations matter
+    more than cheap ones: convergence is quadratic near a root with a non-singular
+    Jacobian. Each iteration solves ``(∂g/∂z) d = −g(z)`` per sample, either
+
+    * **dense**: the per-sample Jacobian ``(B, n, n)`` from ``n`` vector-Jacobian
+      products (``torch.func``) and a batched LU solve; or
+    * **krylov**: matrix-free Newton–Krylov, GMRES on Jacobian-vector products, to a
+      relative tolerance ``η = min(0.1, ‖g(z)‖/‖g(z₀)‖)`` (at least ``√eps``; the
+      ``krylov`` instance's own ``tol`` replaces it), so the inner solve tightens as
+      the outer one converges.
+
+    The line search halves the step (per sample) until ``½‖g‖²`` decreases enough
+    (Armijo), at most 20 times; a sample whose every trial fails stays where it is.
+
+    A singular Jacobian block (or one whose Newton step is not finite) gets the
+    damped least-squares (Levenberg–Marquardt) step
+    ``d = −(JᵀJ + μI)⁻¹ Jᵀ g`` with ``μ = √eps · ‖J‖²_F / n``, which is finite and
+    still decreases ``‖g‖`` where any step can; at a point where ``Jᵀg = 0`` (a
+    stationary point of ``‖g‖²`` that is not a root) it is zero, the sample stays
+    there and ends with status ``"max_iter"``: never NaN.
+
+    Cost per iteration: one evaluation of ``g`` at the full step (it also provides
+    the next linearisation), one per backtracking trial, and one more to linearise
+    where a shortened step was taken (and once at the start); plus ``n``
+    vector-Jacobian products (dense, counted in ``SolveInfo.jac_evals``) or the GMRES
+    products (krylov).
+
+    Args:
+        linear: ``"dense"``, ``"krylov"``, or ``"auto"``: dense when the problem has
+            at most ``max_dense`` unknowns per sample, and under
+            ``backward="unroll"`` (the Krylov inner solve cannot be differentiated
+            through; ``"krylov"`` raises there).
+        krylov: the :class:`~implicit.linear.GMRES` instance for the Krylov inner
+            solve (its ``restart``, ``preconditioner``, ``tol``, ``max_iter``);
+            default ``GMRES()`` with the adaptive tolerance above and at most 100
+            iterations.
+        line_search: backtrack on ``½‖g‖²``; ``False`` always takes the full step.
+        max_dense: the ``"auto"`` threshold on unknowns per sample.
+        check_every: see :class:`~implicit.solvers.Solver`.
+    """
+
+    name = "newton"
+
+    def __init__(
+        self,
+        *,
+        linear: str = "auto",
+        krylov: GMRES | None = None,
+        line_search: bool = True,
+        max_dense: int = 64,
+        check_every: int | None = None,
+    ):
+        super().__init__(check_every=check_every)
+        if linear not in ("auto", "dense", "krylov"):
+            raise ValueError(f"linear must be 'auto', 'dense' or 'krylov', got {linear!r}")
+        if krylov is not None and not isinstance(krylov, GMRES):
+            raise TypeError(
+                f"krylov must be an implicit.linear.GMRES instance or None, "
+                f"got {type(krylov).__name__}"
+            )
+        if isinstance(max_dense, bool) or not isinstance(max_dense, int) or max_dense < 0:
+            raise ValueError(f"max_dense must be an integer >= 0, got {max_dense!r}")
+        self.linear = linear
+        self.krylov = krylov
+        self.line_search = bool(line_search)
+        self.max_dense = max_dense
+
+    def init(self, fn, z, r):
+        return _NewtonState(
+            linearization=None,
+            frozen=torch.zeros(z.shape[0], dtype=torch.bool, device=z.device),
+            initial_norm=torch.linalg.vector_norm(r, dim=1),
+        )
+
+    def step(self, fn, z, r, state):
+        frozen = frozen_rows(z, state.proposed, state.frozen)
+        jacobian = state.linearization if state.linearization is not None else fn.linearize(z)
+        if self._dense(z, r):
+            fn.jac_evals += 1  # built from a linearisation that fn has already counted
+            direction, slope, state = self._dense_direction(jacobian.dense(), r, state)
+        else:
+            direction, slope = self._krylov_direction(jacobian, r, state.initial_norm, frozen)
+        full: list[Jacobian] = []
+
+        def full_step(z_new):
+            full.append(fn.linearize(z_new))
+            return full[0].value
+
+        if self.line_search:
+            z_new, r_new, _, trials = backtrack(
+                fn, z, r, direction, slope, halvings=HALVINGS, skip=frozen, full_step=full_step
+            )
+        else:
+            z_new, trials = z + direction, 1
+            r_new = full_step(z_new)
+        # After one trial every running row is at the full step (or, if it gave up,
+        # within rounding of it), where the linearisation was made: keep it.
+        state = dataclasses.replace(
+            state,
+            linearization=full[0] if trials == 1 else None,
+            frozen=frozen,
+            proposed=z_new,
+        )
+        return z_new, r_new, state
+
+    def _dense(self, z, r):
+        if self.linear != "auto":
+            return self.linear == "dense"
+        # GMRES cannot be differentiated through (backward="unroll"): dense is.
+        return z.shape[1] <= self.max_dense or (torch.is_grad_enabled() and r.requires_grad)
+
+    @staticmethod
+    def _dense_direction(jacobian, r, state):
+        lu, pivots, info = torch.linalg.lu_factor_ex(jacobian)
+        # Singular to working precision: an exact zero pivot, or a pivot ratio (a cheap
+        # estimate of the reciprocal condition number) below n·eps.
+        pivot_sizes = lu.diagonal(dim1=1, dim2=2).abs()
+        smallest, largest = pivot_sizes.min(dim=1).values, pivot_sizes.max(dim=1).values
+        n = r.shape[1]
+        singular = (info != 0) | ~(smallest > n * torch.finfo(r.dtype).eps * largest)
+        if bool(singular.any()):
+            # Factorise the identity in their place: the Newton branch stays finite
+            # (and so does its derivative, under backward="unroll").
+            eye = torch.eye(n, dtype=r.dtype, device=r.device)
+            lu, pivots, _ = torch.linalg.lu_factor_ex(
+                torch.where(singular[:, None, None], eye, jacobian)
+            )
+        direction = -torch.linalg.lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+        failed = singular | ~torch.isfinite(direction).all(dim=1)
+        if bool(failed.any()):
+            damped = _damped_least_squares(jacobian, r)
+            direction = torch.where(failed.unsqueeze(1), damped, direction)
+        slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
+        state = dataclasses.replace(state, jacobian=jacobian, lu=(lu, pivots), singular=singular)
+        return direction, slope, state
+
+    def _krylov_direction(self, jacobian, r, initial_norm, frozen):
+        if torch.is_grad_enabled() and r.requires_grad:
+            raise NotImplementedError(
+                "Newton's Krylov inner solve (implicit.linear.GMRES) cannot be "
+                "differentiated through: with backward='unroll' use "
+                "Newton(linear='dense') or another backward mode"
+            )
+        krylov = self.krylov or GMRES()
+        norm = torch.linalg.vector_norm(r, dim=1)
+        if krylov.tol is not None:
+            tol = krylov.tol
+        else:
+            # The least converged running sample sets the pace (frozen rows do not).
+            ratio = torch.where(frozen, 0, norm / initial_norm).nan_to_num(0.0)
+            ratio = float(ratio.max().detach())
+            tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
+        max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
+        result = krylov.solve(Operator(jacobian, transpose=False), -r, tol=tol, max_iter=max_iter)
+        finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)
+        direction = torch.where(finite.unsqueeze(1), result.x, 0)
+        # ‖J d + g‖ = η‖g‖ bounds the slope gᵀJd ≤ −(1 − η)‖g‖² (no extra product).
+        eta = torch.where(finite, result.residual, 1).clamp(0, 1)
+        return direction, -(1 - eta) * norm**2
+
+
+def _damped_least_squares(jacobian: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``−(JᵀJ + μI)⁻¹ Jᵀ r`` per sample with ``μ = √eps · ‖J‖²_F / n`` (μ = 1 if J = 0)."""
+    n = r.shape[1]
+    normal = jacobian.transpose(1, 2) @ jacobian
+    mu = math.sqrt(torch.finfo(r.dtype).eps) * normal.diagonal(dim1=1, dim2=2).sum(dim=1) / n
+    mu = torch.where(mu > 0, mu, 1)
+    eye = torch.eye(n, dtype=r.dtype, device=r.device)
+    system = normal + mu[:, None, None] * eye
+    gradient = (jacobian.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
+    return -torch.linalg.solve_ex(system, gradient)[0]

@@ -1,0 +1,210 @@
+"""Checks every forward solver must pass, shared by tests/solvers/test_*.py.
+
+Each ``*_test`` factory returns a test function for one solver; a test module binds
+it to a ``test_*`` name so that pytest collects it there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TanhProblem, contractive_matrix, rel_err, unrolled_fixed_point
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import implicit
+
+
+def loss_of(z: torch.Tensor) -> torch.Tensor:
+    return (z**3).sum() + z.sin().sum()
+
+
+def fixed_point_residuals(f, z: torch.Tensor, *args) -> torch.Tensor:
+    """``‖f(z) − z‖`` per sample, recomputed from the returned ``z`` alone."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(f(z, *args) - z, dim=1)
+
+
+def assert_fixed_point(f, z: torch.Tensor, *args, tol: float) -> None:
+    scale = 1 + torch.linalg.vector_norm(z.detach(), dim=1)
+    assert bool((fixed_point_residuals(f, z, *args) <= tol * scale).all())
+
+
+class MonotoneCubic:
+    """``g(z) = z Mᵀ + z³ − (z* Mᵀ + z*³)``: a root problem with the known root ``z*``.
+
+    ``M`` is positive semi-definite and ``z³`` strictly monotone, so the root is
+    unique; ``∂g/∂z = M + 3 diag(z²)`` is positive definite away from ``z = 0``, far
+    from the ``−I`` of a fixed-point problem.
+    """
+
+    def __init__(self, n: int = 4, batch: int = 3, seed: int = 0, singular: bool = False):
+        generator = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, n - 1 if singular else n, generator=generator, dtype=torch.float64)
+        self.M = a @ a.T / n
+        self.root = torch.randn(batch, n, generator=generator, dtype=torch.float64)
+        self.b = self.image(self.root)
+        self.z0 = torch.zeros(batch, n, dtype=torch.float64)
+
+    def image(self, z):
+        return z @ self.M.T + z**3
+
+    def g(self, z, b):
+        return self.image(z) - b
+
+
+def tanh_test(solver: str, **options):
+    def test():
+        p = TanhProblem(n=6, batch=3, norm=0.9)
+        z, info = implicit.fixed_point(
+            p.f, p.z0, p.x, solver=solver, batched=True, tol=1e-12, return_info=True, **options
+        )
+        assert info.status == "converged" and info.converged.shape == (3,)
+        assert bool(info.converged.all())
+        assert_fixed_point(p.f, z, p.x, tol=1e-12)
+        reference = unrolled_fixed_point(p.f, p.z0, p.x.detach())
+        assert rel_err(z, reference) <= 1e-10
+
+    return test
+
+
+def unroll_test(solver: str, **options):
+    """``backward="unroll"`` differentiates through the solver's own iterations."""
+
+    def test():
+        p = TanhProblem(n=5, batch=3, norm=0.8)
+        z = implicit.fixed_point(
+            p.f,
+            p.z0,
+            p.x,
+            solver=solver,
+            backward="unroll",
+            batched=True,
+            tol=1e-13,
+            max_iter=200,
+            **options,
+        )
+        grads = torch.autograd.grad(loss_of(z), [p.x, p.W])
+        reference = unrolled_fixed_point(p.f, p.z0, p.x)
+        refs = torch.autograd.grad(loss_of(reference), [p.x, p.W])
+        for got, want in zip(grads, refs):
+            assert rel_err(got, want) <= 1e-7
+
+    return test
+
+
+def exact_root_unroll_test(solver: str, **options):
+    """Under ``backward="unroll"``, a sample whose residual is exactly zero while the
+    others still iterate must not turn the gradients NaN (0/0 in a discarded branch)."""
+
+    def test():
+        p = TanhProblem(n=4, batch=2, norm=0.8)
+        constant = torch.tensor([True, False]).unsqueeze(1)
+
+        def f(z, x):
+            # Sample 0 is the constant map z ↦ x: solved exactly by the first step.
+            return torch.where(constant, x, p.f(z, x))
+
+        z = implicit.fixed_point(
+            f, p.z0, p.x, solver=solver, backward="unroll", batched=True, tol=1e-13, **options
+        )
+        grads = torch.autograd.grad(loss_of(z), [p.x, p.W])
+        reference = unrolled_fixed_point(f, p.z0, p.x)
+        refs = torch.autograd.grad(loss_of(reference), [p.x, p.W])
+        for got, want in zip(grads, refs):
+            assert rel_err(got, want) <= 1e-7
+
+    return test
+
+
+def counting_test(solver: str, **options):
+    """``SolveInfo.f_evals`` is the number of calls of the user's function."""
+
+    def test():
+        p = TanhProblem(n=5, batch=2, norm=0.9)
+        calls = []
+
+        def f(z, x):
+            calls.append(1)
+            return p.f(z, x)
+
+        with torch.no_grad():
+            _, info = implicit.fixed_point(
+                f,
+                p.z0,
+                p.x,
+                solver=solver,
+                batched=True,
+                tol=1e-10,
+                return_info=True,
+                **options,
+            )
+        assert info.status == "converged"
+        assert info.f_evals == len(calls)
+
+    return test
+
+
+def nonfinite_test(solver: str, **options):
+    """A sample whose residual turns NaN stops as "nonfinite"; the others converge."""
+
+    def test():
+        p = TanhProblem(n=4, batch=3)
+        bad = torch.tensor([False, True, False]).unsqueeze(1)
+
+        def f(z, x):
+            # Sample 1 is NaN everywhere but at its starting point.
+            moved = z.abs().sum(dim=1, keepdim=True) > 0
+            return torch.where(bad & moved, torch.full_like(z, float("nan")), p.f(z, x))
+
+        with pytest.warns(implicit.ConvergenceWarning, match="nonfinite"):
+            z, info = implicit.fixed_point(
+                f,
+                p.z0,
+                p.x,
+                solver=solver,
+                batched=True,
+                tol=1e-12,
+                return_info=True,
+                **options,
+            )
+        assert info.converged.tolist() == [True, False, True]
+        assert info.status == "nonfinite" and info.iterations < 20
+        assert torch.isfinite(z).all()
+        assert_fixed_point(p.f, z[[0, 2]], p.x[[0, 2]], tol=1e-12)
+
+    return test
+
+
+def contractive_maps_test(solver: str, **options):
+    """Random contractive maps: the answer solves its equation and has exact gradients."""
+
+    @settings(max_examples=20, deadline=None)
+    @given(
+        batch=st.integers(1, 5),
+        n=st.integers(1, 8),
+        contraction=st.floats(0.1, 0.9),
+        seed=st.integers(0, 2**16),
+    )
+    def test(batch, n, contraction, seed):
+        tol = 1e-11
+        w = contractive_matrix(n, contraction, seed=seed).requires_grad_()
+        generator = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(batch, n, generator=generator, dtype=torch.float64)
+        x.requires_grad_()
+
+        def f(z, x):
+            return torch.tanh(z @ w.T + x)
+
+        z0 = torch.zeros(batch, n, dtype=torch.float64)
+        z = implicit.fixed_point(
+            f, z0, x, solver=solver, batched=True, tol=tol, max_iter=300, **options
+        )
+        assert_fixed_point(f, z, x, tol=tol)
+        grads = torch.autograd.grad(loss_of(z), [x, w])
+        reference = unrolled_fixed_point(f, z0, x, iterations=500)
+        refs = torch.autograd.grad(loss_of(reference), [x, w])
+        for got, want in zip(grads, refs):
+            assert rel_err(got, want) <= 1e-7
+
+    return test

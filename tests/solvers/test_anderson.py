@@ -1,0 +1,184 @@
+"""Anderson acceleration (implicit/solvers/anderson.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TanhProblem, contractive_matrix, rel_err
+from solver_checks import (
+    assert_fixed_point,
+    contractive_maps_test,
+    counting_test,
+    exact_root_unroll_test,
+    nonfinite_test,
+    tanh_test,
+    unroll_test,
+)
+
+import implicit
+from implicit._operators import Residual
+from implicit.solvers import Anderson
+
+test_converges_on_tanh_problem = tanh_test("anderson")
+test_history_longer_than_the_problem = tanh_test("anderson", m=12)  # n = 6: singular Gram
+test_converges_with_mixing = tanh_test("anderson", mixing=0.5)
+test_unroll_matches_unrolled_reference = unroll_test("anderson")
+test_unroll_past_an_exact_root = exact_root_unroll_test("anderson")
+test_counts_every_evaluation = counting_test("anderson")
+test_stops_nonfinite_samples = nonfinite_test("anderson")
+test_random_contractive_maps = contractive_maps_test("anderson")
+
+
+def test_is_the_default_of_fixed_point():
+    p = TanhProblem()
+    _, info = implicit.fixed_point(p.f, p.z0, p.x, batched=True, return_info=True)
+    assert info.solver == "anderson" and info.status == "converged"
+
+
+def test_root_problem_with_known_root():
+    # g(z) = b − M z − tanh(z)/10 with M SPD, spectrum in [0.3, 1.2]: z + g(z) contracts.
+    generator = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    m = q @ torch.diag(torch.linspace(0.3, 1.2, 5, dtype=torch.float64)) @ q.T
+    root = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    b = root @ m.T + 0.1 * torch.tanh(root)
+
+    def g(z, b):
+        return b - z @ m.T - 0.1 * torch.tanh(z)
+
+    z, info = implicit.root_solve(
+        g,
+        torch.zeros_like(b),
+        b,
+        solver="anderson",
+        batched=True,
+        tol=1e-12,
+        max_iter=100,
+        return_info=True,
+    )
+    assert info.status == "converged"
+    assert rel_err(z, root) <= 1e-10
+
+
+def test_accelerates_slow_fixed_point_iteration():
+    p = TanhProblem(n=8, batch=2, norm=0.99)
+    kwargs = {"batched": True, "tol": 1e-10, "max_iter": 2000, "return_info": True}
+    _, picard = implicit.fixed_point(p.f, p.z0, p.x, solver="fixed_point", **kwargs)
+    z, info = implicit.fixed_point(p.f, p.z0, p.x, solver="anderson", **kwargs)
+    assert info.status == "converged"
+    assert_fixed_point(p.f, z, p.x, tol=1e-10)
+    assert info.iterations < picard.iterations / 2
+
+
+def test_sample_without_root_does_not_stop_the_others():
+    # Sample 1 solves 1 + sin(z)/10 = 0, which has no solution; the others are the seed's.
+    p = TanhProblem(n=4, batch=3)
+    bad = torch.tensor([False, True, False]).unsqueeze(1)
+
+    def g(z, x):
+        return torch.where(bad, 1 + 0.1 * torch.sin(z), p.f(z, x) - z)
+
+    with pytest.warns(implicit.ConvergenceWarning, match="1 of 3"):
+        z, info = implicit.root_solve(
+            g,
+            p.z0,
+            p.x,
+            solver="anderson",
+            batched=True,
+            tol=1e-10,
+            max_iter=60,
+            return_info=True,
+        )
+    assert info.converged.tolist() == [True, False, True]
+    assert info.status == "max_iter" and info.iterations == 60
+    assert torch.isfinite(z).all()
+    good = [0, 2]
+    assert bool((torch.linalg.vector_norm(g(z, p.x)[good], dim=1) <= 1e-10).all())
+
+
+@pytest.mark.parametrize("m", [5, 20])
+def test_nearly_repeated_direction_neither_stalls_nor_blows_up(m):
+    # All residual differences point almost along u: the history's Gram matrix is
+    # nearly singular at once, and singular when m = 20 > n = 8 (an unguarded
+    # least-squares solve fails here).
+    n = 8
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(n, generator=generator, dtype=torch.float64)
+    u = u / torch.linalg.vector_norm(u)
+    w = 0.99 * torch.outer(u, u) + 1e-8 * contractive_matrix(n, 1.0, seed=1)
+    x = torch.randn(3, n, generator=generator, dtype=torch.float64)
+
+    def f(z, x):
+        return torch.tanh(z @ w.T + x)
+
+    z0 = torch.zeros(3, n, dtype=torch.float64)
+    # An unreachable tolerance: keep iterating long after the residual hits rounding.
+    z, info = implicit.fixed_point(
+        f,
+        z0,
+        x,
+        solver="anderson",
+        m=m,
+        batched=True,
+        tol=1e-300,
+        max_iter=80,
+        on_failure="ignore",
+        return_info=True,
+    )
+    history = torch.tensor(info.history)
+    assert torch.isfinite(history).all() and torch.isfinite(z).all()
+    reached = int((history <= 1e-12).nonzero()[0])
+    assert reached <= 25  # plain fixed-point iteration needs about 70
+    assert float(history[reached:].max()) <= 1e-11
+
+
+def _one_step(solver, step_back, residual_change):
+    """One Anderson step on g(z) = 1 − z from z = (2, 0), with one step of history."""
+    fn = Residual(lambda z: 1 - z, lambda z: z.new_zeros(z.shape[0]))
+    z = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    r = fn(z)
+    previous = z - torch.tensor([step_back], dtype=torch.float64)
+    state = solver.init(fn, previous, r - torch.tensor([residual_change], dtype=torch.float64))
+    z_next, _, state = solver.step(fn, z, r, state)
+    return z, r, z_next, state
+
+
+def test_exploding_coefficients_fall_back_to_the_mixing_step():
+    # The residual barely changed over the last step (1e-6 for a unit step): cancelling
+    # it would take γ ≈ 1e6 times that step.
+    solver = Anderson(m=3, mixing=0.5, max_coefficient=100.0)
+    z, r, z_next, state = _one_step(solver, [1.0, 0.0], [1e-6, 0.0])
+    assert torch.equal(z_next, z + 0.5 * r)
+    assert not state.valid.any()  # the history restarts
+    # With a larger bound the same history is used (the fallback is what made the step).
+    solver = Anderson(m=3, mixing=0.5, max_coefficient=1e7)
+    z, r, z_next, state = _one_step(solver, [1.0, 0.0], [1e-6, 0.0])
+    assert not torch.allclose(z_next, z + 0.5 * r) and state.valid.any()
+
+
+def test_zero_residual_change_is_not_remembered():
+    solver = Anderson(m=3)
+    z, r, z_next, state = _one_step(solver, [1.0, 0.0], [0.0, 0.0])
+    assert torch.equal(z_next, z + r) and not state.valid.any()
+
+
+def test_float32():
+    p = TanhProblem(n=6, batch=3, norm=0.9, dtype=torch.float32)
+    z, info = implicit.fixed_point(
+        p.f, p.z0, p.x, solver="anderson", batched=True, tol=1e-5, return_info=True
+    )
+    assert info.status == "converged" and z.dtype == torch.float32
+    assert_fixed_point(p.f, z, p.x, tol=1e-5)
+
+
+def test_misspelt_and_invalid_options():
+    p = TanhProblem()
+    with pytest.raises(TypeError, match="'mm'"):
+        implicit.fixed_point(p.f, p.z0, p.x, solver="anderson", mm=3)
+    for bad in [{"m": 0}, {"m": 2.5}, {"mixing": 0.0}, {"mixing": 1.5}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Anderson(**bad)
+    with pytest.raises(ValueError, match="regularization"):
+        Anderson(regularization=-1.0)
+    with pytest.raises(ValueError, match="max_coefficient"):
+        Anderson(max_coefficient=0.0)

@@ -1,0 +1,177 @@
+"""Newton's method (implicit/solvers/newton.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TanhProblem, rel_err
+from solver_checks import (
+    MonotoneCubic,
+    contractive_maps_test,
+    counting_test,
+    exact_root_unroll_test,
+    nonfinite_test,
+    tanh_test,
+    unroll_test,
+)
+
+import implicit
+from implicit._operators import Residual
+from implicit.linear import CG, GMRES
+from implicit.solvers import Newton
+
+test_converges_on_tanh_problem = tanh_test("newton")
+test_krylov_converges_on_tanh_problem = tanh_test("newton", linear="krylov")
+test_converges_without_line_search = tanh_test("newton", line_search=False)
+test_unroll_matches_unrolled_reference = unroll_test("newton")
+test_unroll_past_an_exact_root = exact_root_unroll_test("newton")
+test_counts_every_evaluation = counting_test("newton")
+test_stops_nonfinite_samples = nonfinite_test("newton")
+test_krylov_stops_nonfinite_samples = nonfinite_test("newton", linear="krylov")
+test_krylov_counts_every_evaluation = counting_test("newton", linear="krylov")
+test_random_contractive_maps = contractive_maps_test("newton")
+test_krylov_random_contractive_maps = contractive_maps_test("newton", linear="krylov")
+
+
+def test_is_the_default_of_root_solve():
+    p = MonotoneCubic()
+    _, info = implicit.root_solve(p.g, p.z0, p.b, batched=True, return_info=True)
+    assert info.solver == "newton" and info.status == "converged"
+
+
+@pytest.mark.parametrize("linear", ["dense", "krylov"])
+def test_root_of_monotone_cubic(linear):
+    p = MonotoneCubic(n=5, batch=3)
+    z, info = implicit.root_solve(
+        p.g,
+        p.z0,
+        p.b,
+        solver="newton",
+        linear=linear,
+        batched=True,
+        tol=1e-12,
+        return_info=True,
+    )
+    assert info.status == "converged" and bool(info.converged.all())
+    assert rel_err(z, p.root) <= 1e-10
+    assert info.iterations <= 15
+    assert info.jac_evals == (info.iterations if linear == "dense" else 0)
+    # The implicit gradient against the closed form dz/db = (M + 3 diag(z²))⁻¹.
+    b = p.b.clone().requires_grad_()
+    z = implicit.root_solve(p.g, p.z0, b, solver="newton", linear=linear, batched=True, tol=1e-12)
+    v = torch.randn_like(z)
+    (grad,) = torch.autograd.grad(z, b, v)
+    jacobian = p.M + torch.diag_embed(3 * z.detach() ** 2)
+    expected = torch.linalg.solve(jacobian.transpose(1, 2), v.unsqueeze(2)).squeeze(2)
+    assert rel_err(grad, expected) <= 1e-10
+
+
+def test_auto_uses_dense_up_to_max_dense_unknowns():
+    p = MonotoneCubic(n=4)
+    kwargs = {"batched": True, "tol": 1e-12, "return_info": True}
+    _, small = implicit.root_solve(p.g, p.z0, p.b, solver=Newton(max_dense=4), **kwargs)
+    z, large = implicit.root_solve(p.g, p.z0, p.b, solver=Newton(max_dense=3), **kwargs)
+    assert small.jac_evals == small.iterations and large.jac_evals == 0
+    assert rel_err(z, p.root) <= 1e-10
+
+
+def test_krylov_instance_sets_the_inner_solve():
+    p = MonotoneCubic(n=6)
+    solver = Newton(linear="krylov", krylov=GMRES(restart=3, tol=1e-4, max_iter=12))
+    z, info = implicit.root_solve(
+        p.g, p.z0, p.b, solver=solver, batched=True, tol=1e-12, return_info=True
+    )
+    assert info.status == "converged" and rel_err(z, p.root) <= 1e-10
+
+
+def test_line_search_rescues_divergent_newton():
+    # Newton's iteration on arctan(z) = 0 diverges from |z₀| > 1.39.
+    z0 = torch.full((2, 1), 3.0, dtype=torch.float64)
+    z, info = implicit.root_solve(
+        torch.arctan, z0, solver="newton", batched=True, tol=1e-12, return_info=True
+    )
+    assert info.status == "converged" and float(z.abs().max()) <= 1e-12
+    with pytest.warns(implicit.ConvergenceWarning):
+        _, plain = implicit.root_solve(
+            torch.arctan,
+            z0,
+            solver="newton",
+            line_search=False,
+            batched=True,
+            tol=1e-12,
+            return_info=True,
+        )
+    assert plain.status != "converged"
+
+
+def test_jacobian_singular_at_the_start():
+    # ∂g/∂z(0) = M has rank n − 1: the first step is the damped least-squares one.
+    p = MonotoneCubic(n=4, singular=True)
+    assert torch.linalg.matrix_rank(p.M) == 3
+    z, info = implicit.root_solve(
+        p.g, p.z0, p.b, solver="newton", batched=True, tol=1e-12, return_info=True
+    )
+    assert info.status == "converged" and rel_err(z, p.root) <= 1e-10
+
+
+def test_stationary_point_and_rootless_sample_do_not_stop_the_others():
+    # g(z) = z² − c. Sample 0 has the root (2, 3); sample 1 starts at z = 0 where the
+    # Jacobian is zero and so is the gradient of ‖g‖² (no step can help); sample 2
+    # has no real root (c < 0).
+    c = torch.tensor([[4.0, 9.0], [4.0, 4.0], [-1.0, -1.0]], dtype=torch.float64)
+    z0 = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+
+    def g(z, c):
+        return z**2 - c
+
+    with pytest.warns(implicit.ConvergenceWarning, match="2 of 3"):
+        z, info = implicit.root_solve(
+            g,
+            z0,
+            c,
+            solver="newton",
+            batched=True,
+            tol=1e-12,
+            max_iter=30,
+            return_info=True,
+        )
+    assert info.converged.tolist() == [True, False, False]
+    assert info.status == "max_iter"
+    assert torch.isfinite(z).all() and torch.isfinite(torch.tensor(info.history)).all()
+    assert rel_err(z[0], torch.tensor([2.0, 3.0], dtype=torch.float64)) <= 1e-12
+    assert torch.equal(z[1], z0[1])  # stays at the stationary point
+    assert float(info.residual[2]) >= 1.0  # ‖z² + 1‖ ≥ √2 > 1 for every z
+
+
+def test_state_keeps_the_factorisation():
+    p = MonotoneCubic(n=3, batch=2)
+    fn = Residual(lambda z: p.g(z, p.b), lambda z: z.new_zeros(z.shape[0]))
+    solver = Newton()
+    z = p.z0 + 0.5
+    r = fn(z)
+    _, _, state = solver.step(fn, z, r, solver.init(fn, z, r))
+    expected = torch.func.vmap(torch.func.jacrev(lambda z: p.g(z, p.b)))(z.unsqueeze(1))
+    assert rel_err(state.jacobian, expected.squeeze(2).squeeze(3)) <= 1e-14
+    v = torch.randn(2, 3, 1, dtype=torch.float64)
+    lu, pivots = state.lu
+    assert rel_err(torch.linalg.lu_solve(lu, pivots, state.jacobian @ v), v) <= 1e-12
+
+
+def test_krylov_refuses_unroll():
+    p = TanhProblem(n=4, batch=2)
+    with pytest.raises(NotImplementedError, match="unroll"):
+        implicit.fixed_point(
+            p.f, p.z0, p.x, solver="newton", linear="krylov", backward="unroll", batched=True
+        )
+
+
+def test_misspelt_and_invalid_options():
+    p = MonotoneCubic()
+    with pytest.raises(TypeError, match="'line_serach'"):
+        implicit.root_solve(p.g, p.z0, p.b, solver="newton", line_serach=False)
+    with pytest.raises(ValueError, match="linear"):
+        Newton(linear="lu")
+    with pytest.raises(TypeError, match="krylov"):
+        Newton(krylov=CG())
+    with pytest.raises(ValueError, match="max_dense"):
+        Newton(max_dense=-1)
