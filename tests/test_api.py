@@ -225,6 +225,19 @@ class TestInverse:
         )(y)
         assert rel_err(jac, torch.diag(1 / torch.sqrt(1 - y**2))) <= 1e-10
 
+    def test_iterative_invert_with_the_default_solver(self):
+        # Newton from z0 = y; the same gradient as the black box's.
+        y = torch.tensor([[0.3, -0.6], [0.9, 0.1]], dtype=F64, requires_grad=True)
+        z, info = implicit.invert(torch.sin, y, batched=True, tol=1e-12, return_info=True)
+        assert info.solver == "newton" and info.converged.shape == (2,)
+        (grad,) = torch.autograd.grad(z.sum(), y)
+        z_box = implicit.invert(
+            torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()), batched=True, tol=1e-12
+        )
+        (grad_box,) = torch.autograd.grad(z_box.sum(), y)
+        assert rel_err(z, z_box) <= 1e-12 and rel_err(grad, grad_box) <= 1e-10
+        assert rel_err(grad, 1 / torch.sqrt(1 - y.detach() ** 2)) <= 1e-10
+
     def test_iterative_invert_matches_black_box(self):
         y = torch.tensor([0.3, -0.6], dtype=F64, requires_grad=True)
         z = implicit.invert(torch.sin, y, solver="scipy", tol=1e-12)

@@ -70,10 +70,10 @@ class Scipy(Solver):
       at once at the best finite point it had evaluated.
 
     ``info.message`` carries scipy's ``success``, ``status`` and ``message`` (grouped by
-    sample when they differ). ``info.iterations`` is scipy's ``nit`` where the method
-    reports it, its function evaluations otherwise (``hybr``, ``lm``); ``info.history``
-    holds the worst residual per iteration where scipy offers a callback, else the
-    first and the last.
+    problem when they differ). ``info.iterations`` counts scipy's iterations (its
+    callbacks) for the ``nonlin`` methods and ``df-sane``, and its function evaluations
+    for ``hybr`` and ``lm``, which report no iterations; ``info.history`` holds the worst
+    residual after each iteration where scipy calls back, else the first and the last.
 
     ``max_iter`` becomes ``maxiter`` for the ``nonlin`` methods and
     ``maxfev = max_iter · (n + 1)`` for ``hybr``, ``lm`` and ``df-sane``, which only
