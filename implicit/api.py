@@ -177,6 +177,8 @@ def invert(
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
     if inverse is None:
         problem = Problem(f, y if z0 is None else z0, (y, *args), batched=batched, form="inverse")
         return _run(

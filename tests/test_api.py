@@ -8,6 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import contractive_matrix, rel_err, unrolled_fixed_point
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import implicit
 
@@ -108,6 +110,33 @@ class TestCustomRootLinear:
         z = solve(a, b)
         assert z.dtype == torch.float32 and z.grad_fn is None and not z.requires_grad
         assert rel_err(z, torch.linalg.solve(a, b)) <= 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    backward=st.sampled_from(["dense", "gmres"]),
+)
+def test_custom_root_random_linear_systems(n, batch, seed, backward):
+    a, b = spd_system(n=n, batch=(batch,), seed=seed)
+
+    @implicit.custom_root(
+        lambda z, a, b: (a @ z.unsqueeze(-1)).squeeze(-1) - b,
+        batched=True,
+        backward=backward,
+        tol=1e-12,
+    )
+    def solve(a, b):
+        return np.linalg.solve(a.numpy(), b.numpy()[..., None])[..., 0]
+
+    z = solve(a, b)
+    grads = torch.autograd.grad((z**2).sum(), [a, b])
+    z_ref = torch.linalg.solve(a, b)
+    refs = torch.autograd.grad((z_ref**2).sum(), [a, b])
+    for got, want in zip(grads, refs):
+        assert rel_err(got, want) <= 1e-9
 
 
 def test_custom_root_nonlinear_against_long_unrolled_run():
@@ -272,6 +301,8 @@ class TestInverse:
             implicit.invert(torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()), backward="unroll")
         with pytest.raises(TypeError, match=r"y must be a torch\.Tensor"):
             implicit.invert(torch.sin, [0.5], inverse=np.arcsin)
+        with pytest.raises(TypeError, match="y must be a floating-point tensor"):
+            implicit.invert(torch.sin, torch.tensor([1, 2]), inverse=np.arcsin)
 
 
 class TestBatchJacobian:
@@ -290,6 +321,27 @@ class TestBatchJacobian:
         blocks = torch.stack([full[b, :, b, :] for b in range(3)])
         assert rel_err(jac, blocks) <= 1e-14
         assert rel_err(jac, torch.func.vmap(torch.func.jacrev(func))(x).reshape(3, 4, 6)) <= 1e-14
+
+    @settings(max_examples=25, deadline=None)
+    @given(
+        batch=st.integers(1, 4),
+        shape_in=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+        n_out=st.integers(1, 5),
+        seed=st.integers(0, 2**16),
+    )
+    def test_random_shapes_against_vmapped_jacrev(self, batch, shape_in, n_out, seed):
+        generator = torch.Generator().manual_seed(seed)
+        n_in = int(np.prod(shape_in))
+        m = torch.randn(n_out, n_in, dtype=F64, generator=generator)
+        x = torch.randn(batch, *shape_in, dtype=F64, generator=generator)
+
+        def func(x):  # batch-first, or one sample under vmap
+            flat = x.reshape(*x.shape[: x.dim() - len(shape_in)], n_in)
+            return torch.tanh(flat @ m.T) * (1 + flat.pow(2).sum(-1, keepdim=True))
+
+        jac = implicit.batch_jacobian(func, x)
+        ref = torch.func.vmap(torch.func.jacrev(func))(x).reshape(batch, n_out, n_in)
+        assert jac.shape == (batch, n_out, n_in) and rel_err(jac, ref) <= 1e-13
 
     def test_differentiable(self):
         theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
