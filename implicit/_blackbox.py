@@ -196,7 +196,7 @@ class CheckAnswer(Solver):
     def solve(self, fn: Residual, z0, r0, *, tol, max_iter):
         r = fn(z0) if r0 is None else r0
         norms = torch.linalg.vector_norm(r, dim=1)
-        bound = tol * (1 + fn.scale(z0))
+        bound = tol * (1 + fn.scale(z0, r))
         codes = torch.where(norms <= bound, CONVERGED, FAILED)
         codes = torch.where(torch.isfinite(norms), codes, NONFINITE)
         message = ""

@@ -98,14 +98,14 @@ class Residual:
 
     Args:
         fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
-        scale: ``scale(z) -> (B,)``; sample ``b`` has converged when
-            ``‖g(z)_b‖₂ ≤ tol · (1 + scale(z)_b)``.
+        scale: ``scale(z0, g(z0)) -> (B,)``, evaluated once at the initial guess;
+            sample ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``.
     """
 
     def __init__(
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        scale: Callable[[torch.Tensor], torch.Tensor],
+        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ):
         self.fn = fn
         self.scale = scale

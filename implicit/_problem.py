@@ -32,7 +32,7 @@ class Problem:
     form          residual                  scale
     ============  ========================  ==============================
     root          ``fn(z, *args)``          0 (absolute tolerance)
-    fixed_point   ``fn(z, *args) − z``      ``‖z_b‖₂`` (relative to the state)
+    fixed_point   ``fn(z, *args) − z``      ``max(‖z0_b‖₂, ‖f(z0)_b‖₂)``
     inverse       ``fn(z, *args[1:]) − y``  ``‖y_b‖₂`` with ``y = args[0]``
     ============  ========================  ==============================
 
@@ -159,13 +159,16 @@ class Problem:
             return out - target.reshape(self.batch_size, -1)
         return out
 
-    def scale(self, z: torch.Tensor) -> torch.Tensor:
-        """Per-problem scale of the stopping tolerance (see the class docstring)."""
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+        """Per-problem scale of the stopping tolerance, from the initial guess ``z0`` and
+        its residual ``r0`` (see the class docstring)."""
         if self.form == "fixed_point":
-            return torch.linalg.vector_norm(z, dim=1)
+            return torch.maximum(
+                torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(z0 + r0, dim=1)
+            )
         if self.form == "inverse":
             return torch.linalg.vector_norm(self.args[0].reshape(self.batch_size, -1), dim=1)
-        return z.new_zeros(z.shape[0])
+        return z0.new_zeros(z0.shape[0])
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
         """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives.

@@ -64,7 +64,8 @@ def fixed_point(
             :class:`~implicit.solvers.Solver` instance.
         backward: a name from ``implicit.linear.NAMES`` or an instance from
             :mod:`implicit.linear`.
-        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + ‖z‖₂)`` for each problem.
+        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each problem, with the scale
+            ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` fixed at the initial guess.
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or

@@ -311,3 +311,18 @@ class TestHigherOrder:
         assert rel_err(got, want) <= 1e-9
         xs = torch.stack([x, 2 * x, -x])
         assert rel_err(torch.func.vmap(solve)(xs), torch.stack([ref(a) for a in xs])) <= 1e-9
+
+
+def test_diverging_fixed_point_is_not_reported_converged():
+    # f(z) = z + 0.1 has no fixed point: the iterate runs away while its residual stays 0.1.
+    # A test relative to the current ‖z‖ would call it converged once ‖z‖ ≥ 0.1 / tol.
+    _, info = implicit.fixed_point(
+        lambda z: z + 0.1,
+        torch.zeros(3, dtype=torch.float64),
+        solver="fixed_point",
+        tol=1e-2,
+        max_iter=200,
+        on_failure="ignore",
+        return_info=True,
+    )
+    assert info.status == "max_iter" and not bool(info.converged)

@@ -7,8 +7,9 @@ A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)`
 * :meth:`Solver.step` proposes the next iterate and its residual.
 
 :meth:`Solver.solve` owns everything else, once for all methods: per-problem stopping
-(``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``), freezing of finished problems, non-finite
-detection, the residual history and the counters of :class:`~implicit.SolveInfo`.
+(``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``, the scale fixed at the initial guess), freezing of
+finished problems, non-finite detection, the residual history and the counters of
+:class:`~implicit.SolveInfo`.
 A method that is not iterative (scipy, a black box) overrides :meth:`Solver.solve`.
 """
 
@@ -69,9 +70,9 @@ class Solver(abc.ABC):
         r = fn(z) if r0 is None else r0
         check_every = self.check_every or (1 if z.device.type == "cpu" else 4)
         norms = torch.linalg.vector_norm(r, dim=1)
-        codes = self._classify(
-            norms, fn.scale(z), tol, torch.full_like(norms, MAX_ITER, dtype=torch.long)
-        )
+        # Fixed at the start, so that a diverging iterate cannot loosen its own test.
+        threshold = tol * (1 + fn.scale(z, r))
+        codes = self._classify(norms, threshold, torch.full_like(norms, MAX_ITER, dtype=torch.long))
         done = codes != MAX_ITER
         iterations = torch.zeros_like(codes)
         history = [norms.max()]
@@ -89,9 +90,7 @@ class Solver(abc.ABC):
             iterations = iterations + (~done).long()
             norms = torch.where(done | blew_up, norms, new_norms)
             codes = torch.where(blew_up, NONFINITE, codes)
-            codes = torch.where(
-                done | blew_up, codes, self._classify(norms, fn.scale(z), tol, codes)
-            )
+            codes = torch.where(done | blew_up, codes, self._classify(norms, threshold, codes))
             done = codes != MAX_ITER
             history.append(torch.where(blew_up, new_norms, norms).max())
         info = SolveInfo(
@@ -107,8 +106,8 @@ class Solver(abc.ABC):
         return z, info
 
     @staticmethod
-    def _classify(norms, scale, tol, codes):
-        converged = norms <= tol * (1 + scale)
+    def _classify(norms, threshold, codes):
+        converged = norms <= threshold
         codes = torch.where(converged, CONVERGED, codes)
         return torch.where(torch.isfinite(norms), codes, NONFINITE)
 

@@ -55,7 +55,7 @@ class Scipy(Solver):
 
     Tolerances follow the front doors' contract, per problem ``b``:
     ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``. The residual-based methods (the ``nonlin``
-    family and ``df-sane``) are given exactly that test (the scale taken at ``z0``);
+    family and ``df-sane``) are given exactly that test as their stopping norm;
     ``hybr`` and ``lm`` stop on their step-size test (``xtol = tol``, relative to
     ``z``, as ``scipy.optimize.root(tol=...)`` sets it). Whatever
     scipy reports, the test is then applied to its answer, which decides convergence:
@@ -145,7 +145,7 @@ class Scipy(Solver):
                 "scipy solver runs in numpy: use an implicit backward ('auto', 'dense', ...)"
             )
         batch = z0.shape[0]
-        bound = tol * (1 + fn.scale(z0))
+        bound = tol * (1 + fn.scale(z0, r0))  # fixed at the start, as for every solver
         if self._strategy(batch * z0.shape[1]) == "block":
             groups = [list(range(batch))]
         else:
@@ -158,7 +158,7 @@ class Scipy(Solver):
             runs.append(run)
         r = fn(z)
         norms = torch.linalg.vector_norm(r, dim=1)
-        codes = torch.where(norms <= tol * (1 + fn.scale(z)), CONVERGED, FAILED)
+        codes = torch.where(norms <= bound, CONVERGED, FAILED)
         blew_up = torch.zeros_like(codes, dtype=torch.bool)
         broke_down = torch.zeros_like(blew_up)
         for run in runs:

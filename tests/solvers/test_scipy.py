@@ -161,7 +161,7 @@ class TestVerdicts:
         )
         assert len(info.history) == info.iterations + 1
         assert info.history[-1] == pytest.approx(float(info.residual.max()))
-        assert info.history[-1] < 1e-6 < info.history[0]
+        assert info.status == "converged" and info.history[-1] < 1e-5 * info.history[0]
         assert info.f_evals >= info.iterations
 
     def test_scipy_exception_is_a_breakdown_and_errors_of_g_propagate(self):
