@@ -52,11 +52,11 @@ def call(
     device: torch.device | None,
     shapes: Sequence[torch.Size] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """``h(*args)`` on detached arguments, as tensors of ``dtype`` on ``device``.
+    """``h(*args)`` on detached copies of the arguments, as tensors of ``dtype`` on ``device``.
 
     Args:
         h: the black box.
-        args: its arguments; tensors are handed over detached.
+        args: its arguments; tensors are handed over as detached copies.
         who: the black box's name in error messages (see :func:`describe`).
         dtype: the floating-point dtype the answer is converted to; ``None`` keeps a
             floating answer's own and gives others the default dtype.
