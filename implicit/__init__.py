@@ -2,7 +2,14 @@
 
 from implicit import layers, linear, solvers
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
-from implicit.api import fixed_point, root_solve
+from implicit.api import (
+    batch_jacobian,
+    custom_root,
+    fixed_point,
+    implicit_inverse_layer,
+    invert,
+    root_solve,
+)
 from implicit.layers import DEQ, ImplicitLayer
 
 __version__ = "0.1.0"
@@ -14,7 +21,11 @@ __all__ = [
     "ConvergenceWarning",
     "ImplicitLayer",
     "SolveInfo",
+    "batch_jacobian",
+    "custom_root",
     "fixed_point",
+    "implicit_inverse_layer",
+    "invert",
     "layers",
     "linear",
     "root_solve",

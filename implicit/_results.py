@@ -127,9 +127,12 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
         f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."
     )
     if isinstance(info, SolveInfo):
-        message += " Raise max_iter, loosen tol, or try another solver."
-        if info.message:
-            message += f" Solver said: {info.message}"
+        # A solver that explains its failure (scipy, a black box) also says what to do.
+        message += (
+            f" {info.message}"
+            if info.message
+            else " Raise max_iter, loosen tol, or try another solver."
+        )
     else:
         message += (
             " Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a "

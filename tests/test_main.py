@@ -1,4 +1,5 @@
-"""The tour, ``python -m implicit``, end to end in a subprocess."""
+"""The tour, ``python -m implicit``: sections 2-4 check what they print; the whole tour
+runs end to end in a subprocess."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from implicit import __main__ as tour
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +23,18 @@ def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
+def test_inverse_layer_section():
+    assert tour.tour_inverse_layer() <= 1e-4  # float32, GMRES backward to tol 1e-6
+
+
+def test_custom_root_section():
+    assert tour.tour_custom_root() <= 1e-12
+
+
+def test_anderson_section():
+    assert tour.tour_anderson() <= 1e-9
+
+
 def test_help_lists_the_options():
     result = run("--help")
     assert result.returncode == 0, result.stderr
@@ -27,14 +42,16 @@ def test_help_lists_the_options():
         assert option in result.stdout
 
 
-def test_tour_trains_the_deq_classifier_in_fast_mode(tmp_path):
+def test_tour_prints_every_section_and_trains_the_deq_classifier_in_fast_mode(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     result = run("--fast", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "1. The seed problem" in out and "2. A DEQ classifier" in out
+    headings = ("1. The seed problem", "2. The seed's inverse layer", "3. scipy", "4. The")
+    for heading in (*headings, "5. A DEQ classifier"):
+        assert heading in out
     rows = {
         line.split()[0]: line.split()
         for line in out.splitlines()
