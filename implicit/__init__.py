@@ -10,7 +10,7 @@ from implicit.api import (
     invert,
     root_solve,
 )
-from implicit.layers import DEQ, ImplicitLayer
+from implicit.layers import DEQ, ImplicitLayer, InverseLayer
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "ImplicitLayer",
+    "InverseLayer",
     "SolveInfo",
     "batch_jacobian",
     "custom_root",
