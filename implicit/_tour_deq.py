@@ -235,6 +235,8 @@ def run(options: argparse.Namespace, format_table) -> None:
         "\n   peak MiB: the most memory torch's CPU allocator held during one training step,"
         "\n   above the level at its start (torch.profiler memory events). The implicit"
         "\n   backward keeps no graph of the forward iterations; unroll keeps all of them."
+        "\n   Unroll's gradient is that of the solver's truncated iterations (through the"
+        "\n   solver's own steps), not the fixed point's: the two models train differently."
     )
     path = options.out / "deq_residuals.png"
     plot(results, path)
