@@ -410,3 +410,29 @@ def test_defaults_anderson_and_auto():
     # Default tol 1e-4: the gradient is as accurate as the fixed point.
     for g, want in zip(grads_of(z, x, cell), reference(cell, x)):
         assert rel_err(g, want) <= 1e-3
+
+
+def test_training_memory_is_flat_in_max_iter_unlike_unroll():
+    from implicit._memory import peak_memory
+
+    torch.manual_seed(0)
+    cell = nn.Linear(64, 64)
+    with torch.no_grad():
+        cell.weight.mul_(0.5 / torch.linalg.matrix_norm(cell.weight, ord=2))
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def step_peak(backward, max_iter):
+        deq = implicit.DEQ(
+            lambda z, x: torch.tanh(cell(z) + x),
+            solver="fixed_point",
+            backward=backward,
+            tol=1e-30,  # unreachable: exactly max_iter iterations
+            max_iter=max_iter,
+            on_failure="ignore",
+        )
+        return peak_memory(lambda: deq(x).pow(2).sum().backward())[1]
+
+    assert step_peak("neumann", 40) == step_peak("neumann", 10)
+    state = 32 * 64 * 4  # bytes of one batch × width float32 tensor
+    assert step_peak("unroll", 40) - step_peak("unroll", 10) >= 30 * 2 * state
+    assert step_peak("unroll", 40) > 4 * step_peak("neumann", 40)
