@@ -168,15 +168,22 @@ def test_drifted_recurrence_is_restarted_from_the_true_residual(method, monkeypa
     iterate = cls._iterate
 
     def spy(self, op, rhs, x, target, max_iter, allowed):
-        rounds.append(int(allowed.sum()))
-        return iterate(self, op, rhs, x, target, max_iter, allowed)
+        x, codes, used = iterate(self, op, rhs, x, target, max_iter, allowed)
+        rounds.append((int(allowed.sum()), used))
+        return x, codes, used
 
     monkeypatch.setattr(cls, "_iterate", spy)
     matrix, rhs = spd(4, 30, 1e4, 0), rhs_of(4, 30, 0)
     tol = 10**-12.5
     result = cls().solve(operator(matrix), rhs, tol=tol, max_iter=3000)
-    assert len(rounds) >= 2 and rounds[0] == 4 and rounds[1] >= 1
+    assert len(rounds) >= 2 and rounds[0][0] == 4 and rounds[1][0] >= 1
     check_solution(result, matrix, rhs, tol)
+    # No budget left for the restart: the drifted problems are reported unconverged.
+    first_round = rounds[0][1]
+    result = cls().solve(operator(matrix), rhs, tol=tol, max_iter=first_round)
+    truth = true_residual(matrix, result.x, rhs)
+    assert result.codes.tolist() == [CONVERGED if r <= tol else MAX_ITER for r in truth]
+    assert MAX_ITER in result.codes.tolist()
     # Below the attainable accuracy: restarts until max_iter, and no false claim.
     rounds.clear()
     result = cls().solve(operator(matrix), rhs, tol=1e-16, max_iter=300)
@@ -486,7 +493,8 @@ class TestNeumann:
         result = linear.Neumann().solve(operator(matrix), rhs_of(1, 3, 0), tol=1e-10, max_iter=5000)
         assert result.codes.tolist() == [NONFINITE]
         assert result.iterations < 1000
-        assert bool(torch.isfinite(result.x).all())
+        # The returned iterate is the last one whose residual was finite.
+        assert bool(torch.isfinite(result.x).all() and torch.isfinite(result.residual).all())
 
     def test_is_the_classic_deq_backward(self):
         # x_k = −Σ_{i<k} (Fᵀ)^i rhs: the truncated Neumann series, k = iterations.
