@@ -155,8 +155,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(problem, z0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        z = problem.solve(z0, inputs)
-        return z.clone() if z is z0 else z
+        return _not_a_view_of(z0, problem.solve(z0, inputs))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -249,14 +248,14 @@ def solve(
 
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
     """
-    z0 = problem.pack(problem.initial)
+    z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
     if isinstance(backward, Unroll):
         # The reference mode: autograd records every iteration of the solver.
         fn = Residual(lambda z: problem.residual(z, *problem.inputs), problem.scale)
         z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
         _shape_report(info, problem.batched)
         report_failure(info, on_failure, "forward solve")
-        return z, info
+        return _not_a_view_of(z0, z), info
     settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n), problem.batched)
     r0 = problem.discover(z0) if torch.is_grad_enabled() else None
     transforming = _transforming()
@@ -267,8 +266,13 @@ def solve(
         or (torch.is_grad_enabled() and problem.needs_grad())
     )
     if differentiable:
-        z = _ImplicitFunction.apply(root, z0.detach(), *problem.inputs)
+        z = _ImplicitFunction.apply(root, z0, *problem.inputs)
     else:
         with torch.no_grad():
-            z = root.solve(z0.detach(), problem.inputs)
+            z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
     return z, root.info
+
+
+def _not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A solve that took no step returns its start: never hand the caller a view of z0."""
+    return z.clone() if z is z0 else z
