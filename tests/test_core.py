@@ -584,15 +584,15 @@ def contractive_problem(batch, n, contraction, seed):
     return f, w, x, weights
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("backward", PROPERTY_MODES)
+@settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 4),
     n=st.integers(1, 8),
     contraction=st.floats(0.1, 0.9),
     seed=st.integers(0, 2**31),
-    backward=st.sampled_from(PROPERTY_MODES),
 )
-def test_random_contractive_maps_match_unrolled(batch, n, contraction, seed, backward):
+def test_random_contractive_maps_match_unrolled(backward, batch, n, contraction, seed):
     f, w, x, weights = contractive_problem(batch, n, contraction, seed)
     z0 = torch.zeros(batch, n, dtype=torch.float64)
     tol = 1e-12
