@@ -151,7 +151,9 @@ class _Iterative(LinearSolver):
         self, *, tol: float | None = None, max_iter: int | None = None, x0: WarmStart = None
     ):
         super().__init__(tol=tol, max_iter=max_iter)
-        if not (x0 is None or isinstance(x0, torch.Tensor) or x0 == "previous"):
+        if not (
+            x0 is None or isinstance(x0, torch.Tensor) or (isinstance(x0, str) and x0 == "previous")
+        ):
             raise TypeError(f"x0 must be a tensor, 'previous' or None, got {x0!r}")
         self.x0 = x0
         self._previous: torch.Tensor | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -126,6 +127,23 @@ class TestProperties:
         matrix, rhs = nonsymmetric(batch, n, spread, seed), rhs_of(batch, n, seed)
         solver = linear.resolve(method)
         result = solver.solve(operator(matrix, transpose), rhs, tol=1e-10, max_iter=200)
+        check_solution(result, matrix, rhs, 1e-10)
+
+    @PROPERTY
+    @given(**sizes, restart=st.integers(1, 12), transpose=st.booleans())
+    def test_restarted_gmres_on_positive_real_systems(self, batch, n, seed, restart, transpose):
+        # A = I + S + K, ‖S‖ ≤ ½ symmetric, ‖K‖ ≤ 1 skew: the symmetric part is ≥ ½ I,
+        # so GMRES(m) converges for every m (Elman's bound: ≤ 0.98 per product).
+        gen = generator(seed)
+        s = torch.randn(batch, n, n, generator=gen, dtype=F64)
+        k = torch.randn(batch, n, n, generator=gen, dtype=F64)
+        s, k = s + s.mT, k - k.mT
+        s = 0.5 * s / torch.linalg.matrix_norm(s, ord=2).clamp_min(1e-12).reshape(batch, 1, 1)
+        k = k / torch.linalg.matrix_norm(k, ord=2).clamp_min(1e-12).reshape(batch, 1, 1)
+        matrix = torch.eye(n, dtype=F64) + s + k
+        rhs = rhs_of(batch, n, seed)
+        solver = linear.GMRES(restart=restart)
+        result = solver.solve(operator(matrix, transpose), rhs, tol=1e-10, max_iter=3000)
         check_solution(result, matrix, rhs, 1e-10)
 
     @PROPERTY
@@ -550,6 +568,7 @@ def test_inputs_unchanged_and_float32(method):
         (lambda: linear.CG(max_iter=2.5), r"CG\(max_iter"),
         (lambda: linear.CG(x0="prev"), "x0"),
         (lambda: linear.Neumann(x0=[0.0]), "x0"),
+        (lambda: linear.GMRES(x0=np.zeros(3)), "x0"),
         (lambda: linear.GMRES(preconditioner=3), "preconditioner"),
         (lambda: linear.Auto(max_dense=-1), "max_dense"),
         (lambda: linear.resolve("gmress"), "unknown backward 'gmress'"),
@@ -559,3 +578,34 @@ def test_inputs_unchanged_and_float32(method):
 def test_bad_options_name_the_argument(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "backward",
+    [
+        linear.GMRES(preconditioner=lambda r: -r, restart=3),
+        linear.BiCGStab(preconditioner=lambda r: -r),
+        linear.Neumann(damping=0.8, x0="previous"),
+    ],
+    ids=["gmres", "bicgstab", "neumann"],
+)
+def test_instances_through_the_backward(backward):
+    # For a fixed point (∂g/∂z)ᵀ = Jᵀ − I ≈ −I: M = −I is the natural preconditioner.
+    w = contraction(1, 6, 0.8, 0)[0].requires_grad_()
+    x = torch.randn(2, 6, dtype=F64, requires_grad=True)
+
+    def gradients(mode):
+        z = implicit.fixed_point(
+            lambda z, x: torch.tanh(z @ w.T + x),
+            torch.zeros(2, 6, dtype=F64),
+            x,
+            solver="fixed_point",
+            backward=mode,
+            batched=True,
+            tol=1e-12,
+            max_iter=500,
+        )
+        return torch.autograd.grad((z**2).sum(), [x, w])
+
+    for got, want in zip(gradients(backward), gradients("dense")):
+        assert rel_err(got, want) <= 1e-9
