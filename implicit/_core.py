@@ -41,14 +41,22 @@ from implicit.linear import LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
 
+def _per_problem(values: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Per-problem values as reported: shape ``(B,)`` when batched, ``()`` otherwise."""
+    return values if batched else values.reshape(())
+
+
 class _Settings:
     """Tolerances and failure policy shared by a solve and its linear solves."""
 
-    def __init__(self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver):
+    def __init__(
+        self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver, batched: bool
+    ):
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
         self.linear = linear
+        self.batched = batched
 
     def linear_solve(
         self, op: Operator, rhs: torch.Tensor, what: str
@@ -58,8 +66,8 @@ class _Settings:
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
         info = BackwardInfo(
-            converged=result.codes == CONVERGED,
-            residual=result.residual.detach(),
+            converged=_per_problem(result.codes == CONVERGED, self.batched),
+            residual=_per_problem(result.residual.detach(), self.batched),
             iterations=result.iterations,
             matvecs=op.products,
             status=status_name(result.codes),
@@ -89,6 +97,7 @@ class _RootProblem:
         fn = Residual(lambda z: self.problem.residual(z, *inputs), self.problem.scale)
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
+        _shape_report(info, settings.batched)
         if self.info is not None:  # a vmap rule solves one slice at a time: keep them all
             info.backward = self.info.backward
         self.info = info
@@ -146,8 +155,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(problem, z0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        z = problem.solve(z0, inputs)
-        return z.clone() if z is z0 else z
+        return _not_a_view_of(z0, problem.solve(z0, inputs))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -201,6 +209,11 @@ class _ImplicitFunction(torch.autograd.Function):
         return torch.stack(slices), 0
 
 
+def _shape_report(info: SolveInfo, batched: bool) -> None:
+    info.converged = _per_problem(info.converged, batched)
+    info.residual = _per_problem(info.residual, batched)
+
+
 def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: Sequence[int]):
     """``g(z, θ)`` as a function of the inputs at positions ``moving`` only."""
 
@@ -236,22 +249,28 @@ def solve(
 
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
     """
-    z0 = problem.pack(problem.initial)
+    z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
     if isinstance(backward, Unroll):
         # The reference mode: autograd records every iteration of the solver.
         fn = Residual(lambda z: problem.residual(z, *problem.inputs), problem.scale)
         z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
+        _shape_report(info, problem.batched)
         report_failure(info, on_failure, "forward solve")
-        return z, info
-    settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n))
+        return _not_a_view_of(z0, z), info
+    settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n), problem.batched)
     transforming = _transforming()
     derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
     r0 = problem.discover(z0) if derivatives_possible else None
     root = _RootProblem(problem, solver, settings, None if transforming else r0)
     differentiable = derivatives_possible and problem.carries_derivatives()
     if differentiable:
-        z = _ImplicitFunction.apply(root, z0.detach(), *problem.inputs)
+        z = _ImplicitFunction.apply(root, z0, *problem.inputs)
     else:
         with torch.no_grad():
-            z = root.solve(z0.detach(), problem.inputs)
+            z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
     return z, root.info
+
+
+def _not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A solve that took no step returns its start: never hand the caller a view of z0."""
+    return z.clone() if z is z0 else z

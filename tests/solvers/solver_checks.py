@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TanhProblem, contractive_matrix, rel_err, unrolled_fixed_point
+from conftest import (
+    TanhProblem,
+    assert_fixed_point,
+    contractive_matrix,
+    rel_err,
+    unrolled_fixed_point,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,21 +23,6 @@ import implicit
 
 def loss_of(z: torch.Tensor) -> torch.Tensor:
     return (z**3).sum() + z.sin().sum()
-
-
-def fixed_point_residuals(f, z: torch.Tensor, *args) -> torch.Tensor:
-    """``‖f(z) − z‖`` per sample, recomputed from the returned ``z`` alone."""
-    with torch.no_grad():
-        return torch.linalg.vector_norm(f(z, *args) - z, dim=1)
-
-
-def assert_fixed_point(f, z: torch.Tensor, *args, z0: torch.Tensor, tol: float) -> None:
-    """The documented stopping test: ``‖f(z) − z‖ ≤ tol·(1 + max(‖z0‖, ‖f(z0)‖))``."""
-    with torch.no_grad():
-        scale = 1 + torch.maximum(
-            torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(f(z0, *args), dim=1)
-        )
-    assert bool((fixed_point_residuals(f, z, *args) <= tol * scale).all())
 
 
 class MonotoneCubic:

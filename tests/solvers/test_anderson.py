@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TanhProblem, contractive_matrix, rel_err
+from conftest import TanhProblem, assert_fixed_point, contractive_matrix, rel_err
 from solver_checks import (
-    assert_fixed_point,
     contractive_maps_test,
     counting_test,
     exact_root_unroll_test,

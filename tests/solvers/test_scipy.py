@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TanhProblem, rel_err
-from solver_checks import assert_fixed_point
+from conftest import TanhProblem, assert_fixed_point, rel_err
 
 import implicit
 from implicit.solvers import Scipy
