@@ -7,6 +7,7 @@ Usage: ``python ddp_worker.py RANK WORLD_SIZE PORT OUT`` trains the model of
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -81,10 +82,16 @@ def main(rank: int, world_size: int, port: int, out: str) -> None:
             "converged": bool(model.deq.last_info.converged.all()),
             "backward_converged": bool(model.deq.last_info.backward.converged.all()),
         }
+        del ddp  # release DDP's reducer (and its hooks) while the process group lives
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's threads can abort it ("terminate called
+    # without an active exception") after the work is done and saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
