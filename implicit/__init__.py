@@ -2,7 +2,14 @@
 
 from implicit import linear, solvers
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
-from implicit.api import fixed_point, root_solve
+from implicit.api import (
+    batch_jacobian,
+    custom_root,
+    fixed_point,
+    implicit_inverse_layer,
+    invert,
+    root_solve,
+)
 
 __version__ = "0.1.0"
 
@@ -11,7 +18,11 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "SolveInfo",
+    "batch_jacobian",
+    "custom_root",
     "fixed_point",
+    "implicit_inverse_layer",
+    "invert",
     "linear",
     "root_solve",
     "solvers",

@@ -273,7 +273,7 @@ class _ImplicitFunction(torch.autograd.Function):
         # its own dual level must see it on, as it does outside the solve.
         with forward_ad._set_fwd_grad_enabled(forward_ad._current_level < 0):
             z = problem.solve(z0, inputs)
-        return z.clone() if z is z0 else z
+        return _not_a_view_of(z0, z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -373,7 +373,7 @@ def solve(
 
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
     """
-    z0 = problem.pack(problem.initial)
+    z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
     report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
         return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape)
@@ -384,10 +384,10 @@ def solve(
     root = _RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
     differentiable = derivatives_possible and problem.carries_derivatives()
     if differentiable:
-        z = _ImplicitFunction.apply(root, z0.detach(), *problem.inputs)
+        z = _ImplicitFunction.apply(root, z0, *problem.inputs)
     else:
         with torch.no_grad():
-            z = root.solve(z0.detach(), problem.inputs)
+            z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
     return z, root.info
 
 
@@ -408,4 +408,9 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     info.converged = info.converged.reshape(report_shape)
     info.residual = info.residual.reshape(report_shape)
     report_failure(info, on_failure, "forward solve")
-    return z, info
+    return _not_a_view_of(z0, z), info
+
+
+def _not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A solve that took no step returns its start: never hand the caller a view of z0."""
+    return z.clone() if z is z0 else z

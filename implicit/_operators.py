@@ -19,7 +19,8 @@ class Jacobian:
 
     Row ``b`` of the batch depends only on row ``b`` of ``z`` (a batched problem, or
     a single problem with ``B = 1``), so ``A`` is block diagonal and is handled per
-    sample: :meth:`dense` returns the ``(B, n, n)`` blocks.
+    sample: :meth:`dense` returns the ``(B, n, n)`` blocks. :meth:`dense` also serves
+    rectangular maps ``(B, n_in) -> (B, n_out)`` (``implicit.batch_jacobian``).
 
     Args:
         fn: the residual as a function of ``z`` alone.
@@ -56,7 +57,8 @@ class Jacobian:
         return self._jvp
 
     def dense(self, chunk_size: int | None = None) -> torch.Tensor:
-        """The per-sample Jacobian blocks ``A[b]`` with ``A[b, i, j] = ∂g_bi/∂z_bj``."""
+        """The per-sample Jacobian blocks ``A[b]`` with ``A[b, i, j] = ∂g_bi/∂z_bj``,
+        shape ``(B, n_out, n_in)``."""
         batch, n = self.shape
         # Row i of every block at once: a cotangent that is e_i in every sample.
         basis = torch.eye(n, dtype=self.value.dtype, device=self.value.device)

@@ -36,13 +36,18 @@ class Problem:
     inverse       ``fn(z, *args[1:]) − y``  ``‖y_b‖₂`` with ``y = args[0]``
     ============  ========================  ==============================
 
+    In the inverse form ``fn`` returns a tensor shaped like ``y`` (which may differ
+    from the shape of ``z`` as long as each problem has as many equations as unknowns).
+
     Args:
-        fn: the user's function; returns a tensor (or tuple) shaped like ``z``.
+        fn: the user's function; returns a tensor (or tuple) shaped like ``z`` (like
+            ``y`` in the inverse form).
         z0: the initial state, a tensor or a tuple of tensors.
         args: the extra positional arguments; tensors among them are inputs. For the
             inverse form ``args[0]`` is the target ``y``.
         batched: whether dim 0 of every state tensor indexes independent problems.
         form: ``"root"``, ``"fixed_point"`` or ``"inverse"``.
+        initial: what error messages call ``z0`` (e.g. a black box's answer).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class Problem:
         *,
         batched: bool,
         form: Form = "root",
+        initial: str = "z0",
     ):
         self.name = "g" if form == "root" else "f"
         if not callable(fn):
@@ -63,7 +69,8 @@ class Problem:
         self.is_tuple = isinstance(z0, (tuple, list))
         self.initial = tuple(z0) if self.is_tuple else z0
         states = tuple(z0) if self.is_tuple else (z0,)
-        _check_states(states, self.batched)
+        self.initial_name = initial
+        _check_states(states, self.batched, initial)
         self.dtype = states[0].dtype
         self.device = states[0].device
         self.shapes = [s.shape for s in states]
@@ -73,15 +80,40 @@ class Problem:
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
         for i in self.tensor_positions:
-            _check_arg(self.args[i], i, self.dtype, self.device)
+            _check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
+        # The structure fn returns: that of z, or of y in the inverse form.
+        self.out_shapes, self.out_is_tuple = self.shapes, self.is_tuple
+        if form == "inverse":
+            self.out_shapes, self.out_is_tuple = [self._check_target()], False
         self.captured: list[torch.Tensor] = []
+
+    def _arg_label(self, position: int) -> str:
+        if self.form != "inverse":
+            return f"argument {position}" + (" (after z0)" if self.initial_name == "z0" else "")
+        return "y" if position == 0 else f"argument {position - 1} (after y)"
+
+    def _check_target(self) -> torch.Size:
+        """The inverse form's ``y``: a tensor with one equation per unknown."""
+        target = self.args[0] if self.args else None
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(target).__name__}")
+        if self.batched and (target.dim() == 0 or target.shape[0] != self.batch_size):
+            raise ValueError(
+                f"y has shape {tuple(target.shape)} but z0 has batch size {self.batch_size}: "
+                f"with batched=True dim 0 of y and z0 indexes the problems"
+            )
+        per_problem = target.numel() // self.batch_size
+        if per_problem != self.n:
+            raise ValueError(
+                f"y has {per_problem} entries per problem but z0 has {self.n}: f(z) = y needs "
+                f"as many equations as unknowns (z0 defaults to y; pass z0 shaped like f's input)"
+            )
+        return target.shape
 
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
         """A state (tensor or tuple) as one ``(B, n)`` tensor."""
-        parts = tuple(states) if self.is_tuple else (states,)
-        flat = [p.reshape(self.batch_size, -1) for p in parts]
-        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+        return _flatten(tuple(states) if self.is_tuple else (states,), self.batch_size)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """The inverse of :meth:`pack`."""
@@ -124,7 +156,7 @@ class Problem:
         if self.form == "fixed_point":
             return out - z
         if self.form == "inverse":
-            return out - self.pack(target)
+            return out - target.reshape(self.batch_size, -1)
         return out
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -136,7 +168,7 @@ class Problem:
             )
         if self.form == "inverse":
             # The target y is the first input, possibly a stand-in (e.g. a vmapped slice).
-            return torch.linalg.vector_norm(self.pack(inputs[0]), dim=1)
+            return torch.linalg.vector_norm(inputs[0].reshape(self.batch_size, -1), dim=1)
         return z0.new_zeros(z0.shape[0])
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
@@ -158,25 +190,39 @@ class Problem:
 
     def _pack_output(self, out: Any) -> torch.Tensor:
         parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        if len(parts) != len(self.shapes) or (self.is_tuple != isinstance(out, (tuple, list))):
+        like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
+        like = "y" if self.form == "inverse" else like
+        if len(parts) != len(self.out_shapes) or (
+            self.out_is_tuple != isinstance(out, (tuple, list))
+        ):
             raise ValueError(
-                f"{self.name} must return the same structure as z: expected "
-                f"{_describe(self.shapes, self.is_tuple)}, got {_describe_value(out)}"
+                f"{self.name} must return the same structure as {like}: expected "
+                f"{_describe(self.out_shapes, self.out_is_tuple)}, got {_describe_value(out)}"
             )
-        for part, shape in zip(parts, self.shapes):
+        for part, shape in zip(parts, self.out_shapes):
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"{self.name} must return tensors, got {type(part).__name__}")
             if part.shape != shape:
+                hint = (
+                    "f(z) must have the shape of y (z has the shape of z0, which defaults to y)"
+                    if self.form == "inverse"
+                    else "the residual must have the shape of z"
+                )
                 raise ValueError(
-                    f"{self.name} returned shape {tuple(part.shape)} but z has shape "
-                    f"{tuple(shape)}: the residual must have the shape of z"
+                    f"{self.name} returned shape {tuple(part.shape)} but {like} has shape "
+                    f"{tuple(shape)}: {hint}"
                 )
             if part.dtype != self.dtype:
                 raise TypeError(
                     f"{self.name} returned dtype {part.dtype} but z has dtype "
                     f"{self.dtype}: cast the inputs or z0 so that they agree"
                 )
-        return self.pack(out)
+        return _flatten(parts, self.batch_size)
+
+
+def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
+    flat = [p.reshape(batch_size, -1) for p in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
 def _describe(shapes: Sequence[torch.Size], is_tuple: bool) -> str:
@@ -192,11 +238,11 @@ def _describe_value(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
-def _check_states(states: Sequence[Any], batched: bool) -> None:
+def _check_states(states: Sequence[Any], batched: bool, name: str) -> None:
     if not states:
-        raise ValueError("z0 must be a tensor or a non-empty tuple of tensors")
+        raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
     for i, state in enumerate(states):
-        label = "z0" if len(states) == 1 else f"z0[{i}]"
+        label = name if len(states) == 1 else f"{name}[{i}]"
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
         if not state.is_floating_point():
@@ -206,20 +252,20 @@ def _check_states(states: Sequence[Any], batched: bool) -> None:
         if batched and state.dim() == 0:
             raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
         if state.dtype != states[0].dtype:
-            raise TypeError(f"{label} has dtype {state.dtype}, z0[0] has {states[0].dtype}")
+            raise TypeError(f"{label} has dtype {state.dtype}, {name}[0] has {states[0].dtype}")
         if state.device != states[0].device:
-            raise ValueError(f"{label} is on {state.device}, z0[0] is on {states[0].device}")
+            raise ValueError(f"{label} is on {state.device}, {name}[0] is on {states[0].device}")
         if batched and state.shape[0] != states[0].shape[0]:
             raise ValueError(
-                f"{label} has batch size {state.shape[0]}, z0[0] has {states[0].shape[0]}"
+                f"{label} has batch size {state.shape[0]}, {name}[0] has {states[0].shape[0]}"
             )
 
 
-def _check_arg(arg: torch.Tensor, position: int, dtype: torch.dtype, device) -> None:
+def _check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:
     if arg.device != device:
-        raise ValueError(f"argument {position} (after z0) is on {arg.device} but z0 is on {device}")
+        raise ValueError(f"{label} is on {arg.device} but {name} is on {device}")
     if arg.is_floating_point() and arg.dtype != dtype:
         raise TypeError(
-            f"argument {position} (after z0) has dtype {arg.dtype} but z0 has dtype "
-            f"{dtype}: use one floating-point dtype"
+            f"{label} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
+            f"floating-point dtype"
         )

@@ -7,10 +7,18 @@ Everything that says how a solve ended lives here: the status codes, the
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
 from typing import Literal
 
 import torch
+
+# Frames in these directories are the library's, not the caller's.
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
 
 OnFailure = Literal["warn", "raise", "ignore"]
 
@@ -127,9 +135,12 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
         f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."
     )
     if isinstance(info, SolveInfo):
-        message += " Raise max_iter, loosen tol, or try another solver."
-        if info.message:
-            message += f" Solver said: {info.message}"
+        # A solver that explains its failure (scipy, a black box) also says what to do.
+        message += (
+            f" {info.message}"
+            if info.message
+            else " Raise max_iter, loosen tol, or try another solver."
+        )
     else:
         message += (
             " Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a "
@@ -137,4 +148,17 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
         )
     if on_failure == "raise":
         raise ConvergenceError(message, info)
-    warnings.warn(message, ConvergenceWarning, stacklevel=4)
+    warnings.warn(message, ConvergenceWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the user's line.
+
+    That is the first frame outside ``implicit`` and ``torch`` (the front door's caller,
+    or the ``backward()`` call); a fixed level cannot work, since the forward and the
+    backward reach :func:`report_failure` through stacks of different depths.
+    """
+    level, frame = 2, sys._getframe(2)  # 1 is report_failure itself
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        level, frame = level + 1, frame.f_back
+    return level

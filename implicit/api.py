@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from implicit import _core, linear, solvers
+import torch
+
+from implicit import _blackbox, _core, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit._operators import Jacobian
 from implicit._problem import Problem, State
 from implicit._results import SolveInfo
 
@@ -116,4 +120,281 @@ def root_solve(
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
 
 
-__all__ = ["fixed_point", "root_solve"]
+def invert(
+    f: Callable[..., Any],
+    y: torch.Tensor,
+    *args: Any,
+    inverse: Callable[..., Any] | None = None,
+    z0: State | None = None,
+    solver: str | solvers.Solver = "newton",
+    backward: Backward = "auto",
+    tol: float = 1e-6,
+    max_iter: int = 50,
+    batched: bool = False,
+    on_failure: str = "warn",
+    return_info: bool = False,
+    **solver_options: Any,
+) -> State | tuple[State, SolveInfo]:
+    """Find ``z`` with ``f(z, *args) = y``, differentiably in ``y``, ``args`` and captures.
+
+    The residual is ``f(z, *args) − y``; ``f(z)`` must have the shape of ``y`` and each
+    problem as many equations as unknowns.
+
+    Args:
+        f: the forward function.
+        y: the target, a tensor. Receives gradients.
+        *args: extra arguments of ``f`` (and of ``inverse``); tensors among them
+            receive gradients.
+        inverse: a black box ``inverse(y, *args)`` returning ``z`` (a tensor or a numpy
+            array, computed by any means: numpy, scipy, C, no autograd). It replaces the
+            iterative solver: its answer is converted to ``y``'s dtype and device,
+            checked (shape, finite values, residual within ``tol``) and differentiated
+            by the implicit function theorem like any solver's.
+        z0: initial guess (no gradient). Defaults to ``y``, which suits every ``f`` whose
+            input has the shape of its output. When ``f`` takes ``z`` of another shape,
+            pass ``z0``: otherwise ``f`` is called with a ``y``-shaped ``z`` and the error
+            (``f``'s own, or ours naming ``z0``) says so. With ``inverse=`` there is no
+            guess to make: ``z0`` only fixes the shape the answer must have.
+        solver: a name from ``implicit.solvers.NAMES`` or a solver instance; not used
+            with ``inverse=``.
+        backward: a name from ``implicit.linear.NAMES`` or an instance (``"unroll"``
+            has no iterations to unroll with ``inverse=``).
+        tol: stop when ``‖f(z) − y‖₂ ≤ tol · (1 + ‖y‖₂)`` for each problem; with
+            ``inverse=``, the test the black box's answer must pass.
+        max_iter: the iteration cap.
+        batched: dim 0 of ``y`` and ``z`` indexes independent problems.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
+            backward) does not converge, or when the black box's answer is not a root.
+        return_info: also return the :class:`~implicit.SolveInfo`.
+        **solver_options: options of the named solver's constructor.
+
+    Returns:
+        ``z``, or ``(z, info)`` with ``return_info=True``.
+
+    Example:
+        >>> y = torch.tensor([0.1, 0.5], requires_grad=True)
+        >>> z = invert(torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()))
+        >>> z.sum().backward()  # y.grad == 1 / sqrt(1 - y²)
+    """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+    if inverse is None:
+        problem = Problem(f, y if z0 is None else z0, (y, *args), batched=batched, form="inverse")
+        return _run(
+            problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options
+        )
+    if not callable(inverse):
+        raise TypeError(f"inverse must be callable, got {type(inverse).__name__}")
+    if solver != "newton" or solver_options:
+        raise ValueError(
+            "solver and solver options do not apply with inverse=: the black box replaces "
+            "the solver"
+        )
+    who = _blackbox.describe(inverse, "inverse")
+    template = y if z0 is None else z0
+    parts = tuple(template) if isinstance(template, (tuple, list)) else (template,)
+    answer = _blackbox.call(
+        inverse,
+        (y, *args),
+        who=who,
+        dtype=y.dtype,
+        device=y.device,
+        shapes=[_shape_of(part, "z0") for part in parts],
+    )
+    problem = Problem(
+        f, answer, (y, *args), batched=batched, form="inverse", initial=f"the answer of {who}"
+    )
+    return _run(
+        problem,
+        _blackbox.CheckAnswer(who),
+        _no_unroll(backward, who),
+        tol,
+        max_iter,
+        on_failure,
+        return_info,
+        {},
+    )
+
+
+def implicit_inverse_layer(
+    data: torch.Tensor, g: Callable[..., Any], forward_func: Callable[..., Any]
+) -> torch.Tensor:
+    """``z`` with ``forward_func(z) = data``, computed by the black box ``g(data)``.
+
+    The seed's layer, kept working: ``g`` is any inverse of ``forward_func`` computed
+    without autograd (e.g. ``numpy.arcsin`` for ``torch.sin``); the result is
+    differentiable in ``data`` through the implicit function theorem,
+    ``dz/dy = (∂f/∂z)⁻¹``. Exactly ``invert(forward_func, data, inverse=g)``.
+
+    Example:
+        >>> y = implicit_inverse_layer(data, lambda y: np.arcsin(y.numpy()), torch.sin)
+    """
+    return invert(forward_func, data, inverse=g)
+
+
+def custom_root(
+    g: Callable[..., Any],
+    backward: Backward = "auto",
+    batched: bool = False,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    on_failure: str = "warn",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate any solver of ``g(z, *args) = 0`` to make its answer differentiable.
+
+    The decorated function ``solve(*args)`` may be anything (scipy, numpy, a C
+    library): it receives its arguments detached (``A.numpy()`` works) and returns
+    ``z`` as a tensor or a numpy array (or a tuple of them). The answer is converted to
+    the dtype and device of the first floating-point tensor argument (its own when
+    there is none), checked (finite; ``g(z, *args)`` shaped like ``z``; ``‖g(z)‖₂ ≤
+    tol``, else ``on_failure``), and differentiated by the implicit function theorem
+    with respect to every tensor argument and every tensor ``g`` captures. The latest
+    call's :class:`~implicit.SolveInfo` is kept in ``solve.last_info``.
+
+    Args:
+        g: the optimality condition; ``g(z, *args)`` returns a tensor shaped like ``z``.
+        backward: a name from ``implicit.linear.NAMES`` or an instance (not
+            ``"unroll"``: a black box has no iterations to unroll).
+        batched: dim 0 of ``z`` indexes independent problems.
+        tol: the residual test of the answer (absolute, per problem) and the backward
+            solve's tolerance.
+        max_iter: the backward solve's iteration cap.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when the answer is not a
+            root or the backward solve does not converge.
+
+    Returns:
+        A decorator. The decorated function takes positional arguments only (they are
+        also ``g``'s); bind options with :func:`functools.partial`.
+
+    Example:
+        >>> @custom_root(lambda z, A, b: A @ z - b)
+        ... def solve(A, b):
+        ...     return scipy.linalg.solve(A.numpy(), b.numpy())
+        >>> z = solve(A, b)  # differentiable in A and b
+    """
+    if not callable(g):
+        raise TypeError(f"g must be callable, got {type(g).__name__}")
+    check_tol(tol)
+    check_max_iter(max_iter)
+    check_on_failure(on_failure)
+    mode = linear.resolve(backward)
+
+    def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(solver):
+            raise TypeError(f"custom_root decorates a function, got {type(solver).__name__}")
+        who = _blackbox.describe(solver, "custom_root solver")
+        _no_unroll(mode, who)
+
+        @functools.wraps(solver)
+        def solve(*args: Any, **kwargs: Any) -> State:
+            if kwargs:
+                raise TypeError(
+                    f"{who} takes positional arguments only (they are also g's), got "
+                    f"{sorted(kwargs)}; bind options with functools.partial"
+                )
+            floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            answer = _blackbox.call(
+                solver,
+                args,
+                who=who,
+                dtype=floating[0].dtype if floating else None,
+                device=tensors[0].device if tensors else None,
+            )
+            problem = Problem(
+                _blackbox.evaluated_at_answer(g, who),
+                answer,
+                args,
+                batched=batched,
+                form="root",
+                initial=f"the answer of {who}",
+            )
+            z, info = _run(
+                problem, _blackbox.CheckAnswer(who), mode, tol, max_iter, on_failure, True, {}
+            )
+            solve.last_info = info
+            return z
+
+        solve.last_info = None
+        return solve
+
+    return decorator
+
+
+def batch_jacobian(func: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobians of a batch-first function: ``(B, out, in)``.
+
+    ``func`` maps ``x`` of shape ``(B, *in)`` to ``(B, *out)`` with sample ``b`` of the
+    output depending only on sample ``b`` of the input (no batch statistics, e.g.
+    batch norm in training mode). Then the full ``(B·out) × (B·in)`` Jacobian is block
+    diagonal, and its blocks come from ``out`` vector-Jacobian products (vectorised
+    with ``vmap``) whose cotangent is the same unit vector in every sample.
+
+    Args:
+        func: the batch-first function.
+        x: the point, shape ``(B, *in)``.
+
+    Returns:
+        ``J`` of shape ``(B, prod(out), prod(in))`` with
+        ``J[b, i, j] = ∂func(x)[b].flatten()[i] / ∂x[b].flatten()[j]``. It is
+        differentiable (``create_graph`` is implied): second derivatives flow through.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor or ``func`` returns no tensor.
+        ValueError: ``x`` has no batch dimension, or ``func``'s output batch size
+            differs from ``x``'s.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {_describe_value(x)}")
+    if x.dim() == 0:
+        raise ValueError("x is a scalar: batch_jacobian needs a batch dimension first")
+    batch = x.shape[0]
+
+    def flat_func(flat: torch.Tensor) -> torch.Tensor:
+        out = func(flat.reshape(x.shape))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"func must return a tensor, got {type(out).__name__}")
+        if out.dim() == 0 or out.shape[0] != batch:
+            raise ValueError(
+                f"func returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
+                f"its output must keep the batch size {batch} in dim 0"
+            )
+        return out.reshape(batch, -1)
+
+    return Jacobian(flat_func, x.reshape(batch, -1)).dense()
+
+
+def _shape_of(value: Any, name: str) -> torch.Size:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value.shape
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _no_unroll(backward: Backward, who: str) -> Backward:
+    """A black box has no iterations for ``backward="unroll"`` to differentiate."""
+    if isinstance(backward, linear.Unroll) or backward == "unroll":
+        raise ValueError(
+            f"backward='unroll' differentiates through a solver's iterations, but {who} is "
+            f"a black box: use an implicit backward ('auto', 'dense', 'gmres', ...)"
+        )
+    return backward
+
+
+__all__ = [
+    "batch_jacobian",
+    "custom_root",
+    "fixed_point",
+    "implicit_inverse_layer",
+    "invert",
+    "root_solve",
+]

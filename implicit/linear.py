@@ -4,10 +4,21 @@ The backward of every front door solves the adjoint system ``(∂g/∂z)ᵀ w = 
 mode solves ``(∂g/∂z) dz = −(∂g/∂θ) dθ``. Both are handed to one of these solvers as an
 operator ``A`` with products ``A x`` (and, for :class:`Dense`, its per-sample matrix).
 Systems are batched: row ``b`` of ``x`` and ``rhs`` is problem ``b``, solved to its own
-tolerance. A solve stops when ``‖A x − rhs‖ ≤ tol · ‖rhs‖`` for every problem.
+tolerance and frozen once solved. Problem ``b`` has converged when its *true* residual
+satisfies ``‖A x_b − rhs_b‖₂ ≤ tol · ‖rhs_b‖₂``; a zero right-hand side has the solution
+``x_b = 0``.
 
 Choose by name (``backward="gmres"``) or by instance (``backward=GMRES(restart=30)``).
 An instance's ``tol`` / ``max_iter`` default to the front door's.
+
+Warm start: the iterative methods take ``x0`` (a tensor, or ``"previous"`` to start
+from the instance's last solution, e.g. across training steps).
+
+Preconditioners: ``preconditioner(r)`` takes a ``(B, n)`` tensor and returns
+``M r ≈ A⁻¹ r`` per row, where ``A`` is the operator the solver sees (in the backward,
+the transposed Jacobian ``(∂g/∂z)ᵀ``; a diagonal preconditioner serves both). GMRES and
+BiCGStab apply it on the right (they minimise or reduce the true residual); CG needs
+``M`` symmetric positive definite.
 """
 
 from __future__ import annotations
@@ -49,8 +60,8 @@ class LinearResult:
 
     Attributes:
         x: the solution, shape ``(B, n)``.
-        residual: ``‖A x − rhs‖ / ‖rhs‖`` per problem (0 where ``rhs = 0``; NaN
-            where the method does not measure it).
+        residual: the true relative residual ``‖A x − rhs‖ / ‖rhs‖`` per problem (0
+            where ``rhs = 0``; NaN where the method does not measure it).
         codes: per-problem status codes (see ``implicit._results``).
         iterations: iterations taken (the maximum over problems).
     """
@@ -72,6 +83,15 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (frozen or broken-down problems)."""
     return torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    """A per-problem mask ``(B,)`` as a mask over rows ``(B, 1)``."""
+    return mask.unsqueeze(1)
+
+
+def _codes(mask: torch.Tensor, if_true: int, if_false: int) -> torch.Tensor:
+    return torch.where(mask, if_true, if_false).to(torch.long)
 
 
 class LinearSolver(abc.ABC):
@@ -110,14 +130,108 @@ class LinearSolver(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
-class _Krylov(LinearSolver):
-    """Shared options of the iterative methods: warm start and preconditioner.
+class _Iterative(LinearSolver):
+    """What every iterative method shares: warm start, per-problem stop, true residual.
+
+    A method implements :meth:`_iterate`, which runs its recurrences on the problems
+    it is allowed to touch. :meth:`solve` then measures the true residual ``A x − rhs``
+    (recurrences drift in floating point): a problem the recurrence called converged but
+    whose true residual is above the tolerance is restarted from its current ``x`` while
+    the iteration budget lasts.
 
     Args:
-        x0: initial guess, broadcastable to ``(B, n)``; ``"previous"`` reuses this
-            instance's last solution when its shape matches (warm start across
-            training steps); ``None`` starts from zero.
-        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors.
+        x0: initial guess: a tensor with the right-hand side's number of elements
+            (reshaped to ``(B, n)``) or broadcastable to ``(B, n)``; ``"previous"``
+            reuses this instance's last solution when its shape, dtype and device
+            match (warm start across training steps; zero otherwise); ``None`` starts
+            from zero.
+    """
+
+    def __init__(
+        self, *, tol: float | None = None, max_iter: int | None = None, x0: WarmStart = None
+    ):
+        super().__init__(tol=tol, max_iter=max_iter)
+        if not (
+            x0 is None or isinstance(x0, torch.Tensor) or (isinstance(x0, str) and x0 == "previous")
+        ):
+            raise TypeError(f"x0 must be a tensor, 'previous' or None, got {x0!r}")
+        self.x0 = x0
+        self._previous: torch.Tensor | None = None
+
+    def _initial(self, rhs: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.x0, torch.Tensor):
+            x0 = self.x0.detach().to(dtype=rhs.dtype, device=rhs.device)
+            if x0.numel() == rhs.numel():
+                return x0.reshape(rhs.shape)
+            try:
+                return x0.expand_as(rhs)
+            except RuntimeError:
+                raise ValueError(
+                    f"x0 of shape {tuple(self.x0.shape)} does not fit the right-hand side "
+                    f"of shape {tuple(rhs.shape)} (flat (batch, n) view)"
+                ) from None
+        previous = self._previous
+        if (
+            previous is not None
+            and previous.shape == rhs.shape
+            and previous.dtype == rhs.dtype
+            and previous.device == rhs.device
+        ):
+            return previous
+        return torch.zeros_like(rhs)
+
+    def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
+        rhs_norm = _norm(rhs)
+        target = tol * rhs_norm
+        # The solution of A x = 0 is x = 0, whatever the guess.
+        x = torch.where(_rows(rhs_norm == 0), 0, self._initial(rhs))
+        allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
+        codes = torch.full_like(rhs_norm, MAX_ITER, dtype=torch.long)
+        iterations = 0
+        while True:
+            x, new_codes, used = self._iterate(op, rhs, x, target, max_iter - iterations, allowed)
+            codes = torch.where(allowed, new_codes, codes)
+            iterations += used
+            residual = _norm(op.mv(x) - rhs)
+            finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
+            solved = finite & (residual <= target)
+            allowed = (codes == CONVERGED) & ~solved & finite  # drifted: restart these
+            if used == 0 or iterations >= max_iter or not bool(allowed.any()):
+                break
+        codes = torch.where(solved, CONVERGED, torch.where(codes == CONVERGED, MAX_ITER, codes))
+        codes = torch.where(finite, codes, NONFINITE)
+        if isinstance(self.x0, str):  # "previous"
+            self._previous = x.detach().clone()
+        return LinearResult(x, _safe_div(residual, rhs_norm), codes, iterations)
+
+    @abc.abstractmethod
+    def _iterate(
+        self,
+        op: Operator,
+        rhs: torch.Tensor,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        max_iter: int,
+        allowed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Iterate from ``x`` on the ``allowed`` problems until ``‖A x − rhs‖ ≤ target``.
+
+        Returns ``x`` (rows of the other problems unchanged), the status codes of the
+        allowed problems and the number of iterations taken.
+        """
+
+
+def _residual(op: Operator, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``rhs − A x``, without a product when starting from zero."""
+    return rhs - op.mv(x) if bool(x.any()) else rhs
+
+
+class _Krylov(_Iterative):
+    """An iterative method with a warm start and a preconditioner.
+
+    Args:
+        x0: initial guess (see :class:`_Iterative`).
+        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module docstring).
     """
 
     def __init__(
@@ -128,67 +242,33 @@ class _Krylov(LinearSolver):
         x0: WarmStart = None,
         preconditioner: Preconditioner | None = None,
     ):
-        super().__init__(tol=tol, max_iter=max_iter)
-        if not (x0 is None or x0 == "previous" or isinstance(x0, torch.Tensor)):
-            raise TypeError(f"x0 must be a tensor, 'previous' or None, got {type(x0).__name__}")
+        super().__init__(tol=tol, max_iter=max_iter, x0=x0)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("preconditioner must be callable: M(r) -> approximately A⁻¹ r")
-        self.x0 = x0
         self.preconditioner = preconditioner
-        self._previous: torch.Tensor | None = None
-
-    def _initial(self, rhs: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.x0, torch.Tensor):
-            return self.x0.to(rhs).expand_as(rhs).clone()
-        previous = self._previous
-        if (
-            self.x0 == "previous"
-            and previous is not None
-            and previous.shape == rhs.shape
-            and previous.dtype == rhs.dtype
-            and previous.device == rhs.device
-        ):
-            return previous.clone()
-        return torch.zeros_like(rhs)
 
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
         return r if self.preconditioner is None else self.preconditioner(r)
-
-    def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
-        x, codes, iterations = self._iterate(op, rhs, self._initial(rhs), tol, max_iter)
-        # The recurrences' residual estimates drift; report the true residual.
-        rhs_norm = _norm(rhs)
-        residual = _safe_div(_norm(op.mv(x) - rhs), rhs_norm)
-        finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
-        ok = finite & (residual <= tol)
-        codes = torch.where(
-            ~finite,
-            NONFINITE,
-            torch.where(ok, CONVERGED, torch.maximum(codes, torch.full_like(codes, MAX_ITER))),
-        )
-        if self.x0 == "previous":
-            self._previous = x.detach()
-        return LinearResult(x, residual, codes, iterations)
-
-    @abc.abstractmethod
-    def _iterate(
-        self, op: Operator, rhs: torch.Tensor, x: torch.Tensor, tol: float, max_iter: int
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Run the method from ``x``; return ``x``, status codes and iterations."""
 
 
 class Dense(LinearSolver):
     """Materialise ``A`` per problem (``n`` vector-Jacobian products) and LU-solve.
 
     Exact and the fastest choice for small ``n`` (up to a few hundred unknowns per
-    problem). A singular block falls back to the least-squares (pseudo-inverse)
-    solution and is reported as ``"breakdown"``; with ``ridge > 0`` the system solved
-    is ``(A + ridge·I) x = rhs`` instead, a documented damping for ill-conditioned
-    Jacobians. A solve counts as converged when its relative residual is at most
-    ``max(tol, √eps)`` (a direct solve cannot do better than its conditioning).
+    problem). A direct solve cannot beat its conditioning, so a block counts as solved
+    when its relative residual is at most ``max(tol, √eps)``. A block that LU cannot
+    solve to that level (singular or numerically singular) gets the least-squares,
+    minimum-norm answer of the pseudo-inverse instead and is reported as
+    ``"breakdown"``.
+
+    ``ridge > 0`` damps an ill-conditioned Jacobian: it solves the Tikhonov system
+    ``(AᵀA + ridge·I) x = Aᵀ rhs`` (the minimiser of ``‖A x − rhs‖² + ridge·‖x‖²``),
+    whatever the signs of ``A``'s eigenvalues. The status then says whether that damped
+    system was solved; the reported residual is still the one of ``A x = rhs``, so it
+    shows how far the damped answer is from the exact one.
 
     Args:
-        ridge: Tikhonov damping added to the diagonal (default 0: exact).
+        ridge: Tikhonov damping (default 0: exact).
         chunk_size: build the Jacobian this many rows at a time (memory bound).
     """
 
@@ -203,76 +283,83 @@ class Dense(LinearSolver):
         max_iter: int | None = None,
     ):
         super().__init__(tol=tol, max_iter=max_iter)
-        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
+        if not (
+            isinstance(ridge, (int, float))
+            and not isinstance(ridge, bool)
+            and ridge >= 0
+            and math.isfinite(ridge)
+        ):
             raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
         self.ridge = float(ridge)
         self.chunk_size = chunk_size
 
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
-        matrix = op.dense(self.chunk_size)
-        return self.solve_matrix(matrix, rhs, tol=tol)
+        return self.solve_matrix(op.dense(self.chunk_size), rhs, tol=tol)
 
     def solve_matrix(self, matrix: torch.Tensor, rhs: torch.Tensor, *, tol: float) -> LinearResult:
         """Solve with the ``(B, n, n)`` matrix already at hand."""
-        system = matrix
+        system, right = matrix, rhs.unsqueeze(-1)
         if self.ridge:
             eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-            system = matrix + self.ridge * eye
-        x, info = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
-        x = x.squeeze(-1)
-        singular = info != 0
-        if bool(singular.any()):
-            fallback = torch.linalg.pinv(system[singular]) @ rhs[singular].unsqueeze(-1)
-            x = x.clone()
-            x[singular] = fallback.squeeze(-1)
-        residual = _safe_div(_norm((matrix @ x.unsqueeze(-1)).squeeze(-1) - rhs), _norm(rhs))
-        finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
+            system = matrix.mT @ matrix + self.ridge * eye
+            right = matrix.mT @ right
+        x, info = torch.linalg.solve_ex(system, right)
         accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
-        codes = torch.full_like(info, MAX_ITER)
-        codes = torch.where(residual <= accept, CONVERGED, codes)
-        codes = torch.where(singular, BREAKDOWN, codes)
-        codes = torch.where(finite, codes, NONFINITE)
+        solved = (info == 0) & (_relative_residual(system, x, right) <= accept)
+        # A non-finite matrix has no least-squares answer (and would make the SVD fail).
+        fallback = ~solved & torch.isfinite(system).flatten(1).all(dim=1)
+        if bool(fallback.any()):
+            x[fallback] = torch.linalg.pinv(system[fallback]) @ right[fallback]
+        x = x.squeeze(-1)
+        residual = _relative_residual(matrix, x.unsqueeze(-1), rhs.unsqueeze(-1))
+        finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
+        codes = torch.where(finite, _codes(solved, CONVERGED, BREAKDOWN), NONFINITE)
         return LinearResult(x, residual, codes, 1)
+
+
+def _relative_residual(matrix: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``‖matrix · x − rhs‖ / ‖rhs‖`` per block, for ``x`` and ``rhs`` of shape ``(B, n, 1)``."""
+    return _safe_div(_norm((matrix @ x - rhs).squeeze(-1)), _norm(rhs.squeeze(-1)))
 
 
 class CG(_Krylov):
     """Preconditioned conjugate gradients, for symmetric positive definite ``A``.
 
     Right for ``∂g/∂z`` that is the Hessian of a convex energy (``g = ∇E``). A
-    problem whose curvature ``pᵀAp`` turns non-positive (``A`` is not SPD) stops with
-    status ``"breakdown"`` instead of returning a silently wrong answer.
+    problem whose curvature ``pᵀAp`` (or ``rᵀMr``) is not positive, so that ``A`` (or
+    ``M``) is not SPD, stops with status ``"breakdown"`` instead of returning a
+    silently wrong answer; a non-symmetric ``A`` that escapes this test is caught by
+    the true-residual check.
     """
 
     name = "cg"
 
-    def _iterate(self, op, rhs, x, tol, max_iter):
-        batch = rhs.shape[0]
-        target = tol * _norm(rhs)
-        r = rhs - op.mv(x) if bool(x.any()) else rhs.clone()
+    def _iterate(self, op, rhs, x, target, max_iter, allowed):
+        r = _residual(op, rhs, x)
+        active = allowed & (_norm(r) > target)
+        codes = _codes(active, MAX_ITER, CONVERGED)
         z = self._precondition(r)
         p = z
         rz = _dot(r, z)
-        codes = torch.full((batch,), MAX_ITER, dtype=torch.long, device=rhs.device)
-        active = _norm(r) > target
-        codes = torch.where(active, codes, CONVERGED)
         iterations = 0
         while iterations < max_iter and bool(active.any()):
             ap = op.mv(p)
             iterations += 1
             curvature = _dot(p, ap)
-            broken = active & ~(curvature > 0)
+            broken = active & ~((curvature > 0) & (rz > 0))
             codes = torch.where(broken, BREAKDOWN, codes)
             active = active & ~broken
-            alpha = torch.where(active, _safe_div(rz, curvature), 0).unsqueeze(1)
-            x = x + alpha * p
-            r = r - alpha * ap
+            alpha = _rows(_safe_div(rz, curvature))
+            x = torch.where(_rows(active), x + alpha * p, x)
+            r = torch.where(_rows(active), r - alpha * ap, r)
             done = active & (_norm(r) <= target)
             codes = torch.where(done, CONVERGED, codes)
             active = active & ~done
             z = self._precondition(r)
             rz_new = _dot(r, z)
-            beta = _safe_div(rz_new, rz).unsqueeze(1)
-            p = torch.where(active.unsqueeze(1), z + beta * p, p)
+            p = torch.where(_rows(active), z + _rows(_safe_div(rz_new, rz)) * p, p)
             rz = torch.where(active, rz_new, rz)
         return x, codes, iterations
 
@@ -282,137 +369,150 @@ class GMRES(_Krylov):
 
     The default Krylov method: it needs only products with ``A`` and minimises the
     residual over the Krylov space, so it handles the non-symmetric Jacobians of
-    fixed-point and root problems. Memory is ``restart + 1`` vectors per problem.
+    fixed-point and root problems. Each problem stops extending its Krylov space as
+    soon as it has converged. A problem whose (preconditioned) operator turns out
+    singular on its Krylov space stops with status ``"breakdown"``. Memory is
+    ``restart + 1`` vectors per problem.
 
     Args:
-        restart: Krylov space dimension before a restart.
+        restart: Krylov space dimension before a restart (capped at ``n``).
     """
 
     name = "gmres"
 
     def __init__(self, *, restart: int = 20, **kwargs):
         super().__init__(**kwargs)
-        if not (isinstance(restart, int) and restart >= 1):
+        if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
             raise ValueError(f"restart must be an integer >= 1, got {restart!r}")
         self.restart = restart
 
-    def _iterate(self, op, rhs, x, tol, max_iter):
-        batch, n = rhs.shape
-        target = tol * _norm(rhs)
-        codes = torch.full((batch,), MAX_ITER, dtype=torch.long, device=rhs.device)
+    def _iterate(self, op, rhs, x, target, max_iter, allowed):
+        codes = torch.full_like(target, MAX_ITER, dtype=torch.long)
+        active = allowed
         iterations = 0
         while True:
-            r = rhs - op.mv(x) if bool(x.any()) else rhs
-            beta = _norm(r)
-            active = beta > target
-            codes = torch.where(active, codes, CONVERGED)
+            r = _residual(op, rhs, x)
+            solved = _norm(r) <= target
+            codes = torch.where(active & solved, CONVERGED, codes)
+            active = active & ~solved
             if iterations >= max_iter or not bool(active.any()):
                 return x, codes, iterations
-            steps = min(self.restart, n, max_iter - iterations)
-            x, used = self._cycle(op, r, beta, x, active, target, steps)
+            steps = min(self.restart, rhs.shape[1], max_iter - iterations)
+            x, broken, used = self._cycle(op, r, x, active, target, steps)
+            codes = torch.where(broken, BREAKDOWN, codes)
+            active = active & ~broken
             iterations += used
 
-    def _cycle(self, op, r, beta, x, active, target, steps):
+    def _cycle(self, op, r, x, active, target, steps):
+        """One Arnoldi cycle of at most ``steps`` products; returns ``x``, breakdowns, steps."""
         batch, n = r.shape
+        eps = torch.finfo(r.dtype).eps
+        beta = _norm(r)
         basis = r.new_zeros(batch, steps + 1, n)
-        hess = r.new_zeros(batch, steps + 1, steps)
+        basis[:, 0] = r / _rows(torch.where(beta > 0, beta, 1))
+        # The Hessenberg matrix reduced by Givens rotations: upper triangular, with an
+        # identity diagonal in the columns of problems that have stopped extending.
+        upper = r.new_zeros(batch, steps, steps)
         cos = r.new_zeros(batch, steps)
         sin = r.new_zeros(batch, steps)
-        g = r.new_zeros(batch, steps + 1)
+        g = r.new_zeros(batch, steps + 1)  # Qᵀ β e₁; |g[j + 1]| is the residual after j + 1
         g[:, 0] = beta
-        basis[:, 0] = r / torch.where(beta > 0, beta, 1).unsqueeze(1)
+        sizes = torch.zeros_like(beta, dtype=torch.long)  # Krylov dimension per problem
+        broken = torch.zeros_like(active)
+        alive = active
         used = 0
         for j in range(steps):
             w = op.mv(self._precondition(basis[:, j]))
             used += 1
             # Classical Gram-Schmidt, twice (CGS2): as stable as modified GS, batched.
+            column = r.new_zeros(batch, j + 2)
             for _ in range(2):
                 h = torch.einsum("bkn,bn->bk", basis[:, : j + 1], w)
                 w = w - torch.einsum("bkn,bk->bn", basis[:, : j + 1], h)
-                hess[:, : j + 1, j] += h
+                column[:, : j + 1] += h
             h_next = _norm(w)
-            hess[:, j + 1, j] = h_next
-            basis[:, j + 1] = w / torch.where(h_next > 0, h_next, 1).unsqueeze(1)
-            # Apply the earlier Givens rotations to the new column, then make a new one.
-            column = hess[:, :, j].clone()
-            for i in range(j):
-                upper = cos[:, i] * column[:, i] + sin[:, i] * column[:, i + 1]
+            column[:, j + 1] = h_next
+            scale = _norm(column)
+            for i in range(j):  # the earlier rotations, then a new one
+                top = cos[:, i] * column[:, i] + sin[:, i] * column[:, i + 1]
                 column[:, i + 1] = -sin[:, i] * column[:, i] + cos[:, i] * column[:, i + 1]
-                column[:, i] = upper
+                column[:, i] = top
             radius = torch.hypot(column[:, j], column[:, j + 1])
-            safe = torch.where(radius > 0, radius, 1)
-            cos[:, j] = torch.where(radius > 0, column[:, j] / safe, 1)
-            sin[:, j] = torch.where(radius > 0, column[:, j + 1] / safe, 0)
-            column[:, j] = radius
-            column[:, j + 1] = 0
-            hess[:, :, j] = column
-            g[:, j + 1] = -sin[:, j] * g[:, j]
-            g[:, j] = cos[:, j] * g[:, j]
-            if not bool((active & (g[:, j + 1].abs() > target)).any()):
+            # A vanishing pivot: A M is singular on this Krylov space; keep the previous x.
+            singular = alive & ~(radius > eps * scale)
+            broken = broken | singular
+            alive = alive & ~singular
+            safe = torch.where(alive, radius, 1)
+            cos[:, j] = torch.where(alive, column[:, j] / safe, 1)
+            sin[:, j] = torch.where(alive, column[:, j + 1] / safe, 0)
+            upper[:, :j, j] = torch.where(_rows(alive), column[:, :j], 0)
+            upper[:, j, j] = safe
+            g[:, j + 1] = torch.where(alive, -sin[:, j] * g[:, j], 0)
+            g[:, j] = torch.where(alive, cos[:, j] * g[:, j], g[:, j])
+            basis[:, j + 1] = torch.where(
+                _rows(alive), w / _rows(torch.where(h_next > 0, h_next, 1)), 0
+            )
+            sizes = sizes + alive.long()
+            alive = alive & (g[:, j + 1].abs() > target)
+            if not bool(alive.any()):
                 break
         k = used
-        upper = hess[:, :k, :k]
-        # Guard exact zeros on the diagonal (lucky breakdown of an already solved problem).
-        diag = torch.diagonal(upper, dim1=1, dim2=2)
-        upper = upper + torch.diag_embed(
-            torch.where(diag == 0, torch.ones_like(diag), torch.zeros_like(diag))
-        )
-        y = torch.linalg.solve_triangular(upper, g[:, :k].unsqueeze(-1), upper=True).squeeze(-1)
+        # Coefficients beyond a problem's own Krylov dimension are zero.
+        g_used = torch.where(torch.arange(k, device=r.device) < sizes.unsqueeze(1), g[:, :k], 0)
+        y = torch.linalg.solve_triangular(
+            upper[:, :k, :k], g_used.unsqueeze(-1), upper=True
+        ).squeeze(-1)
         step = self._precondition(torch.einsum("bkn,bk->bn", basis[:, :k], y))
-        x = torch.where(active.unsqueeze(1), x + step, x)
-        return x, used
+        return torch.where(_rows(active), x + step, x), broken, used
 
 
 class BiCGStab(_Krylov):
     """Preconditioned BiCGStab, for non-symmetric ``A`` with short recurrences.
 
     Two products per iteration and constant memory, against GMRES's growing basis;
-    convergence is less smooth. A breakdown (``ρ`` or ``ω`` vanishing) stops that
-    problem with status ``"breakdown"``.
+    convergence is less smooth. A breakdown (the shadow residual orthogonal to the
+    residual or to ``A p``, or a vanishing stabilisation step ``ω``) stops that problem
+    with status ``"breakdown"`` at its last valid iterate.
     """
 
     name = "bicgstab"
 
-    def _iterate(self, op, rhs, x, tol, max_iter):
-        batch = rhs.shape[0]
-        target = tol * _norm(rhs)
-        r = rhs - op.mv(x) if bool(x.any()) else rhs.clone()
-        shadow = r.clone()
-        rho = alpha = omega = torch.ones(batch, dtype=rhs.dtype, device=rhs.device)
-        v = torch.zeros_like(r)
-        p = torch.zeros_like(r)
-        codes = torch.full((batch,), MAX_ITER, dtype=torch.long, device=rhs.device)
-        active = _norm(r) > target
-        codes = torch.where(active, codes, CONVERGED)
+    def _iterate(self, op, rhs, x, target, max_iter, allowed):
+        eps = torch.finfo(rhs.dtype).eps
+        r = _residual(op, rhs, x)
+        active = allowed & (_norm(r) > target)
+        codes = _codes(active, MAX_ITER, CONVERGED)
+        shadow = r
+        shadow_norm = _norm(shadow)
+        rho = alpha = omega = torch.ones_like(shadow_norm)
+        v = p = torch.zeros_like(r)
         iterations = 0
-        tiny = torch.finfo(rhs.dtype).tiny
         while iterations < max_iter and bool(active.any()):
             iterations += 1
             rho_new = _dot(shadow, r)
-            broken = active & (rho_new.abs() <= tiny)
             beta = _safe_div(rho_new, rho) * _safe_div(alpha, omega)
-            p = torch.where(
-                active.unsqueeze(1), r + beta.unsqueeze(1) * (p - omega.unsqueeze(1) * v), p
-            )
+            p = torch.where(_rows(active), r + _rows(beta) * (p - _rows(omega) * v), p)
             p_hat = self._precondition(p)
             v = op.mv(p_hat)
-            alpha = _safe_div(rho_new, _dot(shadow, v))
-            s = r - alpha.unsqueeze(1) * v
-            half_done = active & (_norm(s) <= target)
-            x = torch.where(half_done.unsqueeze(1), x + alpha.unsqueeze(1) * p_hat, x)
+            shadow_v = _dot(shadow, v)
+            # Near-orthogonality, relative to the vectors' sizes: the method cannot go on.
+            broken = active & ~(
+                (rho_new.abs() > eps * shadow_norm * _norm(r))
+                & (shadow_v.abs() > eps * shadow_norm * _norm(v))
+            )
+            go = active & ~broken
+            alpha = _safe_div(rho_new, shadow_v)
+            s = r - _rows(alpha) * v
+            x = torch.where(_rows(go), x + _rows(alpha) * p_hat, x)
+            r = torch.where(_rows(go), s, r)
+            half_done = go & (_norm(s) <= target)
+            go = go & ~half_done
             s_hat = self._precondition(s)
             t = op.mv(s_hat)
             omega = _safe_div(_dot(t, s), _dot(t, t))
-            go = active & ~half_done & ~broken
-            x = torch.where(
-                go.unsqueeze(1), x + alpha.unsqueeze(1) * p_hat + omega.unsqueeze(1) * s_hat, x
-            )
-            r = torch.where(
-                go.unsqueeze(1),
-                s - omega.unsqueeze(1) * t,
-                torch.where(half_done.unsqueeze(1), s, r),
-            )
-            broken = broken | (go & (omega.abs() <= tiny))
+            x = torch.where(_rows(go), x + _rows(omega) * s_hat, x)
+            r = torch.where(_rows(go), s - _rows(omega) * t, r)
+            broken = broken | (go & (omega == 0))
             done = half_done | (go & (_norm(r) <= target))
             codes = torch.where(done, CONVERGED, torch.where(broken, BREAKDOWN, codes))
             active = active & ~done & ~broken
@@ -420,48 +520,59 @@ class BiCGStab(_Krylov):
         return x, codes, iterations
 
 
-class Neumann(LinearSolver):
+class Neumann(_Iterative):
     """The classic DEQ backward: fixed-point iteration on the adjoint equation.
 
     Iterates ``x ← x + damping · (A x − rhs)``. For a fixed-point problem
     ``g = f(z) − z`` the Jacobian is ``A = ∂f/∂z − I`` and, with ``damping = 1``,
     this is ``x ← (∂f/∂z)ᵀ x − rhs``: the truncated Neumann series of
-    ``(I − ∂f/∂z)⁻ᵀ``. It converges when ``f`` is contractive; for general root
-    problems use :class:`GMRES`. One product per iteration, no extra memory.
+    ``−(I − ∂f/∂z)⁻ᵀ rhs``. It converges when ``f`` is contractive; ``damping < 1``
+    converges whenever the eigenvalues of ``∂f/∂z`` have real part below 1 and are
+    small enough, more slowly. For general root problems use :class:`GMRES`. One
+    product per iteration, no extra memory. A problem whose iterate overflows stops at
+    its last finite iterate with status ``"nonfinite"``.
 
     Args:
-        damping: step size in ``(0, 1]``; smaller values converge for a wider range of
-            Jacobians, more slowly.
+        damping: step size in ``(0, 1]``.
+        x0: initial guess, as for the Krylov methods (a tensor, ``"previous"`` or
+            ``None``).
     """
 
     name = "neumann"
 
     def __init__(
-        self, *, damping: float = 1.0, tol: float | None = None, max_iter: int | None = None
+        self,
+        *,
+        damping: float = 1.0,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        x0: WarmStart = None,
     ):
-        super().__init__(tol=tol, max_iter=max_iter)
-        if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
+        super().__init__(tol=tol, max_iter=max_iter, x0=x0)
+        if isinstance(damping, bool) or not (
+            isinstance(damping, (int, float)) and 0 < damping <= 1
+        ):
             raise ValueError(f"damping must be in (0, 1], got {damping!r}")
         self.damping = float(damping)
 
-    def solve(self, op, rhs, *, tol, max_iter):
-        rhs_norm = _norm(rhs)
-        x = torch.zeros_like(rhs)
-        residual_vec = -rhs
-        residual = _safe_div(_norm(residual_vec), rhs_norm)
-        active = residual > tol
-        codes = torch.where(active, MAX_ITER, CONVERGED).to(torch.long)
+    def _iterate(self, op, rhs, x, target, max_iter, allowed):
+        r = -_residual(op, rhs, x)  # A x − rhs
+        active = allowed & (_norm(r) > target)
+        codes = _codes(active, MAX_ITER, CONVERGED)
         iterations = 0
         while iterations < max_iter and bool(active.any()):
-            x = torch.where(active.unsqueeze(1), x + self.damping * residual_vec, x)
-            residual_vec = op.mv(x) - rhs
+            x_new = x + self.damping * r
+            r_new = op.mv(x_new) - rhs
             iterations += 1
-            residual = _safe_div(_norm(residual_vec), rhs_norm)
-            nonfinite = active & ~torch.isfinite(residual)
-            done = active & (residual <= tol)
-            codes = torch.where(done, CONVERGED, torch.where(nonfinite, NONFINITE, codes))
-            active = active & ~done & ~nonfinite
-        return LinearResult(x, residual, codes, iterations)
+            norm = _norm(r_new)
+            blew_up = active & ~torch.isfinite(norm)
+            step = active & ~blew_up
+            x = torch.where(_rows(step), x_new, x)
+            r = torch.where(_rows(step), r_new, r)
+            done = step & (norm <= target)
+            codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
+            active = step & ~done
+        return x, codes, iterations
 
 
 class OneStep(LinearSolver):
@@ -476,9 +587,8 @@ class OneStep(LinearSolver):
     exact = False
 
     def solve(self, op, rhs, *, tol, max_iter):
-        batch = rhs.shape[0]
-        residual = torch.full((batch,), math.nan, dtype=rhs.dtype, device=rhs.device)
-        codes = torch.full((batch,), CONVERGED, dtype=torch.long, device=rhs.device)
+        residual = torch.full_like(rhs[:, 0], math.nan)
+        codes = torch.full_like(rhs[:, 0], CONVERGED, dtype=torch.long)
         return LinearResult(-rhs, residual, codes, 0)
 
 
@@ -508,6 +618,8 @@ class Auto(LinearSolver):
         self, *, max_dense: int = 64, tol: float | None = None, max_iter: int | None = None
     ):
         super().__init__(tol=tol, max_iter=max_iter)
+        if isinstance(max_dense, bool) or not isinstance(max_dense, int) or max_dense < 0:
+            raise ValueError(f"max_dense must be an integer >= 0, got {max_dense!r}")
         self.max_dense = max_dense
 
     def for_size(self, n: int) -> LinearSolver:

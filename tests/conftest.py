@@ -31,6 +31,21 @@ def unrolled_fixed_point(f, z0, *args, iterations: int = 400):
     return z
 
 
+def fixed_point_residuals(f, z: torch.Tensor, *args) -> torch.Tensor:
+    """``‖f(z) − z‖`` per sample, recomputed from the returned ``z`` alone."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(f(z, *args) - z, dim=1)
+
+
+def assert_fixed_point(f, z: torch.Tensor, *args, z0: torch.Tensor, tol: float) -> None:
+    """The documented stopping test: ``‖f(z) − z‖ ≤ tol·(1 + max(‖z0‖, ‖f(z0)‖))``."""
+    with torch.no_grad():
+        scale = 1 + torch.maximum(
+            torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(f(z0, *args), dim=1)
+        )
+    assert bool((fixed_point_residuals(f, z, *args) <= tol * scale).all())
+
+
 class TanhProblem:
     """The seed notebook's problem ``z = tanh(W z + x)``, batched over rows."""
 

@@ -15,8 +15,18 @@ from implicit.solvers.base import Solver
 from implicit.solvers.broyden import Broyden
 from implicit.solvers.fixed_point import FixedPoint
 from implicit.solvers.newton import Newton
+from implicit.solvers.scipy import Scipy
 
-__all__ = ["NAMES", "Anderson", "Broyden", "FixedPoint", "Newton", "Solver", "resolve"]
+__all__ = [
+    "NAMES",
+    "Anderson",
+    "Broyden",
+    "FixedPoint",
+    "Newton",
+    "Scipy",
+    "Solver",
+    "resolve",
+]
 
 #: Solver names accepted by ``solver=``.
 NAMES: dict[str, type[Solver]] = {
@@ -24,6 +34,7 @@ NAMES: dict[str, type[Solver]] = {
     Anderson.name: Anderson,
     Newton.name: Newton,
     Broyden.name: Broyden,
+    Scipy.name: Scipy,
 }
 
 

@@ -45,14 +45,15 @@ class Solver(abc.ABC):
         """The method's state at the first iterate ``z`` with residual ``r = g(z)``."""
         return None
 
-    @abc.abstractmethod
     def step(
         self, fn: Residual, z: torch.Tensor, r: torch.Tensor, state: Any
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One iteration from ``z`` (residual ``r``): the next ``z``, ``g(z)`` and state.
 
-        Every row is stepped; the driver discards the rows of finished problems.
+        Every row is stepped; the driver discards the rows of finished problems. A
+        method that is not iterative in this loop overrides :meth:`solve` instead.
         """
+        raise NotImplementedError(f"{type(self).__name__} must implement step() or solve()")
 
     def solve(
         self,

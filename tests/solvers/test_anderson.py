@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TanhProblem, contractive_matrix, rel_err
+from conftest import TanhProblem, assert_fixed_point, contractive_matrix, rel_err
 from solver_checks import (
-    assert_fixed_point,
     contractive_maps_test,
     counting_test,
     exact_root_unroll_test,
@@ -66,7 +65,7 @@ def test_accelerates_slow_fixed_point_iteration():
     _, picard = implicit.fixed_point(p.f, p.z0, p.x, solver="fixed_point", **kwargs)
     z, info = implicit.fixed_point(p.f, p.z0, p.x, solver="anderson", **kwargs)
     assert info.status == "converged"
-    assert_fixed_point(p.f, z, p.x, tol=1e-10)
+    assert_fixed_point(p.f, z, p.x, z0=p.z0, tol=1e-10)
     assert info.iterations < picard.iterations / 2
 
 
@@ -168,7 +167,7 @@ def test_float32():
         p.f, p.z0, p.x, solver="anderson", batched=True, tol=1e-5, return_info=True
     )
     assert info.status == "converged" and z.dtype == torch.float32
-    assert_fixed_point(p.f, z, p.x, tol=1e-5)
+    assert_fixed_point(p.f, z, p.x, z0=p.z0, tol=1e-5)
 
 
 def test_misspelt_and_invalid_options():

@@ -1,0 +1,382 @@
+"""Any ``scipy.optimize.root`` method as a forward solver.
+
+The solve runs in numpy, inside the differentiable core's forward (where tensors are
+plain), and only finds ``z*``; derivatives come from the implicit backward as for every
+solver. ``g`` is evaluated by torch on the problem's device and dtype: each call of
+scipy's function copies ``z`` to the device and the residual back to the host.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import torch
+
+from implicit._checks import check_options
+from implicit._operators import Residual
+from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
+from implicit.solvers.base import Solver
+
+METHODS = (
+    "hybr",
+    "lm",
+    "broyden1",
+    "broyden2",
+    "anderson",
+    "linearmixing",
+    "diagbroyden",
+    "excitingmixing",
+    "krylov",
+    "df-sane",
+)
+#: The methods that take a Jacobian (``jac=``); the others approximate their own.
+_WITH_JACOBIAN = ("hybr", "lm")
+#: scipy's ``nonlin`` family: stops on a residual norm we set (``tol_norm``), counts
+#: iterations (``maxiter``) and calls back after each.
+_NONLIN = METHODS[2:9]
+
+#: Diagonal methods whose step length is global: coupled samples need several times the
+#: iterations in a block (measured 3-6x), so ``"auto"`` solves them per sample.
+_PER_SAMPLE = ("linearmixing", "diagbroyden")
+#: Above this many unknowns in a block, hybr and lm factorise a dense (B·n)² Jacobian
+#: (cost (B·n)³): solving per sample is faster (measured, see the class docstring).
+MAX_BLOCK_UNKNOWNS = 256
+
+Strategy = Literal["auto", "block", "per_sample"]
+
+
+class Scipy(Solver):
+    """``scipy.optimize.root(method=...)`` on each problem of the batch.
+
+    Tolerances follow the front doors' contract, per problem ``b``:
+    ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``. The residual-based methods (the ``nonlin``
+    family and ``df-sane``) are given exactly that test as their stopping norm;
+    ``hybr`` and ``lm`` stop on their step-size test (``xtol = tol``, relative to
+    ``z``, as ``scipy.optimize.root(tol=...)`` sets it). Whatever
+    scipy reports, the test is then applied to its answer, which decides convergence:
+
+    * ``"converged"``: the answer passes the test (even if scipy reported a failure,
+      e.g. hybr's "not making good progress" at a root already accurate to ``tol``);
+    * ``"failed"``: it does not (scipy failed, or reported success above ``tol``);
+    * ``"breakdown"``: scipy raised an exception (e.g. krylov's "Jacobian inversion
+      yielded zero vector"); the best point evaluated is returned. Exceptions raised
+      by ``g`` itself propagate unchanged;
+    * ``"nonfinite"``: ``g`` returned a non-finite value; that problem's solve stops
+      at once at the best finite point it had evaluated.
+
+    ``info.message`` carries scipy's ``success``, ``status`` and ``message`` (grouped by
+    problem when they differ). ``info.iterations`` counts scipy's iterations (its
+    callbacks) for the ``nonlin`` methods and ``df-sane``, and its function evaluations
+    for ``hybr`` and ``lm``, which report no iterations; ``info.history`` holds the worst
+    residual after each iteration where scipy calls back, else the first and the last.
+
+    ``max_iter`` becomes ``maxiter`` for the ``nonlin`` methods and
+    ``maxfev = max_iter · (n + 1)`` for ``hybr``, ``lm`` and ``df-sane``, which only
+    count function evaluations (``n + 1`` per finite-difference Jacobian). ``options``
+    override every default above.
+
+    float32 problems stay float32 for ``g`` (scipy's own arithmetic is float64 for
+    hybr/lm, float32 for the others); without a Jacobian, hybr and lm are told the
+    function's precision (``eps``) so that their finite differences are not noise.
+
+    Args:
+        method: one of ``scipy.optimize.root``'s methods (see :data:`METHODS`).
+        options: scipy's ``options`` dict for the method; misspelt keys raise.
+        strategy: how a batch of ``B`` problems is solved.
+            ``"per_sample"``: one scipy solve per problem (each call of ``g``
+            evaluates the whole batch, the other rows held fixed, so it costs about
+            ``B`` times the evaluations); ``"block"``: one scipy solve of all
+            ``B·n`` unknowns at once (one batched call of ``g`` per scipy call; the
+            problems share scipy's steps and stop together). ``"auto"`` (default)
+            picks the faster, as measured by ``benchmarks/scipy_strategies.py``:
+            block, except per sample for hybr and lm above
+            :data:`MAX_BLOCK_UNKNOWNS` unknowns (their dense ``(B·n)³``
+            factorisation: B=64, n=10 took 219 ms as a block, 137 ms per sample) and
+            for linearmixing and diagbroyden (their global step length makes a
+            block need 3-6x the iterations, so it failed within ``max_iter`` where
+            per-sample solves converged). Block was 3-80x faster for the other
+            methods (e.g. df-sane, B=64, n=10: 2 ms against 163 ms).
+        jacobian: give hybr and lm the exact per-sample Jacobian (autograd, one
+            batched vector-Jacobian product per unknown) instead of finite
+            differences. ``None`` (default) means yes for hybr and lm: 15-17
+            evaluations instead of 23-4000, faster in blocks (hybr, B=16, n=10:
+            9.5 ms against 14 ms), exact in float32 (14 evaluations instead of 53);
+            only a single tiny problem (n=10) is ~1 ms faster with finite
+            differences. Must not be ``True`` for the other methods, which take no
+            Jacobian.
+    """
+
+    name: ClassVar[str] = "scipy"
+
+    def __init__(
+        self,
+        method: str = "hybr",
+        options: dict[str, Any] | None = None,
+        *,
+        strategy: Strategy = "auto",
+        jacobian: bool | None = None,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown scipy method {method!r}: use one of {list(METHODS)}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict, got {type(options).__name__}")
+        options = dict(options or {})
+        check_options(f"Scipy(method={method!r})", options, _option_names(method))
+        if strategy not in ("auto", "block", "per_sample"):
+            raise ValueError(f"strategy must be 'auto', 'block' or 'per_sample', got {strategy!r}")
+        if jacobian and method not in _WITH_JACOBIAN:
+            raise ValueError(
+                f"jacobian=True: method {method!r} takes no Jacobian; only {_WITH_JACOBIAN} do"
+            )
+        self.method = method
+        self.options = options
+        self.strategy = strategy
+        self.jacobian = method in _WITH_JACOBIAN if jacobian is None else bool(jacobian)
+
+    def solve(self, fn: Residual, z0, r0, *, tol, max_iter):
+        r0 = fn(z0) if r0 is None else r0
+        if r0.requires_grad:
+            raise ValueError(
+                "backward='unroll' differentiates through the solver's iterations, but the "
+                "scipy solver runs in numpy: use an implicit backward ('auto', 'dense', ...)"
+            )
+        batch = z0.shape[0]
+        bound = tol * (1 + fn.scale(z0, r0))  # fixed at the start, as for every solver
+        if self._strategy(batch * z0.shape[1]) == "block":
+            groups = [list(range(batch))]
+        else:
+            groups = [[b] for b in range(batch)]
+        z = z0
+        runs = []
+        for rows in groups:
+            run = _Run(self, fn, z, rows, tol, bound[rows], max_iter)
+            z = run.solve(r0[rows])
+            runs.append(run)
+        r = fn(z)
+        norms = torch.linalg.vector_norm(r, dim=1)
+        codes = torch.where(norms <= bound, CONVERGED, FAILED)
+        blew_up = torch.zeros_like(codes, dtype=torch.bool)
+        broke_down = torch.zeros_like(blew_up)
+        for run in runs:
+            blew_up[run.rows] = torch.as_tensor(run.blew_up, device=blew_up.device)
+            broke_down[run.rows] = run.broke_down
+        codes = torch.where(broke_down & (codes == FAILED), BREAKDOWN, codes)
+        codes = torch.where(blew_up | ~torch.isfinite(norms), NONFINITE, codes)
+        histories = [run.history for run in runs]
+        length = max(len(h) for h in histories)
+        history = [max(h[min(k, len(h) - 1)] for h in histories) for k in range(length)]
+        info = SolveInfo(
+            converged=codes == CONVERGED,
+            residual=norms.detach(),
+            iterations=max(run.iterations for run in runs),
+            f_evals=fn.f_evals,
+            history=[*history, float(norms.max())] if length == 1 else history,
+            status=status_name(codes),
+            solver=self.name,
+            message=self._message(runs, codes),
+            jac_evals=fn.jac_evals,
+        )
+        return z, info
+
+    def _strategy(self, unknowns: int) -> str:
+        """``"block"`` or ``"per_sample"`` for a batch of ``unknowns`` in all."""
+        if self.strategy != "auto":
+            return self.strategy
+        if self.method in _PER_SAMPLE:
+            return "per_sample"
+        if self.method in _WITH_JACOBIAN and unknowns > MAX_BLOCK_UNKNOWNS:
+            return "per_sample"
+        return "block"
+
+    def _message(self, runs: list[_Run], codes: torch.Tensor) -> str:
+        """Scipy's verdicts, grouped by problem, and what our test made of them."""
+        verdicts: dict[str, list[int]] = {}
+        for run in runs:
+            verdict = run.verdict
+            if not run.success and bool((codes[run.rows] == CONVERGED).all()):
+                verdict += " (yet the answer meets tol)"
+            verdicts.setdefault(verdict, []).extend(run.rows)
+        parts = []
+        for verdict, rows in verdicts.items():
+            where = "" if len(verdicts) == 1 else f" [problem(s) {_ranges(rows)}]"
+            parts.append(f"{verdict}{where}")
+        text = f"scipy.optimize.root(method={self.method!r}): " + "; ".join(parts) + "."
+        if bool(((codes == FAILED) | (codes == BREAKDOWN)).any()):
+            text += (
+                " The answer does not meet tol: raise max_iter, loosen tol, set scipy "
+                "options, or try another method."
+            )
+        return text
+
+
+class _Run:
+    """One scipy solve of the rows ``rows`` of the batch (all of them, or one)."""
+
+    def __init__(
+        self,
+        solver: Scipy,
+        fn: Residual,
+        z: torch.Tensor,
+        rows: list[int],
+        tol: float,
+        bound: torch.Tensor,
+        max_iter: int,
+    ):
+        self.solver = solver
+        self.fn = fn
+        self.z = z
+        self.rows = rows
+        self.tol = tol
+        self.bound = bound.detach().cpu().double().numpy()
+        self.max_iter = max_iter
+        self.n = z.shape[1]
+        self.np_dtype = np.float64 if z.dtype == torch.float64 else np.float32
+        self.blew_up = np.zeros(len(rows), dtype=bool)
+        self.success = False
+        self.broke_down = False
+        self.best: tuple[float, np.ndarray] | None = None
+        self.history: list[float] = []
+        self.evaluations = 0
+        self.user_error: Exception | None = None
+        self.iterations = 0
+        self.verdict = ""
+
+    # -- between numpy and torch ---------------------------------------------------
+    def _state(self, x: np.ndarray) -> torch.Tensor:
+        block = torch.tensor(np.asarray(x), dtype=self.z.dtype, device=self.z.device)
+        block = block.reshape(len(self.rows), self.n)
+        if len(self.rows) == self.z.shape[0]:
+            return block
+        z = self.z.clone()
+        z[self.rows] = block
+        return z
+
+    def fun(self, x: np.ndarray) -> np.ndarray:
+        self.evaluations += 1
+        try:
+            r = self.fn(self._state(x))[self.rows].reshape(-1)
+        except Exception as error:
+            self.user_error = error  # g's own error: raised as is, not a scipy failure
+            raise
+        out = r.detach().cpu().numpy().astype(self.np_dtype)
+        if not np.isfinite(out).all():
+            rows_finite = np.isfinite(out.reshape(len(self.rows), self.n)).all(axis=1)
+            self.blew_up = ~rows_finite
+            raise _NonFinite
+        norm = float(np.linalg.norm(out))
+        if self.best is None or norm < self.best[0]:
+            self.best = (norm, np.array(x, copy=True))
+        return out
+
+    def jac(self, x: np.ndarray) -> np.ndarray:
+        try:
+            _, blocks = self.fn.jacobian(self._state(x))
+        except Exception as error:
+            self.user_error = error
+            raise
+        return torch.block_diag(*blocks[self.rows]).detach().cpu().double().numpy()
+
+    def callback(self, x: np.ndarray, f: np.ndarray) -> None:
+        per_row = np.linalg.norm(np.reshape(f, (len(self.rows), self.n)), axis=1)
+        self.history.append(float(per_row.max()))
+
+    # -- the solve -------------------------------------------------------------------
+    def solve(self, r0: torch.Tensor) -> torch.Tensor:
+        solver = self.solver
+        method = solver.method
+        x0 = self.z[self.rows].reshape(-1).detach().cpu().numpy().astype(self.np_dtype)
+        self.history.append(float(torch.linalg.vector_norm(r0, dim=1).max()))
+        unknowns = x0.size
+        # Our test as scipy's: a norm that is at most 1 when every row meets its bound.
+        options: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
+        if method in _NONLIN:
+            options.update(maxiter=self.max_iter, fatol=1.0, tol_norm=self._tol_norm)
+            kwargs["callback"] = self.callback
+        elif method == "df-sane":
+            options.update(
+                maxfev=self.max_iter * (unknowns + 1), fatol=1.0, ftol=0.0, fnorm=self._tol_norm
+            )
+            kwargs["callback"] = self.callback
+        else:
+            key = "maxfev" if method == "hybr" else "maxiter"
+            # Their only stopping test is on the step: relative to x, as scipy's root(tol=).
+            options.update({key: self.max_iter * (unknowns + 1), "xtol": self.tol})
+            if solver.jacobian:
+                kwargs["jac"] = self.jac
+            elif self.np_dtype == np.float32:
+                options["eps"] = float(np.finfo(np.float32).eps)
+        options.update(solver.options)
+        callbacks = "callback" in kwargs
+        try:
+            # scipy's arithmetic may divide by zero, or warn of an ill-conditioned
+            # history, on the way to a verdict that SolveInfo reports anyway.
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+                result = scipy.optimize.root(self.fun, x0, method=method, options=options, **kwargs)
+        except Exception as error:
+            if error is self.user_error:
+                raise
+            # The method broke down (or g turned non-finite): keep the best point seen.
+            x = self.best[1] if self.best is not None else x0
+            if isinstance(error, _NonFinite):
+                self.verdict = "stopped: g returned a non-finite value"
+            else:
+                self.broke_down = True
+                self.verdict = f"scipy raised {type(error).__name__}: {_sentence(str(error))}"
+            self.iterations = len(self.history) - 1 if callbacks else self.evaluations
+            return self._state(x)
+        # The callback count matches the history; hybr and lm only count evaluations.
+        self.iterations = len(self.history) - 1 if callbacks else int(result.nfev)
+        status = result.get("status")
+        self.success = bool(result.success)
+        self.verdict = (
+            f"success={self.success}"
+            + ("" if status is None else f", status={status}")
+            + ": "
+            + _sentence(str(result.message))
+        )
+        return self._state(result.x)
+
+    def _tol_norm(self, f: np.ndarray) -> float:
+        """``max_b ‖f_b‖₂ / (tol·(1 + scale_b))``: at most 1 when every row has converged."""
+        per_row = np.linalg.norm(np.reshape(f, (len(self.rows), -1)), axis=1)
+        return float(np.max(per_row / self.bound))
+
+
+def _sentence(text: str) -> str:
+    """scipy's message on one line, without its final period (we add our own)."""
+    return " ".join(text.split()).rstrip(".")
+
+
+class _NonFinite(Exception):
+    """Raised through scipy to stop a solve whose residual turned non-finite."""
+
+
+def _option_names(method: str) -> list[str]:
+    """The option names ``scipy.optimize.show_options`` documents for ``method``."""
+    text = scipy.optimize.show_options("root", method, disp=False)
+    section = text.split("Options\n-------\n", 1)[-1]
+    section = re.split(r"\n\S[^\n]*\n-{3,}\n", section, maxsplit=1)[0]
+    return re.findall(r"^(\w+) :", section, flags=re.M)
+
+
+def _ranges(rows: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``"0-2, 5"``."""
+    rows = sorted(rows)
+    spans: list[str] = []
+    start = previous = rows[0]
+    for row in [*rows[1:], None]:
+        if row is not None and row == previous + 1:
+            previous = row
+            continue
+        spans.append(str(start) if start == previous else f"{start}-{previous}")
+        if row is not None:
+            start = previous = row
+    return ", ".join(spans)

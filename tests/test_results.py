@@ -1,0 +1,111 @@
+"""Result codes, the reports and the on_failure policy."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import implicit
+from implicit._results import (
+    BREAKDOWN,
+    CONVERGED,
+    MAX_ITER,
+    NONFINITE,
+    STATUS_NAMES,
+    report_failure,
+    status_name,
+)
+
+
+def solve_info(converged, residual, status="max_iter", message=""):
+    return implicit.SolveInfo(
+        converged=torch.tensor(converged),
+        residual=torch.tensor(residual),
+        iterations=7,
+        f_evals=8,
+        history=[1.0, 0.5],
+        status=status,
+        solver="fixed_point",
+        message=message,
+    )
+
+
+def backward_info(converged, residual, status="max_iter"):
+    return implicit.BackwardInfo(
+        converged=torch.tensor(converged),
+        residual=torch.tensor(residual),
+        iterations=3,
+        matvecs=4,
+        status=status,
+        method="gmres",
+    )
+
+
+def test_status_is_the_worst_over_the_batch():
+    assert status_name(torch.tensor([CONVERGED, MAX_ITER, CONVERGED])) == "max_iter"
+    assert status_name(torch.tensor([BREAKDOWN, NONFINITE, MAX_ITER])) == "nonfinite"
+    assert status_name(torch.tensor([CONVERGED])) == "converged"
+    assert status_name(torch.tensor([], dtype=torch.long)) == "converged"
+    # Codes are ordered by severity.
+    assert sorted(STATUS_NAMES) == list(STATUS_NAMES)
+    assert list(STATUS_NAMES.values())[:2] == ["converged", "max_iter"]
+
+
+class TestOnFailure:
+    @pytest.mark.parametrize(
+        "info",
+        [solve_info([True, False], [0.0, 2.0]), backward_info([False, True], [0.5, 0.0])],
+        ids=["forward", "backward"],
+    )
+    def test_warn_raise_ignore(self, info):
+        with pytest.warns(implicit.ConvergenceWarning, match="did not converge") as record:
+            report_failure(info, "warn", "some solve")
+        assert record[0].filename == __file__
+        with pytest.raises(implicit.ConvergenceError, match="some solve") as caught:
+            report_failure(info, "raise", "some solve")
+        assert caught.value.info is info
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report_failure(info, "ignore", "some solve")
+
+    @pytest.mark.parametrize("on_failure", ["warn", "raise", "ignore"])
+    def test_silent_when_converged(self, on_failure):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report_failure(solve_info([True, True], [0.0, 0.0], "converged"), on_failure, "x")
+            report_failure(backward_info(True, 0.0, "converged"), on_failure, "x")
+
+    def test_forward_message(self):
+        info = solve_info([True, False, False], [0.0, 2.0, 3.5], message="scipy said hi")
+        with pytest.raises(implicit.ConvergenceError) as caught:
+            report_failure(info, "raise", "forward solve")
+        message = str(caught.value)
+        assert "forward solve did not converge: status 'max_iter' for 2 of 3 problem(s)" in message
+        assert "worst residual 3.500e+00 after 7 iteration(s)" in message
+        # A solver's own message replaces the generic advice.
+        assert message.endswith("scipy said hi") and "Raise max_iter" not in message
+
+    def test_backward_message_advises_on_the_linear_solve(self):
+        with pytest.raises(implicit.ConvergenceError, match="preconditioner") as caught:
+            report_failure(backward_info(False, math.nan, "breakdown"), "raise", "backward")
+        # A residual that was not measured reads as infinite, not as nan.
+        assert "status 'breakdown' for 1 of 1" in str(caught.value)
+        assert "worst residual inf" in str(caught.value)
+
+    def test_the_error_is_a_runtime_error_and_the_warning_a_runtime_warning(self):
+        assert issubclass(implicit.ConvergenceError, RuntimeError)
+        assert issubclass(implicit.ConvergenceWarning, RuntimeWarning)
+
+
+def test_solve_info_repr():
+    info = solve_info([True, False], [1e-9, 2.0])
+    info.backward = backward_info([True, True], [0.0, 0.0], "converged")
+    text = repr(info)
+    assert "status='max_iter'" in text and "converged=1/2" in text
+    assert "worst_residual=2.000e+00" in text and "iterations=7" in text
+    assert "BackwardInfo(" in text and "method='gmres'" in text
+    scalar = solve_info(True, 1e-9, "converged")
+    assert "converged=1/1" in repr(scalar)
