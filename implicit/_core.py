@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import TransformType
 
 from implicit._operators import Jacobian, Operator, Repeated, Residual
 from implicit._problem import Problem
@@ -300,19 +301,16 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _problem_tangent, _z0_tangent, *tangents):
-        z, *inputs = ctx.saved_tensors
-        moving = [i for i, tangent in enumerate(tangents) if tangent is not None]
-        if not moving:
-            return torch.zeros_like(z)
-        problem = ctx.problem
-        # (∂g/∂θ) dθ by reverse over reverse: forward mode cannot nest here.
-        value, vjp = torch.func.vjp(
-            _partial(problem, z, inputs, moving), *(inputs[i] for i in moving)
-        )
-        _, linear_in_w = torch.func.vjp(vjp, torch.zeros_like(value))
-        (rhs,) = linear_in_w(tuple(tangents[i] for i in moving))
-        tangent = _LinearProblem(problem, transpose=False)
-        return _ImplicitFunction.apply(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
+        if _nested_forward_mode():
+            raise RuntimeError(
+                "forward-mode AD over forward-mode AD through an implicit solve (torch.func.jvp "
+                "over jvp, jacfwd over jacfwd, hessian of a hessian) is not supported: torch "
+                "cannot apply forward mode to a custom jvp rule and would silently drop the "
+                "second-order term. Put reverse mode on one side instead: "
+                "torch.func.hessian (jacfwd over jacrev), jacrev over jacfwd, or jacrev over "
+                "jacrev."
+            )
+        return _tangent(ctx, tangents)
 
     @staticmethod
     def vmap(info, in_dims, problem, z0, *inputs):
@@ -338,6 +336,21 @@ class _ImplicitFunction(torch.autograd.Function):
         return z.reshape(size, -1, z.shape[-1]), 0
 
 
+def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``dz = −(∂g/∂z)⁻¹ (∂g/∂θ) dθ``, the tangent system solved as a linear problem."""
+    z, *inputs = ctx.saved_tensors
+    moving = [i for i, tangent in enumerate(tangents) if tangent is not None]
+    if not moving:
+        return torch.zeros_like(z)
+    problem = ctx.problem
+    # (∂g/∂θ) dθ by reverse over reverse: forward mode cannot nest here.
+    value, vjp = torch.func.vjp(_partial(problem, z, inputs, moving), *(inputs[i] for i in moving))
+    _, linear_in_w = torch.func.vjp(vjp, torch.zeros_like(value))
+    (rhs,) = linear_in_w(tuple(tangents[i] for i in moving))
+    tangent = _LinearProblem(problem, transpose=False)
+    return _ImplicitFunction.apply(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
+
+
 def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: Sequence[int]):
     """``g(z, θ)`` as a function of the inputs at positions ``moving`` only."""
 
@@ -348,6 +361,12 @@ def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: S
         return problem.residual(z, *tensors)
 
     return residual_of
+
+
+def _nested_forward_mode() -> bool:
+    """Whether two ``torch.func`` forward-mode transforms (jvp, jacfwd) are active."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return sum(level.key() == TransformType.Jvp for level in stack) >= 2
 
 
 def _transforming() -> bool:
