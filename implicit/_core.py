@@ -401,7 +401,9 @@ def solve(
     derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
     r0 = problem.discover(z0) if derivatives_possible else None
     root = _RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
-    differentiable = derivatives_possible and problem.carries_derivatives()
+    # Under a torch.func transform the solve always runs inside the Function: its vmap
+    # rule also serves a vmapped z0 when nothing else carries a derivative.
+    differentiable = transforming or (derivatives_possible and problem.carries_derivatives())
     if differentiable:
         z = _ImplicitFunction.apply(root, z0, *problem.inputs)
     else:
