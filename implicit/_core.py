@@ -23,6 +23,8 @@ independent even when ``z`` is (through this function) a function of ``θ``.
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +42,8 @@ from implicit._results import (
 )
 from implicit.linear import LinearSolver, Unroll
 from implicit.solvers.base import Solver
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Settings:
@@ -419,8 +423,9 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     try:
         z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
     except RuntimeError as error:
-        if "data-dependent control flow" not in str(error):
-            raise
+        innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+        if "data-dependent control flow" not in str(error) or not innermost.startswith(_PACKAGE):
+            raise  # not the solver's own loop (e.g. the user's function branched on a value)
         raise RuntimeError(
             "backward='unroll' cannot run under torch.func.vmap with batched inputs: the "
             "solver's stopping test is data-dependent control flow, which vmap refuses. "
