@@ -25,6 +25,7 @@ import torch.autograd.forward_ad as forward_ad
 from conftest import TanhProblem, contractive_matrix, rel_err, unrolled_fixed_point
 
 import implicit
+from implicit import __main__ as tour
 
 TIGHT = {"tol": 1e-13, "max_iter": 500}
 EXACT_MODES = ["dense", "gmres", "bicgstab", "neumann", "auto"]
@@ -820,7 +821,7 @@ class TestEdges:
             dual_jvp(solve, x, torch.ones_like(x))
 
 
-# -- the example -------------------------------------------------------------------------
+# -- the example and the tour --------------------------------------------------------
 
 
 def test_bilevel_example():
@@ -831,3 +832,8 @@ def test_bilevel_example():
     assert results["forward-mode error"] <= 1e-9
     assert results["validation loss after"] < results["validation loss, best shared penalty"]
     assert results["validation loss, best shared penalty"] < results["validation loss before"]
+
+
+def test_tour_section():
+    errors = tour.tour_bilevel()
+    assert errors["hypergradient"] <= 1e-10 and errors["hvp"] <= 1e-10
