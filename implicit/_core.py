@@ -23,6 +23,8 @@ independent even when ``z`` is (through this function) a function of ``θ``.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import traceback
 from collections.abc import Sequence
@@ -47,18 +49,25 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Settings:
-    """Tolerances and failure policy shared by a solve and its linear solves."""
+    """Tolerances and failure policy shared by a solve and its linear solves.
 
-    def __init__(self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver):
+    Args:
+        rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
+            ``jacrev``, ... stack several blocks of ``B`` rows; a linear solver's
+            preconditioner and warm-start tensor still see one block at a time.
+    """
+
+    def __init__(self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver, rows: int):
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
         self.linear = linear
+        self.rows = rows
 
     def linear_solve(
         self, op: Operator, rhs: torch.Tensor, what: str, report_shape: tuple[int, ...]
     ) -> tuple[torch.Tensor, BackwardInfo]:
-        linear = self.linear
+        linear = _blockwise(self.linear, rhs.shape[0] // self.rows, rhs.shape)
         tol = linear.tol if linear.tol is not None else self.tol
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
@@ -72,6 +81,27 @@ class _Settings:
         )
         report_failure(info, self.on_failure, what)
         return result.x, info
+
+
+def _blockwise(linear: LinearSolver, blocks: int, shape: torch.Size) -> LinearSolver:
+    """``linear`` for ``blocks`` stacked blocks of rows, with its preconditioner applied
+    block by block and its warm-start tensor repeated for each block (as the user wrote
+    them for one block); itself when there is one block or nothing to adapt."""
+    preconditioner = getattr(linear, "preconditioner", None)
+    x0 = getattr(linear, "x0", None)
+    if blocks == 1 or (preconditioner is None and not isinstance(x0, torch.Tensor)):
+        return linear
+    adapted = copy.copy(linear)
+    if preconditioner is not None:
+
+        def per_block(r: torch.Tensor) -> torch.Tensor:
+            return torch.cat([preconditioner(block) for block in r.chunk(blocks)])
+
+        adapted.preconditioner = per_block
+    block_shape = (shape[0] // blocks, shape[1])
+    if isinstance(x0, torch.Tensor) and x0.numel() == math.prod(block_shape):
+        adapted.x0 = x0.reshape(block_shape).repeat(blocks, 1)
+    return adapted
 
 
 class _RootProblem:
@@ -400,7 +430,9 @@ def solve(
     report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
         return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape)
-    settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n))
+    settings = _Settings(
+        tol, max_iter, on_failure, backward.for_size(problem.n), problem.batch_size
+    )
     transforming = _transforming()
     derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
     r0 = problem.discover(z0) if derivatives_possible else None

@@ -690,6 +690,43 @@ class TestVmap:
             1e-9,
         )
 
+    @pytest.mark.parametrize("method", [implicit.linear.GMRES, implicit.linear.BiCGStab])
+    def test_preconditioner_and_warm_start_see_one_block(self, method):
+        # Written for the user's (B, n) rows: under jacrev and vmap the systems stack
+        # blocks of B rows, and each block is preconditioned and warm-started as one.
+        w, x = batched_problem()
+        seen = []
+
+        def jacobi(r):
+            seen.append(r.shape)
+            return r * torch.full_like(x, 0.9)  # shaped like one block: (B, n)
+
+        backward = method(preconditioner=jacobi, x0=torch.full_like(x, 0.1))
+
+        def solve(x):
+            return implicit.fixed_point(
+                lambda z, x: torch.tanh(z @ w.T + x),
+                torch.zeros_like(x),
+                x,
+                backward=backward,
+                batched=True,
+                **TIGHT,
+            )
+
+        def reference(x):
+            return unrolled_fixed_point(
+                lambda z, x: torch.tanh(z @ w.T + x), torch.zeros_like(x), x
+            )
+
+        assert_close(
+            "blockwise options", torch.func.jacrev(solve)(x), torch.func.jacrev(reference)(x), 1e-9
+        )
+        xs = torch.stack([x, -x, 2 * x])
+        grad = torch.func.vmap(torch.func.grad(lambda x: loss_of(solve(x))))
+        want = torch.func.vmap(torch.func.grad(lambda x: loss_of(reference(x))))(xs)
+        assert_close("blockwise options", grad(xs), want, 1e-9)
+        assert seen and set(seen) == {x.shape}
+
     def test_info_backward_under_jacrev(self):
         w, x = batched_problem()
         infos = []
