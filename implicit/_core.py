@@ -19,6 +19,13 @@ through Krylov iterations. Forward mode (:meth:`_ImplicitFunction.jvp`) solves t
 tangent system ``(∂g/∂z) dz = −(∂g/∂θ) dθ`` with the same linear solver. Partial
 derivatives are taken with ``torch.func.vjp``, which treats ``z`` and ``θ`` as
 independent even when ``z`` is (through this function) a function of ``θ``.
+
+Under ``vmap`` (:meth:`_ImplicitFunction.vmap`, also behind ``jacrev``, ``jacfwd`` and
+``hessian``) the vmapped slices are independent problems: they become more rows of one
+problem (:class:`_Folded`), or more right-hand sides of one linear system
+(:class:`~implicit._operators.Repeated`), and are solved in one call. Forward mode over
+forward mode is refused (:func:`_nested_forward_mode`): PyTorch cannot differentiate a
+custom ``jvp`` rule in forward mode and would drop the second-order term.
 """
 
 from __future__ import annotations
