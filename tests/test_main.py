@@ -1,5 +1,5 @@
-"""The tour, ``python -m implicit``: sections 2-4 check what they print; the whole tour
-runs end to end in a subprocess."""
+"""The tour, ``python -m implicit``: sections 2-4 check what they print (section 5 in
+test_higher_order.py); the whole tour runs end to end in a subprocess."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_tour_prints_every_section_and_trains_the_deq_classifier_in_fast_mode(tm
     assert result.returncode == 0, result.stderr
     out = result.stdout
     headings = ("1. The seed problem", "2. The seed's inverse layer", "3. scipy", "4. The")
-    for heading in (*headings, "5. A DEQ classifier"):
+    for heading in (*headings, "5. Bilevel", "6. A DEQ classifier"):
         assert heading in out
     rows = {
         line.split()[0]: line.split()
