@@ -10,7 +10,10 @@ mark), so the tour and the benchmarks measure the allocator itself:
 
 Either way the result is the highest number of bytes held by torch tensors during the
 call, above the level at its start: activations, the autograd graph, gradients and
-temporaries, but not memory allocated outside torch (Python objects, BLAS buffers).
+temporaries, but not memory allocated outside torch (Python objects, BLAS buffers). On
+the CPU, a block allocated before the call and freed during it is not seen (the profiler
+has no record of its size): the result is then the peak of what the call itself
+allocated, an upper bound of the rise over the starting level.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ def peak_memory(fn: Callable[[], T], device: torch.device | str = "cpu") -> tupl
     if device.type != "cpu":
         raise ValueError(f"peak_memory measures 'cpu' and 'cuda' devices, not {device.type!r}")
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _silent_stderr():  # Kineto logs its start and stop to the C-level stderr
+    # Kineto logs its start and stop, and the allocator notes every block freed that was
+    # allocated before the profiler started, on the C-level stderr: discard those lines.
+    with _native_stderr_discarded():
         prof.start()
-    try:
-        result = fn()
-    finally:
-        with _silent_stderr():
+        try:
+            result = fn()
+        finally:
             prof.stop()
     # Kineto's raw events: one "[memory]" event per allocation (+bytes) or free (-bytes).
     changes = sorted(
@@ -61,14 +65,26 @@ def peak_memory(fn: Callable[[], T], device: torch.device | str = "cpu") -> tupl
 
 
 @contextlib.contextmanager
-def _silent_stderr() -> Iterator[None]:
-    """Discard what native code writes to file descriptor 2 meanwhile."""
+def _native_stderr_discarded() -> Iterator[None]:
+    """Discard what native code writes to file descriptor 2 meanwhile.
+
+    Python's ``sys.stderr`` (warnings, progress bars) keeps writing to the real stream.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
+    python_stderr = sys.stderr
     try:
-        with open(os.devnull, "w") as devnull:
+        with (
+            open(os.devnull, "w") as devnull,
+            os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace") as real,
+        ):
+            sys.stderr = real
             os.dup2(devnull.fileno(), 2)
-            yield
+            try:
+                yield
+            finally:
+                real.flush()
+                sys.stderr = python_stderr
+                os.dup2(saved, 2)
     finally:
-        os.dup2(saved, 2)
         os.close(saved)
