@@ -1,7 +1,7 @@
 """Result codes, solve reports and what happens when a solve fails.
 
 Everything that says how a solve ended lives here: the status codes, the
-:class:`SolveInfo` / :class:`BackwardInfo` reports, and the ``on_failure`` policy.
+``SolveInfo`` / ``BackwardInfo`` reports, and the ``on_failure`` policy.
 """
 
 from __future__ import annotations
@@ -38,15 +38,24 @@ STATUS_NAMES = {
 
 
 class ConvergenceWarning(RuntimeWarning):
-    """A forward or backward solve stopped before reaching its tolerance."""
+    """A solve did not reach its tolerance, or a black box's answer is not a root.
+
+    Issued with ``on_failure="warn"`` (the default) by the forward solve, the backward
+    linear solve and the forward-mode linear solve; the result is returned all the
+    same. The message says which solve failed, for how many problems, the worst
+    residual, and what to try.
+    """
 
 
 class ConvergenceError(RuntimeError):
     """A solve failed and ``on_failure="raise"`` was requested.
 
+    Raised where [`ConvergenceWarning`][implicit.ConvergenceWarning] would be warned,
+    with the same message.
+
     Attributes:
-        info: the :class:`SolveInfo` (forward) or :class:`BackwardInfo` (backward)
-            of the failed solve.
+        info: the [`SolveInfo`][implicit.SolveInfo] (forward) or
+            [`BackwardInfo`][implicit.BackwardInfo] (backward) of the failed solve.
     """
 
     def __init__(self, message: str, info: SolveInfo | BackwardInfo):
@@ -99,7 +108,8 @@ class SolveInfo:
         solver: name of the forward solver.
         message: extra detail from the solver (e.g. scipy's message), or ``""``.
         jac_evals: dense Jacobians built by the solver (Newton).
-        backward: filled in by ``backward()``: the adjoint solve's :class:`BackwardInfo`.
+        backward: filled in by ``backward()``: the adjoint solve's
+            [`BackwardInfo`][implicit.BackwardInfo].
     """
 
     converged: torch.Tensor
@@ -156,7 +166,7 @@ def _caller_stacklevel() -> int:
 
     That is the first frame outside ``implicit`` and ``torch`` (the front door's caller,
     or the ``backward()`` call); a fixed level cannot work, since the forward and the
-    backward reach :func:`report_failure` through stacks of different depths.
+    backward reach ``report_failure`` through stacks of different depths.
     """
     level, frame = 2, sys._getframe(2)  # 1 is report_failure itself
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):

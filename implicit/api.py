@@ -1,4 +1,4 @@
-"""The front doors: every one reduces to a root problem for :func:`implicit._core.solve`."""
+"""The front doors: every one reduces to a root problem for ``implicit._core.solve``."""
 
 from __future__ import annotations
 
@@ -61,16 +61,16 @@ def fixed_point(
         z0: initial guess, a tensor or a tuple of tensors. Receives no gradient.
         *args: extra arguments of ``f``; tensors among them receive gradients.
         solver: a name from ``implicit.solvers.NAMES`` or a
-            :class:`~implicit.solvers.Solver` instance.
+            [`Solver`][implicit.solvers.Solver] instance.
         backward: a name from ``implicit.linear.NAMES`` or an instance from
-            :mod:`implicit.linear`.
+            [`implicit.linear`][implicit.linear].
         tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each problem, with the scale
             ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` fixed at the initial guess.
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge.
-        return_info: also return the :class:`~implicit.SolveInfo`.
+        return_info: also return the [`SolveInfo`][implicit.SolveInfo].
         **solver_options: options of the named solver's constructor.
 
     Returns:
@@ -78,8 +78,13 @@ def fixed_point(
 
     Example:
         >>> W = 0.5 * torch.eye(2)
-        >>> fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(2), torch.ones(2))
-        tensor([0.9...
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> z = implicit.fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(2), x)
+        >>> z
+        tensor([0.8952, 0.8952], grad_fn=<...>)
+        >>> z.sum().backward()
+        >>> x.grad  # dz/dx = d / (1 − 0.5 d) with d = 1 − z², by the implicit function theorem
+        tensor([0.2205, 0.2205])
     """
     problem = Problem(f, z0, args, batched=batched, form="fixed_point")
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
@@ -110,11 +115,18 @@ def root_solve(
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
-        return_info: also return the :class:`~implicit.SolveInfo`.
+        return_info: also return the [`SolveInfo`][implicit.SolveInfo].
         **solver_options: options of the named solver's constructor.
 
     Returns:
         ``z``, or ``(z, info)`` with ``return_info=True``.
+
+    Example:
+        >>> a = torch.tensor([2.0, 3.0], requires_grad=True)
+        >>> z = implicit.root_solve(lambda z, a: z**2 - a, torch.ones(2), a)  # z = √a
+        >>> z.sum().backward()
+        >>> a.grad  # dz/da = 1 / (2√a)
+        tensor([0.3536, 0.2887])
     """
     problem = Problem(g, z0, args, batched=batched, form="root")
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
@@ -165,7 +177,7 @@ def invert(
         batched: dim 0 of ``y`` and ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge, or when the black box's answer is not a root.
-        return_info: also return the :class:`~implicit.SolveInfo`.
+        return_info: also return the [`SolveInfo`][implicit.SolveInfo].
         **solver_options: options of the named solver's constructor.
 
     Returns:
@@ -173,8 +185,12 @@ def invert(
 
     Example:
         >>> y = torch.tensor([0.1, 0.5], requires_grad=True)
-        >>> z = invert(torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()))
-        >>> z.sum().backward()  # y.grad == 1 / sqrt(1 - y²)
+        >>> implicit.invert(torch.sin, y)  # Newton, from z0 = y
+        tensor([0.1002, 0.5236], grad_fn=<...>)
+        >>> z = implicit.invert(torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()))
+        >>> z.sum().backward()
+        >>> y.grad  # 1 / sqrt(1 − y²)
+        tensor([1.0050, 1.1547])
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
@@ -229,7 +245,11 @@ def implicit_inverse_layer(
     ``dz/dy = (∂f/∂z)⁻¹``. Exactly ``invert(forward_func, data, inverse=g)``.
 
     Example:
-        >>> y = implicit_inverse_layer(data, lambda y: np.arcsin(y.numpy()), torch.sin)
+        >>> data = torch.tensor([0.1, 0.5], requires_grad=True)
+        >>> y = implicit.implicit_inverse_layer(data, lambda y: np.arcsin(y.numpy()), torch.sin)
+        >>> y.sum().backward()
+        >>> data.grad  # 1 / sqrt(1 − data²)
+        tensor([1.0050, 1.1547])
     """
     return invert(forward_func, data, inverse=g)
 
@@ -251,7 +271,7 @@ def custom_root(
     there is none), checked (finite; ``g(z, *args)`` shaped like ``z``; ``‖g(z)‖₂ ≤
     tol``, else ``on_failure``), and differentiated by the implicit function theorem
     with respect to every tensor argument and every tensor ``g`` captures. The latest
-    call's :class:`~implicit.SolveInfo` is kept in ``solve.last_info``.
+    call's [`SolveInfo`][implicit.SolveInfo] is kept in ``solve.last_info``.
 
     Args:
         g: the optimality condition; ``g(z, *args)`` returns a tensor shaped like ``z``.
@@ -266,13 +286,19 @@ def custom_root(
 
     Returns:
         A decorator. The decorated function takes positional arguments only (they are
-        also ``g``'s); bind options with :func:`functools.partial`.
+        also ``g``'s); bind options with ``functools.partial``.
 
     Example:
-        >>> @custom_root(lambda z, A, b: A @ z - b)
+        >>> import scipy.linalg
+        >>> @implicit.custom_root(lambda z, A, b: A @ z - b)
         ... def solve(A, b):
         ...     return scipy.linalg.solve(A.numpy(), b.numpy())
+        >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], requires_grad=True)
+        >>> b = torch.tensor([1.0, 0.0], requires_grad=True)
         >>> z = solve(A, b)  # differentiable in A and b
+        >>> z.sum().backward()
+        >>> torch.allclose(b.grad, torch.linalg.solve(A.T, torch.ones(2)))
+        True
     """
     if not callable(g):
         raise TypeError(f"g must be callable, got {type(g).__name__}")

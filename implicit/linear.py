@@ -2,7 +2,8 @@
 
 The backward of every front door solves the adjoint system ``(∂g/∂z)ᵀ w = v``; forward
 mode solves ``(∂g/∂z) dz = −(∂g/∂θ) dθ``. Both are handed to one of these solvers as an
-operator ``A`` with products ``A x`` (and, for :class:`Dense`, its per-sample matrix).
+operator ``A`` with products ``A x`` (and, for [`Dense`][implicit.linear.Dense], its
+per-sample matrix).
 Systems are batched: row ``b`` of ``x`` and ``rhs`` is problem ``b``, solved to its own
 tolerance and frozen once solved. Problem ``b`` has converged when its *true* residual
 satisfies ``‖A x_b − rhs_b‖₂ ≤ tol · ‖rhs_b‖₂``; a zero right-hand side has the solution
@@ -121,7 +122,10 @@ class LinearSolver(abc.ABC):
         """Solve ``op · x = rhs`` for ``rhs`` of shape ``(B, n)``."""
 
     def for_size(self, n: int) -> LinearSolver:
-        """The solver to use for systems of ``n`` unknowns per problem (see :class:`Auto`)."""
+        """The solver to use for systems of ``n`` unknowns per problem.
+
+        Itself, except for [`Auto`][implicit.linear.Auto], which picks by ``n``.
+        """
         return self
 
     def __repr__(self) -> str:
@@ -134,8 +138,8 @@ class LinearSolver(abc.ABC):
 class _Iterative(LinearSolver):
     """What every iterative method shares: warm start, per-problem stop, true residual.
 
-    A method implements :meth:`_iterate`, which runs its recurrences on the problems
-    it is allowed to touch. :meth:`solve` then measures the true residual ``A x − rhs``
+    A method implements ``_iterate``, which runs its recurrences on the problems
+    it is allowed to touch. ``solve`` then measures the true residual ``A x − rhs``
     (recurrences drift in floating point): a problem the recurrence called converged but
     whose true residual is above the tolerance is restarted from its current ``x`` while
     the iteration budget lasts.
@@ -231,7 +235,7 @@ class _Krylov(_Iterative):
     """An iterative method with a warm start and a preconditioner.
 
     Args:
-        x0: initial guess (see :class:`_Iterative`).
+        x0: initial guess (see ``_Iterative``).
         preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module docstring).
     """
 
@@ -271,6 +275,9 @@ class Dense(LinearSolver):
     Args:
         ridge: Tikhonov damping (default 0: exact).
         chunk_size: build the Jacobian this many rows at a time (memory bound).
+        tol: a block counts as solved when its relative residual is at most
+            ``max(tol, √eps)``; ``None`` takes the front door's ``tol``.
+        max_iter: accepted for a uniform interface; a direct solve does not iterate.
     """
 
     name = "dense"
@@ -333,6 +340,17 @@ class CG(_Krylov):
     ``M``) is not SPD, stops with status ``"breakdown"`` instead of returning a
     silently wrong answer; a non-symmetric ``A`` that escapes this test is caught by
     the true-residual check.
+
+    Args:
+        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+            takes the front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+        x0: warm start: a tensor with the right-hand side's number of elements (or
+            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
+            last solution when its shape, dtype and device match, else zero) or
+            ``None`` (zero).
+        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
+            docstring), or ``None``.
     """
 
     name = "cg"
@@ -377,12 +395,29 @@ class GMRES(_Krylov):
 
     Args:
         restart: Krylov space dimension before a restart (capped at ``n``).
+        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+            takes the front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+        x0: warm start: a tensor with the right-hand side's number of elements (or
+            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
+            last solution when its shape, dtype and device match, else zero) or
+            ``None`` (zero).
+        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
+            docstring), or ``None``.
     """
 
     name = "gmres"
 
-    def __init__(self, *, restart: int = 20, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        restart: int = 20,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        x0: WarmStart = None,
+        preconditioner: Preconditioner | None = None,
+    ):
+        super().__init__(tol=tol, max_iter=max_iter, x0=x0, preconditioner=preconditioner)
         if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
             raise ValueError(f"restart must be an integer >= 1, got {restart!r}")
         self.restart = restart
@@ -473,7 +508,19 @@ class BiCGStab(_Krylov):
     Two products per iteration and constant memory, against GMRES's growing basis;
     convergence is less smooth. A breakdown (the shadow residual orthogonal to the
     residual or to ``A p``, or a vanishing stabilisation step ``ω``) stops that problem
-    with status ``"breakdown"`` at its last valid iterate.
+    with status ``"breakdown"`` at its last valid iterate. An iteration costs two
+    products.
+
+    Args:
+        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+            takes the front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+        x0: warm start: a tensor with the right-hand side's number of elements (or
+            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
+            last solution when its shape, dtype and device match, else zero) or
+            ``None`` (zero).
+        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
+            docstring), or ``None``.
     """
 
     name = "bicgstab"
@@ -529,14 +576,19 @@ class Neumann(_Iterative):
     this is ``x ← (∂f/∂z)ᵀ x − rhs``: the truncated Neumann series of
     ``−(I − ∂f/∂z)⁻ᵀ rhs``. It converges when ``f`` is contractive; ``damping < 1``
     converges whenever the eigenvalues of ``∂f/∂z`` have real part below 1 and are
-    small enough, more slowly. For general root problems use :class:`GMRES`. One
+    small enough, more slowly. For general root problems use [`GMRES`][implicit.linear.GMRES]. One
     product per iteration, no extra memory. A problem whose iterate overflows stops at
     its last finite iterate with status ``"nonfinite"``.
 
     Args:
         damping: step size in ``(0, 1]``.
-        x0: initial guess, as for the Krylov methods (a tensor, ``"previous"`` or
-            ``None``).
+        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+            takes the front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+        x0: warm start: a tensor with the right-hand side's number of elements (or
+            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
+            last solution when its shape, dtype and device match, else zero) or
+            ``None`` (zero).
     """
 
     name = "neumann"
@@ -598,11 +650,12 @@ class Phantom(Neumann):
 
     Differentiating ``k`` steps of ``z ← (1 − λ)·z + λ·f(z)`` unrolled from the fixed
     point ``z*`` gives ``w = −λ Σ_{j<k} (I + λ Aᵀ)^j v`` with ``A = ∂f/∂z − I``: the
-    damped Neumann series truncated at ``k`` terms, which is exactly :class:`Neumann`
-    stopped after ``k`` iterations (so no graph through the steps is kept). With
-    ``steps=1, damping=1`` it is :class:`OneStep`; more steps approach the exact
-    gradient when ``f`` is contractive. Inexact by design: the front door's ``tol``
-    and ``max_iter`` do not apply and it never warns (its residual is reported).
+    damped Neumann series truncated at ``k`` terms, which is exactly
+    [`Neumann`][implicit.linear.Neumann] stopped after ``k`` iterations (so no graph
+    through the steps is kept). With ``steps=1, damping=1`` it is
+    [`OneStep`][implicit.linear.OneStep]; more steps approach the exact gradient when
+    ``f`` is contractive. Inexact by design: the front door's ``tol`` and ``max_iter``
+    do not apply and it never warns (its residual is reported).
 
     Args:
         steps: the number ``k`` of unrolled steps (default 5).
@@ -638,10 +691,14 @@ class Unroll:
 
 
 class Auto(LinearSolver):
-    """:class:`Dense` for small problems, :class:`GMRES` otherwise.
+    """[`Dense`][implicit.linear.Dense] for small problems, [`GMRES`][implicit.linear.GMRES]
+    otherwise: the default backward mode.
 
     Args:
         max_dense: largest number of unknowns per problem solved densely.
+        tol: handed to the chosen solver (``None``: the front door's ``tol``).
+        max_iter: handed to the chosen solver (``None``: the front door's
+            ``max_iter``).
     """
 
     name = "auto"
@@ -674,6 +731,7 @@ NAMES: dict[str, Callable[[], LinearSolver | Unroll]] = {
     "phantom": Phantom,
     "unroll": Unroll,
 }
+"""The backward modes by the names ``backward=`` accepts (each with its default options)."""
 
 
 def resolve(backward: str | LinearSolver | Unroll) -> LinearSolver | Unroll:

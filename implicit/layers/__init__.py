@@ -1,10 +1,10 @@
 """Implicit layers: ``nn.Module`` front doors for training.
 
-* :class:`DEQ`: a deep equilibrium layer, ``z* = f(z*, x)``;
-* :class:`ImplicitLayer`: a general root, ``g(z*, *args) = 0``;
-* :class:`InverseLayer`: an inverse, ``f(z*) = y``.
+* [`DEQ`][implicit.layers.DEQ]: a deep equilibrium layer, ``z* = f(z*, x)``;
+* [`ImplicitLayer`][implicit.layers.ImplicitLayer]: a general root, ``g(z*, *args) = 0``;
+* [`InverseLayer`][implicit.layers.InverseLayer]: an inverse, ``f(z*) = y``.
 
-Each is a thin module over a front door of :mod:`implicit`, so it shares their
+Each is a thin module over a front door of ``implicit``, so it shares their
 solvers, backward modes, gradients and reports (``last_info``).
 """
 

@@ -47,7 +47,7 @@ class SolverLayer(nn.Module):
         self.max_iter: int = settings.pop("max_iter")
         self.on_failure: str = settings.pop("on_failure")
         self.layer_options = settings
-        #: The :class:`~implicit.SolveInfo` of the latest forward (``None`` before it).
+        #: The [`SolveInfo`][implicit.SolveInfo] of the latest forward (``None`` before it).
         self.last_info: SolveInfo | None = None
 
     def solve_options(self) -> dict[str, Any]:

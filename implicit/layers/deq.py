@@ -18,8 +18,9 @@ class DEQ(SolverLayer):
     The forward solve records no graph, so memory does not grow with the number of
     iterations; gradients with respect to ``x`` and to every tensor ``f`` reads
     (``nn.Module`` parameters included) come from the implicit function theorem
-    through :func:`implicit.fixed_point`. They flow in ``eval()`` mode exactly as in
-    ``train()`` mode: the mode only matters to ``f`` itself (and to ``jac_reg``).
+    through [`implicit.fixed_point`][implicit.fixed_point]. They flow in ``eval()``
+    mode exactly as in ``train()`` mode: the mode only matters to ``f`` itself (and to
+    ``jac_reg``).
 
     The state may be a tensor or a tuple of tensors (multi-resolution DEQs); ``f``
     returns the same structure. When ``f`` is an ``nn.Module`` it is registered as a
@@ -39,22 +40,32 @@ class DEQ(SolverLayer):
             convergence, statistics and Jacobians).
         **opts: ``on_failure`` (``"warn"``, ``"raise"`` or ``"ignore"``, default
             ``"warn"``); ``jac_reg`` (number of Hutchinson samples for
-            :attr:`last_jac_loss`, default 0: off; ``True`` means 1); and the
+            ``last_jac_loss``, default 0: off; ``True`` means 1); and the
             options of the named solver (e.g. ``damping=0.5``). Anything else raises.
 
     Attributes:
-        last_info: the :class:`~implicit.SolveInfo` of the latest forward; after
+        last_info: the [`SolveInfo`][implicit.SolveInfo] of the latest forward; after
             ``backward()``, ``last_info.backward`` reports the adjoint solve.
-        last_jac_loss: with ``jac_reg``, :meth:`jacobian_penalty` at the latest
+        last_jac_loss: with ``jac_reg``,
+            [`jacobian_penalty`][implicit.layers.DEQ.jacobian_penalty] at the latest
             forward's fixed point, to add to the loss (``None`` in ``eval()`` mode or
             without grad).
 
     Example:
-        >>> cell = Cell()                               # any nn.Module f(z, x)
-        >>> deq = implicit.DEQ(cell, jac_reg=1)
-        >>> z = deq(x)                                  # z0 defaults to zeros_like(x)
-        >>> loss = criterion(head(z), y) + 0.1 * deq.last_jac_loss
-        >>> z_next = deq(x, z0=z.detach())              # warm start
+        >>> class Cell(torch.nn.Module):  # f(z, x) = tanh(W z + x)
+        ...     def __init__(self, width):
+        ...         super().__init__()
+        ...         self.linear = torch.nn.Linear(width, width, bias=False)
+        ...     def forward(self, z, x):
+        ...         return torch.tanh(self.linear(z) + x)
+        >>> deq = implicit.DEQ(Cell(8), jac_reg=1)
+        >>> x = torch.randn(4, 8)
+        >>> z = deq(x)  # z0 defaults to zeros_like(x)
+        >>> deq.last_info.status
+        'converged'
+        >>> loss = z.pow(2).mean() + 0.1 * deq.last_jac_loss
+        >>> loss.backward()  # reaches the cell's parameters
+        >>> z_next = deq(x + 0.01, z0=z.detach())  # warm start
     """
 
     def __init__(

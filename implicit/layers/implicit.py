@@ -15,7 +15,7 @@ from implicit.layers._base import SolverLayer
 class ImplicitLayer(SolverLayer):
     """The output is the root ``z*`` of ``g(z*, *args) = 0``.
 
-    A thin module over :func:`implicit.root_solve`: gradients reach the tensor
+    A thin module over [`implicit.root_solve`][implicit.root_solve]: gradients reach the tensor
     arguments and every tensor ``g`` reads (``nn.Module`` parameters included, and
     ``g`` is registered as a submodule when it is one), in ``eval()`` mode as in
     ``train()`` mode.
@@ -29,11 +29,15 @@ class ImplicitLayer(SolverLayer):
             Anything else raises.
 
     Attributes:
-        last_info: the :class:`~implicit.SolveInfo` of the latest forward.
+        last_info: the [`SolveInfo`][implicit.SolveInfo] of the latest forward.
 
     Example:
-        >>> layer = ImplicitLayer(lambda z, a, b: a @ z - b + torch.sigmoid(z))
-        >>> z = layer(a, b, z0=torch.zeros(5))
+        >>> layer = implicit.ImplicitLayer(lambda z, A, b: A @ z + torch.sigmoid(z) - b)
+        >>> A = 2 * torch.eye(3)
+        >>> b = torch.ones(3, requires_grad=True)
+        >>> z = layer(A, b, z0=torch.zeros(3))
+        >>> layer.last_info.status
+        'converged'
     """
 
     def __init__(self, g: Callable[..., Any], batched: bool = False, **opts: Any):

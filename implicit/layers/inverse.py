@@ -19,7 +19,7 @@ _BLACK_BOX_OPTIONS = ("backward", "tol", "max_iter", "on_failure")
 class InverseLayer(SolverLayer):
     """The output is the ``z`` with ``f(z) = y``: a differentiable inverse of ``f``.
 
-    A thin module over :func:`implicit.invert`. Gradients reach ``y`` and every tensor
+    A thin module over [`implicit.invert`][implicit.invert]. Gradients reach ``y`` and every tensor
     ``f`` reads (``nn.Module`` parameters included; ``f`` is registered as a submodule
     when it is one), in ``eval()`` mode as in ``train()`` mode: ``dz/dy = (∂f/∂z)⁻¹``
     and ``dz/dθ = −(∂f/∂z)⁻¹ ∂f/∂θ``.
@@ -38,12 +38,17 @@ class InverseLayer(SolverLayer):
             apply. Anything else raises.
 
     Attributes:
-        last_info: the :class:`~implicit.SolveInfo` of the latest forward.
+        last_info: the [`SolveInfo`][implicit.SolveInfo] of the latest forward.
 
     Example:
-        >>> flow = InverseLayer(lambda z: z + 0.5 * torch.tanh(z))   # a monotone map
-        >>> z = flow(y)                                             # f(z) = y
-        >>> layer = InverseLayer(torch.sin, inverse=lambda y: np.arcsin(y.numpy()))
+        >>> flow = implicit.InverseLayer(lambda z: z + 0.5 * torch.tanh(z))  # monotone
+        >>> y = torch.randn(4, 3)
+        >>> z = flow(y)  # f(z) = y, each row its own problem
+        >>> torch.allclose(z + 0.5 * torch.tanh(z), y, atol=1e-5)
+        True
+        >>> asin = implicit.InverseLayer(torch.sin, inverse=lambda y: np.arcsin(y.numpy()))
+        >>> asin(torch.tensor([[0.5]]))
+        tensor([[0.5236]])
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Forward solvers: one file per method, all behind :class:`Solver`.
+"""Forward solvers: one file per method, all behind [`Solver`][implicit.solvers.Solver].
 
 Pick one by name (``solver="anderson"``, with options as keyword arguments of the
 front door) or pass an instance (``solver=implicit.solvers.Anderson(m=8)``).
@@ -28,7 +28,6 @@ __all__ = [
     "resolve",
 ]
 
-#: Solver names accepted by ``solver=``.
 NAMES: dict[str, type[Solver]] = {
     FixedPoint.name: FixedPoint,
     Anderson.name: Anderson,
@@ -36,6 +35,9 @@ NAMES: dict[str, type[Solver]] = {
     Broyden.name: Broyden,
     Scipy.name: Scipy,
 }
+"""The solvers by the names ``solver=`` accepts: ``"fixed_point"``, ``"anderson"``,
+``"newton"``, ``"broyden"``, ``"scipy"``. A front door's ``**solver_options`` are the
+keyword arguments of the named class."""
 
 
 def resolve(solver: str | Solver, options: dict[str, Any]) -> Solver:

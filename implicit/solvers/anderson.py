@@ -26,7 +26,7 @@ class _History:
 
 
 class Anderson(Solver):
-    """Anderson acceleration: the default solver of :func:`~implicit.fixed_point`.
+    """Anderson acceleration: the default solver of [`fixed_point`][implicit.fixed_point].
 
     Type-II Anderson mixing on ``G(z) = z + g(z)`` (for a fixed point ``g = f(z) − z``,
     ``G = f``). Each iteration combines the last ``m`` steps: with the differences of
@@ -47,8 +47,8 @@ class Anderson(Solver):
 
     On a root problem this accelerates ``z ← z + β g(z)``, which needs ``∂g/∂z``
     close to ``−I`` (as for ``g = f(z) − z`` with a contractive ``f``); for other root
-    problems use :class:`~implicit.solvers.Newton` or
-    :class:`~implicit.solvers.Broyden`.
+    problems use [`Newton`][implicit.solvers.Newton] or
+    [`Broyden`][implicit.solvers.Broyden].
 
     Args:
         m: history size, the number of past steps combined with the current one.
@@ -59,7 +59,7 @@ class Anderson(Solver):
         max_coefficient: largest allowed ``‖γ‖₁`` (the weights of the combination
             of past iterates are bounded by ``1 + 2‖γ‖₁``); ``math.inf`` turns the
             check off.
-        check_every: see :class:`~implicit.solvers.Solver`.
+        check_every: see [`Solver`][implicit.solvers.Solver].
     """
 
     name = "anderson"

@@ -3,14 +3,14 @@
 A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)``
 (row ``b`` is problem ``b``). It implements two small methods:
 
-* :meth:`Solver.init` builds the method's state from the first iterate;
-* :meth:`Solver.step` proposes the next iterate and its residual.
+* ``Solver.init`` builds the method's state from the first iterate;
+* ``Solver.step`` proposes the next iterate and its residual.
 
-:meth:`Solver.solve` owns everything else, once for all methods: per-problem stopping
+``Solver.solve`` owns everything else, once for all methods: per-problem stopping
 (``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``, the scale fixed at the initial guess), freezing of
 finished problems, non-finite detection, the residual history and the counters of
-:class:`~implicit.SolveInfo`.
-A method that is not iterative (scipy, a black box) overrides :meth:`Solver.solve`.
+``SolveInfo``. A method that is not iterative (scipy, a black box) overrides
+``Solver.solve``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_
 
 class Solver(abc.ABC):
     """A method for ``g(z) = 0`` on a flat batch ``(B, n)``.
+
+    A method sets ``name`` and implements [`init`][implicit.solvers.Solver.init] and
+    [`step`][implicit.solvers.Solver.step]; [`solve`][implicit.solvers.Solver.solve]
+    runs the loop. The residual ``fn`` they receive evaluates ``g`` on ``(B, n)``
+    tensors (``fn(z)``, counted in ``SolveInfo.f_evals``) and linearises it:
+    ``fn.linearize(z)`` is ``∂g/∂z`` at ``z``, with ``.rmatvec(w)`` (``Aᵀ w``, a
+    vector-Jacobian product), ``.matvec(u)`` (``A u``) and ``.dense()`` (the
+    ``(B, n, n)`` blocks); ``fn.jacobian(z)`` returns ``g(z)`` and those blocks. A
+    step must stay differentiable (no in-place update of a tensor that may require
+    grad, no ``.detach()`` of an iterate), so that ``backward="unroll"`` can run
+    through it.
 
     Args:
         check_every: test for the end of the loop (a host synchronisation) every this
@@ -51,7 +62,8 @@ class Solver(abc.ABC):
         """One iteration from ``z`` (residual ``r``): the next ``z``, ``g(z)`` and state.
 
         Every row is stepped; the driver discards the rows of finished problems. A
-        method that is not iterative in this loop overrides :meth:`solve` instead.
+        method that is not iterative in this loop overrides
+        [`solve`][implicit.solvers.Solver.solve] instead.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement step() or solve()")
 

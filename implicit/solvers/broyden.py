@@ -74,7 +74,7 @@ class Broyden(Solver):
     Args:
         memory: rank-one terms kept (at least 1).
         line_search: backtrack on ``½‖g‖²``; ``False`` always takes the full step.
-        check_every: see :class:`~implicit.solvers.Solver`.
+        check_every: see [`Solver`][implicit.solvers.Solver].
     """
 
     name = "broyden"

@@ -15,7 +15,7 @@ class FixedPoint(Solver):
 
     Args:
         damping: step size in ``(0, 1]`` (default 1.0).
-        check_every: see :class:`~implicit.solvers.Solver`.
+        check_every: see [`Solver`][implicit.solvers.Solver].
     """
 
     name = "fixed_point"

@@ -46,7 +46,7 @@ class _NewtonState:
 
 class Newton(Solver):
     """Newton's method with a backtracking line search: the default of
-    :func:`~implicit.root_solve`.
+    [`root_solve`][implicit.root_solve].
 
     For problems that are not contractive fixed points, or when few iterations matter
     more than cheap ones: convergence is quadratic near a root with a non-singular
@@ -80,13 +80,13 @@ class Newton(Solver):
             at most ``max_dense`` unknowns per sample, and under
             ``backward="unroll"`` (the Krylov inner solve cannot be differentiated
             through; ``"krylov"`` raises there).
-        krylov: the :class:`~implicit.linear.GMRES` instance for the Krylov inner
+        krylov: the [`GMRES`][implicit.linear.GMRES] instance for the Krylov inner
             solve (its ``restart``, ``preconditioner``, ``tol``, ``max_iter``);
             default ``GMRES()`` with the adaptive tolerance above and at most 100
             iterations.
         line_search: backtrack on ``½‖g‖²``; ``False`` always takes the full step.
         max_dense: the ``"auto"`` threshold on unknowns per sample.
-        check_every: see :class:`~implicit.solvers.Solver`.
+        check_every: see [`Solver`][implicit.solvers.Solver].
     """
 
     name = "newton"

@@ -34,6 +34,7 @@ METHODS = (
     "krylov",
     "df-sane",
 )
+"""The ``scipy.optimize.root`` methods [`Scipy`][implicit.solvers.Scipy] accepts."""
 #: The methods that take a Jacobian (``jac=``); the others approximate their own.
 _WITH_JACOBIAN = ("hybr", "lm")
 #: scipy's ``nonlin`` family: stops on a residual norm we set (``tol_norm``), counts
@@ -43,9 +44,10 @@ _NONLIN = METHODS[2:9]
 #: Diagonal methods whose step length is global: coupled samples need several times the
 #: iterations in a block (measured 3-6x), so ``"auto"`` solves them per sample.
 _PER_SAMPLE = ("linearmixing", "diagbroyden")
-#: Above this many unknowns in a block, hybr and lm factorise a dense (B·n)² Jacobian
-#: (cost (B·n)³): solving per sample is faster (measured, see the class docstring).
 MAX_BLOCK_UNKNOWNS = 256
+"""Above this many unknowns in a block, hybr and lm factorise a dense ``(B·n)²`` Jacobian
+(cost ``(B·n)³``): ``strategy="auto"`` solves them per sample instead (measured faster,
+see [`Scipy`][implicit.solvers.Scipy])."""
 
 Strategy = Literal["auto", "block", "per_sample"]
 
@@ -85,7 +87,8 @@ class Scipy(Solver):
     function's precision (``eps``) so that their finite differences are not noise.
 
     Args:
-        method: one of ``scipy.optimize.root``'s methods (see :data:`METHODS`).
+        method: one of ``scipy.optimize.root``'s methods (see
+            [`METHODS`][implicit.solvers.scipy.METHODS]).
         options: scipy's ``options`` dict for the method; misspelt keys raise.
         strategy: how a batch of ``B`` problems is solved.
             ``"per_sample"``: one scipy solve per problem (each call of ``g``
@@ -95,12 +98,13 @@ class Scipy(Solver):
             problems share scipy's steps and stop together). ``"auto"`` (default)
             picks the faster, as measured by ``benchmarks/scipy_strategies.py``:
             block, except per sample for hybr and lm above
-            :data:`MAX_BLOCK_UNKNOWNS` unknowns (their dense ``(B·n)³``
-            factorisation: B=64, n=10 took 219 ms as a block, 137 ms per sample) and
-            for linearmixing and diagbroyden (their global step length makes a
-            block need 3-6x the iterations, so it failed within ``max_iter`` where
-            per-sample solves converged). Block was 3-80x faster for the other
-            methods (e.g. df-sane, B=64, n=10: 2 ms against 163 ms).
+            [`MAX_BLOCK_UNKNOWNS`][implicit.solvers.scipy.MAX_BLOCK_UNKNOWNS] unknowns
+            (their dense ``(B·n)³`` factorisation: B=64, n=10 took 219 ms as a
+            block, 137 ms per sample) and for linearmixing and diagbroyden (their
+            global step length makes a block need 3-6x the iterations, so it failed
+            within ``max_iter`` where per-sample solves converged). Block was 3-80x
+            faster for the other methods (e.g. df-sane, B=64, n=10: 2 ms against
+            163 ms).
         jacobian: give hybr and lm the exact per-sample Jacobian (autograd, one
             batched vector-Jacobian product per unknown) instead of finite
             differences. ``None`` (default) means yes for hybr and lm: 15-17
