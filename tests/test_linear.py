@@ -186,9 +186,9 @@ def test_drifted_recurrence_is_restarted_from_the_true_residual(method, monkeypa
     iterate = cls._iterate
 
     def spy(self, op, rhs, x, target, max_iter, allowed):
-        x, codes, used = iterate(self, op, rhs, x, target, max_iter, allowed)
+        x, codes, used, true = iterate(self, op, rhs, x, target, max_iter, allowed)
         rounds.append((int(allowed.sum()), used))
-        return x, codes, used
+        return x, codes, used, true
 
     monkeypatch.setattr(cls, "_iterate", spy)
     matrix, rhs = spd(4, 30, 1e4, 0), rhs_of(4, 30, 0)
