@@ -1,6 +1,6 @@
 """implicit: differentiable fixed points, roots and inverses for PyTorch."""
 
-from implicit import linear, solvers
+from implicit import layers, linear, solvers
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 from implicit.api import (
     batch_jacobian,
@@ -10,19 +10,24 @@ from implicit.api import (
     invert,
     root_solve,
 )
+from implicit.layers import DEQ, ImplicitLayer, InverseLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEQ",
     "BackwardInfo",
     "ConvergenceError",
     "ConvergenceWarning",
+    "ImplicitLayer",
+    "InverseLayer",
     "SolveInfo",
     "batch_jacobian",
     "custom_root",
     "fixed_point",
     "implicit_inverse_layer",
     "invert",
+    "layers",
     "linear",
     "root_solve",
     "solvers",

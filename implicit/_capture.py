@@ -77,6 +77,9 @@ class Recorder(TorchFunctionMode):
         self._keep_alive = list(known)
         self.captured: dict[int, torch.Tensor] = {}
 
+    # Under torch.compile, run the bookkeeping eagerly (a graph break per operation, for
+    # this one evaluation) instead of tracing it.
+    @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
@@ -103,6 +106,7 @@ class Substitute(TorchFunctionMode):
         super().__init__()
         self._replacements = replacements
 
+    @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         def swap(tensor: torch.Tensor) -> torch.Tensor:
             return self._replacements.get(id(tensor), tensor)

@@ -19,16 +19,28 @@ through Krylov iterations. Forward mode (:meth:`_ImplicitFunction.jvp`) solves t
 tangent system ``(∂g/∂z) dz = −(∂g/∂θ) dθ`` with the same linear solver. Partial
 derivatives are taken with ``torch.func.vjp``, which treats ``z`` and ``θ`` as
 independent even when ``z`` is (through this function) a function of ``θ``.
+
+Under ``vmap`` (:meth:`_ImplicitFunction.vmap`, also behind ``jacrev``, ``jacfwd`` and
+``hessian``) the vmapped slices are independent problems: they become more rows of one
+problem (:class:`_Folded`), or more right-hand sides of one linear system
+(:class:`~implicit._operators.Repeated`), and are solved in one call. Forward mode over
+forward mode is refused (:func:`_nested_forward_mode`): PyTorch cannot differentiate a
+custom ``jvp`` rule in forward mode and would drop the second-order term.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import os
+import traceback
 from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import TransformType
 
-from implicit._operators import GraphJacobian, Jacobian, Operator, Residual
+from implicit._operators import GraphJacobian, Jacobian, Operator, Repeated, Residual
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -40,34 +52,35 @@ from implicit._results import (
 from implicit.linear import LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
-
-def _per_problem(values: torch.Tensor, batched: bool) -> torch.Tensor:
-    """Per-problem values as reported: shape ``(B,)`` when batched, ``()`` otherwise."""
-    return values if batched else values.reshape(())
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Settings:
-    """Tolerances and failure policy shared by a solve and its linear solves."""
+    """Tolerances and failure policy shared by a solve and its linear solves.
 
-    def __init__(
-        self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver, batched: bool
-    ):
+    Args:
+        rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
+            ``jacrev``, ... stack several blocks of ``B`` rows; a linear solver's
+            preconditioner and warm-start tensor still see one block at a time.
+    """
+
+    def __init__(self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver, rows: int):
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
         self.linear = linear
-        self.batched = batched
+        self.rows = rows
 
     def linear_solve(
-        self, op: Operator, rhs: torch.Tensor, what: str
+        self, op: Operator, rhs: torch.Tensor, what: str, report_shape: tuple[int, ...]
     ) -> tuple[torch.Tensor, BackwardInfo]:
-        linear = self.linear
+        linear = _blockwise(self.linear, rhs.shape[0] // self.rows, rhs.shape)
         tol = linear.tol if linear.tol is not None else self.tol
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
         info = BackwardInfo(
-            converged=_per_problem(result.codes == CONVERGED, self.batched),
-            residual=_per_problem(result.residual.detach(), self.batched),
+            converged=(result.codes == CONVERGED).reshape(report_shape),
+            residual=result.residual.detach().reshape(report_shape),
             iterations=result.iterations,
             matvecs=op.products,
             status=status_name(result.codes),
@@ -77,36 +90,93 @@ class _Settings:
         return result.x, info
 
 
+def _blockwise(linear: LinearSolver, blocks: int, shape: torch.Size) -> LinearSolver:
+    """``linear`` for ``blocks`` stacked blocks of rows, with its preconditioner applied
+    block by block and its warm-start tensor repeated for each block (as the user wrote
+    them for one block); itself when there is one block or nothing to adapt."""
+    preconditioner = getattr(linear, "preconditioner", None)
+    x0 = getattr(linear, "x0", None)
+    if blocks == 1 or (preconditioner is None and not isinstance(x0, torch.Tensor)):
+        return linear
+    adapted = copy.copy(linear)
+    if preconditioner is not None:
+
+        def per_block(r: torch.Tensor) -> torch.Tensor:
+            return torch.cat([preconditioner(block) for block in r.chunk(blocks)])
+
+        adapted.preconditioner = per_block
+    block_shape = (shape[0] // blocks, shape[1])
+    if isinstance(x0, torch.Tensor) and x0.numel() == math.prod(block_shape):
+        adapted.x0 = x0.reshape(block_shape).repeat(blocks, 1)
+    return adapted
+
+
 class _RootProblem:
-    """A user problem solved by a nonlinear solver (the forward of step 1)."""
+    """A user problem solved by a nonlinear solver (the forward of step 1).
+
+    Args:
+        problem: the residual ``problem.residual(z, *inputs)`` on ``(B, n)`` rows and
+            the scale of its stopping test, ``problem.scale(z0, r0, *inputs)``.
+        solver: the forward solver.
+        settings: tolerances, failure policy and linear solver.
+        r0: the residual at the initial guess when already known (used once).
+        report_shape: the shape of the per-problem fields of the reports: ``(B,)``
+            when batched, ``()`` otherwise, ``(V, ...)`` when folded under ``vmap``.
+    """
 
     def __init__(
-        self, problem: Problem, solver: Solver, settings: _Settings, r0: torch.Tensor | None
+        self,
+        problem: Problem | _Folded,
+        solver: Solver,
+        settings: _Settings,
+        r0: torch.Tensor | None,
+        report_shape: tuple[int, ...],
     ):
         self.problem = problem
         self.solver = solver
         self.settings = settings
         self.r0 = r0
+        self.report_shape = report_shape
         self.info: SolveInfo | None = None
+        # The problem this one folds (under vmap): it reports through the same info.
+        self._unfolded: _RootProblem | None = None
 
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self.problem.residual(z, *inputs)
 
     def solve(self, z0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         settings = self.settings
-        fn = Residual(lambda z: self.problem.residual(z, *inputs), self.problem.scale)
+        fn = Residual(
+            lambda z: self.problem.residual(z, *inputs),
+            lambda z, r: self.problem.scale(z, r, *inputs),
+        )
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
-        _shape_report(info, settings.batched)
-        if self.info is not None:  # a vmap rule solves one slice at a time: keep them all
-            info.backward = self.info.backward
-        self.info = info
+        info.converged = info.converged.reshape(self.report_shape)
+        info.residual = info.residual.reshape(self.report_shape)
+        problem: _RootProblem | None = self
+        while problem is not None:
+            problem.info, problem = info, problem._unfolded
         report_failure(info, settings.on_failure, "forward solve")
         return z
 
     def record_backward(self, info: BackwardInfo) -> None:
         if self.info is not None:
             self.info.backward = info
+
+    def fold(
+        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
+    ) -> tuple[_RootProblem, Sequence[torch.Tensor]]:
+        """This problem for ``size`` vmapped slices at once (see :class:`_Folded`)."""
+        folded = _RootProblem(
+            _Folded(self.problem, size, in_dims),
+            self.solver,
+            self.settings,
+            None,
+            (size, *self.report_shape),
+        )
+        folded._unfolded = self
+        return folded, inputs
 
 
 class _LinearProblem:
@@ -120,23 +190,33 @@ class _LinearProblem:
     Its forward is a linear solve. Being a problem like any other, it is solved through
     :class:`_ImplicitFunction`, so its derivatives (second order), its batching under
     ``vmap`` and its forward mode come from the same machinery.
+
+    Args:
+        parent: the problem whose Jacobian ``A`` is.
+        transpose: which of the two systems.
+        copies: the number of right-hand sides per row of the parent: ``x`` and ``v``
+            (or ``b``) have ``copies·B`` rows, copy-major, all with the same ``A``.
     """
 
     def __init__(
         self,
-        parent: _RootProblem | _LinearProblem,
+        parent: _RootProblem | _LinearProblem | _Folded,
         transpose: bool,
+        copies: int = 1,
         linearization: GraphJacobian | None = None,
     ):
         self.parent = parent
         self.transpose = transpose
+        self.copies = copies
         self.settings = parent.settings
+        self.report_shape = (copies, *parent.report_shape) if copies > 1 else parent.report_shape
         # ∂g/∂z already recorded at exactly the (z, θ) this system is solved at (the
         # first-order backward records it once and also takes the partials from it).
         self.linearization = linearization
 
-    def _jacobian(self, z: torch.Tensor, theta: Sequence[torch.Tensor]) -> Jacobian:
-        return Jacobian(lambda state: self.parent.residual(state, *theta), z)
+    def _jacobian(self, z: torch.Tensor, theta: Sequence[torch.Tensor]) -> Jacobian | Repeated:
+        jacobian = Jacobian(lambda state: self.parent.residual(state, *theta), z)
+        return Repeated(jacobian, self.copies) if self.copies > 1 else jacobian
 
     def residual(
         self, x: torch.Tensor, rhs: torch.Tensor, z: torch.Tensor, *theta: torch.Tensor
@@ -150,7 +230,7 @@ class _LinearProblem:
         jacobian = self.linearization or self._jacobian(z, theta)
         op = Operator(jacobian, transpose=self.transpose)
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
-        x, info = self.settings.linear_solve(op, rhs, what)
+        x, info = self.settings.linear_solve(op, rhs, what, self.report_shape)
         if self.transpose:
             self.parent.record_backward(info)
         return x
@@ -158,13 +238,92 @@ class _LinearProblem:
     def record_backward(self, info: BackwardInfo) -> None:
         """Linear solves of higher orders are not reported."""
 
+    def fold(
+        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
+    ) -> tuple[_LinearProblem, Sequence[torch.Tensor]] | None:
+        """This system for ``size`` vmapped slices at once, or ``None`` when no single
+        system covers them.
+
+        Where only the right-hand sides differ between slices (``jacrev``, ``jacfwd``:
+        one matrix, many vectors), the slices are more copies of the same system and
+        ``g`` is not evaluated under ``vmap`` at all. Where the matrices differ, the
+        slices are rows of the system of the folded parent.
+        """
+        rhs, z, *theta = inputs
+        rhs_dim, z_dim, *theta_dims = in_dims
+        rows = _rows(rhs, rhs_dim, size)
+        if z_dim is None and all(dim is None for dim in theta_dims):
+            return _LinearProblem(self.parent, self.transpose, size * self.copies), (
+                rows,
+                z,
+                *theta,
+            )
+        if self.copies > 1:
+            return None
+        folded = _LinearProblem(_Folded(self.parent, size, theta_dims), self.transpose)
+        return folded, (rows, _rows(z, z_dim, size), *theta)
+
+
+class _Folded:
+    """``size`` slices of a problem under ``torch.func.vmap``, as one batch of rows.
+
+    The slices of a vmapped problem are independent problems, just like the rows of a
+    batched one. So ``size`` slices of a problem on ``(B, n)`` rows are solved as one
+    problem on ``(size·B, n)`` rows, each row with its own stopping test, in one call
+    of the solver; the residual evaluates the original one under ``vmap``.
+
+    Args:
+        inner: the problem (or the parent of a linear system) being folded.
+        size: the number of vmapped slices.
+        in_dims: for each input, 0 when it has the vmapped dimension first, ``None``
+            when it is shared by every slice.
+    """
+
+    def __init__(self, inner, size: int, in_dims: Sequence[int | None]):
+        self.inner = inner
+        self.size = size
+        self.in_dims = tuple(in_dims)
+
+    @property
+    def settings(self) -> _Settings:
+        return self.inner.settings
+
+    @property
+    def report_shape(self) -> tuple[int, ...]:
+        return (self.size, *self.inner.report_shape)
+
+    def _per_slice(self, fn, rows: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
+        slices = [row.reshape(self.size, -1, *row.shape[1:]) for row in rows]
+        out = torch.func.vmap(fn, in_dims=(*(0 for _ in rows), *self.in_dims))(*slices, *inputs)
+        return out.reshape(-1, *out.shape[2:])
+
+    def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._per_slice(self.inner.residual, [z], inputs)
+
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._per_slice(self.inner.scale, [z0, r0], inputs)
+
+    def record_backward(self, info: BackwardInfo) -> None:
+        self.inner.record_backward(info)
+
+
+def _rows(tensor: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """``(size, B, n)`` slices (or one ``(B, n)`` tensor shared by all) as rows."""
+    if dim is None:
+        tensor = tensor.expand(size, *tensor.shape)
+    return tensor.reshape(-1, tensor.shape[-1])
+
 
 class _ImplicitFunction(torch.autograd.Function):
     """``z* = solve(problem)(inputs)`` with implicit derivatives, in every AD mode."""
 
     @staticmethod
     def forward(problem, z0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        return _not_a_view_of(z0, problem.solve(z0, inputs))
+        # autograd.Function turns forward-mode AD off here; a user function that opens
+        # its own dual level must see it on, as it does outside the solve.
+        with forward_ad._set_fwd_grad_enabled(forward_ad._current_level < 0):
+            z = problem.solve(z0, inputs)
+        return _not_a_view_of(z0, z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -195,31 +354,54 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _problem_tangent, _z0_tangent, *tangents):
-        z, *inputs = ctx.saved_tensors
-        moving = [i for i, tangent in enumerate(tangents) if tangent is not None]
-        if not moving:
-            return torch.zeros_like(z)
-        problem = ctx.problem
-        # (∂g/∂θ) dθ by reverse over reverse: forward mode cannot nest here.
-        value, vjp = torch.func.vjp(
-            _partial(problem, z, inputs, moving), *(inputs[i] for i in moving)
-        )
-        _, linear_in_w = torch.func.vjp(vjp, torch.zeros_like(value))
-        (rhs,) = linear_in_w(tuple(tangents[i] for i in moving))
-        tangent = _LinearProblem(problem, transpose=False)
-        return _ImplicitFunction.apply(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
+        if _nested_forward_mode():
+            raise RuntimeError(
+                "forward-mode AD over forward-mode AD through an implicit solve (torch.func.jvp "
+                "over jvp, jacfwd over jacfwd, hessian of a hessian) is not supported: torch "
+                "cannot apply forward mode to a custom jvp rule and would silently drop the "
+                "second-order term. Put reverse mode on one side instead: "
+                "torch.func.hessian (jacfwd over jacrev), jacrev over jacfwd, or jacrev over "
+                "jacrev."
+            )
+        return _tangent(ctx, tangents)
 
     @staticmethod
     def vmap(info, in_dims, problem, z0, *inputs):
-        # One solve per slice: each keeps its own stopping test and derivatives.
-        slices = []
-        for index in range(info.batch_size):
-            tensors = [
-                t if dim is None else t.select(dim, index)
-                for t, dim in zip((z0, *inputs), in_dims[1:])
+        # The vmapped slices become more rows of one problem: one solve for all of them.
+        size = info.batch_size
+        z0_dim, *input_dims = in_dims[1:]
+        z0 = z0 if z0_dim is None else z0.movedim(z0_dim, 0)
+        inputs = [t if d is None else t.movedim(d, 0) for t, d in zip(inputs, input_dims)]
+        dims = [None if d is None else 0 for d in input_dims]
+        folded = problem.fold(size, dims, inputs)
+        if folded is None:
+            # No one problem covers the slices: one solve per slice.
+            slices = [
+                _ImplicitFunction.apply(
+                    problem,
+                    *(t if d is None else t[index] for t, d in zip((z0, *inputs), (z0_dim, *dims))),
+                )
+                for index in range(size)
             ]
-            slices.append(_ImplicitFunction.apply(problem, *tensors))
-        return torch.stack(slices), 0
+            return torch.stack(slices), 0
+        folded_problem, folded_inputs = folded
+        z = _ImplicitFunction.apply(folded_problem, _rows(z0, z0_dim, size), *folded_inputs)
+        return z.reshape(size, -1, z.shape[-1]), 0
+
+
+def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``dz = −(∂g/∂z)⁻¹ (∂g/∂θ) dθ``, the tangent system solved as a linear problem."""
+    z, *inputs = ctx.saved_tensors
+    moving = [i for i, tangent in enumerate(tangents) if tangent is not None]
+    if not moving:
+        return torch.zeros_like(z)
+    problem = ctx.problem
+    # (∂g/∂θ) dθ by reverse over reverse: forward mode cannot nest here.
+    value, vjp = torch.func.vjp(_partial(problem, z, inputs, moving), *(inputs[i] for i in moving))
+    _, linear_in_w = torch.func.vjp(vjp, torch.zeros_like(value))
+    (rhs,) = linear_in_w(tuple(tangents[i] for i in moving))
+    tangent = _LinearProblem(problem, transpose=False)
+    return _ImplicitFunction.apply(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
 
 
 def _plain_backward(problem) -> bool:
@@ -231,7 +413,12 @@ def _plain_backward(problem) -> bool:
     (:func:`_first_order_grads`). Otherwise (double backward, ``jacrev``, ``vmap``, ...)
     the general path differentiates the same quantities with ``torch.func``.
     """
-    return isinstance(problem, _RootProblem) and not torch.is_grad_enabled() and not _transforming()
+    return (
+        isinstance(problem, _RootProblem)
+        and isinstance(problem.problem, Problem)  # not the rows of a vmap (_Folded)
+        and not torch.is_grad_enabled()
+        and not _transforming()
+    )
 
 
 def _first_order_grads(
@@ -274,11 +461,6 @@ def _first_order_grads(
     return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
 
 
-def _shape_report(info: SolveInfo, batched: bool) -> None:
-    info.converged = _per_problem(info.converged, batched)
-    info.residual = _per_problem(info.residual, batched)
-
-
 def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: Sequence[int]):
     """``g(z, θ)`` as a function of the inputs at positions ``moving`` only."""
 
@@ -289,6 +471,12 @@ def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: S
         return problem.residual(z, *tensors)
 
     return residual_of
+
+
+def _nested_forward_mode() -> bool:
+    """Whether two ``torch.func`` forward-mode transforms (jvp, jacfwd) are active."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return sum(level.key() == TransformType.Jvp for level in stack) >= 2
 
 
 def _transforming() -> bool:
@@ -315,25 +503,46 @@ def solve(
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
     """
     z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
+    report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
-        # The reference mode: autograd records every iteration of the solver.
-        fn = Residual(lambda z: problem.residual(z, *problem.inputs), problem.scale)
-        z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
-        _shape_report(info, problem.batched)
-        report_failure(info, on_failure, "forward solve")
-        return _not_a_view_of(z0, z), info
-    settings = _Settings(tol, max_iter, on_failure, backward.for_size(problem.n), problem.batched)
+        return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape)
+    settings = _Settings(
+        tol, max_iter, on_failure, backward.for_size(problem.n), problem.batch_size
+    )
     transforming = _transforming()
     derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
     r0 = problem.discover(z0) if derivatives_possible else None
-    root = _RootProblem(problem, solver, settings, None if transforming else r0)
-    differentiable = derivatives_possible and problem.carries_derivatives()
+    root = _RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
+    # Under a torch.func transform the solve always runs inside the Function: its vmap
+    # rule also serves a vmapped z0 when nothing else carries a derivative.
+    differentiable = transforming or (derivatives_possible and problem.carries_derivatives())
     if differentiable:
         z = _ImplicitFunction.apply(root, z0, *problem.inputs)
     else:
         with torch.no_grad():
             z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
     return z, root.info
+
+
+def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
+    """The reference mode: autograd records every iteration of the solver."""
+    inputs = problem.inputs
+    fn = Residual(lambda z: problem.residual(z, *inputs), lambda z, r: problem.scale(z, r, *inputs))
+    try:
+        z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
+    except RuntimeError as error:
+        innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+        if "data-dependent control flow" not in str(error) or not innermost.startswith(_PACKAGE):
+            raise  # not the solver's own loop (e.g. the user's function branched on a value)
+        raise RuntimeError(
+            "backward='unroll' cannot run under torch.func.vmap with batched inputs: the "
+            "solver's stopping test is data-dependent control flow, which vmap refuses. "
+            "Use an implicit backward ('auto', 'dense', 'gmres', ...), which supports vmap."
+        ) from error
+    info.converged = info.converged.reshape(report_shape)
+    info.residual = info.residual.reshape(report_shape)
+    report_failure(info, on_failure, "forward solve")
+    return _not_a_view_of(z0, z), info
 
 
 def _not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,14 @@ class Jacobian:
         Reverse-over-reverse rather than forward mode because nested forward-mode AD
         is not supported and the core runs inside forward-mode rules.
         """
+        self.vjps += 1
+        return self._linear_vjp()((u,))[0]
+
+    def _linear_vjp(self) -> Callable:
+        """The pullback of the (linear) vector-Jacobian product, built once."""
         if self._jvp is None:
             _, self._jvp = torch.func.vjp(self._vjp, torch.zeros_like(self.value))
-        self.vjps += 1
-        return self._jvp((u,))[0]
+        return self._jvp
 
     def dense(self, chunk_size: int | None = None) -> torch.Tensor:
         """The per-sample Jacobian blocks ``A[b]`` with ``A[b, i, j] = ∂g_bi/∂z_bj``,
@@ -183,10 +187,55 @@ class GraphJacobian(Jacobian):
         return cotangent.new_zeros(shape) if grad is None else grad
 
 
+class Repeated:
+    """The block-diagonal operator of ``copies`` copies of one :class:`Jacobian`.
+
+    A linear system with many right-hand sides and one matrix (the rows of a Jacobian
+    computed under ``vmap``, e.g. by ``torch.func.jacrev``) acts on ``(copies·B, n)``
+    rows: the Jacobian is linearised once and its products are applied to every copy
+    at once, under ``vmap``; ``g`` itself is not evaluated again.
+
+    Args:
+        jacobian: the shared ``(B, n)`` Jacobian.
+        copies: the number of copies; row block ``k`` of a vector is copy ``k``.
+    """
+
+    def __init__(self, jacobian: Jacobian, copies: int):
+        self.jacobian = jacobian
+        self.copies = copies
+
+    @property
+    def shape(self) -> torch.Size:
+        batch, n = self.jacobian.shape
+        return torch.Size((self.copies * batch, n))
+
+    @property
+    def vjps(self) -> int:
+        return self.jacobian.vjps
+
+    def _each(self, product: Callable, x: torch.Tensor) -> torch.Tensor:
+        out = torch.func.vmap(product)(x.reshape(self.copies, *self.jacobian.shape))
+        return out.reshape(x.shape)
+
+    def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ w`` for every copy."""
+        return self._each(self.jacobian.rmatvec, w)
+
+    def matvec(self, u: torch.Tensor) -> torch.Tensor:
+        """``A u`` for every copy."""
+        self.jacobian._linear_vjp()  # built outside vmap, where it is reused
+        return self._each(self.jacobian.matvec, u)
+
+    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
+        """The ``(copies·B, n, n)`` blocks (one Jacobian, expanded)."""
+        blocks = self.jacobian.dense(chunk_size)
+        return blocks.expand(self.copies, *blocks.shape).reshape(-1, *blocks.shape[1:])
+
+
 class Operator:
     """The linear operator a linear solve sees: ``A`` or ``Aᵀ`` of a :class:`Jacobian`."""
 
-    def __init__(self, jacobian: Jacobian, transpose: bool):
+    def __init__(self, jacobian: Jacobian | Repeated, transpose: bool):
         self.jacobian = jacobian
         self.transpose = transpose
 

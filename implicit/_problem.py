@@ -176,15 +176,16 @@ class Problem:
                 out = self.fn(self.unpack(z), *args)
         return self._pack_output(out), target
 
-    def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
-        """Per-problem scale of the stopping tolerance, from the initial guess ``z0`` and
-        its residual ``r0`` (see the class docstring)."""
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """Per-problem scale of the stopping tolerance, from the initial guess ``z0``, its
+        residual ``r0`` and the problem's ``inputs`` (see the class docstring)."""
         if self.form == "fixed_point":
             return torch.maximum(
                 torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(z0 + r0, dim=1)
             )
         if self.form == "inverse":
-            return torch.linalg.vector_norm(self.args[0].reshape(self.batch_size, -1), dim=1)
+            # The target y is the first input, possibly a stand-in (e.g. a vmapped slice).
+            return torch.linalg.vector_norm(inputs[0].reshape(self.batch_size, -1), dim=1)
         return z0.new_zeros(z0.shape[0])
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "LinearSolver",
     "Neumann",
     "OneStep",
+    "Phantom",
     "Unroll",
     "resolve",
 ]
@@ -665,6 +666,37 @@ class OneStep(LinearSolver):
         return LinearResult(-rhs, residual, codes, 0)
 
 
+class Phantom(Neumann):
+    """Phantom gradient (Geng et al., 2021): ``steps`` damped steps unrolled from ``z*``.
+
+    Differentiating ``k`` steps of ``z ← (1 − λ)·z + λ·f(z)`` unrolled from the fixed
+    point ``z*`` gives ``w = −λ Σ_{j<k} (I + λ Aᵀ)^j v`` with ``A = ∂f/∂z − I``: the
+    damped Neumann series truncated at ``k`` terms, which is exactly :class:`Neumann`
+    stopped after ``k`` iterations (so no graph through the steps is kept). With
+    ``steps=1, damping=1`` it is :class:`OneStep`; more steps approach the exact
+    gradient when ``f`` is contractive. Inexact by design: the front door's ``tol``
+    and ``max_iter`` do not apply and it never warns (its residual is reported).
+
+    Args:
+        steps: the number ``k`` of unrolled steps (default 5).
+        damping: the step size ``λ`` in ``(0, 1]`` (default 0.5).
+    """
+
+    name = "phantom"
+    exact = False
+
+    def __init__(self, *, steps: int = 5, damping: float = 0.5):
+        super().__init__(damping=damping)
+        check_max_iter(steps, "Phantom(steps=...)")
+        self.steps = steps
+
+    def solve(self, op, rhs, *, tol, max_iter):
+        # tol=0: never stop early, so the result is always the k-term series.
+        result = super().solve(op, rhs, tol=0.0, max_iter=self.steps)
+        codes = torch.where(result.codes == NONFINITE, NONFINITE, CONVERGED)
+        return dataclasses.replace(result, codes=codes)
+
+
 class Unroll:
     """Differentiate through the forward solver's iterations with plain autograd.
 
@@ -712,6 +744,7 @@ NAMES: dict[str, Callable[[], LinearSolver | Unroll]] = {
     "bicgstab": BiCGStab,
     "neumann": Neumann,
     "one_step": OneStep,
+    "phantom": Phantom,
     "unroll": Unroll,
 }
 

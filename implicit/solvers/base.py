@@ -78,7 +78,7 @@ class Solver(abc.ABC):
         done = codes != MAX_ITER
         # Iterations per problem: the loop count for every problem still running.
         stopped_at = torch.zeros_like(codes)
-        history = [norms]  # per-problem norms, reduced to the worst once at the end
+        history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
         # While the host knows that no problem has finished (it checks every iteration),
         # an iteration needs none of the per-problem bookkeeping: the common case.
@@ -94,7 +94,7 @@ class Solver(abc.ABC):
                 running_all = not bool((~(new_norms > threshold) | ~(new_norms < math.inf)).any())
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
-                    history.append(norms)
+                    history.append(norms.max())
                     continue
             # A problem whose residual turns non-finite stops at its last finite iterate.
             blew_up = ~done & ~torch.isfinite(new_norms)
@@ -106,12 +106,12 @@ class Solver(abc.ABC):
             codes = torch.where(stays, codes, self._classify(norms, threshold, codes))
             stopped_at = torch.where(done, stopped_at, k + 1)
             done = codes != MAX_ITER
-            history.append(torch.where(blew_up, new_norms, norms))
+            history.append(torch.where(blew_up, new_norms, norms).max())
         else:
             k = max_iter
         # Problems still running at the end ran every iteration of the loop.
         iterations = torch.where(done, stopped_at, k)
-        worst = torch.stack(history).max(dim=1).values
+        worst = torch.stack(history)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),

@@ -1,0 +1,75 @@
+"""What the three layers share: solve settings checked once, and ``last_info``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from implicit import linear, solvers
+from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit._results import SolveInfo
+
+
+class SolverLayer(nn.Module):
+    """An ``nn.Module`` that calls a front door with settings fixed at construction.
+
+    The options are checked here, once, so that a misspelt option or an unknown solver
+    fails when the layer is built rather than at its first forward. The solver and the
+    backward mode are resolved to instances and reused by every forward (a Krylov
+    backward with ``x0="previous"`` warm-starts across training steps that way).
+
+    Args:
+        owner: the layer's name, for error messages.
+        options: the layer's ``**opts``: the keys of ``defaults`` (layer options) and
+            the constructor options of the named solver.
+        defaults: the layer options and their default values.
+    """
+
+    def __init__(self, owner: str, options: dict[str, Any], defaults: dict[str, Any]):
+        super().__init__()
+        settings = {**defaults, **{k: options.pop(k) for k in defaults if k in options}}
+        solver = settings.pop("solver")
+        accepted = _solver_parameters(solver)
+        solver_options = {k: options.pop(k) for k in list(options) if k in accepted}
+        self.solver = solvers.resolve(solver, solver_options)
+        if options:
+            raise TypeError(
+                f"{owner} got unknown option(s) {sorted(options)}; layer options are "
+                f"{sorted(defaults)}, options of solver {solver!r} are {sorted(accepted)}"
+            )
+        check_tol(settings["tol"])
+        check_max_iter(settings["max_iter"])
+        check_on_failure(settings["on_failure"])
+        self.backward_mode = linear.resolve(settings.pop("backward"))
+        self.tol: float = settings.pop("tol")
+        self.max_iter: int = settings.pop("max_iter")
+        self.on_failure: str = settings.pop("on_failure")
+        self.layer_options = settings
+        #: The :class:`~implicit.SolveInfo` of the latest forward (``None`` before it).
+        self.last_info: SolveInfo | None = None
+
+    def solve_options(self) -> dict[str, Any]:
+        """Keyword arguments for the front door."""
+        return {
+            "solver": self.solver,
+            "backward": self.backward_mode,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "on_failure": self.on_failure,
+            "return_info": True,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver!r}, backward={self.backward_mode!r}, tol={self.tol}, "
+            f"max_iter={self.max_iter}"
+        )
+
+
+def _solver_parameters(solver: Any) -> set[str]:
+    """The constructor options of a solver given by name (none for an instance)."""
+    if isinstance(solver, str) and solver in solvers.NAMES:
+        return set(inspect.signature(solvers.NAMES[solver]).parameters)
+    return set()

@@ -1,0 +1,205 @@
+"""Deep equilibrium layer: ``z* = f(z*, x)`` as an ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from implicit._problem import Problem, State
+from implicit.api import fixed_point
+from implicit.layers._base import SolverLayer
+
+
+class DEQ(SolverLayer):
+    """A deep equilibrium layer: the output is the fixed point ``z* = f(z*, x)``.
+
+    The forward solve records no graph, so memory does not grow with the number of
+    iterations; gradients with respect to ``x`` and to every tensor ``f`` reads
+    (``nn.Module`` parameters included) come from the implicit function theorem
+    through :func:`implicit.fixed_point`. They flow in ``eval()`` mode exactly as in
+    ``train()`` mode: the mode only matters to ``f`` itself (and to ``jac_reg``).
+
+    The state may be a tensor or a tuple of tensors (multi-resolution DEQs); ``f``
+    returns the same structure. When ``f`` is an ``nn.Module`` it is registered as a
+    submodule, so ``layer.parameters()``, ``.to()``, ``state_dict()`` and
+    ``DistributedDataParallel`` see its parameters.
+
+    Args:
+        f: the cell, ``f(z, x) -> z``.
+        solver: a forward solver name from ``implicit.solvers.NAMES`` or an instance.
+        backward: a backward mode name from ``implicit.linear.NAMES`` or an instance,
+            e.g. ``"phantom"`` or ``implicit.linear.Phantom(steps=5, damping=0.5)``.
+        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each sample, with the
+            sample's scale ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` measured at the initial state.
+        max_iter: the forward iteration cap (and the backward's, unless its instance
+            sets one).
+        batched: dim 0 of the state indexes independent samples (per-sample
+            convergence, statistics and Jacobians).
+        **opts: ``on_failure`` (``"warn"``, ``"raise"`` or ``"ignore"``, default
+            ``"warn"``); ``jac_reg`` (number of Hutchinson samples for
+            :attr:`last_jac_loss`, default 0: off; ``True`` means 1); and the
+            options of the named solver (e.g. ``damping=0.5``). Anything else raises.
+
+    Attributes:
+        last_info: the :class:`~implicit.SolveInfo` of the latest forward; after
+            ``backward()``, ``last_info.backward`` reports the adjoint solve.
+        last_jac_loss: with ``jac_reg``, :meth:`jacobian_penalty` at the latest
+            forward's fixed point, to add to the loss (``None`` in ``eval()`` mode or
+            without grad).
+
+    Example:
+        >>> cell = Cell()                               # any nn.Module f(z, x)
+        >>> deq = implicit.DEQ(cell, jac_reg=1)
+        >>> z = deq(x)                                  # z0 defaults to zeros_like(x)
+        >>> loss = criterion(head(z), y) + 0.1 * deq.last_jac_loss
+        >>> z_next = deq(x, z0=z.detach())              # warm start
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        solver: Any = "anderson",
+        backward: Any = "auto",
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        batched: bool = True,
+        **opts: Any,
+    ):
+        if not callable(f):
+            raise TypeError(f"f must be callable (a function or an nn.Module), got {type(f)}")
+        defaults = {
+            "solver": solver,
+            "backward": backward,
+            "tol": tol,
+            "max_iter": max_iter,
+            "on_failure": "warn",
+            "jac_reg": 0,
+        }
+        super().__init__("DEQ", dict(opts), defaults)
+        jac_reg = self.layer_options.pop("jac_reg")
+        if not isinstance(jac_reg, int) or jac_reg < 0:
+            raise ValueError(f"jac_reg must be a number of samples >= 0 or a bool, got {jac_reg!r}")
+        self.f = f
+        self.batched = bool(batched)
+        self.jac_reg = int(jac_reg)
+        self.last_jac_loss: torch.Tensor | None = None
+
+    def forward(self, x: Any, z0: State | None = None) -> State:
+        """The fixed point ``z* = f(z*, x)``, differentiable in ``x`` and ``f``'s tensors.
+
+        Args:
+            x: the input injected into every step (usually a tensor).
+            z0: the initial state (a tensor or a tuple of tensors); pass the previous
+                solution, detached, to warm-start. Defaults to ``zeros_like(x)``
+                (required when the state is not shaped like ``x``). Receives no
+                gradient.
+        """
+        if z0 is None:
+            z0 = _zeros_like(x)
+        z, info = fixed_point(self.f, z0, x, batched=self.batched, **self.solve_options())
+        self.last_info = info
+        self.last_jac_loss = None
+        if self.jac_reg and self.training and torch.is_grad_enabled():
+            self.last_jac_loss = self.jacobian_penalty(x, z, samples=self.jac_reg)
+        return z
+
+    def jacobian_penalty(
+        self,
+        x: Any,
+        z: State,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A Hutchinson estimate of ``‖∂f/∂z‖²_F`` at ``z``: a differentiable loss term.
+
+        Draws Rademacher vectors ``ε`` and returns the mean of ``‖εᵀ ∂f/∂z‖²``, an
+        unbiased estimate of the squared Frobenius norm of ``f``'s Jacobian (per
+        sample when batched, averaged over the batch). Penalising it keeps ``f``
+        contractive around its equilibria, which keeps the forward and backward
+        solves short (Bai et al., "Stabilizing Equilibrium Models by Jacobian
+        Regularization", 2021; they also divide by the state size, which is a matter
+        of the penalty's weight). ``z`` is treated as a constant, as in that paper:
+        the gradient reaches ``f``'s parameters and ``x``, not the solve.
+
+        Args:
+            x: the layer's input.
+            z: the fixed point (e.g. the layer's output).
+            samples: the number of vectors ``ε`` (one vector-Jacobian product each).
+            generator: the random generator for ``ε`` (default: torch's global one).
+
+        Returns:
+            A scalar tensor, differentiable with respect to ``x`` and ``f``'s tensors.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        problem, state = self._flat_state(x, z)
+        with torch.enable_grad():
+            state = state.requires_grad_()
+            image = problem.pack(self.f(problem.unpack(state), x))
+            total = image.new_zeros(())
+            for _ in range(samples):
+                probe = torch.empty_like(image).bernoulli_(0.5, generator=generator) * 2 - 1
+                (product,) = torch.autograd.grad(
+                    image, state, probe, create_graph=True, retain_graph=True
+                )
+                total = total + product.pow(2).sum(dim=1).mean()
+        return total / samples
+
+    def spectral_radius(self, x: Any, z: State, iterations: int = 50) -> torch.Tensor:
+        """An estimate of the spectral radius of ``∂f/∂z`` at ``z``, per sample.
+
+        Power iteration with vector-Jacobian products (``∂f/∂z`` and its transpose
+        share their eigenvalues). The estimate is the geometric mean of the growth
+        factors over the second half of the iterations, which also converges (like
+        ``1/iterations``) when the dominant eigenvalues are a complex pair. Below 1,
+        ``f`` is locally contractive and the Picard and Neumann iterations converge;
+        near or above 1, expect slow or failing solves.
+
+        Args:
+            x: the layer's input.
+            z: the fixed point (e.g. the layer's output).
+            iterations: power iterations (one vector-Jacobian product each).
+
+        Returns:
+            Shape ``(B,)`` when batched, ``()`` otherwise; no gradient.
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 2:
+            raise ValueError(f"iterations must be an integer >= 2, got {iterations!r}")
+        problem, state = self._flat_state(x, z)
+        with torch.enable_grad():
+            state = state.requires_grad_()
+            image = problem.pack(self.f(problem.unpack(state), x))
+            vector = torch.randn_like(image)
+            vector = vector / torch.linalg.vector_norm(vector, dim=1, keepdim=True)
+            log_growth = image.new_zeros(image.shape[0])
+            burn_in = iterations // 2
+            for k in range(iterations):
+                (product,) = torch.autograd.grad(image, state, vector, retain_graph=True)
+                norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
+                if k >= burn_in:
+                    log_growth = log_growth + norm.squeeze(1).log()
+                vector = product / torch.where(norm > 0, norm, 1)
+        radius = (log_growth / (iterations - burn_in)).exp()
+        return radius if self.batched else radius.squeeze(0)
+
+    def _flat_state(self, x: Any, z: State) -> tuple[Problem, torch.Tensor]:
+        """The problem's flat ``(B, n)`` view of a (detached) state."""
+        detached = tuple(t.detach() for t in z) if isinstance(z, (tuple, list)) else z.detach()
+        problem = Problem(self.f, detached, (x,), batched=self.batched, form="fixed_point")
+        return problem, problem.pack(detached).clone()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, batched={self.batched}, jac_reg={self.jac_reg}"
+
+
+def _zeros_like(x: Any) -> State:
+    if isinstance(x, torch.Tensor):
+        return torch.zeros_like(x)
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(torch.zeros_like(t) for t in x)
+    raise TypeError(
+        f"z0 defaults to zeros_like(x), which needs x to be a tensor or a tuple of "
+        f"tensors (got {type(x).__name__}): pass z0"
+    )
