@@ -101,7 +101,7 @@ def run(repeats: int, batch: int = BATCH, subset: int = SUBSET) -> list[Row]:
     row.times = [_median_time(implicit_forward, repeats)]
     row.error = solution_error
     row.f_evals = info.f_evals
-    row.note = f"{info.iterations} Newton iterations (the slowest problem); max |E − E_ref|"
+    row.note = f"{info.iterations} Newton iterations (the slowest problem); largest error of E"
     rows.append(row)
 
     grads = implicit_step()

@@ -1,6 +1,6 @@
 """Warm-started adjoint solves in a training loop: ``x0="previous"`` against a cold start.
 
-The DEQ of :mod:`deq_step` (64 × 256, float32, Anderson forward, tol 1e-6) trained by
+The DEQ of section 1 (64 × 256, float32, Anderson forward, tol 1e-6) trained by
 SGD for a few steps; the backward instance is kept across steps, so that with
 ``x0="previous"`` each adjoint solve starts from the last one's solution. Two loops:
 the same batch at every step (full-batch training: consecutive adjoint solutions are

@@ -438,8 +438,11 @@ class GMRES(_Krylov):
             w = op.mv(self._precondition(basis[:, j]))
             used += 1
             known = basis[:, : j + 1]
-            # Classical Gram-Schmidt, repeated when it cancelled much of w (the DGKS
-            # criterion, "twice is enough"): as stable as modified GS, batched.
+            # Classical Gram-Schmidt, batched; repeated ("twice is enough") when it
+            # cancelled more than 90% of w, the only case in which one pass loses
+            # orthogonality (about eps·‖w‖/‖w − Vh‖) beyond a few rounding errors. (The
+            # classic DGKS threshold 1/√2 would repeat every step of a fixed point's
+            # adjoint, whose A ≈ −I cancels half of w by design.)
             before = _norm(w)
             h = _project(known, w)
             w = w - _combine(known, h)
