@@ -34,16 +34,24 @@ def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def tree_tensors(obj: Any) -> Iterable[torch.Tensor]:
-    """Every tensor in nested tuples, lists and dicts."""
+def tree_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in nested tuples, lists and dicts, in order."""
+    found: list[torch.Tensor] = []
+    _collect(obj, found)
+    return found
+
+
+def _collect(obj: Any, found: list[torch.Tensor]) -> None:
+    # A plain recursion into a list: every torch call of g passes through here while
+    # captures are recorded, so no generators.
     if isinstance(obj, torch.Tensor):
-        yield obj
+        found.append(obj)
     elif type(obj) in (list, tuple):
         for item in obj:
-            yield from tree_tensors(item)
+            _collect(item, found)
     elif type(obj) is dict:
         for value in obj.values():
-            yield from tree_tensors(value)
+            _collect(value, found)
 
 
 def carries_derivative(tensor: torch.Tensor) -> bool:
@@ -74,14 +82,20 @@ class Recorder(TorchFunctionMode):
     @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for tensor in tree_tensors((args, kwargs)):
-            if id(tensor) not in self._made and carries_derivative(tensor):
+        found: list[torch.Tensor] = []
+        _collect(args, found)
+        if kwargs:
+            _collect(kwargs, found)
+        made = self._made
+        for tensor in found:
+            if id(tensor) not in made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
-        for tensor in tree_tensors(out):
+        outputs = [out] if isinstance(out, torch.Tensor) else tree_tensors(out)
+        for tensor in outputs:
             # Keep outputs alive so that their ids are not recycled for another tensor.
-            self._made.add(id(tensor))
-            self._keep_alive.append(tensor)
+            made.add(id(tensor))
+        self._keep_alive.extend(outputs)
         return out
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 
-from implicit._operators import Jacobian, Operator, Repeated, Residual
+from implicit._operators import GraphJacobian, Jacobian, Operator, Repeated, Residual
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -199,13 +199,20 @@ class _LinearProblem:
     """
 
     def __init__(
-        self, parent: _RootProblem | _LinearProblem | _Folded, transpose: bool, copies: int = 1
+        self,
+        parent: _RootProblem | _LinearProblem | _Folded,
+        transpose: bool,
+        copies: int = 1,
+        linearization: GraphJacobian | None = None,
     ):
         self.parent = parent
         self.transpose = transpose
         self.copies = copies
         self.settings = parent.settings
         self.report_shape = (copies, *parent.report_shape) if copies > 1 else parent.report_shape
+        # ∂g/∂z already recorded at exactly the (z, θ) this system is solved at (the
+        # first-order backward records it once and also takes the partials from it).
+        self.linearization = linearization
 
     def _jacobian(self, z: torch.Tensor, theta: Sequence[torch.Tensor]) -> Jacobian | Repeated:
         jacobian = Jacobian(lambda state: self.parent.residual(state, *theta), z)
@@ -220,7 +227,8 @@ class _LinearProblem:
 
     def solve(self, x0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         rhs, z, *theta = inputs
-        op = Operator(self._jacobian(z, theta), transpose=self.transpose)
+        jacobian = self.linearization or self._jacobian(z, theta)
+        op = Operator(jacobian, transpose=self.transpose)
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
         x, info = self.settings.linear_solve(op, rhs, what, self.report_shape)
         if self.transpose:
@@ -333,6 +341,10 @@ class _ImplicitFunction(torch.autograd.Function):
         if v is None or not needed:
             return (None, None, *grads)
         problem = ctx.problem
+        if _plain_backward(problem):
+            for i, grad in zip(needed, _first_order_grads(problem, v, z, inputs, needed)):
+                grads[i] = grad
+            return (None, None, *grads)
         adjoint = _LinearProblem(problem, transpose=True)
         w = _ImplicitFunction.apply(adjoint, torch.zeros_like(v), v, z, *inputs)
         _, vjp = torch.func.vjp(_partial(problem, z, inputs, needed), *(inputs[i] for i in needed))
@@ -390,6 +402,63 @@ def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
     (rhs,) = linear_in_w(tuple(tangents[i] for i in moving))
     tangent = _LinearProblem(problem, transpose=False)
     return _ImplicitFunction.apply(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
+
+
+def _plain_backward(problem) -> bool:
+    """Whether this backward is first order and outside every transform.
+
+    Then nothing differentiates the backward itself (``create_graph=False`` leaves grad
+    mode off in here) and no ``torch.func`` transform wraps the tensors, so the adjoint
+    solve and the partial derivatives can share one recorded graph of ``g``
+    (:func:`_first_order_grads`). Otherwise (double backward, ``jacrev``, ``vmap``, ...)
+    the general path differentiates the same quantities with ``torch.func``.
+    """
+    return (
+        isinstance(problem, _RootProblem)
+        and isinstance(problem.problem, Problem)  # not the rows of a vmap (_Folded)
+        and not torch.is_grad_enabled()
+        and not _transforming()
+    )
+
+
+def _first_order_grads(
+    problem: _RootProblem,
+    v: torch.Tensor,
+    z: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    needed: Sequence[int],
+) -> list[torch.Tensor]:
+    """``−(∂g/∂θ_i)ᵀ w`` for the ``needed`` inputs, with ``(∂g/∂z)ᵀ w = v``, from ONE graph.
+
+    ``g`` is recorded once at ``(z*, θ)``: ``z*`` as a fresh leaf, the explicit inputs as
+    detached leaves and the captured tensors as themselves when they are leaves (a leaf
+    cannot depend on another input, so its partial derivative is the total one here;
+    a captured non-leaf is swapped for a detached leaf). The adjoint solve is the
+    forward of :class:`_ImplicitFunction` on the adjoint :class:`_LinearProblem`, as
+    always, handed this graph as its Jacobian; the partials are one more pass through
+    the same graph.
+    """
+    n_explicit = len(problem.problem.tensor_positions)
+    stand_ins = [
+        t if i >= n_explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
+        for i, t in enumerate(inputs)
+    ]
+    user = problem.problem
+    if user.form == "fixed_point":  # record f itself: ∂g/∂z = ∂f/∂z − I, ∂g/∂θ = ∂f/∂θ
+        linearization = GraphJacobian.record(
+            lambda point: user.map(point, *stand_ins), z, shifted=True
+        )
+    else:
+        linearization = GraphJacobian.record(lambda point: user.residual(point, *stand_ins), z)
+    adjoint = _LinearProblem(problem, transpose=True, linearization=linearization)
+    # Nothing records a graph here, so ``apply`` would only run this same forward
+    # (after binding its arguments by introspection, which costs more than a product).
+    w = _ImplicitFunction.forward(adjoint, torch.zeros_like(v), v, z, *inputs)
+    wanted = [stand_ins[i] for i in needed]
+    if not linearization.out.requires_grad:
+        return [torch.zeros_like(t) for t in wanted]
+    grads = torch.autograd.grad(linearization.out, wanted, -w, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
 
 
 def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: Sequence[int]):

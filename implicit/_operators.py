@@ -65,13 +65,126 @@ class Jacobian:
         basis = basis.unsqueeze(1).expand(n, batch, n)
         self.vjps += n
         try:
-            rows = torch.func.vmap(lambda e: self._vjp(e)[0], chunk_size=chunk_size)(basis)
+            rows = self._batched_vjp(basis, chunk_size)
         except RuntimeError as error:
             if "vmap" not in str(error) and "Batching rule" not in str(error):
                 raise
             # The residual uses an operation vmap cannot batch: one product per row.
-            rows = torch.stack([self._vjp(e)[0] for e in basis])
+            rows = torch.stack([self._vjp_one(e) for e in basis])
         return rows.transpose(0, 1)
+
+    def _vjp_one(self, w: torch.Tensor) -> torch.Tensor:
+        return self._vjp(w)[0]
+
+    def _batched_vjp(self, cotangents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        return torch.func.vmap(self._vjp_one, chunk_size=chunk_size)(cotangents)
+
+
+class GraphJacobian(Jacobian):
+    """``A = ∂g/∂z`` from one recorded graph ``out = g(z, θ)`` (``z`` a leaf).
+
+    Where nothing differentiates the products themselves and no ``torch.func``
+    transform is active, ``g`` is recorded once with plain autograd and every product
+    is one :func:`torch.autograd.grad` through that graph: the same products as
+    :class:`Jacobian`, without the transform's wrappers. The first-order backward also
+    takes the partial derivatives in the inputs ``θ`` from the same graph (``out``).
+
+    For a fixed point ``g = f(z) − z`` the graph may be that of ``f`` alone
+    (``shifted=True``): ``A = ∂f/∂z − I``, whose products subtract their argument
+    (one pass over the data, where autograd through ``f(z) − z`` takes two), and which
+    also offers the products of ``A + I = ∂f/∂z`` themselves (:meth:`shifted_rmatvec`:
+    the classic DEQ backward iterates those).
+
+    Args:
+        out: ``g(z, θ)`` (or ``f(z, θ)`` when ``shifted``), recorded with a graph.
+        z: the leaf tensor ``out`` was computed from.
+        shifted: ``out`` is ``f`` of a fixed point and ``A = ∂out/∂z − I``.
+    """
+
+    def __init__(self, out: torch.Tensor, z: torch.Tensor, shifted: bool = False):
+        self.out = out
+        self.z = z
+        self.shifted = shifted
+        self.vjps = 0
+        self._reverse: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def record(
+        cls, fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, shifted: bool = False
+    ) -> GraphJacobian:
+        """Evaluate ``fn`` at ``z`` with a graph (see the class for ``shifted``)."""
+        with torch.enable_grad():
+            point = z.detach().requires_grad_()
+            return cls(fn(point), point, shifted)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """``g(z)``."""
+        out = self.out.detach()
+        return out - self.z.detach() if self.shifted else out
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.out.shape
+
+    def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
+        self.vjps += 1
+        return self._vjp_one(w)
+
+    def shifted_rmatvec(self, w: torch.Tensor) -> torch.Tensor:
+        """``(A + I)ᵀ w = (∂f/∂z)ᵀ w`` (``shifted`` graphs only)."""
+        self.vjps += 1
+        return self._grad(self.out, w)
+
+    def matvec(self, u: torch.Tensor) -> torch.Tensor:
+        if self._reverse is None:
+            # (∂out/∂z)ᵀy as a function of y, recorded once; its VJP with u is ∂out/∂z u.
+            with torch.enable_grad():
+                dummy = torch.zeros_like(self.out, requires_grad=True)
+                self._reverse = (dummy, self._grad(self.out, dummy, create_graph=True))
+        self.vjps += 1
+        dummy, transposed = self._reverse
+        product = self._grad(transposed, u, inputs=dummy)
+        return product - u if self.shifted else product
+
+    def _vjp_one(self, w: torch.Tensor) -> torch.Tensor:
+        product = self._grad(self.out, w)
+        return product - w if self.shifted else product
+
+    def _batched_vjp(self, cotangents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        size = chunk_size or cotangents.shape[0]
+        rows = torch.cat(
+            [
+                self._grad(self.out, chunk, batched=True)
+                for chunk in torch.split(cotangents, size, dim=0)
+            ]
+        )
+        return rows - cotangents if self.shifted else rows
+
+    def _grad(
+        self,
+        out: torch.Tensor,
+        cotangent: torch.Tensor,
+        *,
+        inputs: torch.Tensor | None = None,
+        create_graph: bool = False,
+        batched: bool = False,
+    ) -> torch.Tensor:
+        """``(∂out/∂inputs)ᵀ cotangent`` (``inputs`` defaults to ``z``), zero where unused."""
+        inputs = self.z if inputs is None else inputs
+        shape = (*cotangent.shape[:1], *inputs.shape) if batched else inputs.shape
+        if not out.requires_grad:  # g does not depend on anything that requires grad
+            return cotangent.new_zeros(shape)
+        (grad,) = torch.autograd.grad(
+            out,
+            inputs,
+            cotangent,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return cotangent.new_zeros(shape) if grad is None else grad
 
 
 class Repeated:
@@ -134,8 +247,17 @@ class Operator:
     def products(self) -> int:
         return self.jacobian.vjps
 
+    @property
+    def shifted(self) -> bool:
+        """Whether :meth:`shifted_mv` is available: ``A = S − I`` with products of ``S``."""
+        return self.transpose and getattr(self.jacobian, "shifted", False)
+
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         return self.jacobian.rmatvec(x) if self.transpose else self.jacobian.matvec(x)
+
+    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(A + I) x``, one product without the identity's pass (see :attr:`shifted`)."""
+        return self.jacobian.shifted_rmatvec(x)
 
     def dense(self, chunk_size: int | None = None) -> torch.Tensor:
         blocks = self.jacobian.dense(chunk_size)
@@ -166,9 +288,16 @@ class Residual:
         return self.fn(z)
 
     def linearize(self, z: torch.Tensor) -> Jacobian:
-        """``∂g/∂z`` at ``z`` as products (costs one evaluation of ``g``)."""
+        """``∂g/∂z`` at ``z`` as products (costs one evaluation of ``g``).
+
+        Plain autograd on one recorded graph (:class:`GraphJacobian`) unless the
+        products must themselves be differentiable (grad mode on: autograd records the
+        solver, ``backward="unroll"``) or a ``torch.func`` transform is active.
+        """
         self.f_evals += 1
-        return Jacobian(self.fn, z)
+        if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return Jacobian(self.fn, z)
+        return GraphJacobian.record(self.fn, z)
 
     def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``g(z)`` and the dense per-sample Jacobian ``(B, n, n)`` at ``z``."""

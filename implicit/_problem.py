@@ -139,6 +139,28 @@ class Problem:
         The stand-ins may be detached copies or transform-owned versions of the
         original inputs: captured tensors are swapped in by identity.
         """
+        out, target = self._evaluate(z, inputs)
+        if self.form == "fixed_point":
+            return out - z
+        if self.form == "inverse":
+            return out - target.reshape(self.batch_size, -1)
+        return out
+
+    def map(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """``f`` on the flat view, for the fixed-point form: ``residual = map(z) − z``.
+
+        With it a product with ``∂g/∂z = ∂f/∂z − I`` can skip the identity's pass over
+        the data where a method wants ``∂f/∂z`` itself (the classic DEQ backward).
+        """
+        if self.form != "fixed_point":
+            raise ValueError(f"map() is the fixed-point form's, this problem is {self.form!r}")
+        return self._evaluate(z, inputs)[0]
+
+    def _evaluate(
+        self, z: torch.Tensor, inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The user function's packed output and, in the inverse form, the target."""
+        target = None
         n_explicit = len(self.tensor_positions)
         args = list(self.args)
         for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
@@ -152,12 +174,7 @@ class Problem:
             replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
             with Substitute(replacements):
                 out = self.fn(self.unpack(z), *args)
-        out = self._pack_output(out)
-        if self.form == "fixed_point":
-            return out - z
-        if self.form == "inverse":
-            return out - target.reshape(self.batch_size, -1)
-        return out
+        return self._pack_output(out), target
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """Per-problem scale of the stopping tolerance, from the initial guess ``z0``, its
@@ -189,6 +206,13 @@ class Problem:
         return any(carries_derivative(t) for t in self.inputs)
 
     def _pack_output(self, out: Any) -> torch.Tensor:
+        if (
+            type(out) is torch.Tensor
+            and not self.out_is_tuple
+            and out.shape == self.out_shapes[0]
+            and out.dtype == self.dtype
+        ):  # the common case, checked in full below
+            return out.reshape(self.batch_size, -1)
         parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
         like = "y" if self.form == "inverse" else like

@@ -32,6 +32,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from implicit._batch import select_rows
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
@@ -140,9 +141,10 @@ class _Iterative(LinearSolver):
 
     A method implements ``_iterate``, which runs its recurrences on the problems
     it is allowed to touch. ``solve`` then measures the true residual ``A x − rhs``
-    (recurrences drift in floating point): a problem the recurrence called converged but
-    whose true residual is above the tolerance is restarted from its current ``x`` while
-    the iteration budget lasts.
+    (recurrences drift in floating point; a method that has just computed it, as a
+    product, hands it back instead of having it computed twice): a problem the
+    recurrence called converged but whose true residual is above the tolerance is
+    restarted from its current ``x`` while the iteration budget lasts.
 
     Args:
         x0: initial guess: a tensor with the right-hand side's number of elements
@@ -189,15 +191,19 @@ class _Iterative(LinearSolver):
         rhs_norm = _norm(rhs)
         target = tol * rhs_norm
         # The solution of A x = 0 is x = 0, whatever the guess.
-        x = torch.where(_rows(rhs_norm == 0), 0, self._initial(rhs))
+        x = self._initial(rhs)
+        if self.x0 is not None:
+            x = torch.where(_rows(rhs_norm == 0), 0, x)
         allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
         codes = torch.full_like(rhs_norm, MAX_ITER, dtype=torch.long)
         iterations = 0
         while True:
-            x, new_codes, used = self._iterate(op, rhs, x, target, max_iter - iterations, allowed)
+            x, new_codes, used, true = self._iterate(
+                op, rhs, x, target, max_iter - iterations, allowed
+            )
             codes = torch.where(allowed, new_codes, codes)
             iterations += used
-            residual = _norm(op.mv(x) - rhs)
+            residual = _norm(op.mv(x) - rhs if true is None else true)
             finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
             solved = finite & (residual <= target)
             allowed = (codes == CONVERGED) & ~solved & finite  # drifted: restart these
@@ -218,11 +224,13 @@ class _Iterative(LinearSolver):
         target: torch.Tensor,
         max_iter: int,
         allowed: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
         """Iterate from ``x`` on the ``allowed`` problems until ``‖A x − rhs‖ ≤ target``.
 
         Returns ``x`` (rows of the other problems unchanged), the status codes of the
-        allowed problems and the number of iterations taken.
+        allowed problems, the number of iterations taken, and ``±(A x − rhs)`` for the
+        returned ``x`` when the method computed it as a product (not by a recurrence
+        that may drift), else None.
         """
 
 
@@ -380,7 +388,7 @@ class CG(_Krylov):
             rz_new = _dot(r, z)
             p = torch.where(_rows(active), z + _rows(_safe_div(rz_new, rz)) * p, p)
             rz = torch.where(active, rz_new, rz)
-        return x, codes, iterations
+        return x, codes, iterations, None
 
 
 class GMRES(_Krylov):
@@ -427,12 +435,12 @@ class GMRES(_Krylov):
         active = allowed
         iterations = 0
         while True:
-            r = _residual(op, rhs, x)
+            r = _residual(op, rhs, x)  # a product: exact, and handed back at the end
             solved = _norm(r) <= target
             codes = torch.where(active & solved, CONVERGED, codes)
             active = active & ~solved
             if iterations >= max_iter or not bool(active.any()):
-                return x, codes, iterations
+                return x, codes, iterations, r
             steps = min(self.restart, rhs.shape[1], max_iter - iterations)
             x, broken, used = self._cycle(op, r, x, active, target, steps)
             codes = torch.where(broken, BREAKDOWN, codes)
@@ -444,62 +452,101 @@ class GMRES(_Krylov):
         batch, n = r.shape
         eps = torch.finfo(r.dtype).eps
         beta = _norm(r)
-        basis = r.new_zeros(batch, steps + 1, n)
+        # Rows are basis vectors: products with a row vector on the left are the fast
+        # layout of batched matrix products on the CPU (einsum / matrix-vector are not).
+        basis = r.new_empty(batch, steps + 1, n)  # every slot read is written first
         basis[:, 0] = r / _rows(torch.where(beta > 0, beta, 1))
-        # The Hessenberg matrix reduced by Givens rotations: upper triangular, with an
-        # identity diagonal in the columns of problems that have stopped extending.
+        # The QR factorisation of the Hessenberg matrix by Givens rotations: R in
+        # ``upper`` (an identity diagonal in the columns of problems that have stopped
+        # extending), the product Q of the rotations kept as a matrix, so that a new
+        # column is rotated by one small product rather than a loop over the rotations.
         upper = r.new_zeros(batch, steps, steps)
-        cos = r.new_zeros(batch, steps)
-        sin = r.new_zeros(batch, steps)
-        g = r.new_zeros(batch, steps + 1)  # Qᵀ β e₁; |g[j + 1]| is the residual after j + 1
-        g[:, 0] = beta
+        rotations = torch.eye(steps + 1, dtype=r.dtype, device=r.device).repeat(batch, 1, 1)
         sizes = torch.zeros_like(beta, dtype=torch.long)  # Krylov dimension per problem
         broken = torch.zeros_like(active)
         alive = active
         used = 0
+        # On the CPU the host checks whether every problem still extends its space:
+        # then a step needs no per-problem selection (the common case).
+        every = not r.is_cuda and bool(alive.all())
         for j in range(steps):
             w = op.mv(self._precondition(basis[:, j]))
             used += 1
-            # Classical Gram-Schmidt, twice (CGS2): as stable as modified GS, batched.
-            column = r.new_zeros(batch, j + 2)
-            for _ in range(2):
-                h = torch.einsum("bkn,bn->bk", basis[:, : j + 1], w)
-                w = w - torch.einsum("bkn,bk->bn", basis[:, : j + 1], h)
-                column[:, : j + 1] += h
+            known = basis[:, : j + 1]
+            # Classical Gram-Schmidt, batched; repeated ("twice is enough") when it
+            # cancelled more than 90% of w, the only case in which one pass loses
+            # orthogonality (about eps·‖w‖/‖w − Vh‖) beyond a few rounding errors. (The
+            # classic DGKS threshold 1/√2 would repeat every step of a fixed point's
+            # adjoint, whose A ≈ −I cancels half of w by design.)
+            before = _norm(w)
+            h = _project(known, w)
+            w = w - _combine(known, h)
             h_next = _norm(w)
-            column[:, j + 1] = h_next
-            scale = _norm(column)
-            for i in range(j):  # the earlier rotations, then a new one
-                top = cos[:, i] * column[:, i] + sin[:, i] * column[:, i + 1]
-                column[:, i + 1] = -sin[:, i] * column[:, i] + cos[:, i] * column[:, i + 1]
-                column[:, i] = top
-            radius = torch.hypot(column[:, j], column[:, j + 1])
+            cancelled = h_next < _REORTHOGONALIZE * before
+            if bool((cancelled if every else alive & cancelled).any()):
+                again = _project(known, w)
+                w = w - _combine(known, again)
+                h = h + again
+                h_next = _norm(w)
+            scale = torch.sqrt(_norm(h) ** 2 + h_next**2)
+            column = (rotations[:, : j + 1, : j + 1] @ h.unsqueeze(2)).squeeze(2)
+            pivot = column[:, j]
+            radius = torch.hypot(pivot, h_next)
             # A vanishing pivot: A M is singular on this Krylov space; keep the previous x.
-            singular = alive & ~(radius > eps * scale)
-            broken = broken | singular
-            alive = alive & ~singular
-            safe = torch.where(alive, radius, 1)
-            cos[:, j] = torch.where(alive, column[:, j] / safe, 1)
-            sin[:, j] = torch.where(alive, column[:, j + 1] / safe, 0)
-            upper[:, :j, j] = torch.where(_rows(alive), column[:, :j], 0)
-            upper[:, j, j] = safe
-            g[:, j + 1] = torch.where(alive, -sin[:, j] * g[:, j], 0)
-            g[:, j] = torch.where(alive, cos[:, j] * g[:, j], g[:, j])
-            basis[:, j + 1] = torch.where(
-                _rows(alive), w / _rows(torch.where(h_next > 0, h_next, 1)), 0
-            )
-            sizes = sizes + alive.long()
-            alive = alive & (g[:, j + 1].abs() > target)
-            if not bool(alive.any()):
+            singular = ~(radius > eps * scale)
+            unit = _rows(torch.where(h_next > 0, h_next, 1))
+            if every and not bool(singular.any()):
+                cos, sin = _rows(pivot / radius), _rows(h_next / radius)
+                upper[:, :j, j] = column[:, :j]
+                upper[:, j, j] = radius
+                basis[:, j + 1] = w / unit
+                sizes = sizes + 1
+            else:
+                every = False
+                singular = alive & singular
+                broken = broken | singular
+                alive = alive & ~singular
+                safe = torch.where(alive, radius, 1)
+                cos = _rows(torch.where(alive, pivot / safe, 1))
+                sin = _rows(torch.where(alive, h_next / safe, 0))
+                upper[:, :j, j] = torch.where(_rows(alive), column[:, :j], 0)
+                upper[:, j, j] = safe
+                basis[:, j + 1] = torch.where(_rows(alive), w / unit, 0)
+                sizes = sizes + alive.long()
+            # The new rotation acts on rows j and j + 1 of Q (row j + 1 is still e_{j+1}).
+            row = rotations[:, j, : j + 1].clone()
+            rotations[:, j, : j + 1] = cos * row
+            rotations[:, j, j + 1] = sin.squeeze(1)
+            rotations[:, j + 1, : j + 1] = -sin * row
+            rotations[:, j + 1, j + 1] = cos.squeeze(1)
+            # |(Q β e₁)[j + 1]|: the residual norm of the least-squares solution so far.
+            alive = alive & (beta * rotations[:, j + 1, 0].abs() > target)
+            every = every and bool(alive.all())
+            if not (every or bool(alive.any())):
                 break
         k = used
+        g = beta.unsqueeze(1) * rotations[:, :k, 0]  # Q β e₁
         # Coefficients beyond a problem's own Krylov dimension are zero.
-        g_used = torch.where(torch.arange(k, device=r.device) < sizes.unsqueeze(1), g[:, :k], 0)
-        y = torch.linalg.solve_triangular(
-            upper[:, :k, :k], g_used.unsqueeze(-1), upper=True
-        ).squeeze(-1)
-        step = self._precondition(torch.einsum("bkn,bk->bn", basis[:, :k], y))
+        g = torch.where(torch.arange(k, device=r.device) < sizes.unsqueeze(1), g, 0)
+        y = torch.linalg.solve_triangular(upper[:, :k, :k], g.unsqueeze(-1), upper=True)
+        step = self._precondition(_combine(basis[:, :k], y.squeeze(-1)))
         return torch.where(_rows(active), x + step, x), broken, used
+
+
+#: Orthogonalise again when a Gram-Schmidt pass leaves less than this fraction of ‖w‖.
+_REORTHOGONALIZE = 0.1
+
+
+def _project(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(B, k)`` inner products of ``w`` (B, n) with the ``k`` rows of ``rows`` (B, k, n)."""
+    return (w.unsqueeze(1) @ rows.transpose(1, 2)).squeeze(1)
+
+
+def _combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``Σ_k coefficients[:, k] · rows[:, k]``, shape ``(B, n)``."""
+    # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
+    # solves return them) sends the product down a path ten times slower.
+    return (coefficients.contiguous().unsqueeze(1) @ rows).squeeze(1)
 
 
 class BiCGStab(_Krylov):
@@ -565,7 +612,7 @@ class BiCGStab(_Krylov):
             codes = torch.where(done, CONVERGED, torch.where(broken, BREAKDOWN, codes))
             active = active & ~done & ~broken
             rho = rho_new
-        return x, codes, iterations
+        return x, codes, iterations, None
 
 
 class Neumann(_Iterative):
@@ -609,23 +656,52 @@ class Neumann(_Iterative):
         self.damping = float(damping)
 
     def _iterate(self, op, rhs, x, target, max_iter, allowed):
-        r = -_residual(op, rhs, x)  # A x − rhs
+        # With damping 1 and A = S − I (a fixed point's ∂g/∂z, S = ∂f/∂z), iterate on
+        # products of S: x ← S x − rhs, whose residual is S x_new − S x (one pass over
+        # the data per iteration, where A's products and the update take three).
+        shifted = self.damping == 1 and op.shifted
+        started = bool(x.any())
+        q = op.shifted_mv(x) if shifted and started else None  # S x; None means 0
+        if not shifted:
+            r = -_residual(op, rhs, x)  # A x − rhs, exact (a product) at every iterate
+        elif started:
+            r = q - x - rhs
+        else:
+            r = -rhs
         active = allowed & (_norm(r) > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
         iterations = 0
-        while iterations < max_iter and bool(active.any()):
-            x_new = x + self.damping * r
-            r_new = op.mv(x_new) - rhs
+        # While every problem runs and the host checks each iteration (on the CPU), an
+        # iteration in which none finishes or blows up needs no per-problem bookkeeping.
+        every = not rhs.is_cuda and bool(active.all())
+        while iterations < max_iter and (every or bool(active.any())):
+            if shifted:
+                x_new = -rhs if q is None else q - rhs
+                q_new = op.shifted_mv(x_new)
+                # S x_new − x_new − rhs, x_new = S x − rhs (to one rounding of x_new).
+                r_new = q_new if q is None else q_new - q
+            else:
+                x_new = torch.add(x, r, alpha=self.damping)
+                r_new = op.mv(x_new) - rhs
             iterations += 1
             norm = _norm(r_new)
+            # NaN fails both tests.
+            if every and bool(((norm > target) & (norm < math.inf)).all()):
+                x, r = x_new, r_new
+                if shifted:
+                    q = q_new
+                continue
+            every = False
             blew_up = active & ~torch.isfinite(norm)
             step = active & ~blew_up
-            x = torch.where(_rows(step), x_new, x)
-            r = torch.where(_rows(step), r_new, r)
+            x = select_rows(step, x_new, x)
+            r = select_rows(step, r_new, r)
+            if shifted:
+                q = select_rows(step, q_new, torch.zeros_like(q_new) if q is None else q)
             done = step & (norm <= target)
             codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
             active = step & ~done
-        return x, codes, iterations
+        return x, codes, iterations, r
 
 
 class OneStep(LinearSolver):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import implicit
 from implicit import linear
-from implicit._operators import Jacobian, Operator
+from implicit._operators import GraphJacobian, Jacobian, Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
 
 F64 = torch.float64
@@ -186,9 +186,9 @@ def test_drifted_recurrence_is_restarted_from_the_true_residual(method, monkeypa
     iterate = cls._iterate
 
     def spy(self, op, rhs, x, target, max_iter, allowed):
-        x, codes, used = iterate(self, op, rhs, x, target, max_iter, allowed)
+        x, codes, used, true = iterate(self, op, rhs, x, target, max_iter, allowed)
         rounds.append((int(allowed.sum()), used))
-        return x, codes, used
+        return x, codes, used, true
 
     monkeypatch.setattr(cls, "_iterate", spy)
     matrix, rhs = spd(4, 30, 1e4, 0), rhs_of(4, 30, 0)
@@ -609,3 +609,65 @@ def test_instances_through_the_backward(backward):
 
     for got, want in zip(gradients(backward), gradients("dense")):
         assert rel_err(got, want) <= 1e-9
+
+
+class TestShiftedNeumann:
+    """Neumann on a fixed point's adjoint, with products of ∂f/∂z (one pass per step)."""
+
+    @staticmethod
+    def operators(batch, n, norms, seed):
+        """``A = Fᵀ − I`` per sample as a shifted graph (products of ``Fᵀ``) and as a
+        plain one (products of ``A``); ``‖F_b‖₂ = norms[b]``."""
+        gen = generator(seed)
+        f = torch.randn(batch, n, n, generator=gen, dtype=F64)
+        f = f * (torch.tensor(norms, dtype=F64) / torch.linalg.matrix_norm(f, ord=2))[:, None, None]
+
+        def fixed_point_map(z):  # ∂/∂z = F (batched): its VJP is Fᵀ w
+            return torch.einsum("bij,bj->bi", f, z)
+
+        z = torch.zeros(batch, n, dtype=F64)
+        shifted = Operator(GraphJacobian.record(fixed_point_map, z, shifted=True), True)
+        plain = Operator(GraphJacobian.record(lambda z: fixed_point_map(z) - z, z), True)
+        return shifted, plain, f.mT - torch.eye(n, dtype=F64)
+
+    @pytest.mark.parametrize("x0", [None, "tensor"])
+    def test_matches_the_plain_iteration(self, x0):
+        # Contractions of different strengths: the samples converge at different steps.
+        shifted, plain, matrix = self.operators(4, 6, [0.1, 0.5, 0.8, 0.95], seed=0)
+        rhs = rhs_of(4, 6, 0)
+        start = None if x0 is None else 0.3 * rhs_of(4, 6, 1)
+        results = [
+            linear.Neumann(x0=start).solve(op, rhs, tol=1e-12, max_iter=1000)
+            for op in (shifted, plain)
+        ]
+        assert shifted.shifted and not plain.shifted
+        fast, slow = results
+        assert fast.iterations == slow.iterations
+        assert torch.equal(fast.codes, slow.codes) and bool((fast.codes == CONVERGED).all())
+        assert rel_err(fast.x, slow.x) <= 1e-13
+        check_solution(fast, matrix, rhs, 1e-12)
+        assert reports_true_residual(fast, matrix, rhs)
+        # One product per iteration (and one for a warm start's initial residual).
+        assert shifted.products == fast.iterations + (x0 is not None)
+
+    def test_a_damped_iteration_uses_the_plain_products(self):
+        shifted, _, matrix = self.operators(2, 4, [0.5, 0.5], seed=1)
+        rhs = rhs_of(2, 4, 2)
+        result = linear.Neumann(damping=0.7).solve(shifted, rhs, tol=1e-10, max_iter=500)
+        check_solution(result, matrix, rhs, 1e-10)
+
+
+def test_gmres_batch_equals_solving_each_problem_alone():
+    # Problems that converge after different numbers of steps: the batched cycle's
+    # fast path (every problem extending its space) and its per-problem path.
+    matrix = nonsymmetric(4, 12, 0.2, 3) + torch.diag_embed(
+        torch.tensor([1.0, 3.0, 10.0, 30.0], dtype=F64)[:, None].expand(4, 12)
+    )
+    rhs = rhs_of(4, 12, 3)
+    batched = linear.GMRES(restart=5).solve(operator(matrix), rhs, tol=1e-11, max_iter=200)
+    for b in range(4):
+        alone = linear.GMRES(restart=5).solve(
+            operator(matrix[b : b + 1]), rhs[b : b + 1], tol=1e-11, max_iter=200
+        )
+        assert rel_err(batched.x[b], alone.x[0]) <= 1e-10
+    check_solution(batched, matrix, rhs, 1e-11)

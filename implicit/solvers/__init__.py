@@ -55,6 +55,6 @@ def resolve(solver: str | Solver, options: dict[str, Any]) -> Solver:
             f"implicit.solvers.Solver"
         )
     cls = NAMES[solver]
-    parameters = inspect.signature(cls).parameters
-    check_options(f"solver {solver!r}", options, parameters)
+    if options:  # (introspection costs more than a small solve's iteration)
+        check_options(f"solver {solver!r}", options, inspect.signature(cls).parameters)
     return cls(**options)

@@ -12,17 +12,28 @@ from implicit.solvers.base import Solver
 
 @dataclasses.dataclass
 class _History:
-    """The last ``m`` steps of every problem, oldest first.
+    """The last ``m`` steps of every problem, in ``m`` slots used in turn.
 
-    ``dz[:, j]`` / ``dr[:, j]`` are differences of consecutive iterates / residuals;
-    ``valid[:, j]`` is False for empty slots and for slots cleared by a restart.
+    ``dr[:, j]`` is a difference of consecutive residuals and ``dz_mixed[:, j]`` the
+    matching ``Δz + β Δr`` (the only form in which the step needs ``Δz``); ``gram`` is
+    ``ΔRᵀΔR``, updated by one row and column per step; ``rhs`` is ``ΔRᵀ r``. A slot
+    that is empty, was not usable or was cleared by a restart holds zeros everywhere,
+    so that it adds nothing to a step (and no NaN); a used slot has ``‖Δr‖ > 0``. Slot
+    ``slot`` is written next (the same for every problem).
     """
 
     z: torch.Tensor
     r: torch.Tensor
-    dz: torch.Tensor
     dr: torch.Tensor
-    valid: torch.Tensor
+    dz_mixed: torch.Tensor
+    gram: torch.Tensor
+    rhs: torch.Tensor
+    slot: int = 0
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(B, m)``: the slots in use."""
+        return self.gram.diagonal(dim1=1, dim2=2) > 0
 
 
 class Anderson(Solver):
@@ -96,42 +107,128 @@ class Anderson(Solver):
         return _History(
             z=z,
             r=r,
-            dz=z.new_zeros(batch, self.m, n),
             dr=z.new_zeros(batch, self.m, n),
-            valid=torch.zeros(batch, self.m, dtype=torch.bool, device=z.device),
+            dz_mixed=z.new_zeros(batch, self.m, n),
+            gram=z.new_zeros(batch, self.m, self.m),
+            rhs=z.new_zeros(batch, self.m),
         )
 
     def step(self, fn, z, r, state):
-        dz, dr, valid = self._remember(z, r, state)
-        norms = torch.linalg.vector_norm(dr, dim=2)
-        safe_norms = torch.where(valid, norms, 1)
-        columns = torch.where(valid.unsqueeze(2), dr / safe_norms.unsqueeze(2), 0)
+        in_place = _in_place()
+        state = self._remember(z, r, state, in_place)
+        rhs = state.rhs
+        # The normalised least-squares system: the columns of ΔR scaled to unit norm
+        # (so that the method does not care about the scale of g) and a ridge on the
+        # unit diagonal. Unused slots (zero rows, zero right-hand side) are uncoupled:
+        # their coefficient solves to exactly zero.
+        squares = state.gram.diagonal(dim1=1, dim2=2)
+        inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
+        system = state.gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
         ridge = max(self.regularization, torch.finfo(z.dtype).eps)
-        # Empty slots get a unit diagonal, so their coefficient solves to exactly zero.
-        diagonal = torch.where(valid, ridge, 1.0).to(z.dtype)
-        gram = columns @ columns.transpose(1, 2) + torch.diag_embed(diagonal)
-        rhs = (columns @ r.unsqueeze(2)).squeeze(2)
-        scaled, _ = torch.linalg.solve_ex(gram, rhs)
-        gamma = scaled / safe_norms
+        system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
+        scaled, _ = torch.linalg.solve_ex(system, inverse_norms * rhs)
+        gamma = inverse_norms * scaled  # in this order: a contiguous (B, m) result
+        # NaN and ∞ fail the test too; an infinite bound still needs a finite size.
         size = gamma.abs().sum(dim=1)
-        accept = torch.isfinite(size) & (size <= self.max_coefficient)
-        gamma = torch.where(accept.unsqueeze(1), gamma, 0)
-        correction = ((dz + self.mixing * dr) * gamma.unsqueeze(2)).sum(dim=1)
-        z_next = z + self.mixing * r - correction
-        state = _History(z=z, r=r, dz=dz, dr=dr, valid=valid & accept.unsqueeze(1))
+        accept = (
+            size <= self.max_coefficient if self.max_coefficient < math.inf else size < math.inf
+        )
+        if not _all(accept):
+            # Fall back to the mixing step and start a new history (of zeros).
+            keep = accept.unsqueeze(1)
+            gamma = torch.where(keep, gamma, 0)
+            keep = keep.unsqueeze(2)
+            state = dataclasses.replace(
+                state,
+                gram=torch.where(keep, state.gram, 0),
+                dr=torch.where(keep, state.dr, 0),
+                dz_mixed=torch.where(keep, state.dz_mixed, 0),
+                rhs=torch.where(keep.squeeze(2), rhs, 0),
+            )
+        z_next = torch.add(z, r, alpha=self.mixing)
+        if in_place:  # the correction subtracted as it is computed: one pass less
+            z_next.unsqueeze(1).baddbmm_(gamma.unsqueeze(1), state.dz_mixed, alpha=-1)
+        else:
+            z_next = z_next - _combine(state.dz_mixed, gamma)
         return z_next, fn(z_next), state
 
-    def _remember(self, z, r, state):
-        """The history with the step that led to ``z`` appended (the oldest dropped)."""
-        dz_new = z - state.z
-        dr_new = r - state.r
-        size = torch.linalg.vector_norm(dr_new, dim=1)
-        usable = torch.isfinite(size) & (size > 0) & torch.isfinite(dz_new).all(dim=1)
-        # A first step (no previous iterate) has dz_new = dr_new = 0 and is not usable;
-        # unusable slots hold zeros so that they add nothing (not NaN) to the step.
-        dz_new = torch.where(usable.unsqueeze(1), dz_new, 0)
-        dr_new = torch.where(usable.unsqueeze(1), dr_new, 0)
-        dz = torch.cat([state.dz[:, 1:], dz_new.unsqueeze(1)], dim=1)
-        dr = torch.cat([state.dr[:, 1:], dr_new.unsqueeze(1)], dim=1)
-        valid = torch.cat([state.valid[:, 1:], usable.unsqueeze(1)], dim=1)
-        return dz, dr, valid
+    def _remember(self, z, r, state, in_place):
+        """The history with the step that led to ``z`` in the next slot (the oldest goes)
+        and its ``ΔRᵀ r``, the right-hand side of the least-squares problem."""
+        slot = state.slot
+        if in_place:
+            # Straight into the slots, without temporaries: beside f, the passes over
+            # memory are what a step costs on large batches.
+            dr, dz_buffer = state.dr, state.dz_mixed
+            dr_new = torch.sub(r, state.r, out=dr[:, slot])
+            dz_mixed = torch.sub(z, state.z, out=dz_buffer[:, slot])
+            dz_mixed.add_(dr_new, alpha=self.mixing)
+        else:
+            dr_new = r - state.r
+            dr = _store(state.dr, slot, dr_new)
+            dz_mixed = torch.sub(z, state.z).add_(dr_new, alpha=self.mixing)
+            dz_buffer = _store(state.dz_mixed, slot, dz_mixed)
+        # One pass over the history: ΔRᵀ r. The new row of the Gram matrix follows
+        # without a second one: Δr_jᵀ Δr_new = Δr_jᵀ r − Δr_jᵀ r_prev for the columns
+        # kept from the last step (whose ΔRᵀ r_prev is at hand), ‖Δr_new‖² for the new.
+        rhs = _project(dr, r)
+        square = torch.linalg.vecdot(dr_new, dr_new)
+        row = _store(rhs - state.rhs, slot, square, dim=1)
+        # A first step (no previous iterate) has Δr = 0 and is not usable. NaN fails the
+        # test; an infinite Δr (a problem that blew up, which the driver has stopped)
+        # gives non-finite coefficients and a restart.
+        usable = square > 0
+        if not _all(usable):
+            keep = usable.unsqueeze(1)
+            dr = _store(dr, slot, torch.where(keep, dr_new, 0))
+            dz_buffer = _store(dz_buffer, slot, torch.where(keep, dz_mixed, 0))
+            row = torch.where(keep, row, 0)
+            rhs = _store(rhs, slot, torch.where(usable, rhs[:, slot], 0), dim=1)
+        return _History(
+            z=z,
+            r=r,
+            dr=dr,
+            dz_mixed=dz_buffer,
+            gram=_store(_store(state.gram, slot, row), slot, row, dim=2),
+            rhs=rhs,
+            slot=(slot + 1) % self.m,
+        )
+
+
+def _project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, m)`` inner products of ``v`` (B, n) with the ``m`` rows of ``rows`` (B, m, n).
+
+    A row vector times a matrix: the fast layout of batched products on the CPU.
+    """
+    return (v.unsqueeze(1) @ rows.transpose(1, 2)).squeeze(1)
+
+
+def _combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``Σ_j coefficients[:, j] · rows[:, j]``, shape ``(B, n)``."""
+    # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
+    # solves return them) sends the product down a path ten times slower.
+    return (coefficients.contiguous().unsqueeze(1) @ rows).squeeze(1)
+
+
+def _store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``buffer`` with index ``slot`` of dimension ``dim`` set to ``value``.
+
+    In place when the solve runs on plain tensors with no graph recorded (the implicit
+    forward); into a copy when autograd or a ``torch.func`` transform sees the solver's
+    operations (``backward="unroll"``), whose graph needs the old values.
+    """
+    if not _in_place():
+        buffer = buffer.clone()
+    buffer.select(dim, slot).copy_(value)
+    return buffer
+
+
+def _in_place() -> bool:
+    """Whether the solve runs on plain tensors with no graph recorded (the implicit
+    forward), so that the history may be updated in place."""
+    return not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _all(mask: torch.Tensor) -> bool:
+    """Whether every entry is True; on accelerators, assume not rather than synchronise."""
+    return not mask.is_cuda and bool(mask.all())

@@ -16,10 +16,12 @@ finished problems, non-finite detection, the residual history and the counters o
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, ClassVar
 
 import torch
 
+from implicit._batch import select_rows
 from implicit._operators import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
@@ -86,31 +88,48 @@ class Solver(abc.ABC):
         threshold = tol * (1 + fn.scale(z, r))
         codes = self._classify(norms, threshold, torch.full_like(norms, MAX_ITER, dtype=torch.long))
         done = codes != MAX_ITER
-        iterations = torch.zeros_like(codes)
-        history = [norms.max()]
+        # Iterations per problem: the loop count for every problem still running.
+        stopped_at = torch.zeros_like(codes)
+        history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
+        # While the host knows that no problem has finished (it checks every iteration),
+        # an iteration needs none of the per-problem bookkeeping: the common case.
+        running_all = check_every == 1 and not bool(done.any())
+        k = 0
         for k in range(max_iter):
             if k % check_every == 0 and bool(done.all()):
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
+            if running_all:
+                # NaN fails both tests: ending or blowing up both leave this fast path.
+                running_all = not bool((~(new_norms > threshold) | ~(new_norms < math.inf)).any())
+                if running_all:
+                    z, r, norms = z_new, r_new, new_norms
+                    history.append(norms.max())
+                    continue
             # A problem whose residual turns non-finite stops at its last finite iterate.
             blew_up = ~done & ~torch.isfinite(new_norms)
-            keep = (done | blew_up).unsqueeze(1)
-            z = torch.where(keep, z, z_new)
-            r = torch.where(keep, r, r_new)
-            iterations = iterations + (~done).long()
-            norms = torch.where(done | blew_up, norms, new_norms)
+            stays = done | blew_up
+            z = select_rows(stays, z, z_new)
+            r = select_rows(stays, r, r_new)
+            norms = torch.where(stays, norms, new_norms)
             codes = torch.where(blew_up, NONFINITE, codes)
-            codes = torch.where(done | blew_up, codes, self._classify(norms, threshold, codes))
+            codes = torch.where(stays, codes, self._classify(norms, threshold, codes))
+            stopped_at = torch.where(done, stopped_at, k + 1)
             done = codes != MAX_ITER
             history.append(torch.where(blew_up, new_norms, norms).max())
+        else:
+            k = max_iter
+        # Problems still running at the end ran every iteration of the loop.
+        iterations = torch.where(done, stopped_at, k)
+        worst = torch.stack(history)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
             iterations=int(iterations.max()),
             f_evals=fn.f_evals,
-            history=torch.stack(history).detach().tolist(),
+            history=worst.detach().tolist(),
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,

@@ -36,15 +36,21 @@ class _BroydenState:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``H x`` per sample."""
-        return self.h0.unsqueeze(1) * x + torch.einsum(
-            "bmn,bm->bn", self.u, torch.einsum("bmn,bn->bm", self.v, x)
-        )
+        return self.h0.unsqueeze(1) * x + _low_rank(self.u, self.v, x)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """``Hᵀ x`` per sample."""
-        return self.h0.unsqueeze(1) * x + torch.einsum(
-            "bmn,bm->bn", self.v, torch.einsum("bmn,bn->bm", self.u, x)
-        )
+        return self.h0.unsqueeze(1) * x + _low_rank(self.v, self.u, x)
+
+
+def _low_rank(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j left_j (right_jᵀ x)`` per sample, for ``(B, memory, n)`` factors.
+
+    Row vectors times matrices: on the CPU the batched matrix-vector products that
+    ``einsum`` picks for this are about ten times slower.
+    """
+    coefficients = x.unsqueeze(1) @ right.transpose(1, 2)  # (B, 1, memory)
+    return (coefficients @ left).squeeze(1)
 
 
 class Broyden(Solver):

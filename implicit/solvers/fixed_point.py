@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from implicit.solvers.base import Solver
 
 
@@ -27,5 +29,5 @@ class FixedPoint(Solver):
         self.damping = float(damping)
 
     def step(self, fn, z, r, state):
-        z = z + self.damping * r
+        z = torch.add(z, r, alpha=self.damping)
         return z, fn(z), state

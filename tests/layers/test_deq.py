@@ -432,7 +432,9 @@ def test_training_memory_is_flat_in_max_iter_unlike_unroll():
         )
         return peak_memory(lambda: deq(x).pow(2).sum().backward())[1]
 
-    assert step_peak("neumann", 40) == step_peak("neumann", 10)
     state = 32 * 64 * 4  # bytes of one batch × width float32 tensor
+    # Flat: no growth with iterations. (Iterations in which some samples stop select
+    # rows with temporaries that the others skip: at most two states apart.)
+    assert abs(step_peak("neumann", 40) - step_peak("neumann", 10)) <= 2 * state
     assert step_peak("unroll", 40) - step_peak("unroll", 10) >= 30 * 2 * state
     assert step_peak("unroll", 40) > 4 * step_peak("neumann", 40)

@@ -181,3 +181,26 @@ def test_misspelt_and_invalid_options():
         Anderson(regularization=-1.0)
     with pytest.raises(ValueError, match="max_coefficient"):
         Anderson(max_coefficient=0.0)
+
+
+@pytest.mark.parametrize("max_coefficient", [1e4, 3.0])
+def test_history_in_place_and_recorded_give_the_same_iterates(max_coefficient):
+    # The implicit forward (no graph) updates the history in place; with a graph
+    # (backward="unroll") it copies. Both must take the same steps, restarts included
+    # (a small max_coefficient makes some steps fall back to plain mixing).
+    p = TanhProblem(n=6, batch=4, norm=0.9)
+    options = dict(
+        solver="anderson",
+        max_coefficient=max_coefficient,
+        batched=True,
+        tol=1e-12,
+        max_iter=60,
+        return_info=True,
+    )
+    with torch.no_grad():
+        z_in_place, info_in_place = implicit.fixed_point(p.f, p.z0, p.x, **options)
+    z_recorded, info_recorded = implicit.fixed_point(p.f, p.z0, p.x, backward="unroll", **options)
+    assert z_recorded.requires_grad
+    assert rel_err(z_recorded, z_in_place) <= 1e-13
+    assert info_recorded.iterations == info_in_place.iterations
+    assert info_recorded.history == pytest.approx(info_in_place.history, rel=1e-8, abs=1e-14)

@@ -1,0 +1,402 @@
+"""Run every benchmark in one process and regenerate docs/benchmarks.md and its plot.
+
+From the repository root::
+
+    pip install ".[bench]"          # TorchDEQ and jaxopt (optional: skipped if absent)
+    python benchmarks/run.py        # about 10 minutes on 2 cores; --quick for ~2
+
+Sections (each a module of this directory): the DEQ training step against TorchDEQ and
+jaxopt (:mod:`deq_step`), Newton on the seed's problem against autograd through Newton
+(:mod:`seed_newton`), 100,000 scalar equations against a scipy loop
+(:mod:`scalar_batch`), and warm-started adjoint solves in a training loop
+(:mod:`warm_start`). The page states the machine, the versions and the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Benchmark the checkout this script belongs to.
+sys.path[:0] = [str(ROOT), str(HERE)]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import deq_step  # noqa: E402
+
+deq_step.configure_jax_threads()
+
+import torch  # noqa: E402
+from _common import Row, fmt, markdown_table  # noqa: E402
+
+import implicit  # noqa: E402
+
+SIZES = ((64, 256), (256, 512))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer contenders and repeats")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per size")
+    parser.add_argument("--no-peers", action="store_true", help="skip TorchDEQ and jaxopt")
+    parser.add_argument(
+        "--sections",
+        default="deq,seed,scalar,warm",
+        help="comma-separated subset of deq,seed,scalar,warm",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "benchmarks.png")
+    parser.add_argument(
+        "--json", type=Path, default=HERE / "results" / "benchmarks.json", help="raw results"
+    )
+    options = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    sections = set(options.sections.split(","))
+    results: dict = {"machine": machine(), "sizes": {}}
+    page = [HEADER.format(**results["machine"])]
+
+    if "deq" in sections:
+        peers = deq_step.available_peers(not options.no_peers)
+        page.append(DEQ_INTRO + peer_note(peers, options.no_peers))
+        for batch, width in SIZES:
+            rounds = options.rounds or (3 if options.quick else (8 if width <= 256 else 4))
+            print(f"DEQ step {batch}×{width} ({rounds} rounds) ...", flush=True)
+            rows, extra = deq_step.run(
+                batch, width, rounds, quick=options.quick, use_peers=not options.no_peers
+            )
+            results["sizes"][f"{batch}x{width}"] = {
+                "rows": [r.as_dict() for r in rows],
+                "t_f": extra["floors"],
+            }
+            page.append(deq_section(batch, width, rows, extra))
+        if options.plot:
+            try:
+                plot(results, options.plot)
+                page.append(f"![time against gradient error]({options.plot.name})\n")
+            except ImportError:
+                page.append("*No plot: matplotlib is not installed (it comes with [bench]).*\n")
+
+    if "seed" in sections:
+        print("Newton on the seed problem ...", flush=True)
+        import seed_newton
+
+        rows = seed_newton.run(3 if options.quick else 7)
+        results["seed"] = [r.as_dict() for r in rows]
+        page.append(seed_section(rows))
+
+    if "scalar" in sections:
+        print("100,000 scalar equations ...", flush=True)
+        import scalar_batch
+
+        rows = scalar_batch.run(3 if options.quick else 5, subset=500 if options.quick else 2000)
+        results["scalar"] = [r.as_dict() for r in rows]
+        page.append(scalar_section(rows))
+
+    if "warm" in sections:
+        print("warm starts in a training loop ...", flush=True)
+        import warm_start
+
+        rows = warm_start.run(10 if options.quick else 25)
+        results["warm"] = [r.as_dict() for r in rows]
+        page.append(warm_section(rows))
+
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text("\n".join(page))
+    if options.json:
+        options.json.parent.mkdir(parents=True, exist_ok=True)
+        options.json.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {options.out}" + (f", {options.plot}" if "deq" in sections else ""))
+    return 0
+
+
+def machine() -> dict:
+    versions = {"torch": torch.__version__, "implicit": implicit.__version__}
+    for module in ("jax", "jaxopt", "torchdeq"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "installed")
+        except ImportError:
+            versions[module] = "not installed"
+    if versions.get("jaxopt") == "installed":
+        from jaxopt import version
+
+        versions["jaxopt"] = version.__version__
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+    }
+
+
+HEADER = """# Benchmarks
+
+Regenerated by `python benchmarks/run.py` (this page, [the plot](benchmarks.png) and
+`benchmarks/results/benchmarks.json`); TorchDEQ and jaxopt come with
+`pip install ".[bench]"` and are skipped, with a note, when absent. How the library
+was made fast, and what the profiles showed: [performance.md](performance.md).
+
+**Machine**: {cpu}, {cores} cores shared with other jobs; Python {python}; {versions};
+{date}.
+
+**Method**: every contender runs in this one process with one compute thread
+(`torch.set_num_threads(1)`; XLA with `intra_op_parallelism_threads=1`). Times are
+**CPU time** of the process (all threads), which on a shared machine is what a call
+takes on a quiet core; wall time would also count the waits for a core. Each timing
+round runs every contender in turn, one untimed call then three timed ones (warm
+caches, as at any step of a training loop); tables give the median over rounds.
+Times on this machine move by ±20% from one run to the next: read the ratios and the
+counts beside them.
+"""
+
+DEQ_INTRO = """
+## 1. The DEQ training step
+
+`z = tanh(W z + U x + b)`, float32, `‖W‖₂ = 0.9`, `U ~ N(0, 1/D)`, `b ~ N(0, 0.01)`,
+`x ~ N(0, 1)`, `z0 = 0`, loss `mean(z²)`. One step = the injection `U x + b`, the
+fixed-point solve, the loss and the gradients of `W`, `U`, `b`: what a training loop
+does per batch. `f` captures `W` (like a module parameter) and takes the injection as
+an argument.
+
+* **f-evals**, **VJPs**: evaluations of `f` and vector-Jacobian products through it,
+  counted by running the step once more with a counting `tanh` (every evaluation:
+  the forward iterations, capture discovery, the graph the backward records; every
+  VJP: the adjoint solve's products and the final pass to the parameters).
+* **overhead** = time ÷ (f-evals · t_f + VJPs · t_vjp): how far the step is from the
+  arithmetic it needs. `t_f` and `t_vjp` are measured in this process, for the
+  contender's framework, by probes that run in every timing round with the contenders
+  (10 chained evaluations of `f`, 10 chained VJPs, as a solver meets them); the
+  overhead is the median over rounds of each round's ratio, so that machine noise
+  divides out. Not in the floor, for every contender alike: the injection `x Uᵀ` and
+  its gradient (two products of the size of `f`'s), and the parameter gradient `∇W`
+  in the last VJP. `unroll` differentiates through the solver, so its VJPs also carry
+  the parameter gradients of every iteration.
+* **error**: relative error of `(∇W, ∇U, ∇b)` against a float64 reference (Picard to
+  a step below 1e-15 and the adjoint's Neumann series to the same level, gradients
+  written out by hand). float32 cannot do better than about 4e-7 here.
+* **Tolerances** (`tol` column): implicit stops sample `b` at
+  `‖f(z)_b − z_b‖ ≤ tol · (1 + ‖f(z0)_b‖)` and the adjoint at
+  `‖(∂g/∂z)ᵀw − v‖ ≤ tol · ‖v‖`; TorchDEQ runs `stop_mode="rel"` (`≤ tol · ‖f(z)_b‖`
+  per sample, forward and backward); jaxopt solves the batch as one problem, so its
+  `tol` is the root mean square of implicit's per-sample thresholds, and its linear
+  solve gets `tol`. The error column decides: **a speed ratio counts only against a
+  row of equal or worse error**, which is what the "equal accuracy" table does.
+"""
+
+
+def peer_note(peers: dict, disabled: bool) -> str:
+    missing = [name for name, ok in peers.items() if not ok]
+    if not missing:
+        return ""
+    why = "disabled by --no-peers" if disabled else 'not installed: pip install ".[bench]"'
+    return f"\n*Skipped: {', '.join(missing)} ({why}).*\n"
+
+
+def deq_section(batch: int, width: int, rows: list[Row], extra: dict) -> str:
+    t_f, t_vjp = extra["floors"]["torch"]
+    floors = f"torch: t_f = {t_f * 1e3:.3f} ms, t_vjp = {t_vjp * 1e3:.3f} ms"
+    if "jax" in extra["floors"]:
+        jf, jv = extra["floors"]["jax"]
+        floors += f"; jax (compiled): t_f = {jf * 1e3:.3f} ms, t_vjp = {jv * 1e3:.3f} ms"
+    main = [r for r in rows if r.tol == deq_step.TOL]
+    main.sort(key=lambda r: r.median)
+    table = markdown_table(
+        [
+            "contender (forward / backward)",
+            "ms",
+            "f-evals",
+            "VJPs",
+            "floor ms",
+            "overhead",
+            "error",
+        ],
+        [
+            [
+                r.name,
+                fmt(r.median * 1e3),
+                str(r.f_evals),
+                str(r.vjps),
+                fmt(r.floor * 1e3),
+                fmt(r.overhead),
+                fmt(r.error),
+            ]
+            for r in main
+        ],
+    )
+    return (
+        f"\n### {batch} × {width}\n\n{floors}.\n\nAll at tol = {deq_step.TOL:g}, fastest first "
+        "(`one_step` is the Jacobian-free gradient, inexact by design: see its error):\n\n"
+        f"{table}\n\n{matched_table(rows)}\n"
+    )
+
+
+def matched_table(rows: list[Row]) -> str:
+    """Each peer row against the fastest implicit row of equal or better error."""
+    ours = [r for r in rows if r.group == "implicit" and r.error is not None]
+    lines = []
+    for peer in rows:
+        if peer.group not in ("TorchDEQ", "jaxopt"):
+            continue
+        eligible = [r for r in ours if r.error <= peer.error]
+        if not eligible:
+            lines.append(
+                [
+                    f"{peer.name} @ {peer.tol:g}",
+                    fmt(peer.median * 1e3),
+                    fmt(peer.error),
+                    "none as accurate",
+                    "–",
+                    "–",
+                ]
+            )
+            continue
+        best = min(eligible, key=lambda r: r.median)
+        lines.append(
+            [
+                f"{peer.name} @ {peer.tol:g}",
+                fmt(peer.median * 1e3),
+                fmt(peer.error),
+                f"{best.name} @ {best.tol:g}",
+                fmt(best.median * 1e3),
+                f"{peer.median / best.median:.2f}×",
+            ]
+        )
+    if not lines:
+        return ""
+    table = markdown_table(
+        [
+            "peer @ tol",
+            "ms",
+            "error",
+            "fastest implicit with error ≤ peer's",
+            "ms",
+            "implicit faster by",
+        ],
+        lines,
+    )
+    return (
+        "Equal accuracy (the tolerance sweep, every row of it, against each peer row):\n\n" + table
+    )
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {
+        "implicit": ("tab:blue", "o"),
+        "unroll": ("tab:gray", "x"),
+        "TorchDEQ": ("tab:red", "s"),
+        "jaxopt": ("tab:green", "^"),
+    }
+    sizes = results["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 5), squeeze=False)
+    for ax, (size, data) in zip(axes[0], sizes.items()):
+        by_name: dict[str, list[dict]] = {}
+        for row in data["rows"]:
+            if row["name"].endswith("one_step"):  # inexact by design: off the chart
+                continue
+            by_name.setdefault(row["name"], []).append(row)
+        for name, points in by_name.items():
+            points.sort(key=lambda r: r["error"])
+            color, marker = styles.get(points[0]["group"], ("black", "."))
+            xs = [p["error"] for p in points]
+            ys = [p["median_s"] * 1e3 for p in points]
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                color=color,
+                alpha=0.85,
+                linestyle="-" if len(points) > 1 else "",
+            )
+            if len(points) > 1 or points[0]["group"] != "implicit":
+                ax.annotate(name.replace(" (jit)", ""), (xs[0], ys[0]), fontsize=6, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("relative error of the gradient (float64 reference)")
+        ax.set_ylabel("CPU time per training step [ms]")
+        ax.set_title(f"DEQ training step, {size.replace('x', ' × ')}, float32")
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color=c, marker=m, linestyle="", label=g) for g, (c, m) in styles.items()
+    ]
+    axes[0][-1].legend(handles=handles, loc="upper right")
+    fig.suptitle(
+        "Lower left is better; lines join one contender's tolerance sweep (1e-5, 1e-6, 1e-7);"
+        " one_step (error 0.3 by design) not shown"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def seed_section(rows: list[Row]) -> str:
+    import seed_newton
+
+    table = markdown_table(
+        ["contender", "step ms (forward + backward)", "backward alone ms", "error"],
+        [[r.name, fmt(r.median * 1e3, 3), r.note, fmt(r.error)] for r in rows],
+    )
+    return (
+        "\n## 2. Newton on the seed's problem\n\n"
+        + seed_newton.__doc__.split("\n\n", 1)[1]
+        + "\n"
+        + table
+        + "\n"
+    )
+
+
+def scalar_section(rows: list[Row]) -> str:
+    import scalar_batch
+
+    table = markdown_table(
+        ["contender", "ms", "error", "note"],
+        [[r.name, fmt(r.median * 1e3, 1), fmt(r.error), r.note] for r in rows],
+    )
+    return (
+        "\n## 3. 100,000 scalar equations\n\n"
+        + scalar_batch.__doc__.split("\n\n", 1)[1]
+        + "\n"
+        + table
+        + "\n"
+    )
+
+
+def warm_section(rows: list[Row]) -> str:
+    import warm_start
+
+    table = markdown_table(
+        ["backward, start, data", "adjoint products per step", "ms per step"],
+        [[r.name, fmt(r.vjps, 1), fmt(r.median * 1e3)] for r in rows],
+    )
+    return (
+        "\n## 4. Warm-started adjoint solves in a training loop\n\n"
+        + warm_start.__doc__.split("\n\n", 1)[1]
+        + "\n"
+        + table
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

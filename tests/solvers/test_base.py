@@ -1,0 +1,57 @@
+"""The driver every iterative solver runs in (implicit/solvers/base.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import contractive_matrix
+
+import implicit
+from implicit._batch import select_rows
+
+
+def problems(batch=5, n=4):
+    """Contractions of different strengths (the problems finish at different steps):
+    ``f(z, x, w)`` for a batch, the matrices ``w`` and the data ``x``."""
+    norms = torch.linspace(0.1, 0.9, batch, dtype=torch.float64)
+    w = torch.stack([contractive_matrix(n, float(s), seed=i) for i, s in enumerate(norms)])
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def f(z, x, w):
+        return torch.tanh(torch.einsum("bij,bj->bi", w, z) + x)
+
+    return f, x, w
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_each_problem_stops_where_it_would_alone(check_every):
+    # With check_every=1 (the CPU default) the driver skips the per-problem bookkeeping
+    # while no problem has finished; with 3 it always does it. Either way a problem
+    # stops changing once converged: the same answer and count as when solved alone.
+    f, x, w = problems()
+    solver = implicit.solvers.FixedPoint(check_every=check_every)
+    options = dict(solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True)
+    z, info = implicit.fixed_point(f, torch.zeros_like(x), x, w, **options)
+    alone = [
+        implicit.fixed_point(
+            f, torch.zeros_like(x[b : b + 1]), x[b : b + 1], w[b : b + 1], **options
+        )
+        for b in range(x.shape[0])
+    ]
+    for b, (z_b, info_b) in enumerate(alone):
+        assert torch.equal(z[b], z_b[0])
+        assert float(info.residual[b]) == float(info_b.residual[0])
+    assert info.iterations == max(i.iterations for _, i in alone)
+    assert len({i.iterations for _, i in alone}) > 1  # they did finish at different steps
+    assert bool(info.converged.all())
+    # The history is the worst residual after each iteration: non-increasing here.
+    assert info.history[0] == max(float(i.history[0]) for _, i in alone)
+
+
+def test_select_rows():
+    new = torch.arange(6.0).reshape(3, 2)
+    old = -new
+    assert select_rows(torch.tensor([True, True, True]), new, old) is new
+    assert select_rows(torch.tensor([False, False, False]), new, old) is old
+    mixed = select_rows(torch.tensor([True, False, True]), new, old)
+    assert torch.equal(mixed, torch.tensor([[0.0, 1.0], [-2.0, -3.0], [4.0, 5.0]]))
