@@ -25,11 +25,6 @@ class _NewtonState:
     Attributes:
         linearization: ``∂g/∂z`` at the current iterate when the line search already
             built it there (the full step was taken), else None.
-        jacobian: the last dense Jacobian ``(B, n, n)`` (dense mode), taken at the
-            iterate the last step started from.
-        lu: its LU factorisation ``(LU, pivots)``, as from ``torch.linalg.lu_factor``;
-            singular blocks are factorised as the identity and marked in ``singular``.
-        singular: ``(B,)`` blocks of ``jacobian`` that are singular.
         proposed: the iterate the last step proposed (to recognise frozen rows).
         frozen: ``(B,)`` rows the driver has stopped.
         initial_norm: ``‖g(z₀)‖`` per sample, the scale of the Krylov forcing term.
@@ -38,9 +33,6 @@ class _NewtonState:
     linearization: Jacobian | None
     frozen: torch.Tensor
     initial_norm: torch.Tensor
-    jacobian: torch.Tensor | None = None
-    lu: tuple[torch.Tensor, torch.Tensor] | None = None
-    singular: torch.Tensor | None = None
     proposed: torch.Tensor | None = None
 
 
@@ -127,7 +119,7 @@ class Newton(Solver):
         jacobian = state.linearization if state.linearization is not None else fn.linearize(z)
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            direction, slope, state = self._dense_direction(jacobian.dense(), r, state)
+            direction, slope = self._dense_direction(jacobian.dense(), r)
         else:
             direction, slope = self._krylov_direction(jacobian, r, state.initial_norm, frozen)
         full: list[Jacobian] = []
@@ -160,7 +152,7 @@ class Newton(Solver):
         return z.shape[1] <= self.max_dense or (torch.is_grad_enabled() and r.requires_grad)
 
     @staticmethod
-    def _dense_direction(jacobian, r, state):
+    def _dense_direction(jacobian, r):
         lu, pivots, info = torch.linalg.lu_factor_ex(jacobian)
         # Singular to working precision: an exact zero pivot, or a pivot ratio (a cheap
         # estimate of the reciprocal condition number) below n·eps.
@@ -181,8 +173,7 @@ class Newton(Solver):
             damped = _damped_least_squares(jacobian, r)
             direction = torch.where(failed.unsqueeze(1), damped, direction)
         slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
-        state = dataclasses.replace(state, jacobian=jacobian, lu=(lu, pivots), singular=singular)
-        return direction, slope, state
+        return direction, slope
 
     def _krylov_direction(self, jacobian, r, initial_norm, frozen):
         if torch.is_grad_enabled() and r.requires_grad:

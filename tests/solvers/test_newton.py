@@ -16,7 +16,6 @@ from solver_checks import (
 )
 
 import implicit
-from implicit._operators import Residual
 from implicit.linear import CG, GMRES
 from implicit.solvers import Newton
 
@@ -141,20 +140,6 @@ def test_stationary_point_and_rootless_sample_do_not_stop_the_others():
     assert rel_err(z[0], torch.tensor([2.0, 3.0], dtype=torch.float64)) <= 1e-12
     assert torch.equal(z[1], z0[1])  # stays at the stationary point
     assert float(info.residual[2]) >= 1.0  # ‖z² + 1‖ ≥ √2 > 1 for every z
-
-
-def test_state_keeps_the_factorisation():
-    p = MonotoneCubic(n=3, batch=2)
-    fn = Residual(lambda z: p.g(z, p.b), lambda z: z.new_zeros(z.shape[0]))
-    solver = Newton()
-    z = p.z0 + 0.5
-    r = fn(z)
-    _, _, state = solver.step(fn, z, r, solver.init(fn, z, r))
-    expected = torch.func.vmap(torch.func.jacrev(lambda z: p.g(z, p.b)))(z.unsqueeze(1))
-    assert rel_err(state.jacobian, expected.squeeze(2).squeeze(3)) <= 1e-14
-    v = torch.randn(2, 3, 1, dtype=torch.float64)
-    lu, pivots = state.lu
-    assert rel_err(torch.linalg.lu_solve(lu, pivots, state.jacobian @ v), v) <= 1e-12
 
 
 def test_krylov_refuses_unroll():
