@@ -127,9 +127,11 @@ class GraphJacobian(Jacobian):
     def shape(self) -> torch.Size:
         return self.out.shape
 
-    def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
+    def rmatvec(self, w: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        """``Aᵀ w``; with ``create_graph`` the product is itself differentiable (in the
+        tensors ``out`` was recorded from), e.g. for a Jacobian penalty."""
         self.vjps += 1
-        return self._vjp_one(w)
+        return self._vjp_one(w, create_graph=create_graph)
 
     def shifted_rmatvec(self, w: torch.Tensor) -> torch.Tensor:
         """``(A + I)ᵀ w = (∂f/∂z)ᵀ w`` (``shifted`` graphs only)."""
@@ -147,15 +149,12 @@ class GraphJacobian(Jacobian):
         product = self._grad(transposed, u, inputs=dummy)
         return product - u if self.shifted else product
 
-    def _vjp_one(self, w: torch.Tensor) -> torch.Tensor:
-        product = self._grad(self.out, w)
+    def _vjp_one(self, w: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        # Batched by the inherited torch.func.vmap (dense), not by autograd's
+        # is_grads_batched, whose batching falls back to a loop for some products
+        # (``W @ z`` with a constant W: 14x slower).
+        product = self._grad(self.out, w, create_graph=create_graph)
         return product - w if self.shifted else product
-
-    def _batched_vjp(self, cotangents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-        # torch.func.vmap, not autograd's is_grads_batched: the latter's batching falls
-        # back to a loop for some products (``W @ z`` with a constant W: 14x slower).
-        rows = torch.func.vmap(lambda w: self._grad(self.out, w), chunk_size=chunk_size)(cotangents)
-        return rows - cotangents if self.shifted else rows
 
     def _grad(
         self,

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from implicit._operators import GraphJacobian
 from implicit._problem import Problem, State
 from implicit.api import fixed_point
 from implicit.layers._base import SolverLayer
@@ -145,17 +146,12 @@ class DEQ(SolverLayer):
         """
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-        problem, state = self._flat_state(x, z)
-        with torch.enable_grad():
-            state = state.requires_grad_()
-            image = problem.pack(self.f(problem.unpack(state), x))
-            total = image.new_zeros(())
-            for _ in range(samples):
-                probe = torch.empty_like(image).bernoulli_(0.5, generator=generator) * 2 - 1
-                (product,) = torch.autograd.grad(
-                    image, state, probe, create_graph=True, retain_graph=True
-                )
-                total = total + product.pow(2).sum(dim=1).mean()
+        jacobian = self._linearize(x, z)
+        total = jacobian.out.new_zeros(())
+        for _ in range(samples):
+            probe = torch.empty_like(jacobian.out).bernoulli_(0.5, generator=generator) * 2 - 1
+            product = jacobian.rmatvec(probe, create_graph=True)
+            total = total + product.pow(2).sum(dim=1).mean()
         return total / samples
 
     def spectral_radius(self, x: Any, z: State, iterations: int = 50) -> torch.Tensor:
@@ -178,28 +174,27 @@ class DEQ(SolverLayer):
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 2:
             raise ValueError(f"iterations must be an integer >= 2, got {iterations!r}")
-        problem, state = self._flat_state(x, z)
-        with torch.enable_grad():
-            state = state.requires_grad_()
-            image = problem.pack(self.f(problem.unpack(state), x))
-            vector = torch.randn_like(image)
-            vector = vector / torch.linalg.vector_norm(vector, dim=1, keepdim=True)
-            log_growth = image.new_zeros(image.shape[0])
-            burn_in = iterations // 2
-            for k in range(iterations):
-                (product,) = torch.autograd.grad(image, state, vector, retain_graph=True)
-                norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
-                if k >= burn_in:
-                    log_growth = log_growth + norm.squeeze(1).log()
-                vector = product / torch.where(norm > 0, norm, 1)
+        jacobian = self._linearize(x, z)
+        vector = torch.randn_like(jacobian.value)
+        vector = vector / torch.linalg.vector_norm(vector, dim=1, keepdim=True)
+        log_growth = vector.new_zeros(vector.shape[0])
+        burn_in = iterations // 2
+        for k in range(iterations):
+            product = jacobian.rmatvec(vector)
+            norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
+            if k >= burn_in:
+                log_growth = log_growth + norm.squeeze(1).log()
+            vector = product / torch.where(norm > 0, norm, 1)
         radius = (log_growth / (iterations - burn_in)).exp()
         return radius if self.batched else radius.squeeze(0)
 
-    def _flat_state(self, x: Any, z: State) -> tuple[Problem, torch.Tensor]:
-        """The problem's flat ``(B, n)`` view of a (detached) state."""
+    def _linearize(self, x: Any, z: State) -> GraphJacobian:
+        """``∂f/∂z`` at ``z`` (treated as a constant) from one recorded graph of ``f``."""
         detached = tuple(t.detach() for t in z) if isinstance(z, (tuple, list)) else z.detach()
         problem = Problem(self.f, detached, (x,), batched=self.batched, form="fixed_point")
-        return problem, problem.pack(detached).clone()
+        return GraphJacobian.record(
+            lambda state: problem.pack(self.f(problem.unpack(state), x)), problem.pack(detached)
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, batched={self.batched}, jac_reg={self.jac_reg}"
