@@ -12,14 +12,22 @@ satisfies ``‖A x_b − rhs_b‖₂ ≤ tol · ‖rhs_b‖₂``; a zero right-h
 Choose by name (``backward="gmres"``) or by instance (``backward=GMRES(restart=30)``).
 An instance's ``tol`` / ``max_iter`` default to the front door's.
 
-Warm start: the iterative methods take ``x0`` (a tensor, or ``"previous"`` to start
-from the instance's last solution, e.g. across training steps).
+Options of every iterative method ([`GMRES`][implicit.linear.GMRES],
+[`BiCGStab`][implicit.linear.BiCGStab], [`CG`][implicit.linear.CG],
+[`Neumann`][implicit.linear.Neumann]), all keyword-only:
 
-Preconditioners: ``preconditioner(r)`` takes a ``(B, n)`` tensor and returns
-``M r ≈ A⁻¹ r`` per row, where ``A`` is the operator the solver sees (in the backward,
-the transposed Jacobian ``(∂g/∂z)ᵀ``; a diagonal preconditioner serves both). GMRES and
-BiCGStab apply it on the right (they minimise or reduce the true residual); CG needs
-``M`` symmetric positive definite.
+- ``tol``: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+  takes the front door's ``tol``.
+- ``max_iter``: iteration cap; ``None`` takes the front door's ``max_iter``.
+- ``x0``: warm start: a tensor with the right-hand side's number of elements (reshaped
+  to its flat ``(B, n)`` view) or broadcastable to it; ``"previous"`` (this instance's
+  last solution when its shape, dtype and device match, else zero; e.g. across
+  training steps); ``None`` (zero).
+- ``preconditioner`` (not Neumann): ``preconditioner(r)`` takes a ``(B, n)`` tensor
+  and returns ``M r ≈ A⁻¹ r`` per row, where ``A`` is the operator the solver sees (in
+  the backward, the transposed Jacobian ``(∂g/∂z)ᵀ``; a diagonal preconditioner serves
+  both). GMRES and BiCGStab apply it on the right (they minimise or reduce the true
+  residual); CG needs ``M`` symmetric positive definite.
 """
 
 from __future__ import annotations
@@ -146,12 +154,7 @@ class _Iterative(LinearSolver):
     recurrence called converged but whose true residual is above the tolerance is
     restarted from its current ``x`` while the iteration budget lasts.
 
-    Args:
-        x0: initial guess: a tensor with the right-hand side's number of elements
-            (reshaped to ``(B, n)``) or broadcastable to ``(B, n)``; ``"previous"``
-            reuses this instance's last solution when its shape, dtype and device
-            match (warm start across training steps; zero otherwise); ``None`` starts
-            from zero.
+    Its options ``tol``, ``max_iter`` and ``x0`` are described in the module docstring.
     """
 
     def __init__(
@@ -240,12 +243,7 @@ def _residual(op: Operator, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Krylov(_Iterative):
-    """An iterative method with a warm start and a preconditioner.
-
-    Args:
-        x0: initial guess (see ``_Iterative``).
-        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module docstring).
-    """
+    """An iterative method with a warm start and a preconditioner (module docstring)."""
 
     def __init__(
         self,
@@ -349,16 +347,8 @@ class CG(_Krylov):
     silently wrong answer; a non-symmetric ``A`` that escapes this test is caught by
     the true-residual check.
 
-    Args:
-        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
-            takes the front door's ``tol``.
-        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
-        x0: warm start: a tensor with the right-hand side's number of elements (or
-            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
-            last solution when its shape, dtype and device match, else zero) or
-            ``None`` (zero).
-        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
-            docstring), or ``None``.
+    Takes the [options of every iterative method][implicit.linear] (``tol``,
+    ``max_iter``, ``x0``, ``preconditioner``).
     """
 
     name = "cg"
@@ -401,17 +391,11 @@ class GMRES(_Krylov):
     singular on its Krylov space stops with status ``"breakdown"``. Memory is
     ``restart + 1`` vectors per problem.
 
+    Takes the [options of every iterative method][implicit.linear] (``tol``,
+    ``max_iter``, ``x0``, ``preconditioner``).
+
     Args:
         restart: Krylov space dimension before a restart (capped at ``n``).
-        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
-            takes the front door's ``tol``.
-        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
-        x0: warm start: a tensor with the right-hand side's number of elements (or
-            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
-            last solution when its shape, dtype and device match, else zero) or
-            ``None`` (zero).
-        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
-            docstring), or ``None``.
     """
 
     name = "gmres"
@@ -558,16 +542,8 @@ class BiCGStab(_Krylov):
     with status ``"breakdown"`` at its last valid iterate. An iteration costs two
     products.
 
-    Args:
-        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
-            takes the front door's ``tol``.
-        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
-        x0: warm start: a tensor with the right-hand side's number of elements (or
-            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
-            last solution when its shape, dtype and device match, else zero) or
-            ``None`` (zero).
-        preconditioner: ``M(r) ≈ A⁻¹ r`` on ``(B, n)`` tensors (see the module
-            docstring), or ``None``.
+    Takes the [options of every iterative method][implicit.linear] (``tol``,
+    ``max_iter``, ``x0``, ``preconditioner``).
     """
 
     name = "bicgstab"
@@ -627,15 +603,11 @@ class Neumann(_Iterative):
     product per iteration, no extra memory. A problem whose iterate overflows stops at
     its last finite iterate with status ``"nonfinite"``.
 
+    Takes the [options of every iterative method][implicit.linear] (``tol``,
+    ``max_iter``, ``x0``).
+
     Args:
         damping: step size in ``(0, 1]``.
-        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
-            takes the front door's ``tol``.
-        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
-        x0: warm start: a tensor with the right-hand side's number of elements (or
-            broadcastable to its flat ``(B, n)`` view), ``"previous"`` (this instance's
-            last solution when its shape, dtype and device match, else zero) or
-            ``None`` (zero).
     """
 
     name = "neumann"
