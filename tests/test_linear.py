@@ -529,6 +529,36 @@ class TestNeumann:
         assert result.codes.tolist() == [MAX_ITER] and result.iterations == 8
         assert rel_err(result.x, series) <= 1e-13
 
+    @pytest.mark.parametrize("shifted", [True, False])
+    def test_rows_stop_on_their_own(self, shifted):
+        # Per row F = 0.1 I (done in a few steps), −5 I (overflows after that) and
+        # 0.7 I (slow): each row ends as it would alone, the overflowing one at its last
+        # finite iterate. shifted: the classic DEQ path, products of F from a recorded
+        # graph of f; otherwise products of A = F − I.
+        n = 3
+        scales = torch.tensor([0.1, -5.0, 0.7], dtype=F64)
+        rhs = rhs_of(3, n, 0)
+
+        def solve(rows):
+            f = scales[rows].reshape(-1, 1, 1) * torch.eye(n, dtype=F64)
+            if shifted:
+                graph = GraphJacobian.record(
+                    lambda z: torch.einsum("bij,bj->bi", f.mT, z), torch.zeros_like(rhs[rows]), True
+                )
+                op = Operator(graph, transpose=True)
+                assert op.shifted
+            else:
+                op = operator(f - torch.eye(n, dtype=F64))
+            return linear.Neumann().solve(op, rhs[rows], tol=1e-12, max_iter=5000)
+
+        together = solve(slice(None))
+        assert together.codes.tolist() == [CONVERGED, NONFINITE, CONVERGED]
+        assert bool(torch.isfinite(together.x).all())
+        for b in range(3):
+            alone = solve(slice(b, b + 1))
+            assert torch.equal(together.x[b], alone.x[0])
+            assert alone.codes.tolist() == together.codes[b : b + 1].tolist()
+
 
 def test_one_step_is_minus_the_right_hand_side():
     rhs = rhs_of(2, 3, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import contractive_matrix
@@ -55,3 +57,36 @@ def test_select_rows():
     assert select_rows(torch.tensor([False, False, False]), new, old) is old
     mixed = select_rows(torch.tensor([True, False, True]), new, old)
     assert torch.equal(mixed, torch.tensor([[0.0, 1.0], [-2.0, -3.0], [4.0, 5.0]]))
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_a_problem_that_blows_up_after_another_finished(check_every):
+    # Row 0 converges at once, row 1 overflows at the third step (after row 0 has
+    # stopped), row 2 converges slowly: each ends as it would alone, the overflowing
+    # one at its last finite iterate.
+    scale = torch.tensor([[0.0], [1e150], [0.5]], dtype=torch.float64)
+    shift = torch.tensor([[0.3], [1.0], [0.2]], dtype=torch.float64)
+
+    def f(z, scale, shift):
+        return scale * z + shift
+
+    solver = implicit.solvers.FixedPoint(check_every=check_every)
+    options = dict(
+        solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True, on_failure="ignore"
+    )
+    z0 = torch.ones(3, 1, dtype=torch.float64)
+    z, info = implicit.fixed_point(f, z0, scale, shift, **options)
+    assert info.status == "nonfinite"
+    assert info.converged.tolist() == [True, False, True]
+    # z₁ = 1e150 + 1 is the last iterate whose residual (1e300 − z₁) is finite.
+    assert float(z[1]) == pytest.approx(1e150, rel=1e-12)
+    alone = []
+    for b in range(3):
+        rows = slice(b, b + 1)
+        z_b, info_b = implicit.fixed_point(f, z0[rows], scale[rows], shift[rows], **options)
+        assert torch.equal(z[b], z_b[0])
+        assert float(info.residual[b]) == float(info_b.residual[0])
+        alone.append(info_b.iterations)
+    assert alone[0] == 1 and alone[1] == 2 and alone[2] > 20
+    assert info.iterations == alone[2]
+    assert math.isinf(info.history[2])  # the overflow shows in the history
