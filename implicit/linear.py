@@ -643,13 +643,10 @@ class Neumann(_Iterative):
         active = allowed & (_norm(r) > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
         iterations = 0
-        # When the host checks every iteration (the CPU), an iteration in which no
-        # running problem finishes or blows up needs no per-problem bookkeeping: it
-        # only keeps the rows that stopped as they were.
-        quiet = not rhs.is_cuda
-        frozen = not bool(active.all())
-        running = bool(active.any())
-        while iterations < max_iter and running:
+        # While every problem runs and the host checks each iteration (on the CPU), an
+        # iteration in which none finishes or blows up needs no per-problem bookkeeping.
+        every = not rhs.is_cuda and bool(active.all())
+        while iterations < max_iter and (every or bool(active.any())):
             if shifted:
                 x_new = -rhs if q is None else q - rhs
                 q_new = op.shifted_mv(x_new)
@@ -660,20 +657,13 @@ class Neumann(_Iterative):
                 r_new = op.mv(x_new) - rhs
             iterations += 1
             norm = _norm(r_new)
-            if quiet:
-                # NaN fails both tests: ending or blowing up both leave this path.
-                going = (norm > target) & (norm < math.inf)
-                if bool((going | ~active).all() if frozen else going.all()):
-                    if frozen:
-                        keep = ~active.unsqueeze(1)
-                        x, r = torch.where(keep, x, x_new), torch.where(keep, r, r_new)
-                        if shifted:
-                            q = q_new if q is None else torch.where(keep, q, q_new)
-                    else:
-                        x, r = x_new, r_new
-                        if shifted:
-                            q = q_new
-                    continue
+            # NaN fails both tests.
+            if every and bool(((norm > target) & (norm < math.inf)).all()):
+                x, r = x_new, r_new
+                if shifted:
+                    q = q_new
+                continue
+            every = False
             blew_up = active & ~torch.isfinite(norm)
             step = active & ~blew_up
             x = select_rows(step, x_new, x)
@@ -683,8 +673,6 @@ class Neumann(_Iterative):
             done = step & (norm <= target)
             codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
             active = step & ~done
-            frozen = True
-            running = bool(active.any())
         return x, codes, iterations, r
 
 

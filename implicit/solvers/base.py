@@ -92,29 +92,20 @@ class Solver(abc.ABC):
         stopped_at = torch.zeros_like(codes)
         history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
-        # When the host checks every iteration (the CPU), an iteration in which no
-        # running problem finishes or blows up needs none of the per-problem
-        # bookkeeping below: it only keeps the finished rows as they were.
-        quiet = check_every == 1
-        frozen = bool(done.any()) if quiet else True
-        check = True
+        # While the host knows that no problem has finished (it checks every iteration),
+        # an iteration needs none of the per-problem bookkeeping: the common case.
+        running_all = check_every == 1 and not bool(done.any())
         k = 0
         for k in range(max_iter):
-            if check and bool(done.all()):
+            if k % check_every == 0 and bool(done.all()):
                 break
-            check = not quiet and (k + 1) % check_every == 0
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
-            if quiet:
-                # NaN fails both tests: ending or blowing up both leave this path.
-                going = (new_norms > threshold) & (new_norms < math.inf)
-                if bool((going | done).all() if frozen else going.all()):
-                    if frozen:
-                        keep = done.unsqueeze(1)
-                        z, r = torch.where(keep, z, z_new), torch.where(keep, r, r_new)
-                        norms = torch.where(done, norms, new_norms)
-                    else:
-                        z, r, norms = z_new, r_new, new_norms
+            if running_all:
+                # NaN fails both tests: ending or blowing up both leave this fast path.
+                running_all = not bool((~(new_norms > threshold) | ~(new_norms < math.inf)).any())
+                if running_all:
+                    z, r, norms = z_new, r_new, new_norms
                     history.append(norms.max())
                     continue
             # A problem whose residual turns non-finite stops at its last finite iterate.
@@ -127,8 +118,6 @@ class Solver(abc.ABC):
             codes = torch.where(stays, codes, self._classify(norms, threshold, codes))
             stopped_at = torch.where(done, stopped_at, k + 1)
             done = codes != MAX_ITER
-            frozen = True
-            check = check or quiet
             history.append(torch.where(blew_up, new_norms, norms).max())
         else:
             k = max_iter
