@@ -84,7 +84,7 @@ class _Settings:
             iterations=result.iterations,
             matvecs=op.products,
             status=status_name(result.codes),
-            method=linear.name,
+            method=result.method or linear.name,
         )
         report_failure(info, self.on_failure, what)
         return result.x, info

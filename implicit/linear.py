@@ -75,12 +75,15 @@ class LinearResult:
             where ``rhs = 0``; NaN where the method does not measure it).
         codes: per-problem status codes (see ``implicit._results``).
         iterations: iterations taken (the maximum over problems).
+        method: the method that ran, where a solver chooses among several
+            (``"auto"``'s iterative choice); ``None`` means the solver's own name.
     """
 
     x: torch.Tensor
     residual: torch.Tensor
     codes: torch.Tensor
     iterations: int
+    method: str | None = None
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -611,6 +614,9 @@ class Neumann(_Iterative):
     """
 
     name = "neumann"
+    #: Stop a problem whose residual has not halved over this many iterations
+    #: (``None``: never); set by [`Auto`][implicit.linear.Auto]'s fixed-point method.
+    _give_up_after: int | None = None
 
     def __init__(
         self,
@@ -640,7 +646,8 @@ class Neumann(_Iterative):
             r = q - x - rhs
         else:
             r = -rhs
-        active = allowed & (_norm(r) > target)
+        reference = _norm(r)
+        active = allowed & (reference > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
         iterations = 0
         # While every problem runs and the host checks each iteration (on the CPU), an
@@ -657,8 +664,16 @@ class Neumann(_Iterative):
                 r_new = op.mv(x_new) - rhs
             iterations += 1
             norm = _norm(r_new)
+            slow = None
+            if self._give_up_after and iterations % self._give_up_after == 0:
+                # Stop the problems whose residual did not halve over the window (NaN
+                # included): a caller hands them to a method that does not need a
+                # contraction.
+                slow = active & ~(norm <= 0.5 * reference)
+                reference = norm
+                slow = slow if bool(slow.any()) else None
             # NaN fails both tests.
-            if every and bool(((norm > target) & (norm < math.inf)).all()):
+            if slow is None and every and bool(((norm > target) & (norm < math.inf)).all()):
                 x, r = x_new, r_new
                 if shifted:
                     q = q_new
@@ -673,6 +688,8 @@ class Neumann(_Iterative):
             done = step & (norm <= target)
             codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
             active = step & ~done
+            if slow is not None:
+                active = active & ~slow  # status stays "max_iter"
         return x, codes, iterations, r
 
 
@@ -738,9 +755,60 @@ class Unroll:
         return "Unroll()"
 
 
+class _NeumannThenGMRES(_Iterative):
+    """Auto's iterative method: for a fixed point's adjoint, Neumann while it contracts
+    well, then GMRES from where it got; GMRES for every other system.
+
+    On ``A = ∂f/∂z − I`` with products of ``∂f/∂z`` at hand (the first-order backward
+    of a fixed point), Neumann costs one product and one pass over the data per
+    iteration, where GMRES adds its orthogonalisation: when ``f`` contracts well (a
+    trained DEQ), Neumann gets there first. A problem whose residual does not halve
+    over four iterations (a weak contraction, or none) goes on with GMRES from its
+    current iterate (from zero if its residual grew beyond ``‖rhs‖``), within the
+    same iteration budget.
+    """
+
+    name = "neumann+gmres"
+
+    def __init__(self, *, tol: float | None = None, max_iter: int | None = None):
+        super().__init__(tol=tol, max_iter=max_iter)
+        self._neumann = Neumann()
+        self._neumann._give_up_after = 4
+        self._gmres = GMRES()
+        self._ran: set[str] = set()
+
+    def solve(self, op, rhs, *, tol, max_iter):
+        self._ran = set()
+        result = super().solve(op, rhs, tol=tol, max_iter=max_iter)
+        result.method = "+".join(m for m in ("neumann", "gmres") if m in self._ran)
+        return result
+
+    def _iterate(self, op, rhs, x, target, max_iter, allowed):
+        used, codes, r = 0, None, None
+        if op.shifted:
+            self._ran.add("neumann")
+            x, codes, used, r = self._neumann._iterate(op, rhs, x, target, max_iter, allowed)
+            allowed = allowed & (codes == MAX_ITER)
+            if used >= max_iter or not bool(allowed.any()):
+                return x, codes, used, r
+            grew = allowed & ~(_norm(r) <= _norm(rhs))
+            x = torch.where(_rows(grew), 0, x)
+        self._ran.add("gmres")
+        x, gmres_codes, more, r = self._gmres._iterate(op, rhs, x, target, max_iter - used, allowed)
+        codes = gmres_codes if codes is None else torch.where(allowed, gmres_codes, codes)
+        return x, codes, used + more, r
+
+
 class Auto(LinearSolver):
-    """[`Dense`][implicit.linear.Dense] for small problems, [`GMRES`][implicit.linear.GMRES]
-    otherwise: the default backward mode.
+    """[`Dense`][implicit.linear.Dense] for small problems, a Krylov method otherwise:
+    the default backward mode.
+
+    Above ``max_dense`` unknowns: for the adjoint of a fixed point ``z = f(z)`` (the
+    first-order backward), [`Neumann`][implicit.linear.Neumann] while it contracts well
+    and [`GMRES`][implicit.linear.GMRES] from where it got for the problems whose
+    residual does not halve over four iterations; [`GMRES`][implicit.linear.GMRES] for
+    every other system. ``info.backward.method`` says which ran (``"dense"``,
+    ``"neumann"``, ``"neumann+gmres"`` or ``"gmres"``).
 
     Args:
         max_dense: largest number of unknowns per problem solved densely.
@@ -760,7 +828,7 @@ class Auto(LinearSolver):
         self.max_dense = max_dense
 
     def for_size(self, n: int) -> LinearSolver:
-        chosen = Dense() if n <= self.max_dense else GMRES()
+        chosen = Dense() if n <= self.max_dense else _NeumannThenGMRES()
         chosen.tol, chosen.max_iter = self.tol, self.max_iter
         return chosen
 

@@ -11,9 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import implicit
+from implicit import linear
 from implicit.solvers import Solver
 
-EXACT_MODES = ["dense", "gmres", "bicgstab", "neumann", "auto"]
+EXACT_MODES = [
+    "dense",
+    "gmres",
+    "bicgstab",
+    "neumann",
+    "auto",
+    # auto above max_dense: Neumann, then GMRES where it stalls.
+    pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
+]
 TIGHT = {"tol": 1e-13, "max_iter": 500}
 
 
@@ -611,8 +620,6 @@ class Descent(Solver):
 
 # -- property: random contractive maps, every exact backward mode --------------------------
 
-PROPERTY_MODES = ["dense", "gmres", "bicgstab", "neumann", "auto"]
-
 
 def contractive_problem(batch, n, contraction, seed):
     """``f(z, x) = tanh(W_b z + x_b)`` per sample, with ``‖W_b‖₂ = contraction``."""
@@ -629,7 +636,7 @@ def contractive_problem(batch, n, contraction, seed):
     return f, w, x, weights
 
 
-@pytest.mark.parametrize("backward", PROPERTY_MODES)
+@pytest.mark.parametrize("backward", EXACT_MODES)
 @settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 4),

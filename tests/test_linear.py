@@ -440,14 +440,14 @@ class TestDense:
 
 
 class TestAuto:
-    def test_picks_dense_below_max_dense_and_gmres_above(self):
+    def test_picks_dense_below_max_dense_and_an_iterative_method_above(self):
         auto = linear.Auto(max_dense=5, tol=1e-9, max_iter=7)
         small, large = auto.for_size(5), auto.for_size(6)
-        assert isinstance(small, linear.Dense) and isinstance(large, linear.GMRES)
+        assert isinstance(small, linear.Dense) and large.name == "neumann+gmres"
         assert (small.tol, small.max_iter, large.tol, large.max_iter) == (1e-9, 7, 1e-9, 7)
 
     @pytest.mark.parametrize(
-        ("backward", "method"), [("auto", "dense"), (linear.Auto(max_dense=3), "gmres")]
+        ("backward", "method"), [("auto", "dense"), (linear.Auto(max_dense=3), "neumann")]
     )
     def test_through_the_core(self, backward, method):
         x = torch.randn(4, dtype=F64, requires_grad=True)
@@ -461,6 +461,72 @@ class TestAuto:
         )
         z.sum().backward()
         assert info.backward.method == method
+
+    @staticmethod
+    def fixed_point_grad(diagonals: torch.Tensor, backward):
+        """``∇x Σ z`` for ``z = S z + x`` with ``S = diag(diagonals[b])`` per problem,
+        solved by Newton (which needs no contraction), and the backward's report."""
+        x = torch.ones_like(diagonals, requires_grad=True)
+        z, info = implicit.fixed_point(
+            lambda z, x: diagonals * z + x,
+            torch.zeros_like(x),
+            x,
+            solver="newton",
+            backward=backward,
+            batched=True,
+            tol=1e-12,
+            max_iter=200,
+            return_info=True,
+        )
+        (grad,) = torch.autograd.grad(z.sum(), x)
+        return grad, info.backward
+
+    def test_weak_or_no_contraction_goes_on_with_gmres(self):
+        # Row 0 contracts strongly (Neumann finishes it); row 1 contracts at 0.97 (its
+        # residual does not halve in four iterations); row 2 does not contract at all
+        # (S = −1.5 I: Neumann diverges). Every row gets (I − S)⁻¹ 1 exactly.
+        n = 8
+        diagonals = torch.stack(
+            [
+                torch.linspace(0.0, 0.3, n, dtype=F64),
+                torch.linspace(0.0, 0.97, n, dtype=F64),
+                torch.full((n,), -1.5, dtype=F64),
+            ]
+        )
+        grad, report = self.fixed_point_grad(diagonals, linear.Auto(max_dense=3))
+        assert report.method == "neumann+gmres"
+        assert bool(report.converged.all())
+        assert rel_err(grad, 1 / (1 - diagonals)) <= 1e-10
+        # The strongly contracting row is Neumann's answer, untouched by GMRES.
+        alone, _ = self.fixed_point_grad(diagonals[:1], "neumann")
+        assert torch.equal(grad[0], alone[0])
+        # With GMRES alone: the same answers, more products for the easy row's sake.
+        gmres, _ = self.fixed_point_grad(diagonals, "gmres")
+        assert rel_err(grad, gmres) <= 1e-10
+
+    def test_a_strong_contraction_stays_with_neumann(self):
+        diagonals = torch.linspace(-0.4, 0.4, 3 * 8, dtype=F64).reshape(3, 8)
+        grad, report = self.fixed_point_grad(diagonals, linear.Auto(max_dense=3))
+        neumann, neumann_report = self.fixed_point_grad(diagonals, "neumann")
+        assert report.method == "neumann"
+        assert torch.equal(grad, neumann)
+        assert report.iterations == neumann_report.iterations
+
+    def test_other_systems_use_gmres(self):
+        # A root problem's adjoint has no ∂f/∂z to iterate on: GMRES from the start.
+        x = torch.randn(6, dtype=F64, requires_grad=True)
+        z, info = implicit.root_solve(
+            lambda z, x: z + 0.3 * torch.tanh(z) - x,
+            torch.zeros(6, dtype=F64),
+            x,
+            backward=linear.Auto(max_dense=3),
+            tol=1e-12,
+            return_info=True,
+        )
+        z.sum().backward()
+        assert info.backward.method == "gmres"
+        d = 1 + 0.3 / torch.cosh(z.detach()) ** 2
+        assert rel_err(x.grad, 1 / d) <= 1e-10
 
     def test_solve_delegates(self):
         matrix, rhs = nonsymmetric(2, 6, 0.5, 0), rhs_of(2, 6, 0)
