@@ -359,7 +359,12 @@ def contenders(p: DEQProblem, peers: dict[str, bool], quick: bool) -> list[Conte
     solvers = (
         ["anderson", "fixed_point"] if quick else ["anderson", "fixed_point", "broyden", "newton"]
     )
-    backwards = ["gmres", "neumann"] if quick else ["gmres", "bicgstab", "neumann", "one_step"]
+    # "auto" first: the default (Neumann while it contracts well, then GMRES).
+    backwards = (
+        ["auto", "gmres", "neumann"]
+        if quick
+        else ["auto", "gmres", "bicgstab", "neumann", "one_step"]
+    )
     out = [implicit_contender(p, s, bw, TOL) for s in solvers for bw in backwards]
     out.append(
         implicit_contender(p, "anderson", "unroll", TOL, "autograd through anderson (unroll)")
