@@ -6,7 +6,8 @@ Run from the repository root: ``python benchmarks/backward_accuracy.py [cases]``
   [0.1, 0.9], float64, tol 1e-12), solved with ``solver="fixed_point"``: the gradient of
   ``Σ c ⊙ sin z`` with respect to ``x`` and ``W`` against plain autograd through 500
   unrolled iterations (``dense``, ``gmres``, ``bicgstab``, ``neumann``, ``auto``,
-  ``one_step``), and ``dz/dx`` against the closed form ``(I − D W)⁻¹ D``,
+  ``auto-iter`` = ``Auto(max_dense=0)``, ``one_step``), and ``dz/dx`` against the
+  closed form ``(I − D W)⁻¹ D``,
   ``D = diag(1 − z²)`` (``unroll`` and, again, the exact modes).
 * Random convex energies (``g = A z + tanh z − b``, ``A`` SPD with condition number up
   to 100): the gradient with ``cg`` against the closed form ``(A + diag sech² z)⁻¹ c``.
@@ -46,7 +47,7 @@ def contractive(rng: random.Random):
     return f, w, x, c
 
 
-def fixed_point_errors(mode: str, rng: random.Random) -> tuple[float, float]:
+def fixed_point_errors(mode, rng: random.Random) -> tuple[float, float]:
     """(vs unrolled autograd, vs closed-form dz/dx) for one random problem."""
     f, w, x, c = contractive(rng)
     z0 = torch.zeros_like(x)
@@ -113,12 +114,16 @@ def cg_error(rng: random.Random) -> float:
 
 def main(cases: int) -> None:
     rows = []
-    for mode in ["dense", "gmres", "bicgstab", "neumann", "auto", "unroll", "one_step"]:
-        rng = random.Random(mode)
-        errors = [fixed_point_errors(mode, rng) for _ in range(cases)]
+    modes = ["dense", "gmres", "bicgstab", "neumann", "auto", "unroll", "one_step"]
+    # Auto above max_dense: Neumann while it contracts well, then GMRES.
+    modes.insert(5, ("auto-iter", implicit.linear.Auto(max_dense=0)))
+    for mode in modes:
+        label, backward = mode if isinstance(mode, tuple) else (mode, mode)
+        rng = random.Random(label)
+        errors = [fixed_point_errors(backward, rng) for _ in range(cases)]
         rows.append(
             (
-                mode,
+                label,
                 "unrolled autograd (500 it.) / closed-form dz/dx",
                 max(e[0] for e in errors),
                 max(e[1] for e in errors),
