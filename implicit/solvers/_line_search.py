@@ -78,6 +78,9 @@ def backtrack(
         r_trial = full_step(z_trial) if first else fn(z_trial)
         # NaN compares False: a non-finite trial never passes.
         take = ~passed & (merit(r_trial) <= base + ARMIJO * t * slope)
+        if trials == 1 and bool(take.all()):
+            # Every row takes the full step (none skipped): the common case near a root.
+            return z_trial, r_trial, take, 1
         z_new = torch.where(take.unsqueeze(1), z_trial, z_new)
         r_new = torch.where(take.unsqueeze(1), r_trial, r_new)
         passed = passed | take
