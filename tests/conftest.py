@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from implicit import linear
+
 torch.set_num_threads(1)
+
+#: The backward modes that give exact gradients, as the suite checks them.
+EXACT_MODES = [
+    "dense",
+    "gmres",
+    "bicgstab",
+    "neumann",
+    "auto",
+    # auto above max_dense: Neumann, then GMRES where it stalls.
+    pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
+]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

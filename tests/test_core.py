@@ -6,23 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import TanhProblem, assert_fixed_point, rel_err, unrolled_fixed_point
+from conftest import EXACT_MODES, TanhProblem, assert_fixed_point, rel_err, unrolled_fixed_point
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import implicit
-from implicit import linear
 from implicit.solvers import Solver
 
-EXACT_MODES = [
-    "dense",
-    "gmres",
-    "bicgstab",
-    "neumann",
-    "auto",
-    # auto above max_dense: Neumann, then GMRES where it stalls.
-    pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
-]
 TIGHT = {"tol": 1e-13, "max_iter": 500}
 
 

@@ -22,13 +22,12 @@ import pytest
 import scipy.linalg
 import torch
 import torch.autograd.forward_ad as forward_ad
-from conftest import TanhProblem, contractive_matrix, rel_err, unrolled_fixed_point
+from conftest import EXACT_MODES, TanhProblem, contractive_matrix, rel_err, unrolled_fixed_point
 
 import implicit
 from implicit import __main__ as tour
 
 TIGHT = {"tol": 1e-13, "max_iter": 500}
-EXACT_MODES = ["dense", "gmres", "bicgstab", "neumann", "auto"]
 F64 = torch.float64
 
 WORST: dict[str, float] = {}

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err, unrolled_fixed_point
+from conftest import EXACT_MODES, rel_err, unrolled_fixed_point
 from torch import nn
 
 import implicit
-from implicit import linear
 from implicit.linear import Phantom
 
-EXACT_MODES = [
-    "dense",
-    "gmres",
-    "bicgstab",
-    "neumann",
-    "auto",
-    # auto above max_dense: Neumann, then GMRES where it stalls.
-    pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
-]
 TIGHT = {"tol": 1e-13, "max_iter": 500}
 
 
