@@ -207,16 +207,23 @@ class _Iterative(LinearSolver):
             x, new_codes, used, true = self._iterate(
                 op, rhs, x, target, max_iter - iterations, allowed
             )
-            codes = torch.where(allowed, new_codes, codes)
             iterations += used
             residual = _norm(op.mv(x) - rhs if true is None else true)
+            # The common end, every problem solved (a true residual at most the target is
+            # finite, and so is the x it was computed from), needs no more bookkeeping.
+            if bool((residual <= target).all()):
+                codes = torch.full_like(codes, CONVERGED)
+                break
+            codes = torch.where(allowed, new_codes, codes)
             finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
             solved = finite & (residual <= target)
             allowed = (codes == CONVERGED) & ~solved & finite  # drifted: restart these
             if used == 0 or iterations >= max_iter or not bool(allowed.any()):
+                codes = torch.where(
+                    solved, CONVERGED, torch.where(codes == CONVERGED, MAX_ITER, codes)
+                )
+                codes = torch.where(finite, codes, NONFINITE)
                 break
-        codes = torch.where(solved, CONVERGED, torch.where(codes == CONVERGED, MAX_ITER, codes))
-        codes = torch.where(finite, codes, NONFINITE)
         if isinstance(self.x0, str):  # "previous"
             self._previous = x.detach().clone()
         return LinearResult(x, _safe_div(residual, rhs_norm), codes, iterations)
@@ -672,8 +679,13 @@ class Neumann(_Iterative):
                 slow = active & ~(norm <= 0.5 * reference)
                 reference = norm
                 slow = slow if bool(slow.any()) else None
-            # NaN fails both tests.
-            if slow is None and every and bool(((norm > target) & (norm < math.inf)).all()):
+            # An infinite or NaN worst norm leaves the fast path (NaN fails the comparison).
+            if (
+                slow is None
+                and every
+                and math.isfinite(norm.max().item())
+                and bool((norm > target).all())
+            ):
                 x, r = x_new, r_new
                 if shifted:
                     q = q_new

@@ -102,11 +102,13 @@ class Solver(abc.ABC):
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
             if running_all:
-                # NaN fails both tests: ending or blowing up both leave this fast path.
-                running_all = not bool((~(new_norms > threshold) | ~(new_norms < math.inf)).any())
+                # Ending or blowing up (an infinite or NaN worst norm, which the
+                # comparison also fails) both leave this fast path.
+                worst = new_norms.max()
+                running_all = math.isfinite(worst.item()) and bool((new_norms > threshold).all())
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
-                    history.append(norms.max())
+                    history.append(worst)
                     continue
             # A problem whose residual turns non-finite stops at its last finite iterate.
             blew_up = ~done & ~torch.isfinite(new_norms)
@@ -123,13 +125,12 @@ class Solver(abc.ABC):
             k = max_iter
         # Problems still running at the end ran every iteration of the loop.
         iterations = torch.where(done, stopped_at, k)
-        worst = torch.stack(history)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
             iterations=int(iterations.max()),
             f_evals=fn.f_evals,
-            history=worst.detach().tolist(),
+            history=torch.stack(history).detach().tolist(),
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,

@@ -90,3 +90,36 @@ def test_a_problem_that_blows_up_after_another_finished(check_every):
     assert alone[0] == 1 and alone[1] == 2 and alone[2] > 20
     assert info.iterations == alone[2]
     assert math.isinf(info.history[2])  # the overflow shows in the history
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+def test_a_problem_that_blows_up_before_any_finished(kind, check_every):
+    # Row 0 turns non-finite at its third evaluation while row 1 (slow) still runs: no
+    # problem has finished, so with check_every=1 the driver is on its fast path then.
+    # Each row ends as it would alone, row 0 at its last finite iterate.
+    slope = torch.tensor([[0.5], [0.2]], dtype=torch.float64)
+
+    def f(z, slope):
+        step = slope * z + 3
+        if kind == "inf":
+            return torch.where(z > 5, math.inf, step)
+        return torch.where(z > 5, math.nan, step)
+
+    solver = implicit.solvers.FixedPoint(check_every=check_every)
+    options = dict(
+        solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True, on_failure="ignore"
+    )
+    z0 = torch.ones(2, 1, dtype=torch.float64)
+    z, info = implicit.fixed_point(f, z0, slope, **options)
+    assert info.status == "nonfinite"
+    assert info.converged.tolist() == [False, True]
+    # 1 → 3.5 → 4.75 → 5.375, whose image is not finite: 4.75 has the last finite residual.
+    assert float(z[0]) == 4.75
+    assert float(z[1]) == pytest.approx(3 / 0.8, rel=1e-9)
+    for b in range(2):
+        rows = slice(b, b + 1)
+        z_b, info_b = implicit.fixed_point(f, z0[rows], slope[rows], **options)
+        assert torch.equal(z[b], z_b[0])
+        assert float(info.residual[b]) == float(info_b.residual[0])
+        assert info_b.status == ("nonfinite" if b == 0 else "converged")
