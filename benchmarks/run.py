@@ -187,6 +187,10 @@ an argument.
   its gradient (two products of the size of `f`'s), and the parameter gradient `∇W`
   in the last VJP. `unroll` differentiates through the solver, so its VJPs also carry
   the parameter gradients of every iteration.
+* **eager loop**: `fixed_point / neumann`'s arithmetic written as a plain torch loop
+  (the same per-problem stops, the same counts and, checked by the tests, the same
+  gradients): what eager PyTorch itself costs for this step. The gap between it and
+  implicit's row is the library's own overhead.
 * **error**: relative error of `(∇W, ∇U, ∇b)` against a float64 reference (Picard to
   a step below 1e-15 and the adjoint's Neumann series to the same level, gradients
   written out by hand). float32 cannot do better than about 4e-7 here.
@@ -304,6 +308,7 @@ def plot(results: dict, path: Path) -> None:
     styles = {
         "implicit": ("tab:blue", "o"),
         "unroll": ("tab:gray", "x"),
+        "eager loop": ("tab:purple", "D"),
         "TorchDEQ": ("tab:red", "s"),
         "jaxopt": ("tab:green", "^"),
     }
