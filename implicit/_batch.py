@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def select_rows(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` in the rows that ``rows`` (shape ``(B,)``) selects, ``old`` elsewhere.
+def row_selector(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
+    ``old`` elsewhere, for as many ``(B, n)`` pairs as an iteration updates.
 
     On the CPU a host check costs less than a pass over the data, so the common cases
-    (every row, no row) return ``new`` or ``old`` as they are. Elsewhere a host check
-    would stall the device: one ``torch.where``.
+    (every row, no row) hand back ``new`` or ``old`` as they are; the check is made once
+    for all the pairs. Elsewhere a host check would stall the device: one
+    ``torch.where`` per pair.
     """
-    if new.device.type == "cpu":
+    if rows.device.type == "cpu":
         if bool(rows.all()):
-            return new
+            return lambda new, old: new
         if not bool(rows.any()):
-            return old
-    return torch.where(rows.unsqueeze(1), new, old)
+            return lambda new, old: old
+    mask = rows.unsqueeze(1)
+    return lambda new, old: torch.where(mask, new, old)

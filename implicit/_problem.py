@@ -118,7 +118,9 @@ class Problem:
     def unpack(self, flat: torch.Tensor) -> State:
         """The inverse of :meth:`pack`."""
         if not self.is_tuple:
-            return flat.reshape(self.shapes[0])
+            # Already the state's shape (a batch of vectors): no view, so that neither the
+            # user's function nor a graph recorded through it sees an extra operation.
+            return flat if flat.shape == self.shapes[0] else flat.reshape(self.shapes[0])
         parts = torch.split(flat, self.sizes, dim=1)
         return tuple(p.reshape(shape) for p, shape in zip(parts, self.shapes))
 
@@ -212,7 +214,7 @@ class Problem:
             and out.shape == self.out_shapes[0]
             and out.dtype == self.dtype
         ):  # the common case, checked in full below
-            return out.reshape(self.batch_size, -1)
+            return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
         parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
         like = "y" if self.form == "inverse" else like

@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from implicit._batch import select_rows
+from implicit._batch import row_selector
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
@@ -693,10 +693,10 @@ class Neumann(_Iterative):
             every = False
             blew_up = active & ~torch.isfinite(norm)
             step = active & ~blew_up
-            x = select_rows(step, x_new, x)
-            r = select_rows(step, r_new, r)
+            take = row_selector(step)
+            x, r = take(x_new, x), take(r_new, r)
             if shifted:
-                q = select_rows(step, q_new, torch.zeros_like(q_new) if q is None else q)
+                q = take(q_new, torch.zeros_like(q_new) if q is None else q)
             done = step & (norm <= target)
             codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
             active = step & ~done

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import select_rows
+from implicit._batch import row_selector
 from implicit._operators import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
@@ -97,7 +97,8 @@ class Solver(abc.ABC):
         running_all = check_every == 1 and not bool(done.any())
         k = 0
         for k in range(max_iter):
-            if k % check_every == 0 and bool(done.all()):
+            # On the fast path no problem has finished (the batch is never empty).
+            if not running_all and k % check_every == 0 and bool(done.all()):
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
@@ -113,8 +114,8 @@ class Solver(abc.ABC):
             # A problem whose residual turns non-finite stops at its last finite iterate.
             blew_up = ~done & ~torch.isfinite(new_norms)
             stays = done | blew_up
-            z = select_rows(stays, z, z_new)
-            r = select_rows(stays, r, r_new)
+            keep = row_selector(stays)
+            z, r = keep(z, z_new), keep(r, r_new)
             norms = torch.where(stays, norms, new_norms)
             codes = torch.where(blew_up, NONFINITE, codes)
             codes = torch.where(stays, codes, self._classify(norms, threshold, codes))

@@ -9,7 +9,7 @@ import torch
 from conftest import contractive_matrix
 
 import implicit
-from implicit._batch import select_rows
+from implicit._batch import row_selector
 
 
 def problems(batch=5, n=4):
@@ -50,13 +50,14 @@ def test_each_problem_stops_where_it_would_alone(check_every):
     assert info.history[0] == max(float(i.history[0]) for _, i in alone)
 
 
-def test_select_rows():
+def test_row_selector():
     new = torch.arange(6.0).reshape(3, 2)
     old = -new
-    assert select_rows(torch.tensor([True, True, True]), new, old) is new
-    assert select_rows(torch.tensor([False, False, False]), new, old) is old
-    mixed = select_rows(torch.tensor([True, False, True]), new, old)
-    assert torch.equal(mixed, torch.tensor([[0.0, 1.0], [-2.0, -3.0], [4.0, 5.0]]))
+    assert row_selector(torch.tensor([True, True, True]))(new, old) is new
+    assert row_selector(torch.tensor([False, False, False]))(new, old) is old
+    select = row_selector(torch.tensor([True, False, True]))
+    assert torch.equal(select(new, old), torch.tensor([[0.0, 1.0], [-2.0, -3.0], [4.0, 5.0]]))
+    assert torch.equal(select(old, new), torch.tensor([[-0.0, -1.0], [2.0, 3.0], [-4.0, -5.0]]))
 
 
 @pytest.mark.parametrize("check_every", [1, 3])
