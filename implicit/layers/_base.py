@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -66,6 +67,17 @@ class SolverLayer(nn.Module):
             f"solver={self.solver!r}, backward={self.backward_mode!r}, tol={self.tol}, "
             f"max_iter={self.max_iter}"
         )
+
+
+#: The solve settings every layer takes, as its front door names them.
+SOLVE_SETTINGS = ("solver", "backward", "tol", "max_iter", "on_failure")
+
+
+def front_door_defaults(front_door: Callable[..., Any]) -> dict[str, Any]:
+    """The front door's defaults for the solve settings: a layer over it defaults as
+    the function does, from one place."""
+    parameters = inspect.signature(front_door).parameters
+    return {name: parameters[name].default for name in SOLVE_SETTINGS}
 
 
 def _solver_parameters(solver: Any) -> set[str]:

@@ -9,7 +9,7 @@ import torch
 
 from implicit._problem import State
 from implicit.api import root_solve
-from implicit.layers._base import SolverLayer
+from implicit.layers._base import SolverLayer, front_door_defaults
 
 
 class ImplicitLayer(SolverLayer):
@@ -43,14 +43,7 @@ class ImplicitLayer(SolverLayer):
     def __init__(self, g: Callable[..., Any], batched: bool = False, **opts: Any):
         if not callable(g):
             raise TypeError(f"g must be callable (a function or an nn.Module), got {type(g)}")
-        defaults = {
-            "solver": "newton",
-            "backward": "auto",
-            "tol": 1e-6,
-            "max_iter": 50,
-            "on_failure": "warn",
-        }
-        super().__init__("ImplicitLayer", dict(opts), defaults)
+        super().__init__("ImplicitLayer", dict(opts), front_door_defaults(root_solve))
         self.g = g
         self.batched = bool(batched)
 

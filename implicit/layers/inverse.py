@@ -10,7 +10,7 @@ import torch
 from implicit import linear
 from implicit._problem import State
 from implicit.api import invert
-from implicit.layers._base import SolverLayer
+from implicit.layers._base import SolverLayer, front_door_defaults
 
 #: The options that still apply when a black box replaces the solver.
 _BLACK_BOX_OPTIONS = ("backward", "tol", "max_iter", "on_failure")
@@ -70,14 +70,7 @@ class InverseLayer(SolverLayer):
                     f"the black box replaces the solver; valid options are "
                     f"{sorted(_BLACK_BOX_OPTIONS)}"
                 )
-        defaults = {
-            "solver": "newton",
-            "backward": "auto",
-            "tol": 1e-6,
-            "max_iter": 50,
-            "on_failure": "warn",
-        }
-        super().__init__("InverseLayer", dict(opts), defaults)
+        super().__init__("InverseLayer", dict(opts), front_door_defaults(invert))
         if inverse is not None and isinstance(self.backward_mode, linear.Unroll):
             raise ValueError(
                 "backward='unroll' does not apply with inverse=: a black box has no "
