@@ -491,21 +491,30 @@ def batched_problem(batch=2, n=3):
     return w, x
 
 
-@pytest.mark.parametrize("solver", sorted(implicit.solvers.NAMES))
-def test_jacrev_jacfwd_hessian_every_solver_batched(solver):
-    w, x = batched_problem()
+def tanh_map(z, x, w):
+    return torch.tanh(z @ w.T + x)
 
-    def f(z, x, w):
-        return torch.tanh(z @ w.T + x)
+
+def batched_solve(**options):
+    """``(x, w) ↦ z*`` with ``z* = tanh_map(z*, x, w)``, by implicit (batched, tight)."""
 
     def solve(x, w):
         return implicit.fixed_point(
-            f, torch.zeros_like(x), x, w, solver=solver, batched=True, **TIGHT
+            tanh_map, torch.zeros_like(x), x, w, batched=True, **options, **TIGHT
         )
 
-    def reference(x, w):
-        return unrolled_fixed_point(f, torch.zeros_like(x), x, w)
+    return solve
 
+
+def batched_reference(x, w):
+    """The same fixed point by unrolled float64 autograd."""
+    return unrolled_fixed_point(tanh_map, torch.zeros_like(x), x, w)
+
+
+@pytest.mark.parametrize("solver", sorted(implicit.solvers.NAMES))
+def test_jacrev_jacfwd_hessian_every_solver_batched(solver):
+    w, x = batched_problem()
+    solve, reference = batched_solve(solver=solver), batched_reference
     for transform in (torch.func.jacrev, torch.func.jacfwd):
         for got, want in zip(
             transform(solve, argnums=(0, 1))(x, w),
@@ -640,18 +649,7 @@ class TestVmap:
     def test_compositions(self, backward):
         w, _ = batched_problem()
         xs = torch.randn(3, 2, 3, generator=generator(33), dtype=F64)
-
-        def f(z, x, w):
-            return torch.tanh(z @ w.T + x)
-
-        def solve(x, w):
-            return implicit.fixed_point(
-                f, torch.zeros_like(x), x, w, backward=backward, batched=True, **TIGHT
-            )
-
-        def reference(x, w):
-            return unrolled_fixed_point(f, torch.zeros_like(x), x, w)
-
+        solve, reference = batched_solve(backward=backward), batched_reference
         vmap, jacrev, grad = torch.func.vmap, torch.func.jacrev, torch.func.grad
         compositions = {
             "vmap(grad)": lambda s: vmap(
