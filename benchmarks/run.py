@@ -362,13 +362,7 @@ def seed_section(rows: list[Row]) -> str:
         ["contender", "step ms (forward + backward)", "backward alone ms", "error"],
         [[r.name, fmt(r.median * 1e3, 3), r.note, fmt(r.error)] for r in rows],
     )
-    return (
-        "\n## 2. Newton on the seed's problem\n\n"
-        + seed_newton.__doc__.split("\n\n", 1)[1]
-        + "\n"
-        + table
-        + "\n"
-    )
+    return _section("2. Newton on the seed's problem", seed_newton, table)
 
 
 def scalar_section(rows: list[Row]) -> str:
@@ -378,13 +372,7 @@ def scalar_section(rows: list[Row]) -> str:
         ["contender", "ms", "error", "note"],
         [[r.name, fmt(r.median * 1e3, 1), fmt(r.error), r.note] for r in rows],
     )
-    return (
-        "\n## 3. 100,000 scalar equations\n\n"
-        + scalar_batch.__doc__.split("\n\n", 1)[1]
-        + "\n"
-        + table
-        + "\n"
-    )
+    return _section("3. 100,000 scalar equations", scalar_batch, table)
 
 
 def warm_section(rows: list[Row]) -> str:
@@ -394,13 +382,13 @@ def warm_section(rows: list[Row]) -> str:
         ["backward, start, data", "adjoint products per step", "ms per step"],
         [[r.name, fmt(r.vjps, 1), fmt(r.median * 1e3)] for r in rows],
     )
-    return (
-        "\n## 4. Warm-started adjoint solves in a training loop\n\n"
-        + warm_start.__doc__.split("\n\n", 1)[1]
-        + "\n"
-        + table
-        + "\n"
-    )
+    return _section("4. Warm-started adjoint solves in a training loop", warm_start, table)
+
+
+def _section(heading: str, module, table: str) -> str:
+    """A section of the page: its heading, the benchmark module's docstring (after its
+    first paragraph) as the description, and the table."""
+    return f"\n## {heading}\n\n" + module.__doc__.split("\n\n", 1)[1] + "\n" + table + "\n"
 
 
 if __name__ == "__main__":
