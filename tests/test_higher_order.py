@@ -750,6 +750,18 @@ class TestVmap:
 # -- what is not supported raises; what is, works ---------------------------------------
 
 
+def assert_jacfwd_and_hessian(label, solve, reference, x):
+    """``jacfwd`` and the Hessian of ``loss_of`` through ``solve`` against the reference's
+    (``jacrev`` and the Hessian through unrolled float64 autograd)."""
+    assert_close(label, torch.func.jacfwd(solve)(x), torch.func.jacrev(reference)(x), 1e-9)
+    assert_close(
+        label,
+        torch.func.hessian(lambda x: loss_of(solve(x)))(x),
+        torch.func.hessian(lambda x: loss_of(reference(x)))(x),
+        1e-8,
+    )
+
+
 class TestEdges:
     def test_unroll_under_vmap_raises(self):
         solve, _, x, _ = tanh_fixed_point("unroll")
@@ -767,15 +779,7 @@ class TestEdges:
             torch.func.jvp(reference, (x,), (tangent,))[1],
             1e-9,
         )
-        assert_close(
-            "unroll, transforms", torch.func.jacfwd(solve)(x), torch.func.jacrev(reference)(x), 1e-9
-        )
-        assert_close(
-            "unroll, transforms",
-            torch.func.hessian(lambda x: loss_of(solve(x)))(x),
-            torch.func.hessian(lambda x: loss_of(reference(x)))(x),
-            1e-8,
-        )
+        assert_jacfwd_and_hessian("unroll, transforms", solve, reference, x)
         assert_close(
             "unroll, transforms",
             dual_jvp(solve, x, tangent),
@@ -842,15 +846,7 @@ class TestEdges:
             return unrolled_fixed_point(f, torch.zeros(3, dtype=F64), x)
 
         x = torch.randn(3, generator=generator(42), dtype=F64)
-        assert_close(
-            "user torch.func", torch.func.jacfwd(solve)(x), torch.func.jacrev(reference)(x), 1e-9
-        )
-        assert_close(
-            "user torch.func",
-            torch.func.hessian(lambda x: loss_of(solve(x)))(x),
-            torch.func.hessian(lambda x: loss_of(reference(x)))(x),
-            1e-8,
-        )
+        assert_jacfwd_and_hessian("user torch.func", solve, reference, x)
         with pytest.raises(RuntimeError, match=r"[Nn]ested forward mode"):
             dual_jvp(solve, x, torch.ones_like(x))
 
