@@ -691,15 +691,16 @@ class Neumann(_Iterative):
                     q = q_new
                 continue
             every = False
-            blew_up = active & ~torch.isfinite(norm)
-            step = active & ~blew_up
+            # A problem whose residual turned infinite or NaN keeps its last finite x.
+            step = active & (norm < math.inf)
             take = row_selector(step)
             x, r = take(x_new, x), take(r_new, r)
             if shifted:
                 q = take(q_new, torch.zeros_like(q_new) if q is None else q)
             done = step & (norm <= target)
-            codes = torch.where(blew_up, NONFINITE, torch.where(done, CONVERGED, codes))
-            active = step & ~done
+            # (step is a subset of active and done of step: ^ removes the subset.)
+            codes = torch.where(done, CONVERGED, torch.where(active ^ step, NONFINITE, codes))
+            active = step ^ done
             if slow is not None:
                 active = active & ~slow  # status stays "max_iter"
         return x, codes, iterations, r

@@ -86,19 +86,20 @@ class Solver(abc.ABC):
         norms = torch.linalg.vector_norm(r, dim=1)
         # Fixed at the start, so that a diverging iterate cannot loosen its own test.
         threshold = tol * (1 + fn.scale(z, r))
-        codes = self._classify(norms, threshold, torch.full_like(norms, MAX_ITER, dtype=torch.long))
-        done = codes != MAX_ITER
+        # A problem runs while its residual is finite and above its threshold (a NaN
+        # fails both tests).
+        running = (norms > threshold) & (norms < math.inf)
         # Iterations per problem: the loop count for every problem still running.
-        stopped_at = torch.zeros_like(codes)
+        stopped_at = torch.zeros_like(norms, dtype=torch.long)
         history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
-        # While the host knows that no problem has finished (it checks every iteration),
-        # an iteration needs none of the per-problem bookkeeping: the common case.
-        running_all = check_every == 1 and not bool(done.any())
+        # While the host knows that every problem runs (it checks every iteration), an
+        # iteration needs none of the per-problem bookkeeping: the common case.
+        running_all = check_every == 1 and bool(running.all())
         k = 0
         for k in range(max_iter):
-            # On the fast path no problem has finished (the batch is never empty).
-            if not running_all and k % check_every == 0 and bool(done.all()):
+            # On the fast path every problem runs (the batch is never empty).
+            if not running_all and k % check_every == 0 and not bool(running.any()):
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
@@ -111,21 +112,24 @@ class Solver(abc.ABC):
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
                     continue
-            # A problem whose residual turns non-finite stops at its last finite iterate.
-            blew_up = ~done & ~torch.isfinite(new_norms)
-            stays = done | blew_up
-            keep = row_selector(stays)
-            z, r = keep(z, z_new), keep(r, r_new)
-            norms = torch.where(stays, norms, new_norms)
-            codes = torch.where(blew_up, NONFINITE, codes)
-            codes = torch.where(stays, codes, self._classify(norms, threshold, codes))
-            stopped_at = torch.where(done, stopped_at, k + 1)
-            done = codes != MAX_ITER
-            history.append(torch.where(blew_up, new_norms, norms).max())
+            # The running problems take the step, except those whose residual turned
+            # non-finite: they stop at their last finite iterate.
+            stepped = running & (new_norms < math.inf)
+            take = row_selector(stepped)
+            z, r = take(z_new, z), take(r_new, r)
+            history.append(torch.where(running, new_norms, norms).max())
+            norms = torch.where(stepped, new_norms, norms)
+            stopped_at = torch.where(running, k + 1, stopped_at)
+            running = stepped & (new_norms > threshold)
         else:
             k = max_iter
+        # A problem that is neither converged nor running ended non-finite: at the start,
+        # or at its last finite iterate (whose residual was above the threshold).
+        codes = torch.where(
+            norms <= threshold, CONVERGED, torch.where(running, MAX_ITER, NONFINITE)
+        )
         # Problems still running at the end ran every iteration of the loop.
-        iterations = torch.where(done, stopped_at, k)
+        iterations = torch.where(running, k, stopped_at)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
@@ -137,12 +141,6 @@ class Solver(abc.ABC):
             jac_evals=fn.jac_evals,
         )
         return z, info
-
-    @staticmethod
-    def _classify(norms, threshold, codes):
-        converged = norms <= threshold
-        codes = torch.where(converged, CONVERGED, codes)
-        return torch.where(torch.isfinite(norms), codes, NONFINITE)
 
     def __repr__(self) -> str:
         fields = ", ".join(

@@ -433,7 +433,8 @@ def test_training_memory_is_flat_in_max_iter_unlike_unroll():
 
     state = 32 * 64 * 4  # bytes of one batch × width float32 tensor
     # Flat: no growth with iterations. (Iterations in which some samples stop select
-    # rows with temporaries that the others skip: at most two states apart.)
-    assert abs(step_peak("neumann", 40) - step_peak("neumann", 10)) <= 2 * state
+    # rows with temporaries that the others skip, a copy of each state and the rows
+    # copied into it: at most three states apart.)
+    assert abs(step_peak("neumann", 40) - step_peak("neumann", 10)) <= 3 * state
     assert step_peak("unroll", 40) - step_peak("unroll", 10) >= 30 * 2 * state
     assert step_peak("unroll", 40) > 4 * step_peak("neumann", 40)
