@@ -171,7 +171,8 @@ class _Iterative(LinearSolver):
         self.x0 = x0
         self._previous: torch.Tensor | None = None
 
-    def _initial(self, rhs: torch.Tensor) -> torch.Tensor:
+    def _initial(self, rhs: torch.Tensor) -> torch.Tensor | None:
+        """The warm start, or ``None`` for zero (which needs no product to start from)."""
         if isinstance(self.x0, torch.Tensor):
             x0 = self.x0.detach().to(dtype=rhs.dtype, device=rhs.device)
             if x0.numel() == rhs.numel():
@@ -191,14 +192,14 @@ class _Iterative(LinearSolver):
             and previous.device == rhs.device
         ):
             return previous
-        return torch.zeros_like(rhs)
+        return None
 
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
         rhs_norm = _norm(rhs)
         target = tol * rhs_norm
         # The solution of A x = 0 is x = 0, whatever the guess.
         x = self._initial(rhs)
-        if self.x0 is not None:
+        if x is not None:
             x = torch.where(_rows(rhs_norm == 0), 0, x)
         allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
         codes = torch.full_like(rhs_norm, MAX_ITER, dtype=torch.long)
@@ -238,7 +239,8 @@ class _Iterative(LinearSolver):
         max_iter: int,
         allowed: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-        """Iterate from ``x`` on the ``allowed`` problems until ``‖A x − rhs‖ ≤ target``.
+        """Iterate from ``x`` (``None``: zero) on the ``allowed`` problems until
+        ``‖A x − rhs‖ ≤ target``.
 
         Returns ``x`` (rows of the other problems unchanged), the status codes of the
         allowed problems, the number of iterations taken, and ``±(A x − rhs)`` for the
@@ -247,9 +249,12 @@ class _Iterative(LinearSolver):
         """
 
 
-def _residual(op: Operator, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``rhs − A x``, without a product when starting from zero."""
-    return rhs - op.mv(x) if bool(x.any()) else rhs
+def _start(
+    op: Operator, rhs: torch.Tensor, x: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The iterate to start from and its residual ``rhs − A x``: zero and ``rhs``, without
+    a product, for ``x = None``."""
+    return (torch.zeros_like(rhs), rhs) if x is None else (x, rhs - op.mv(x))
 
 
 class _Krylov(_Iterative):
@@ -364,7 +369,7 @@ class CG(_Krylov):
     name = "cg"
 
     def _iterate(self, op, rhs, x, target, max_iter, allowed):
-        r = _residual(op, rhs, x)
+        x, r = _start(op, rhs, x)
         active = allowed & (_norm(r) > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
         z = self._precondition(r)
@@ -429,7 +434,7 @@ class GMRES(_Krylov):
         active = allowed
         iterations = 0
         while True:
-            r = _residual(op, rhs, x)  # a product: exact, and handed back at the end
+            x, r = _start(op, rhs, x)  # a product: exact, and handed back at the end
             solved = _norm(r) <= target
             codes = torch.where(active & solved, CONVERGED, codes)
             active = active & ~solved
@@ -560,7 +565,7 @@ class BiCGStab(_Krylov):
 
     def _iterate(self, op, rhs, x, target, max_iter, allowed):
         eps = torch.finfo(rhs.dtype).eps
-        r = _residual(op, rhs, x)
+        x, r = _start(op, rhs, x)
         active = allowed & (_norm(r) > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
         shadow = r
@@ -645,14 +650,15 @@ class Neumann(_Iterative):
         # products of S: x ← S x − rhs, whose residual is S x_new − S x (one pass over
         # the data per iteration, where A's products and the update take three).
         shifted = self.damping == 1 and op.shifted
-        started = bool(x.any())
-        q = op.shifted_mv(x) if shifted and started else None  # S x; None means 0
         if not shifted:
-            r = -_residual(op, rhs, x)  # A x − rhs, exact (a product) at every iterate
-        elif started:
-            r = q - x - rhs
+            x, r = _start(op, rhs, x)
+            r = -r  # A x − rhs, exact (a product) at every iterate
+        elif x is None:
+            q, r = None, -rhs  # S x = 0
         else:
-            r = -rhs
+            q = op.shifted_mv(x)
+            r = q - x - rhs
+        x = torch.zeros_like(rhs) if x is None else x
         reference = _norm(r)
         active = allowed & (reference > target)
         codes = _codes(active, MAX_ITER, CONVERGED)
@@ -662,7 +668,7 @@ class Neumann(_Iterative):
         every = not rhs.is_cuda and bool(active.all())
         while iterations < max_iter and (every or bool(active.any())):
             if shifted:
-                x_new = -rhs if q is None else q - rhs
+                x_new = r if q is None else q - rhs  # r = −rhs at the start from zero
                 q_new = op.shifted_mv(x_new)
                 # S x_new − x_new − rhs, x_new = S x − rhs (to one rounding of x_new).
                 r_new = q_new if q is None else q_new - q
