@@ -114,6 +114,11 @@ class Anderson(Solver):
         )
 
     def step(self, fn, z, r, state):
+        if z is state.z and r is state.r:
+            # The first step, from the point init saw: no step to remember yet, so the
+            # plain mixing step (the history's slots all stay free for real steps).
+            z_next = torch.add(z, r, alpha=self.mixing)
+            return z_next, fn(z_next), state
         in_place = _in_place()
         state = self._remember(z, r, state, in_place)
         rhs = state.rhs

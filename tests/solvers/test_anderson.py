@@ -155,6 +155,19 @@ def test_exploding_coefficients_fall_back_to_the_mixing_step():
     assert not torch.allclose(z_next, z + 0.5 * r) and state.valid.any()
 
 
+def test_the_first_step_is_the_mixing_step_and_takes_no_slot():
+    solver = Anderson(m=3, mixing=0.5)
+    fn = Residual(lambda z: 1 - z, lambda z: z.new_zeros(z.shape[0]))
+    z = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    r = fn(z)
+    state = solver.init(fn, z, r)
+    z_next, r_next, after_first = solver.step(fn, z, r, state)
+    assert torch.equal(z_next, z + 0.5 * r) and after_first is state
+    # The second step remembers the first in the first slot: all m slots hold real steps.
+    _, _, after_second = solver.step(fn, z_next, r_next, after_first)
+    assert after_second.valid.tolist() == [[True, False, False]]
+
+
 def test_zero_residual_change_is_not_remembered():
     solver = Anderson(m=3)
     z, r, z_next, state = _one_step(solver, [1.0, 0.0], [0.0, 0.0])
