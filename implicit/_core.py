@@ -31,6 +31,7 @@ custom ``jvp`` rule in forward mode and would drop the second-order term.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import traceback
@@ -387,6 +388,11 @@ class _ImplicitFunction(torch.autograd.Function):
         folded_problem, folded_inputs = folded
         z = _ImplicitFunction.apply(folded_problem, _rows(z0, z0_dim, size), *folded_inputs)
         return z.reshape(size, -1, z.shape[-1]), 0
+
+
+# autograd.Function.apply binds its arguments to forward's signature by introspection at
+# every call (about 10 µs); inspect returns a function's ``__signature__`` as it is.
+_ImplicitFunction.forward.__signature__ = inspect.signature(_ImplicitFunction.forward)
 
 
 def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
