@@ -115,8 +115,9 @@ class Anderson(Solver):
 
     def step(self, fn, z, r, state):
         if z is state.z and r is state.r:
-            # The first step, from the point init saw: no step to remember yet, so the
-            # plain mixing step (the history's slots all stay free for real steps).
+            # The very tensors the history ends with (the first step, from init's point;
+            # or a step after every problem has stopped, which the driver discards): no
+            # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
         in_place = _in_place()
