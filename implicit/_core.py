@@ -80,8 +80,8 @@ class _Settings:
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
         info = BackwardInfo(
-            converged=(result.codes == CONVERGED).reshape(report_shape),
-            residual=result.residual.detach().reshape(report_shape),
+            converged=_reported(result.codes == CONVERGED, report_shape),
+            residual=_reported(result.residual.detach(), report_shape),
             iterations=result.iterations,
             matvecs=op.products,
             status=status_name(result.codes),
@@ -89,6 +89,11 @@ class _Settings:
         )
         report_failure(info, self.on_failure, what)
         return result.x, info
+
+
+def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A per-problem field in the shape of the reports (reshaped only where it differs)."""
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
 
 
 def _blockwise(linear: LinearSolver, blocks: int, shape: torch.Size) -> LinearSolver:
@@ -153,8 +158,8 @@ class _RootProblem:
         )
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
-        info.converged = info.converged.reshape(self.report_shape)
-        info.residual = info.residual.reshape(self.report_shape)
+        info.converged = _reported(info.converged, self.report_shape)
+        info.residual = _reported(info.residual, self.report_shape)
         problem: _RootProblem | None = self
         while problem is not None:
             problem.info, problem = info, problem._unfolded
@@ -545,8 +550,8 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
             "solver's stopping test is data-dependent control flow, which vmap refuses. "
             "Use an implicit backward ('auto', 'dense', 'gmres', ...), which supports vmap."
         ) from error
-    info.converged = info.converged.reshape(report_shape)
-    info.residual = info.residual.reshape(report_shape)
+    info.converged = _reported(info.converged, report_shape)
+    info.residual = _reported(info.residual, report_shape)
     report_failure(info, on_failure, "forward solve")
     return _not_a_view_of(z0, z), info
 

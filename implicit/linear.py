@@ -105,7 +105,7 @@ def _rows(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(mask: torch.Tensor, if_true: int, if_false: int) -> torch.Tensor:
-    return torch.where(mask, if_true, if_false).to(torch.long)
+    return torch.where(mask, if_true, if_false)  # int64, as Python integers give
 
 
 class LinearSolver(abc.ABC):
@@ -227,7 +227,9 @@ class _Iterative(LinearSolver):
                 break
         if isinstance(self.x0, str):  # "previous"
             self._previous = x.detach().clone()
-        return LinearResult(x, _safe_div(residual, rhs_norm), codes, iterations)
+        # Relative, and 0 for a zero right-hand side (whose x is 0): a report, no gradient.
+        relative = torch.where(rhs_norm != 0, residual / rhs_norm, 0)
+        return LinearResult(x, relative, codes, iterations)
 
     @abc.abstractmethod
     def _iterate(

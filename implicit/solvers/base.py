@@ -125,13 +125,12 @@ class Solver(abc.ABC):
             k = max_iter
         # A problem that is neither converged nor running ended non-finite: at the start,
         # or at its last finite iterate (whose residual was above the threshold).
-        codes = torch.where(
-            norms <= threshold, CONVERGED, torch.where(running, MAX_ITER, NONFINITE)
-        )
+        converged = norms <= threshold
+        codes = torch.where(converged, CONVERGED, torch.where(running, MAX_ITER, NONFINITE))
         # Problems still running at the end ran every iteration of the loop.
         iterations = torch.where(running, k, stopped_at)
         info = SolveInfo(
-            converged=codes == CONVERGED,
+            converged=converged,
             residual=norms.detach(),
             iterations=int(iterations.max()),
             f_evals=fn.f_evals,
