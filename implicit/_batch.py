@@ -7,6 +7,14 @@ from collections.abc import Callable
 import torch
 
 
+def cheap_host_reads(tensor: torch.Tensor) -> bool:
+    """Whether reading a value of ``tensor`` on the host costs less than a pass over the
+    data: on the CPU it does; on an accelerator (CUDA, MPS, XPU, ...) a read stalls the
+    device until its queue has run. The one place that decides where loops test their
+    data on the host."""
+    return tensor.device.type == "cpu"
+
+
 def row_selector(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
     ``old`` elsewhere, for as many ``(B, n)`` pairs as an iteration updates.
@@ -18,7 +26,7 @@ def row_selector(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], t
     256 × 512); the check is made once for all the pairs. Elsewhere a host check would
     stall the device: one ``torch.where`` per pair.
     """
-    if rows.device.type != "cpu":
+    if not cheap_host_reads(rows):
         mask = rows.unsqueeze(1)
         return lambda new, old: torch.where(mask, new, old)
     selected = int(rows.sum())

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from implicit._batch import cheap_host_reads
 from implicit.solvers.base import Solver
 
 
@@ -237,4 +238,4 @@ def _in_place() -> bool:
 
 def _all(mask: torch.Tensor) -> bool:
     """Whether every entry is True; on accelerators, assume not rather than synchronise."""
-    return not mask.is_cuda and bool(mask.all())
+    return cheap_host_reads(mask) and bool(mask.all())

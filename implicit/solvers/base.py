@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import row_selector
+from implicit._batch import cheap_host_reads, row_selector
 from implicit._operators import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
@@ -82,7 +82,7 @@ class Solver(abc.ABC):
         has converged, turned non-finite, or ``max_iter`` iterations have passed."""
         z = z0
         r = fn(z) if r0 is None else r0
-        check_every = self.check_every or (1 if z.device.type == "cpu" else 4)
+        check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
         norms = torch.linalg.vector_norm(r, dim=1)
         # Fixed at the start, so that a diverging iterate cannot loosen its own test.
         threshold = tol * (1 + fn.scale(z, r))
