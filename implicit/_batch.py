@@ -15,6 +15,13 @@ def cheap_host_reads(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def known_all(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is True, where the host reads it cheaply
+    (:func:`cheap_host_reads`); elsewhere ``False``: assume not, and take the general
+    path, rather than stall the device."""
+    return cheap_host_reads(mask) and bool(mask.all())
+
+
 def row_selector(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
     ``old`` elsewhere, for as many ``(B, n)`` pairs as an iteration updates.

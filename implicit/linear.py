@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from implicit._batch import cheap_host_reads, row_selector
+from implicit._batch import known_all, row_selector
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
@@ -469,7 +469,7 @@ class GMRES(_Krylov):
         used = 0
         # On the CPU the host checks whether every problem still extends its space:
         # then a step needs no per-problem selection (the common case).
-        every = cheap_host_reads(r) and bool(alive.all())
+        every = known_all(alive)
         for j in range(steps):
             w = op.mv(self._precondition(basis[:, j]))
             used += 1
@@ -667,7 +667,7 @@ class Neumann(_Iterative):
         iterations = 0
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
-        every = cheap_host_reads(rhs) and bool(active.all())
+        every = known_all(active)
         while iterations < max_iter and (every or bool(active.any())):
             if shifted:
                 x_new = r if q is None else q - rhs  # r = −rhs at the start from zero

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from implicit._batch import known_all
+
 #: Sufficient decrease: accept ``t`` when ``½‖g(z + t d)‖² ≤ ½‖g(z)‖² + ARMIJO · t · slope``.
 ARMIJO = 1e-4
 
@@ -78,7 +80,7 @@ def backtrack(
         r_trial = full_step(z_trial) if first else fn(z_trial)
         # NaN compares False: a non-finite trial never passes.
         take = ~passed & (merit(r_trial) <= base + ARMIJO * t * slope)
-        if trials == 1 and bool(take.all()):
+        if trials == 1 and known_all(take):
             # Every row takes the full step (none skipped): the common case near a root.
             return z_trial, r_trial, take, 1
         z_new = torch.where(take.unsqueeze(1), z_trial, z_new)

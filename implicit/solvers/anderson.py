@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import cheap_host_reads
+from implicit._batch import known_all
 from implicit.solvers.base import Solver
 
 
@@ -140,7 +140,7 @@ class Anderson(Solver):
         accept = (
             size <= self.max_coefficient if self.max_coefficient < math.inf else size < math.inf
         )
-        if not _all(accept):
+        if not known_all(accept):
             # Fall back to the mixing step and start a new history (of zeros).
             keep = accept.unsqueeze(1)
             gamma = torch.where(keep, gamma, 0)
@@ -185,7 +185,7 @@ class Anderson(Solver):
         # test; an infinite Δr (a problem that blew up, which the driver has stopped)
         # gives non-finite coefficients and a restart.
         usable = square > 0
-        if not _all(usable):
+        if not known_all(usable):
             keep = usable.unsqueeze(1)
             dr = _store(dr, slot, torch.where(keep, dr_new, 0))
             dz_buffer = _store(dz_buffer, slot, torch.where(keep, dz_mixed, 0))
@@ -234,8 +234,3 @@ def _in_place() -> bool:
     """Whether the solve runs on plain tensors with no graph recorded (the implicit
     forward), so that the history may be updated in place."""
     return not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
-
-
-def _all(mask: torch.Tensor) -> bool:
-    """Whether every entry is True; on accelerators, assume not rather than synchronise."""
-    return cheap_host_reads(mask) and bool(mask.all())
