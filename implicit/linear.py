@@ -95,8 +95,13 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with 0 where ``den == 0`` (frozen or broken-down problems)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
+    """``num / den`` with 0 where ``den == 0`` (frozen or broken-down problems).
+
+    The division by zero in the rows not taken is harmless: linear solves run where
+    nothing records a graph (inside the implicit function's forward, or a first-order
+    backward), so no gradient flows through it.
+    """
+    return torch.where(den != 0, num / den, 0)
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor:
@@ -227,9 +232,8 @@ class _Iterative(LinearSolver):
                 break
         if isinstance(self.x0, str):  # "previous"
             self._previous = x.detach().clone()
-        # Relative, and 0 for a zero right-hand side (whose x is 0): a report, no gradient.
-        relative = torch.where(rhs_norm != 0, residual / rhs_norm, 0)
-        return LinearResult(x, relative, codes, iterations)
+        # Relative, and 0 for a zero right-hand side (whose x is 0).
+        return LinearResult(x, _safe_div(residual, rhs_norm), codes, iterations)
 
     @abc.abstractmethod
     def _iterate(
