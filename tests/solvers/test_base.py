@@ -24,29 +24,37 @@ def problems(batch=5, n=4):
     return f, x, w
 
 
+def solve_batch_and_each_row(f, z0, *args, check_every):
+    """Picard on the whole batch and on each row alone (float64, tol 1e-10): asserts that
+    every row ends as it would alone (iterate and residual, bitwise); returns the
+    batch's iterate and report and the rows' reports."""
+    solver = implicit.solvers.FixedPoint(check_every=check_every)
+    options = dict(
+        solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True, on_failure="ignore"
+    )
+    z, info = implicit.fixed_point(f, z0, *args, **options)
+    alone = []
+    for b in range(z0.shape[0]):
+        rows = slice(b, b + 1)
+        z_b, info_b = implicit.fixed_point(f, z0[rows], *(a[rows] for a in args), **options)
+        assert torch.equal(z[b], z_b[0])
+        assert float(info.residual[b]) == float(info_b.residual[0])
+        alone.append(info_b)
+    return z, info, alone
+
+
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_each_problem_stops_where_it_would_alone(check_every):
     # With check_every=1 (the CPU default) the driver skips the per-problem bookkeeping
     # while no problem has finished; with 3 it always does it. Either way a problem
     # stops changing once converged: the same answer and count as when solved alone.
     f, x, w = problems()
-    solver = implicit.solvers.FixedPoint(check_every=check_every)
-    options = dict(solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True)
-    z, info = implicit.fixed_point(f, torch.zeros_like(x), x, w, **options)
-    alone = [
-        implicit.fixed_point(
-            f, torch.zeros_like(x[b : b + 1]), x[b : b + 1], w[b : b + 1], **options
-        )
-        for b in range(x.shape[0])
-    ]
-    for b, (z_b, info_b) in enumerate(alone):
-        assert torch.equal(z[b], z_b[0])
-        assert float(info.residual[b]) == float(info_b.residual[0])
-    assert info.iterations == max(i.iterations for _, i in alone)
-    assert len({i.iterations for _, i in alone}) > 1  # they did finish at different steps
+    _, info, alone = solve_batch_and_each_row(f, torch.zeros_like(x), x, w, check_every=check_every)
+    assert info.iterations == max(i.iterations for i in alone)
+    assert len({i.iterations for i in alone}) > 1  # they did finish at different steps
     assert bool(info.converged.all())
     # The history is the worst residual after each iteration: non-increasing here.
-    assert info.history[0] == max(float(i.history[0]) for _, i in alone)
+    assert info.history[0] == max(float(i.history[0]) for i in alone)
 
 
 @pytest.mark.parametrize("check_every", [1, 3])
@@ -60,25 +68,14 @@ def test_a_problem_that_blows_up_after_another_finished(check_every):
     def f(z, scale, shift):
         return scale * z + shift
 
-    solver = implicit.solvers.FixedPoint(check_every=check_every)
-    options = dict(
-        solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True, on_failure="ignore"
-    )
     z0 = torch.ones(3, 1, dtype=torch.float64)
-    z, info = implicit.fixed_point(f, z0, scale, shift, **options)
+    z, info, alone = solve_batch_and_each_row(f, z0, scale, shift, check_every=check_every)
     assert info.status == "nonfinite"
     assert info.converged.tolist() == [True, False, True]
     # z₁ = 1e150 + 1 is the last iterate whose residual (1e300 − z₁) is finite.
     assert float(z[1]) == pytest.approx(1e150, rel=1e-12)
-    alone = []
-    for b in range(3):
-        rows = slice(b, b + 1)
-        z_b, info_b = implicit.fixed_point(f, z0[rows], scale[rows], shift[rows], **options)
-        assert torch.equal(z[b], z_b[0])
-        assert float(info.residual[b]) == float(info_b.residual[0])
-        alone.append(info_b.iterations)
-    assert alone[0] == 1 and alone[1] == 2 and alone[2] > 20
-    assert info.iterations == alone[2]
+    assert alone[0].iterations == 1 and alone[1].iterations == 2 and alone[2].iterations > 20
+    assert info.iterations == alone[2].iterations
     assert math.isinf(info.history[2])  # the overflow shows in the history
 
 
@@ -96,20 +93,11 @@ def test_a_problem_that_blows_up_before_any_finished(kind, check_every):
             return torch.where(z > 5, math.inf, step)
         return torch.where(z > 5, math.nan, step)
 
-    solver = implicit.solvers.FixedPoint(check_every=check_every)
-    options = dict(
-        solver=solver, batched=True, tol=1e-10, max_iter=200, return_info=True, on_failure="ignore"
-    )
     z0 = torch.ones(2, 1, dtype=torch.float64)
-    z, info = implicit.fixed_point(f, z0, slope, **options)
+    z, info, alone = solve_batch_and_each_row(f, z0, slope, check_every=check_every)
     assert info.status == "nonfinite"
     assert info.converged.tolist() == [False, True]
     # 1 → 3.5 → 4.75 → 5.375, whose image is not finite: 4.75 has the last finite residual.
     assert float(z[0]) == 4.75
     assert float(z[1]) == pytest.approx(3 / 0.8, rel=1e-9)
-    for b in range(2):
-        rows = slice(b, b + 1)
-        z_b, info_b = implicit.fixed_point(f, z0[rows], slope[rows], **options)
-        assert torch.equal(z[b], z_b[0])
-        assert float(info.residual[b]) == float(info_b.residual[0])
-        assert info_b.status == ("nonfinite" if b == 0 else "converged")
+    assert [i.status for i in alone] == ["nonfinite", "converged"]
