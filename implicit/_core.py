@@ -465,11 +465,7 @@ def _first_order_grads(
     # Nothing records a graph here, so ``apply`` would only run this same forward
     # (after binding its arguments by introspection, which costs more than a product).
     w = _ImplicitFunction.forward(adjoint, torch.zeros_like(v), v, z, *inputs)
-    wanted = [stand_ins[i] for i in needed]
-    if not linearization.out.requires_grad:
-        return [torch.zeros_like(t) for t in wanted]
-    grads = torch.autograd.grad(linearization.out, wanted, -w, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+    return linearization.partials(-w, [stand_ins[i] for i in needed])
 
 
 def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: Sequence[int]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import contractive_matrix, rel_err
+from torch.overrides import TorchFunctionMode
 
 from implicit._operators import GraphJacobian, Jacobian, Operator, Residual
 
@@ -60,6 +61,47 @@ def test_residual_without_dependence_on_z_gives_zero_products():
     recorded = GraphJacobian.record(lambda z: x * 2.0, vectors(seed=1))
     assert torch.equal(recorded.rmatvec(x), torch.zeros_like(x))
     assert torch.equal(recorded.dense(), torch.zeros(3, 5, 5, dtype=F64))
+
+
+def test_partials_match_autograd_and_are_zero_where_unused():
+    w = contractive_matrix(5, 0.7).requires_grad_()
+    x = vectors(seed=3).requires_grad_()
+    unused = torch.ones(2, dtype=F64, requires_grad=True)
+    recorded = GraphJacobian.record(lambda z: torch.tanh(z @ w.T + x), vectors(seed=1), True)
+    v = vectors(seed=2)
+    want = torch.autograd.grad(recorded.out, (w, x), v, retain_graph=True)
+    got = recorded.partials(v, [w, x, unused])
+    assert rel_err(got[0], want[0]) <= 1e-15
+    assert rel_err(got[1], want[1]) <= 1e-15
+    assert torch.equal(got[2], torch.zeros(2, dtype=F64))
+
+
+class _Calls(TorchFunctionMode):
+    """Lists the functions that reach ``__torch_function__``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_products_call_autograd_grad_itself_where_a_mode_may_override_it():
+    # Products call autograd's engine directly (torch.autograd.grad's handling of its
+    # arguments costs as much as a small product), except where torch.autograd.grad may be
+    # overridden: a torch-function mode (as here) or a tensor subclass.
+    f, z = fixed_point_map()
+    recorded = GraphJacobian.record(f, z, shifted=True)
+    v = vectors()
+    with _Calls() as calls:
+        products = [recorded.shifted_rmatvec(v), recorded.rmatvec(v), recorded.matvec(v)]
+    assert calls.seen.count(torch.autograd.grad) == 4  # matvec: two, the first time
+    for product, again in zip(
+        products, [recorded.shifted_rmatvec(v), recorded.rmatvec(v), recorded.matvec(v)]
+    ):
+        assert torch.equal(product, again)
 
 
 def test_linearize_records_plainly_only_where_nothing_differentiates_it():
