@@ -342,13 +342,18 @@ class Dense(LinearSolver):
             right = matrix.mT @ right
         x, info = torch.linalg.solve_ex(system, right)
         accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
-        solved = (info == 0) & (_relative_residual(system, x, right) <= accept)
-        # A non-finite matrix has no least-squares answer (and would make the SVD fail).
-        fallback = ~solved & torch.isfinite(system).flatten(1).all(dim=1)
-        if bool(fallback.any()):
-            x[fallback] = torch.linalg.pinv(system[fallback]) @ right[fallback]
+        # The residual of A x = rhs is the one reported; without damping it is also the
+        # one that decides.
+        residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
+        damped = _relative_residual(system, x, right) if self.ridge else residual
+        solved = (info == 0) & (damped <= accept)
+        if not known_all(solved):
+            # A non-finite matrix has no least-squares answer (and would make the SVD fail).
+            fallback = ~solved & torch.isfinite(system).flatten(1).all(dim=1)
+            if bool(fallback.any()):
+                x[fallback] = torch.linalg.pinv(system[fallback]) @ right[fallback]
+                residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
         x = x.squeeze(-1)
-        residual = _relative_residual(matrix, x.unsqueeze(-1), rhs.unsqueeze(-1))
         finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
         codes = torch.where(finite, _codes(solved, CONVERGED, BREAKDOWN), NONFINITE)
         return LinearResult(x, residual, codes, 1)
