@@ -41,6 +41,7 @@ from typing import ClassVar, Literal
 import torch
 
 from implicit._batch import known_all, row_selector
+from implicit._blocks import solve
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
@@ -340,7 +341,7 @@ class Dense(LinearSolver):
             eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
             system = matrix.mT @ matrix + self.ridge * eye
             right = matrix.mT @ right
-        x, info = torch.linalg.solve_ex(system, right)
+        x, info = solve(system, right)
         accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
         # The residual of A x = rhs is the one reported; without damping it is also the
         # one that decides.

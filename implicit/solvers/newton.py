@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from implicit._blocks import lu_factor, lu_solve, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
 from implicit.solvers._line_search import backtrack, frozen_rows
@@ -153,7 +154,7 @@ class Newton(Solver):
 
     @staticmethod
     def _dense_direction(jacobian, r):
-        lu, pivots, info = torch.linalg.lu_factor_ex(jacobian)
+        lu, pivots, info = lu_factor(jacobian)
         # Singular to working precision: an exact zero pivot, or a pivot ratio (a cheap
         # estimate of the reciprocal condition number) below n·eps.
         pivot_sizes = lu.diagonal(dim1=1, dim2=2).abs()
@@ -164,10 +165,8 @@ class Newton(Solver):
             # Factorise the identity in their place: the Newton branch stays finite
             # (and so does its derivative, under backward="unroll").
             eye = torch.eye(n, dtype=r.dtype, device=r.device)
-            lu, pivots, _ = torch.linalg.lu_factor_ex(
-                torch.where(singular[:, None, None], eye, jacobian)
-            )
-        direction = -torch.linalg.lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+            lu, pivots, _ = lu_factor(torch.where(singular[:, None, None], eye, jacobian))
+        direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
         failed = singular | ~torch.isfinite(direction).all(dim=1)
         if bool(failed.any()):
             damped = _damped_least_squares(jacobian, r)
@@ -209,4 +208,4 @@ def _damped_least_squares(jacobian: torch.Tensor, r: torch.Tensor) -> torch.Tens
     eye = torch.eye(n, dtype=r.dtype, device=r.device)
     system = normal + mu[:, None, None] * eye
     gradient = (jacobian.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
-    return -torch.linalg.solve_ex(system, gradient)[0]
+    return -solve(system, gradient)[0]

@@ -160,3 +160,33 @@ def test_misspelt_and_invalid_options():
         Newton(krylov=CG())
     with pytest.raises(ValueError, match="max_dense"):
         Newton(max_dense=-1)
+
+
+@pytest.mark.parametrize("backward", ["auto", "unroll"])
+def test_a_batch_of_scalar_equations(backward):
+    # Kepler's equation E − e sin E = M, one orbit per problem: 1 × 1 Jacobian blocks,
+    # which are divided rather than factorised.
+    gen = torch.Generator().manual_seed(0)
+    e = (0.99 * torch.rand(64, generator=gen, dtype=torch.float64)).requires_grad_()
+    m = (6 * torch.rand(64, generator=gen, dtype=torch.float64)).requires_grad_()
+    z0 = m.detach().unsqueeze(1)
+    z, info = implicit.root_solve(
+        lambda z, e, m: z - e * torch.sin(z) - m,
+        z0,
+        e.unsqueeze(1),
+        m.unsqueeze(1),
+        solver="newton",
+        backward=backward,
+        batched=True,
+        tol=1e-13,
+        return_info=True,
+    )
+    assert info.status == "converged"
+    E = z.squeeze(1)
+    residual = E - e * torch.sin(E) - m
+    assert float(residual.detach().abs().max()) <= 1e-12
+    # ∂E/∂M = 1 / (1 − e cos E), ∂E/∂e = sin E / (1 − e cos E).
+    grad_e, grad_m = torch.autograd.grad(E.sum(), (e, m))
+    slope = 1 - e.detach() * torch.cos(E.detach())
+    assert rel_err(grad_m, 1 / slope) <= 1e-10
+    assert rel_err(grad_e, torch.sin(E.detach()) / slope) <= 1e-10

