@@ -711,7 +711,7 @@ class Neumann(_Iterative):
             every = False
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (norm < math.inf)
-            take = row_selector(step)
+            take = row_selector(step, x.shape[1])
             x, r = take(x_new, x), take(r_new, r)
             if shifted:
                 q = take(q_new, torch.zeros_like(q_new) if q is None else q)
