@@ -169,11 +169,8 @@ class GraphJacobian(Jacobian):
     ) -> torch.Tensor:
         """``(∂out/∂inputs)ᵀ cotangent`` (``inputs`` defaults to ``z``), zero where unused."""
         inputs = self.z if inputs is None else inputs
-        shape = inputs.shape
-        if not out.requires_grad:  # g does not depend on anything that requires grad
-            return cotangent.new_zeros(shape)
         (grad,) = _autograd_grad(out, cotangent, (inputs,), create_graph=create_graph)
-        return cotangent.new_zeros(shape) if grad is None else grad
+        return grad
 
     def partials(
         self, cotangent: torch.Tensor, inputs: Sequence[torch.Tensor]
@@ -181,10 +178,7 @@ class GraphJacobian(Jacobian):
         """``(∂out/∂x)ᵀ cotangent`` for each ``x`` in ``inputs`` (tensors ``out`` was
         recorded from), zero for those it does not depend on; the graph's last use: it
         is freed."""
-        if not self.out.requires_grad:
-            return [torch.zeros_like(x) for x in inputs]
-        grads = _autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
-        return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+        return _autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
 
 
 def _autograd_grad(
@@ -194,9 +188,11 @@ def _autograd_grad(
     *,
     retain_graph: bool = True,
     create_graph: bool = False,
-) -> tuple[torch.Tensor | None, ...]:
+) -> list[torch.Tensor]:
     """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)`` by the same
-    call to autograd's engine, without that function's handling of its arguments.
+    call to autograd's engine, without that function's handling of its arguments, and
+    zero for an input that ``out`` does not depend on (also when ``out`` depends on
+    nothing that requires grad).
 
     That handling (normalising and checking them in Python) costs about 12 µs a call on
     a CPU: a tenth of a product at batch 64 × width 256, most of one at 4 × 8, and every
@@ -205,8 +201,10 @@ def _autograd_grad(
     subclass or a mode may override ``torch.autograd.grad`` (``__torch_function__``), it
     is called itself.
     """
-    if has_torch_function((out, *inputs)):
-        return torch.autograd.grad(
+    if not out.requires_grad:
+        grads: tuple[torch.Tensor | None, ...] = (None,) * len(inputs)
+    elif has_torch_function((out, *inputs)):
+        grads = torch.autograd.grad(
             out,
             inputs,
             cotangent,
@@ -214,9 +212,11 @@ def _autograd_grad(
             create_graph=create_graph,
             allow_unused=True,
         )
-    return _engine_run_backward(
-        (out,), (cotangent,), retain_graph, create_graph, inputs, True, accumulate_grad=False
-    )
+    else:
+        grads = _engine_run_backward(
+            (out,), (cotangent,), retain_graph, create_graph, inputs, True, accumulate_grad=False
+        )
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
 class Repeated:
