@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._functorch.vmap import vmap_increment_nesting
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
@@ -79,7 +80,9 @@ class Jacobian:
         return self._vjp(w)[0]
 
     def _batched_vjp(self, cotangents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-        return torch.func.vmap(self._vjp_one, chunk_size=chunk_size)(cotangents)
+        if chunk_size is not None:
+            return torch.func.vmap(self._vjp_one, chunk_size=chunk_size)(cotangents)
+        return _vmap_rows(self._vjp_one, cotangents)
 
 
 class GraphJacobian(Jacobian):
@@ -219,6 +222,19 @@ def _autograd_grad(
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
+def _vmap_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``torch.func.vmap(fn)(rows)`` for one tensor batched along dim 0, and one output.
+
+    The same batching (``torch.func.vmap`` enters the same level and adds and removes
+    the same batch dimension), without its handling of arbitrary in/out structures:
+    flattening and checking those in Python costs about 25 µs a call on a CPU, as much
+    as the ten products of a 10 × 10 Jacobian.
+    """
+    with vmap_increment_nesting(rows.shape[0], "error") as level:
+        out = fn(torch._C._functorch._add_batch_dim(rows, 0, level))
+        return torch._C._functorch._remove_batch_dim(out, level, rows.shape[0], 0)
+
+
 class Repeated:
     """The block-diagonal operator of ``copies`` copies of one :class:`Jacobian`.
 
@@ -246,8 +262,7 @@ class Repeated:
         return self.jacobian.vjps
 
     def _each(self, product: Callable, x: torch.Tensor) -> torch.Tensor:
-        out = torch.func.vmap(product)(x.reshape(self.copies, *self.jacobian.shape))
-        return out.reshape(x.shape)
+        return _vmap_rows(product, x.reshape(self.copies, *self.jacobian.shape)).reshape(x.shape)
 
     def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
         """``Aᵀ w`` for every copy."""

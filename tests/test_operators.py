@@ -63,6 +63,31 @@ def test_residual_without_dependence_on_z_gives_zero_products():
     assert torch.equal(recorded.dense(), torch.zeros(3, 5, 5, dtype=F64))
 
 
+class _DoublingWithHostRead(torch.autograd.Function):
+    """``2x`` whose backward reads a value on the host, which ``vmap`` refuses."""
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0 if float(grad.abs().max()) == 0 else 2 * grad
+
+
+def test_dense_falls_back_to_one_product_per_row_where_vmap_cannot_batch():
+    z = torch.randn(3, 4, dtype=F64)
+    recorded = GraphJacobian.record(lambda z: _DoublingWithHostRead.apply(z) - z.sin(), z)
+    blocks = recorded.dense()
+    assert torch._C._functorch.peek_interpreter_stack() is None  # vmap's level was left
+    expected = torch.diag_embed(2 - z.cos())
+    assert rel_err(blocks, expected) <= 1e-15
+
+
 def test_partials_match_autograd_and_are_zero_where_unused():
     w = contractive_matrix(5, 0.7).requires_grad_()
     x = vectors(seed=3).requires_grad_()
