@@ -9,6 +9,7 @@ autograd (double backward) and with the ``torch.func`` transforms.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -123,9 +124,9 @@ class GraphJacobian(Jacobian):
             point = z.detach().requires_grad_()
             return cls(fn(point), point, shifted)
 
-    @property
+    @functools.cached_property
     def value(self) -> torch.Tensor:
-        """``g(z)``."""
+        """``g(z)`` (computed once)."""
         out = self.out.detach()
         return out - self.z.detach() if self.shifted else out
 

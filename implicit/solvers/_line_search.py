@@ -8,6 +8,7 @@ frozen by the driver, and stays frozen (:func:`frozen_rows`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,9 +19,9 @@ from implicit._batch import known_all
 ARMIJO = 1e-4
 
 
-def merit(r: torch.Tensor) -> torch.Tensor:
-    """``½‖g‖²`` per sample."""
-    return 0.5 * (r * r).sum(dim=1)
+def squared_norm(r: torch.Tensor) -> torch.Tensor:
+    """``‖g‖²`` per sample: twice the merit ``½‖g‖²``, whose test is written doubled."""
+    return torch.linalg.vecdot(r, r)
 
 
 def frozen_rows(
@@ -66,23 +67,25 @@ def backtrack(
         The new iterates, their residuals, ``(B,)`` whether each sample's step passed
         the test (True for skipped rows), and the number of trials.
     """
-    base = merit(r)
+    base = squared_norm(r)
     passed = skip
-    given_up = torch.zeros_like(skip)
     z_new, r_new = z, r
-    # Below this length a step no longer changes z in floating point: stop halving it.
-    rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
-    length = torch.linalg.vector_norm(direction, dim=1)
     t = 1.0
     for trials in range(1, halvings + 2):
         z_trial = z + t * direction
         first = trials == 1 and full_step is not None
         r_trial = full_step(z_trial) if first else fn(z_trial)
         # NaN compares False: a non-finite trial never passes.
-        take = ~passed & (merit(r_trial) <= base + ARMIJO * t * slope)
-        if trials == 1 and known_all(take):
-            # Every row takes the full step (none skipped): the common case near a root.
-            return z_trial, r_trial, take, 1
+        take = ~passed & (squared_norm(r_trial) <= base + 2 * ARMIJO * t * slope)
+        if trials == 1:
+            if known_all(take):
+                # Every row takes the full step (none skipped): the common case near a root.
+                return z_trial, r_trial, take, 1
+            # Below this length a step no longer changes z in floating point: stop
+            # halving it.
+            rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
+            length = torch.linalg.vector_norm(direction, dim=1)
+            given_up = torch.zeros_like(skip)
         z_new = torch.where(take.unsqueeze(1), z_trial, z_new)
         r_new = torch.where(take.unsqueeze(1), r_trial, r_new)
         passed = passed | take
@@ -92,7 +95,7 @@ def backtrack(
             break
     # A sample whose shortest trial is still not finite is handed over as such: the
     # driver then stops it with status "nonfinite" instead of letting it idle to max_iter.
-    blew_up = ~passed & ~torch.isfinite(merit(r_trial))
+    blew_up = ~passed & ~(squared_norm(r_trial) < math.inf)
     z_new = torch.where(blew_up.unsqueeze(1), z_trial, z_new)
     r_new = torch.where(blew_up.unsqueeze(1), r_trial, r_new)
     return z_new, r_new, passed, trials

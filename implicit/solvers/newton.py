@@ -10,7 +10,7 @@ import torch
 from implicit._blocks import lu_factor, lu_solve, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
-from implicit.solvers._line_search import backtrack, frozen_rows
+from implicit.solvers._line_search import backtrack, frozen_rows, squared_norm
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
@@ -154,23 +154,26 @@ class Newton(Solver):
 
     @staticmethod
     def _dense_direction(jacobian, r):
-        lu, pivots, info = lu_factor(jacobian)
-        # Singular to working precision: an exact zero pivot, or a pivot ratio (a cheap
-        # estimate of the reciprocal condition number) below n·eps.
-        pivot_sizes = lu.diagonal(dim1=1, dim2=2).abs()
-        smallest, largest = pivot_sizes.min(dim=1).values, pivot_sizes.max(dim=1).values
+        lu, pivots, _ = lu_factor(jacobian)
+        # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
+        # condition number) below n·eps, which an exact zero pivot and NaN also fail.
         n = r.shape[1]
-        singular = (info != 0) | ~(smallest > n * torch.finfo(r.dtype).eps * largest)
+        smallest, largest = torch.aminmax(lu.diagonal(dim1=1, dim2=2).abs(), dim=1)
+        singular = ~(smallest > n * torch.finfo(r.dtype).eps * largest)
+        direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+        # NaN also fails the comparison with ∞.
+        failed = singular | ~(direction.abs().amax(dim=1) < math.inf)
+        if not bool(failed.any()):
+            # gᵀ(∂g/∂z)d with (∂g/∂z)d = −g: the slope of ½‖g‖² along a Newton step.
+            return direction, -squared_norm(r)
         if bool(singular.any()):
             # Factorise the identity in their place: the Newton branch stays finite
             # (and so does its derivative, under backward="unroll").
             eye = torch.eye(n, dtype=r.dtype, device=r.device)
             lu, pivots, _ = lu_factor(torch.where(singular[:, None, None], eye, jacobian))
-        direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
-        failed = singular | ~torch.isfinite(direction).all(dim=1)
-        if bool(failed.any()):
-            damped = _damped_least_squares(jacobian, r)
-            direction = torch.where(failed.unsqueeze(1), damped, direction)
+            direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+        damped = _damped_least_squares(jacobian, r)
+        direction = torch.where(failed.unsqueeze(1), damped, direction)
         slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
         return direction, slope
 

@@ -113,6 +113,33 @@ def test_jacobian_singular_at_the_start():
     assert info.status == "converged" and rel_err(z, p.root) <= 1e-10
 
 
+def test_unroll_through_a_singular_first_step_has_the_implicit_gradient():
+    # g(z) = (z₁ + z₂, z₁ + z₂ + z₂³) − y: at z = 0 the Jacobian [[1, 1], [1, 1]] is
+    # exactly singular (a zero pivot), so the first step is the damped one. Autograd
+    # must record that step, never the solve with the singular factorisation (not
+    # finite), or the gradient turns NaN.
+    y = torch.tensor([[1.0, 3.0], [0.5, -2.0], [2.0, 2.5]], dtype=torch.float64)
+    y.requires_grad_()
+
+    def g(z, y):
+        s = z[:, :1] + z[:, 1:]
+        return torch.cat([s, s + z[:, 1:] ** 3], dim=1) - y
+
+    z = implicit.root_solve(
+        g, torch.zeros(3, 2, dtype=torch.float64), y, backward="unroll", batched=True, tol=1e-13
+    )
+    c = torch.tensor([[1.0, -2.0], [0.3, 0.7], [-1.0, 0.5]], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((c * z).sum(), y)
+    # ∂z*/∂y = (∂g/∂z)⁻¹ at the root z₂ = ∛(y₂ − y₁), z₁ = y₁ − z₂.
+    z2 = torch.sign(y[:, 1] - y[:, 0]) * (y[:, 1] - y[:, 0]).abs() ** (1 / 3)
+    ones = torch.ones_like(z2)
+    jacobian = torch.stack(
+        [torch.stack([ones, ones], 1), torch.stack([ones, 1 + 3 * z2**2], 1)], 1
+    ).detach()
+    expected = torch.linalg.solve(jacobian.transpose(1, 2), c)
+    assert torch.isfinite(grad).all() and rel_err(grad, expected) <= 1e-9
+
+
 def test_stationary_point_and_rootless_sample_do_not_stop_the_others():
     # g(z) = z² − c. Sample 0 has the root (2, 3); sample 1 starts at z = 0 where the
     # Jacobian is zero and so is the gradient of ‖g‖² (no step can help); sample 2
