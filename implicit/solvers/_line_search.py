@@ -39,7 +39,7 @@ def backtrack(
     z: torch.Tensor,
     r: torch.Tensor,
     direction: torch.Tensor,
-    slope: torch.Tensor,
+    slope: torch.Tensor | None,
     *,
     halvings: int,
     skip: torch.Tensor,
@@ -57,7 +57,9 @@ def backtrack(
         fn: the residual.
         z: the current iterates ``(B, n)``, with residuals ``r``.
         direction: the search directions ``d``, ``(B, n)``.
-        slope: ``(B,)`` the (predicted) derivative of ``½‖g(z + t d)‖²`` at ``t = 0``.
+        slope: ``(B,)`` the (predicted) derivative of ``½‖g(z + t d)‖²`` at ``t = 0``;
+            None for a Newton direction (``(∂g/∂z) d = −g``, predicted by Broyden's
+            inverse too), whose slope is ``−‖g‖²``.
         halvings: how many times ``t`` may be halved after the full step.
         skip: ``(B,)`` rows to leave at ``z`` without a test (frozen rows).
         full_step: evaluates the full step instead of ``fn`` (Newton keeps the
@@ -68,6 +70,8 @@ def backtrack(
         the test (True for skipped rows), and the number of trials.
     """
     base = squared_norm(r)
+    # The Armijo threshold is base + 2·ARMIJO·t·slope, for a Newton step base·(1 − 2·ARMIJO·t).
+    newton = slope is None
     passed = skip
     z_new, r_new = z, r
     t = 1.0
@@ -76,7 +80,8 @@ def backtrack(
         first = trials == 1 and full_step is not None
         r_trial = full_step(z_trial) if first else fn(z_trial)
         # NaN compares False: a non-finite trial never passes.
-        take = ~passed & (squared_norm(r_trial) <= base + 2 * ARMIJO * t * slope)
+        threshold = base * (1 - 2 * ARMIJO * t) if newton else base + 2 * ARMIJO * t * slope
+        take = ~passed & (squared_norm(r_trial) <= threshold)
         if trials == 1:
             if known_all(take):
                 # Every row takes the full step (none skipped): the common case near a root.

@@ -111,9 +111,8 @@ class Broyden(Solver):
             state = self._restart(fn, z, r, state, restart)
         direction = -state.apply(r)
         if self.line_search:
-            slope = -(r * r).sum(dim=1)
             z_new, r_new, passed, _ = backtrack(
-                fn, z, r, direction, slope, halvings=HALVINGS, skip=frozen
+                fn, z, r, direction, None, halvings=HALVINGS, skip=frozen
             )
         else:
             z_new = z + direction

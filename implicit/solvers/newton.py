@@ -10,7 +10,7 @@ import torch
 from implicit._blocks import lu_factor, lu_solve, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
-from implicit.solvers._line_search import backtrack, frozen_rows, squared_norm
+from implicit.solvers._line_search import backtrack, frozen_rows
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
@@ -159,13 +159,13 @@ class Newton(Solver):
         # condition number) below n·eps, which an exact zero pivot and NaN also fail.
         n = r.shape[1]
         smallest, largest = torch.aminmax(lu.diagonal(dim1=1, dim2=2).abs(), dim=1)
-        singular = ~(smallest > n * torch.finfo(r.dtype).eps * largest)
+        regular = smallest > n * torch.finfo(r.dtype).eps * largest
         direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
         # NaN also fails the comparison with ∞.
-        failed = singular | ~(direction.abs().amax(dim=1) < math.inf)
-        if not bool(failed.any()):
-            # gᵀ(∂g/∂z)d with (∂g/∂z)d = −g: the slope of ½‖g‖² along a Newton step.
-            return direction, -squared_norm(r)
+        solved = regular & (direction.abs().amax(dim=1) < math.inf)
+        if bool(solved.all()):
+            return direction, None  # a Newton step: the line search knows its slope
+        singular, failed = ~regular, ~solved
         if bool(singular.any()):
             # Factorise the identity in their place: the Newton branch stays finite
             # (and so does its derivative, under backward="unroll").
