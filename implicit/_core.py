@@ -41,7 +41,14 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 
-from implicit._operators import GraphJacobian, Jacobian, Operator, Repeated, Residual
+from implicit._operators import (
+    GraphJacobian,
+    Jacobian,
+    Operator,
+    Repeated,
+    Residual,
+    vmap_call,
+)
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -300,7 +307,7 @@ class _Folded:
 
     def _per_slice(self, fn, rows: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
         slices = [row.reshape(self.size, -1, *row.shape[1:]) for row in rows]
-        out = torch.func.vmap(fn, in_dims=(*(0 for _ in rows), *self.in_dims))(*slices, *inputs)
+        out = vmap_call(fn, self.size, (*slices, *inputs), (*(0 for _ in rows), *self.in_dims))
         return out.reshape(-1, *out.shape[2:])
 
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from conftest import contractive_matrix, rel_err
 from torch.overrides import TorchFunctionMode
 
-from implicit._operators import GraphJacobian, Jacobian, Operator, Residual
+from implicit._operators import GraphJacobian, Jacobian, Operator, Residual, vmap_call
 
 F64 = torch.float64
 
@@ -86,6 +86,23 @@ def test_dense_falls_back_to_one_product_per_row_where_vmap_cannot_batch():
     assert torch._C._functorch.peek_interpreter_stack() is None  # vmap's level was left
     expected = torch.diag_embed(2 - z.cos())
     assert rel_err(blocks, expected) <= 1e-15
+
+
+def test_vmap_call_matches_torch_func_vmap():
+    gen = torch.Generator().manual_seed(0)
+    rows, shared = torch.randn(4, 3, 5, generator=gen, dtype=F64), torch.randn(5, dtype=F64)
+
+    def fn(x, y):
+        return torch.tanh(x * y).sum(dim=-1)
+
+    expected = torch.func.vmap(fn, in_dims=(0, None))(rows, shared)
+    assert torch.equal(vmap_call(fn, 4, (rows, shared), (0, None)), expected)
+    # An output that does not depend on the batched argument is expanded, as vmap does.
+    constant = vmap_call(lambda x, y: y * 2, 4, (rows, shared), (0, None))
+    assert torch.equal(
+        constant, torch.func.vmap(lambda x, y: y * 2, in_dims=(0, None))(rows, shared)
+    )
+    assert torch._C._functorch.peek_interpreter_stack() is None
 
 
 def test_partials_match_autograd_and_are_zero_where_unused():
