@@ -64,7 +64,27 @@ def carries_derivative(tensor: torch.Tensor) -> bool:
     )
 
 
-class Recorder(TorchFunctionMode):
+class _EagerMode(TorchFunctionMode):
+    """A mode under which functions compiled with ``torch.compile`` run eagerly.
+
+    Dynamo cannot trace through a mode's Python bookkeeping: meeting it, it gives up on
+    the compiled function and never compiles that function again, even where no mode
+    is active (the solver's own evaluations of ``f``). Under the ``"force_eager"``
+    stance it does not try.
+    """
+
+    def __enter__(self):
+        self._stance = torch.compiler.set_stance("force_eager")
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self._stance.__exit__(*exc_info)
+
+
+class Recorder(_EagerMode):
     """Records the tensors that flow into operations from outside and carry derivatives.
 
     Args:
@@ -77,9 +97,6 @@ class Recorder(TorchFunctionMode):
         self._keep_alive = list(known)
         self.captured: dict[int, torch.Tensor] = {}
 
-    # Under torch.compile, run the bookkeeping eagerly (a graph break per operation, for
-    # this one evaluation) instead of tracing it.
-    @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
@@ -99,14 +116,13 @@ class Recorder(TorchFunctionMode):
         return out
 
 
-class Substitute(TorchFunctionMode):
+class Substitute(_EagerMode):
     """Replaces captured tensors (matched by identity) in every operation."""
 
     def __init__(self, replacements: dict[int, torch.Tensor]):
         super().__init__()
         self._replacements = replacements
 
-    @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         def swap(tensor: torch.Tensor) -> torch.Tensor:
             return self._replacements.get(id(tensor), tensor)

@@ -16,6 +16,11 @@ from implicit._results import SolveInfo
 
 Backward = str | linear.LinearSolver | linear.Unroll
 
+#: The front doors run eagerly under ``torch.compile``: a graph break around the solve
+#: (whose loop length depends on the data), while the code around it, and ``f`` itself,
+#: may still be compiled.
+_eager = torch.compiler.disable
+
 
 def _run(
     problem: Problem,
@@ -37,6 +42,7 @@ def _run(
     return (out, info) if return_info else out
 
 
+@_eager
 def fixed_point(
     f: Callable[..., Any],
     z0: State,
@@ -90,6 +96,7 @@ def fixed_point(
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
 
 
+@_eager
 def root_solve(
     g: Callable[..., Any],
     z0: State,
@@ -132,6 +139,7 @@ def root_solve(
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
 
 
+@_eager
 def invert(
     f: Callable[..., Any],
     y: torch.Tensor,
@@ -313,6 +321,7 @@ def custom_root(
         who = _blackbox.describe(solver, "custom_root solver")
         _no_unroll(mode, who)
 
+        @_eager
         @functools.wraps(solver)
         def solve(*args: Any, **kwargs: Any) -> State:
             if kwargs:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TanhProblem, rel_err
+from torch._dynamo.testing import CompileCounter
 
 import implicit
 
@@ -39,4 +41,38 @@ def test_compiled_module_parameters_receive_gradients():
         )
         grads[name] = torch.autograd.grad(z.square().sum(), [cell.weight, cell.bias])
     for got, want in zip(grads["compiled"], grads["eager"]):
+        assert rel_err(got, want) <= 1e-12
+
+
+def test_compiled_function_met_first_in_a_solve_is_still_compiled():
+    # Discovery evaluates f under a TorchFunctionMode. Dynamo cannot trace through the
+    # mode and, meeting it, would give up on f for good: every later evaluation eager.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    p = TanhProblem(n=5, batch=3)
+    compiled = torch.compile(p.f, backend=counter)
+    z = implicit.fixed_point(compiled, p.z0, p.x, batched=True, tol=1e-12)
+    assert counter.frame_count >= 1
+    grads = torch.autograd.grad(z.square().sum(), [p.x, p.W])
+    z_eager = implicit.fixed_point(p.f, p.z0, p.x, batched=True, tol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(z_eager.square().sum(), [p.x, p.W])):
+        assert rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("front_door", ["root_solve", "fixed_point"])
+def test_a_solve_inside_a_compiled_function_runs_eagerly(front_door):
+    # The front doors break the graph: the solve's data-dependent loop is not traced
+    # (aot_eager failed on tracing Newton's before), the code around it still is.
+    p = TanhProblem(n=5, batch=3)
+
+    def loss(x):
+        if front_door == "root_solve":
+            z = implicit.root_solve(lambda z, x: p.f(z, x) - z, p.z0, 2 * x, batched=True)
+        else:
+            z = implicit.fixed_point(p.f, p.z0, 2 * x, batched=True)
+        return z.square().sum()
+
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(p.x), [p.x, p.W])
+    eager = torch.autograd.grad(loss(p.x), [p.x, p.W])
+    for got, want in zip(compiled, eager):
         assert rel_err(got, want) <= 1e-12
