@@ -128,16 +128,16 @@ class Anderson(Solver):
         # The normalised least-squares system: the columns of ΔR scaled to unit norm
         # (so that the method does not care about the scale of g) and a ridge on the
         # unit diagonal. Unused slots (zero rows, zero right-hand side) are uncoupled:
-        # their coefficient solves to exactly zero.
+        # their coefficient solves to exactly zero, whatever their (finite) scale.
         squares = state.gram.diagonal(dim1=1, dim2=2)
-        inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
+        inverse_norms = torch.rsqrt(squares.clamp_min(torch.finfo(squares.dtype).tiny))
         system = state.gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
         ridge = max(self.regularization, torch.finfo(z.dtype).eps)
         system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
         scaled, _ = solve(system, inverse_norms * rhs)
         gamma = inverse_norms * scaled  # in this order: a contiguous (B, m) result
         # NaN and ∞ fail the test too; an infinite bound still needs a finite size.
-        size = gamma.abs().sum(dim=1)
+        size = torch.linalg.vector_norm(gamma, ord=1, dim=1)
         accept = (
             size <= self.max_coefficient if self.max_coefficient < math.inf else size < math.inf
         )
@@ -208,14 +208,14 @@ def _project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     A row vector times a matrix: the fast layout of batched products on the CPU.
     """
-    return (v.unsqueeze(1) @ rows.transpose(1, 2)).squeeze(1)
+    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
 
 
 def _combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """``Σ_j coefficients[:, j] · rows[:, j]``, shape ``(B, n)``."""
     # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
     # solves return them) sends the product down a path ten times slower.
-    return (coefficients.contiguous().unsqueeze(1) @ rows).squeeze(1)
+    return torch.bmm(coefficients.contiguous().unsqueeze(1), rows).squeeze(1)
 
 
 def _store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
