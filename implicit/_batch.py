@@ -1,4 +1,5 @@
-"""Per-problem selection on flat ``(B, n)`` batches, without needless passes over the data."""
+"""Per-problem selection on flat ``(B, n)`` batches, without needless passes over the data,
+and products with a set of rows per problem (``(B, k, n)``: histories, Krylov bases)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,22 @@ def row_selector(
 def _where(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     mask = rows.unsqueeze(1)
     return lambda new, old: torch.where(mask, new, old)
+
+
+def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, k)`` inner products of ``v`` ``(B, n)`` with the ``k`` rows of ``rows``
+    ``(B, k, n)``.
+
+    Row vectors times matrices, by ``bmm``: on the CPU the fast layout of these
+    products (the matrix-vector layouts that ``einsum`` picks are about ten times
+    slower), and one call where ``@`` dispatches nine.
+    """
+    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
+
+
+def combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``Σ_k coefficients[:, k] · rows[:, k]``, shape ``(B, n)``, by ``bmm`` as in
+    :func:`project`."""
+    # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
+    # solves return them) sends the product down a path ten times slower.
+    return torch.bmm(coefficients.contiguous().unsqueeze(1), rows).squeeze(1)

@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from implicit._batch import known_all, row_selector
+from implicit._batch import combine, known_all, project, row_selector
 from implicit._blocks import solve
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
@@ -490,17 +490,17 @@ class GMRES(_Krylov):
             # classic DGKS threshold 1/√2 would repeat every step of a fixed point's
             # adjoint, whose A ≈ −I cancels half of w by design.)
             before = _norm(w)
-            h = _project(known, w)
-            w = w - _combine(known, h)
+            h = project(known, w)
+            w = w - combine(known, h)
             h_next = _norm(w)
             cancelled = h_next < _REORTHOGONALIZE * before
             if bool((cancelled if every else alive & cancelled).any()):
-                again = _project(known, w)
-                w = w - _combine(known, again)
+                again = project(known, w)
+                w = w - combine(known, again)
                 h = h + again
                 h_next = _norm(w)
             scale = torch.sqrt(_norm(h) ** 2 + h_next**2)
-            column = (rotations[:, : j + 1, : j + 1] @ h.unsqueeze(2)).squeeze(2)
+            column = torch.bmm(rotations[:, : j + 1, : j + 1], h.unsqueeze(2)).squeeze(2)
             pivot = column[:, j]
             radius = torch.hypot(pivot, h_next)
             # A vanishing pivot: A M is singular on this Krylov space; keep the previous x.
@@ -540,24 +540,12 @@ class GMRES(_Krylov):
         # Coefficients beyond a problem's own Krylov dimension are zero.
         g = torch.where(torch.arange(k, device=r.device) < sizes.unsqueeze(1), g, 0)
         y = torch.linalg.solve_triangular(upper[:, :k, :k], g.unsqueeze(-1), upper=True)
-        step = self._precondition(_combine(basis[:, :k], y.squeeze(-1)))
+        step = self._precondition(combine(basis[:, :k], y.squeeze(-1)))
         return torch.where(_rows(active), x + step, x), broken, used
 
 
 #: Orthogonalise again when a Gram-Schmidt pass leaves less than this fraction of ‖w‖.
 _REORTHOGONALIZE = 0.1
-
-
-def _project(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(B, k)`` inner products of ``w`` (B, n) with the ``k`` rows of ``rows`` (B, k, n)."""
-    return (w.unsqueeze(1) @ rows.transpose(1, 2)).squeeze(1)
-
-
-def _combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``Σ_k coefficients[:, k] · rows[:, k]``, shape ``(B, n)``."""
-    # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
-    # solves return them) sends the product down a path ten times slower.
-    return (coefficients.contiguous().unsqueeze(1) @ rows).squeeze(1)
 
 
 class BiCGStab(_Krylov):

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import known_all
+from implicit._batch import combine, known_all, project
 from implicit._blocks import solve
 from implicit.solvers.base import Solver
 
@@ -157,7 +157,7 @@ class Anderson(Solver):
         if in_place:  # the correction subtracted as it is computed: one pass less
             z_next.unsqueeze(1).baddbmm_(gamma.unsqueeze(1), state.dz_mixed, alpha=-1)
         else:
-            z_next = z_next - _combine(state.dz_mixed, gamma)
+            z_next = z_next - combine(state.dz_mixed, gamma)
         return z_next, fn(z_next), state
 
     def _remember(self, z, r, state, in_place):
@@ -179,7 +179,7 @@ class Anderson(Solver):
         # One pass over the history: ΔRᵀ r. The new row of the Gram matrix follows
         # without a second one: Δr_jᵀ Δr_new = Δr_jᵀ r − Δr_jᵀ r_prev for the columns
         # kept from the last step (whose ΔRᵀ r_prev is at hand), ‖Δr_new‖² for the new.
-        rhs = _project(dr, r)
+        rhs = project(dr, r)
         square = torch.linalg.vecdot(dr_new, dr_new)
         row = _store(rhs - state.rhs, slot, square, dim=1)
         # A first step (no previous iterate) has Δr = 0 and is not usable. NaN fails the
@@ -201,21 +201,6 @@ class Anderson(Solver):
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
-
-
-def _project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(B, m)`` inner products of ``v`` (B, n) with the ``m`` rows of ``rows`` (B, m, n).
-
-    A row vector times a matrix: the fast layout of batched products on the CPU.
-    """
-    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
-
-
-def _combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``Σ_j coefficients[:, j] · rows[:, j]``, shape ``(B, n)``."""
-    # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
-    # solves return them) sends the product down a path ten times slower.
-    return torch.bmm(coefficients.contiguous().unsqueeze(1), rows).squeeze(1)
 
 
 def _store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
