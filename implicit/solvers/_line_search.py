@@ -1,5 +1,11 @@
 """Backtracking (Armijo) line search on ``½‖g‖²``, per sample: for Newton and Broyden.
 
+Two forms: :func:`backtrack` tries step after step within one solver iteration until
+every sample has passed (Broyden, whose update needs the step taken); a
+:class:`Search` takes one trial per solver iteration and lets the samples that passed
+go on while the others halve their step (Newton: a batch then evaluates ``g`` as often
+as its slowest sample needs, not once per trial of any sample at every step).
+
 The driver (:meth:`Solver.solve`) steps every row and keeps the old iterate of rows
 that have finished. A line search must not wait for those rows, so the solvers
 recognise them: a row whose iterate is not the one the solver proposed has been
@@ -8,6 +14,7 @@ frozen by the driver, and stays frozen (:func:`frozen_rows`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -104,3 +111,90 @@ def backtrack(
     z_new = torch.where(blew_up.unsqueeze(1), z_trial, z_new)
     r_new = torch.where(blew_up.unsqueeze(1), r_trial, r_new)
     return z_new, r_new, passed, trials
+
+
+@dataclasses.dataclass
+class Search:
+    """Each sample's backtracking search along its direction, one trial per iteration.
+
+    Attributes:
+        direction: ``(B, n)`` the search directions ``d``.
+        slope: ``(B,)`` the predicted derivative of ``½‖g(z + t d)‖²`` at ``t = 0``;
+            None for Newton directions (``−‖g‖²``).
+        base: ``(B,)`` ``‖g(z)‖²`` at each sample's iterate.
+        t: ``(B,)`` the step fraction of each sample's next trial; None for the full
+            step everywhere.
+    """
+
+    direction: torch.Tensor
+    slope: torch.Tensor | None
+    base: torch.Tensor
+    t: torch.Tensor | None = None
+
+    def trial(self, z: torch.Tensor) -> torch.Tensor:
+        """The next trial point ``z + t d`` of every sample."""
+        return z + self.direction if self.t is None else z + self.t.unsqueeze(1) * self.direction
+
+    def merged(self, keep: torch.Tensor, fresh: Search) -> Search:
+        """This search (as :meth:`judge` left it) for the samples in ``keep`` (``(B,)``),
+        a ``fresh`` one (from the full step) for the others."""
+        slope = fresh.slope
+        if slope is not None or self.slope is not None:
+            mine = -self.base if self.slope is None else self.slope
+            slope = torch.where(keep, mine, -fresh.base if slope is None else slope)
+        return Search(
+            direction=torch.where(keep.unsqueeze(1), self.direction, fresh.direction),
+            slope=slope,
+            base=torch.where(keep, self.base, fresh.base),
+            t=torch.where(keep, self.t, 1),
+        )
+
+    def judge(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        z_trial: torch.Tensor,
+        r_trial: torch.Tensor,
+        *,
+        skip: torch.Tensor,
+        halvings: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Search | None, bool]:
+        """The Armijo test of the trial ``z_trial`` (residuals ``r_trial``) per sample.
+
+        A sample that passes moves there. One that fails stays at ``z`` and will try
+        half the step; when the step no longer changes ``z`` in floating point, or
+        after ``halvings`` halvings, it gives up and starts the same search again at
+        the next step (the same direction from the same point, as a new step would),
+        unless its trial was not finite: that trial is handed over, so that the driver
+        stops the sample. Samples in ``skip`` (frozen by the driver) stay without a test.
+
+        Returns:
+            The new iterates and residuals, ``(B,)`` the samples whose search goes on
+            (None if none), this search for them (None if none), and whether to try
+            again at once: when no sample moved, none can go on before the next
+            trial, so waiting for the next step would gain nothing.
+        """
+        t = 1.0 if self.t is None else self.t
+        squares = squared_norm(r_trial)
+        if self.slope is None:
+            threshold = self.base * (1 - 2 * ARMIJO * t)
+        else:
+            threshold = self.base + 2 * ARMIJO * t * self.slope
+        # NaN compares False: a non-finite trial never passes.
+        take = ~skip & (squares <= threshold)
+        if known_all(take):
+            # Every sample passes (none skipped): the common case near a root.
+            return z_trial, r_trial, None, None, False
+        failed = ~(skip | take)
+        halved = torch.full_like(self.base, 0.5) if self.t is None else self.t / 2
+        # Below this length a step no longer changes z in floating point.
+        rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
+        too_short = halved * torch.linalg.vector_norm(self.direction, dim=1) <= rounding
+        gave_up = failed & (too_short | (halved < 2.0**-halvings))
+        blew_up = gave_up & ~(squares < math.inf)
+        moved = (take | blew_up).unsqueeze(1)
+        z_new, r_new = torch.where(moved, z_trial, z), torch.where(moved, r_trial, r)
+        pending = failed & ~blew_up
+        search = dataclasses.replace(self, t=torch.where(gave_up, 1, halved))
+        retry = not bool(moved.any()) and bool((failed & ~gave_up).any())
+        return z_new, r_new, pending, search, retry

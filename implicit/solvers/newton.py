@@ -7,10 +7,11 @@ import math
 
 import torch
 
+from implicit._batch import known_all
 from implicit._blocks import lu_factor, lu_solve, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
-from implicit.solvers._line_search import backtrack, frozen_rows
+from implicit.solvers._line_search import Search, frozen_rows, squared_norm
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
@@ -24,17 +25,22 @@ class _NewtonState:
     """What one Newton step leaves for the next.
 
     Attributes:
-        linearization: ``∂g/∂z`` at the current iterate when the line search already
-            built it there (the full step was taken), else None.
-        proposed: the iterate the last step proposed (to recognise frozen rows).
+        linearization: ``∂g/∂z`` at the points the last step evaluated (every sample's
+            trial: its new iterate where it passed); None before the first step.
         frozen: ``(B,)`` rows the driver has stopped.
         initial_norm: ``‖g(z₀)‖`` per sample, the scale of the Krylov forcing term.
+        proposed: the iterate the last step proposed (to recognise frozen rows).
+        pending: ``(B,)`` samples whose line search goes on from their iterate (their
+            last trial failed), None if none; ``search`` holds their directions.
+        search: the line search of the pending samples.
     """
 
     linearization: Jacobian | None
     frozen: torch.Tensor
     initial_norm: torch.Tensor
     proposed: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+    search: Search | None = None
 
 
 class Newton(Solver):
@@ -52,8 +58,14 @@ class Newton(Solver):
       ``krylov`` instance's own ``tol`` replaces it), so the inner solve tightens as
       the outer one converges.
 
-    The line search halves the step (per sample) until ``½‖g‖²`` decreases enough
-    (Armijo), at most 20 times; a sample whose every trial fails stays where it is.
+    The line search is per sample and takes one trial per iteration: a sample whose
+    trial does not decrease ``½‖g‖²`` enough (Armijo) stays where it is and tries half
+    the step at the next iteration, while the samples that passed take their next
+    Newton step (when no sample passes, the next trial follows at once). So a batch
+    evaluates ``g`` about as often as its slowest sample needs, and an iteration of a
+    batch may be a trial for some of its samples. After 20 halvings, or when the step
+    no longer changes ``z``, a sample starts the same search again: one whose every
+    trial fails stays where it is.
 
     A singular Jacobian block (or one whose Newton step is not finite) gets the
     damped least-squares (Levenberg–Marquardt) step
@@ -62,11 +74,11 @@ class Newton(Solver):
     stationary point of ``‖g‖²`` that is not a root) it is zero, the sample stays
     there and ends with status ``"max_iter"``: never NaN.
 
-    Cost per iteration: one evaluation of ``g`` at the full step (it also provides
-    the next linearisation), one per backtracking trial, and one more to linearise
-    where a shortened step was taken (and once at the start); plus ``n``
-    vector-Jacobian products (dense, counted in ``SolveInfo.jac_evals``) or the GMRES
-    products (krylov).
+    Cost per iteration: one evaluation of ``g`` at every sample's trial point (it
+    also provides the next linearisation; one more at the start, and one per extra
+    trial when no sample passes); plus, unless every sample is still searching,
+    ``n`` vector-Jacobian products (dense, counted in ``SolveInfo.jac_evals``) or the
+    GMRES products (krylov).
 
     Args:
         linear: ``"dense"``, ``"krylov"``, or ``"auto"``: dense when the problem has
@@ -117,34 +129,47 @@ class Newton(Solver):
 
     def step(self, fn, z, r, state):
         frozen = frozen_rows(z, state.proposed, state.frozen)
-        jacobian = state.linearization if state.linearization is not None else fn.linearize(z)
-        if self._dense(z, r):
-            fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            direction, slope = self._dense_direction(jacobian.dense(), r)
-        else:
-            direction, slope = self._krylov_direction(jacobian, r, state.initial_norm, frozen)
-        full: list[Jacobian] = []
-
-        def full_step(z_new):
-            full.append(fn.linearize(z_new))
-            return full[0].value
-
-        if self.line_search:
-            z_new, r_new, _, trials = backtrack(
-                fn, z, r, direction, slope, halvings=HALVINGS, skip=frozen, full_step=full_step
+        pending, search = state.pending, state.search
+        if pending is None or not known_all(pending):
+            # A new direction where the linearisation is at the iterate: every sample
+            # but those still searching from theirs.
+            jacobian = state.linearization
+            if jacobian is None:
+                jacobian = fn.linearize(z)
+            waiting = frozen if pending is None else frozen | pending
+            fresh = Search(
+                *self._direction(fn, jacobian, z, r, state.initial_norm, waiting),
+                base=squared_norm(r),
             )
+            search = fresh if pending is None else search.merged(pending, fresh)
+        if self.line_search:
+            retry = True
+            while retry:
+                z_trial = search.trial(z)
+                linearization = fn.linearize(z_trial)
+                z_new, r_new, pending, search, retry = search.judge(
+                    z, r, z_trial, linearization.value, skip=frozen, halvings=HALVINGS
+                )
         else:
-            z_new, trials = z + direction, 1
-            r_new = full_step(z_new)
-        # After one trial every running row is at the full step (or, if it gave up,
-        # within rounding of it), where the linearisation was made: keep it.
+            z_new = z + search.direction
+            linearization = fn.linearize(z_new)
+            r_new, pending, search = linearization.value, None, None
         state = dataclasses.replace(
             state,
-            linearization=full[0] if trials == 1 else None,
+            linearization=linearization,
             frozen=frozen,
             proposed=z_new,
+            pending=pending,
+            search=search,
         )
         return z_new, r_new, state
+
+    def _direction(self, fn, jacobian, z, r, initial_norm, waiting):
+        """The Newton direction of every sample and its slope (None: ``−‖g‖²``)."""
+        if self._dense(z, r):
+            fn.jac_evals += 1  # built from a linearisation that fn has already counted
+            return self._dense_direction(jacobian.dense(), r)
+        return self._krylov_direction(jacobian, r, initial_norm, waiting)
 
     def _dense(self, z, r):
         if self.linear != "auto":
@@ -177,7 +202,7 @@ class Newton(Solver):
         slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
         return direction, slope
 
-    def _krylov_direction(self, jacobian, r, initial_norm, frozen):
+    def _krylov_direction(self, jacobian, r, initial_norm, waiting):
         if torch.is_grad_enabled() and r.requires_grad:
             raise NotImplementedError(
                 "Newton's Krylov inner solve (implicit.linear.GMRES) cannot be "
@@ -189,8 +214,9 @@ class Newton(Solver):
         if krylov.tol is not None:
             tol = krylov.tol
         else:
-            # The least converged running sample sets the pace (frozen rows do not).
-            ratio = torch.where(frozen, 0, norm / initial_norm).nan_to_num(0.0)
+            # The least converged running sample sets the pace (frozen rows and rows
+            # still searching from their iterate do not).
+            ratio = torch.where(waiting, 0, norm / initial_norm).nan_to_num(0.0)
             ratio = float(ratio.max().detach())
             tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER

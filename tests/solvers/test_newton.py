@@ -75,10 +75,12 @@ def test_auto_uses_dense_up_to_max_dense_unknowns():
 
 
 def test_krylov_instance_sets_the_inner_solve():
+    # GMRES limited to 12 products at tol 1e-4: inexact directions, linear convergence
+    # (about 50 iterations).
     p = MonotoneCubic(n=6)
     solver = Newton(linear="krylov", krylov=GMRES(restart=3, tol=1e-4, max_iter=12))
     z, info = implicit.root_solve(
-        p.g, p.z0, p.b, solver=solver, batched=True, tol=1e-12, return_info=True
+        p.g, p.z0, p.b, solver=solver, batched=True, tol=1e-12, max_iter=80, return_info=True
     )
     assert info.status == "converged" and rel_err(z, p.root) <= 1e-10
 
@@ -101,6 +103,21 @@ def test_line_search_rescues_divergent_newton():
             return_info=True,
         )
     assert plain.status != "converged"
+
+
+def test_each_sample_searches_on_its_own():
+    # arctan(z) = 0 from several starts: the far ones backtrack over several
+    # iterations while the near ones converge. Each sample ends exactly where it ends
+    # when solved alone, and the batch evaluates g no more often than its most
+    # expensive sample alone (not once per trial of any sample at every step).
+    z0 = torch.tensor([[3.0], [0.1], [-2.0], [0.5], [1.45]], dtype=torch.float64)
+    kwargs = {"solver": "newton", "batched": True, "tol": 1e-12, "return_info": True}
+    z, info = implicit.root_solve(torch.arctan, z0, **kwargs)
+    assert info.status == "converged"
+    alone = [implicit.root_solve(torch.arctan, z0[i : i + 1], **kwargs) for i in range(5)]
+    for i, (z_alone, _) in enumerate(alone):
+        assert torch.equal(z[i : i + 1], z_alone)
+    assert info.f_evals <= max(info_alone.f_evals for _, info_alone in alone)
 
 
 def test_jacobian_singular_at_the_start():
