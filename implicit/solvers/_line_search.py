@@ -46,13 +46,12 @@ def backtrack(
     z: torch.Tensor,
     r: torch.Tensor,
     direction: torch.Tensor,
-    slope: torch.Tensor | None,
     *,
     halvings: int,
     skip: torch.Tensor,
-    full_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Step sizes ``t = 1, ½, ¼, …`` until each sample decreases ``½‖g‖²`` enough.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step sizes ``t = 1, ½, ¼, …`` along quasi-Newton directions (predicted slope
+    ``−‖g‖²``) until each sample decreases ``½‖g‖²`` enough.
 
     Every trial evaluates ``g`` once on the whole batch; a sample keeps the first step
     that passes the Armijo test. A sample for which no step passes stays at ``z``:
@@ -64,45 +63,32 @@ def backtrack(
         fn: the residual.
         z: the current iterates ``(B, n)``, with residuals ``r``.
         direction: the search directions ``d``, ``(B, n)``.
-        slope: ``(B,)`` the (predicted) derivative of ``½‖g(z + t d)‖²`` at ``t = 0``;
-            None for a Newton direction (``(∂g/∂z) d = −g``, predicted by Broyden's
-            inverse too), whose slope is ``−‖g‖²``.
         halvings: how many times ``t`` may be halved after the full step.
         skip: ``(B,)`` rows to leave at ``z`` without a test (frozen rows).
-        full_step: evaluates the full step instead of ``fn`` (Newton keeps the
-            linearisation it makes there).
 
     Returns:
-        The new iterates, their residuals, ``(B,)`` whether each sample's step passed
-        the test (True for skipped rows), and the number of trials.
+        The new iterates, their residuals and ``(B,)`` whether each sample's step
+        passed the test (True for skipped rows).
     """
     base = squared_norm(r)
-    # The Armijo threshold is base + 2·ARMIJO·t·slope, for a Newton step base·(1 − 2·ARMIJO·t).
-    newton = slope is None
     passed = skip
     z_new, r_new = z, r
     t = 1.0
-    for trials in range(1, halvings + 2):
+    for trial in range(halvings + 1):
         z_trial = z + t * direction
-        first = trials == 1 and full_step is not None
-        r_trial = full_step(z_trial) if first else fn(z_trial)
+        r_trial = fn(z_trial)
         # NaN compares False: a non-finite trial never passes.
-        threshold = base * (1 - 2 * ARMIJO * t) if newton else base + 2 * ARMIJO * t * slope
-        take = ~passed & (squared_norm(r_trial) <= threshold)
-        if trials == 1:
+        take = ~passed & (squared_norm(r_trial) <= _threshold(base, t, None))
+        if trial == 0:
             if known_all(take):
                 # Every row takes the full step (none skipped): the common case near a root.
-                return z_trial, r_trial, take, 1
-            # Below this length a step no longer changes z in floating point: stop
-            # halving it.
-            rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
-            length = torch.linalg.vector_norm(direction, dim=1)
+                return z_trial, r_trial, take
             given_up = torch.zeros_like(skip)
         z_new = torch.where(take.unsqueeze(1), z_trial, z_new)
         r_new = torch.where(take.unsqueeze(1), r_trial, r_new)
         passed = passed | take
         t /= 2
-        given_up = given_up | (t * length <= rounding)
+        given_up = given_up | _too_short(z, direction, t)
         if bool((passed | given_up).all()):
             break
     # A sample whose shortest trial is still not finite is handed over as such: the
@@ -110,7 +96,23 @@ def backtrack(
     blew_up = ~passed & ~(squared_norm(r_trial) < math.inf)
     z_new = torch.where(blew_up.unsqueeze(1), z_trial, z_new)
     r_new = torch.where(blew_up.unsqueeze(1), r_trial, r_new)
-    return z_new, r_new, passed, trials
+    return z_new, r_new, passed
+
+
+def _threshold(
+    base: torch.Tensor, t: float | torch.Tensor, slope: torch.Tensor | None
+) -> torch.Tensor:
+    """The Armijo bound on ``‖g(z + t d)‖²``: ``base + 2·ARMIJO·t·slope`` (the test on
+    ``½‖g‖²``, doubled), ``base·(1 − 2·ARMIJO·t)`` for the slope ``−‖g‖²`` (None)."""
+    if slope is None:
+        return base * (1 - 2 * ARMIJO * t)
+    return base + 2 * ARMIJO * t * slope
+
+
+def _too_short(z: torch.Tensor, direction: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """``(B,)`` whether the step ``t d`` no longer changes ``z`` in floating point."""
+    rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
+    return t * torch.linalg.vector_norm(direction, dim=1) <= rounding
 
 
 @dataclasses.dataclass
@@ -174,23 +176,16 @@ class Search:
             again at once: when no sample moved, none can go on before the next
             trial, so waiting for the next step would gain nothing.
         """
-        t = 1.0 if self.t is None else self.t
         squares = squared_norm(r_trial)
-        if self.slope is None:
-            threshold = self.base * (1 - 2 * ARMIJO * t)
-        else:
-            threshold = self.base + 2 * ARMIJO * t * self.slope
+        t = 1.0 if self.t is None else self.t
         # NaN compares False: a non-finite trial never passes.
-        take = ~skip & (squares <= threshold)
+        take = ~skip & (squares <= _threshold(self.base, t, self.slope))
         if known_all(take):
             # Every sample passes (none skipped): the common case near a root.
             return z_trial, r_trial, None, None, False
         failed = ~(skip | take)
         halved = torch.full_like(self.base, 0.5) if self.t is None else self.t / 2
-        # Below this length a step no longer changes z in floating point.
-        rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
-        too_short = halved * torch.linalg.vector_norm(self.direction, dim=1) <= rounding
-        gave_up = failed & (too_short | (halved < 2.0**-halvings))
+        gave_up = failed & (_too_short(z, self.direction, halved) | (halved < 2.0**-halvings))
         blew_up = gave_up & ~(squares < math.inf)
         moved = (take | blew_up).unsqueeze(1)
         z_new, r_new = torch.where(moved, z_trial, z), torch.where(moved, r_trial, r)

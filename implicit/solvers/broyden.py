@@ -107,9 +107,7 @@ class Broyden(Solver):
             state = self._restart(fn, z, r, state, restart)
         direction = -state.apply(r)
         if self.line_search:
-            z_new, r_new, passed, _ = backtrack(
-                fn, z, r, direction, None, halvings=HALVINGS, skip=frozen
-            )
+            z_new, r_new, passed = backtrack(fn, z, r, direction, halvings=HALVINGS, skip=frozen)
         else:
             z_new = z + direction
             r_new = fn(z_new)
