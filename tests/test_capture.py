@@ -76,3 +76,31 @@ def test_a_solve_inside_a_compiled_function_runs_eagerly(front_door):
     eager = torch.autograd.grad(loss(p.x), [p.x, p.W])
     for got, want in zip(compiled, eager):
         assert rel_err(got, want) <= 1e-12
+
+
+def test_a_solve_inside_f_of_another_solve():
+    # Discovery of the outer f runs the inner solve, with its own discovery, inside
+    # the outer one's mode (and the compiler stance it sets); gradients against
+    # autograd through both fixed-point iterations unrolled.
+    gen = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(4, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+
+    def inner_map(u, s):
+        return torch.tanh(0.5 * u @ w.T + s)
+
+    def outer_map(z, x):
+        u = implicit.fixed_point(inner_map, torch.zeros_like(x), z + x, batched=True, tol=1e-13)
+        return 0.5 * torch.tanh(u)
+
+    z = implicit.fixed_point(outer_map, torch.zeros_like(x), x, batched=True, tol=1e-13)
+    grads = torch.autograd.grad(z.square().sum(), (w, x))
+    unrolled = torch.zeros_like(x)
+    for _ in range(60):
+        u = torch.zeros_like(x)
+        for _ in range(60):
+            u = inner_map(u, unrolled + x)
+        unrolled = 0.5 * torch.tanh(u)
+    assert rel_err(z, unrolled) <= 1e-11
+    for got, want in zip(grads, torch.autograd.grad(unrolled.square().sum(), (w, x))):
+        assert rel_err(got, want) <= 1e-10
