@@ -81,3 +81,22 @@ def combine(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     # Contiguous: a batch of row vectors with strides across the batch (as LAPACK
     # solves return them) sends the product down a path ten times slower.
     return torch.bmm(coefficients.contiguous().unsqueeze(1), rows).squeeze(1)
+
+
+def store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``buffer`` with index ``slot`` of dimension ``dim`` set to ``value``.
+
+    In place when the solve runs on plain tensors with no graph recorded (the implicit
+    forward); into a copy when autograd or a ``torch.func`` transform sees the solver's
+    operations (``backward="unroll"``), whose graph needs the old values.
+    """
+    if not updates_in_place():
+        buffer = buffer.clone()
+    buffer.select(dim, slot).copy_(value)
+    return buffer
+
+
+def updates_in_place() -> bool:
+    """Whether the solve runs on plain tensors with no graph recorded (the implicit
+    forward), so that the history may be updated in place."""
+    return not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, project
+from implicit._batch import combine, known_all, project, store, updates_in_place
 from implicit._blocks import solve
 from implicit.solvers.base import Solver
 
@@ -122,7 +122,7 @@ class Anderson(Solver):
             # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
-        in_place = _in_place()
+        in_place = updates_in_place()
         state = self._remember(z, r, state, in_place)
         rhs = state.rhs
         # The normalised least-squares system: the columns of ΔR scaled to unit norm
@@ -173,50 +173,31 @@ class Anderson(Solver):
             dz_mixed.add_(dr_new, alpha=self.mixing)
         else:
             dr_new = r - state.r
-            dr = _store(state.dr, slot, dr_new)
+            dr = store(state.dr, slot, dr_new)
             dz_mixed = torch.sub(z, state.z).add_(dr_new, alpha=self.mixing)
-            dz_buffer = _store(state.dz_mixed, slot, dz_mixed)
+            dz_buffer = store(state.dz_mixed, slot, dz_mixed)
         # One pass over the history: ΔRᵀ r. The new row of the Gram matrix follows
         # without a second one: Δr_jᵀ Δr_new = Δr_jᵀ r − Δr_jᵀ r_prev for the columns
         # kept from the last step (whose ΔRᵀ r_prev is at hand), ‖Δr_new‖² for the new.
         rhs = project(dr, r)
         square = torch.linalg.vecdot(dr_new, dr_new)
-        row = _store(rhs - state.rhs, slot, square, dim=1)
+        row = store(rhs - state.rhs, slot, square, dim=1)
         # A first step (no previous iterate) has Δr = 0 and is not usable. NaN fails the
         # test; an infinite Δr (a problem that blew up, which the driver has stopped)
         # gives non-finite coefficients and a restart.
         usable = square > 0
         if not known_all(usable):
             keep = usable.unsqueeze(1)
-            dr = _store(dr, slot, torch.where(keep, dr_new, 0))
-            dz_buffer = _store(dz_buffer, slot, torch.where(keep, dz_mixed, 0))
+            dr = store(dr, slot, torch.where(keep, dr_new, 0))
+            dz_buffer = store(dz_buffer, slot, torch.where(keep, dz_mixed, 0))
             row = torch.where(keep, row, 0)
-            rhs = _store(rhs, slot, torch.where(usable, rhs[:, slot], 0), dim=1)
+            rhs = store(rhs, slot, torch.where(usable, rhs[:, slot], 0), dim=1)
         return _History(
             z=z,
             r=r,
             dr=dr,
             dz_mixed=dz_buffer,
-            gram=_store(_store(state.gram, slot, row), slot, row, dim=2),
+            gram=store(store(state.gram, slot, row), slot, row, dim=2),
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
-
-
-def _store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``buffer`` with index ``slot`` of dimension ``dim`` set to ``value``.
-
-    In place when the solve runs on plain tensors with no graph recorded (the implicit
-    forward); into a copy when autograd or a ``torch.func`` transform sees the solver's
-    operations (``backward="unroll"``), whose graph needs the old values.
-    """
-    if not _in_place():
-        buffer = buffer.clone()
-    buffer.select(dim, slot).copy_(value)
-    return buffer
-
-
-def _in_place() -> bool:
-    """Whether the solve runs on plain tensors with no graph recorded (the implicit
-    forward), so that the history may be updated in place."""
-    return not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
