@@ -29,6 +29,7 @@ class _BroydenState:
         proposed: the iterate the last step proposed (to recognise frozen rows).
         frozen: ``(B,)`` rows the driver has stopped.
         slot: the slot of the next update.
+        h_r: ``H g`` at the iterate the last step proposed (with this ``H``), or None.
     """
 
     u: torch.Tensor
@@ -38,6 +39,7 @@ class _BroydenState:
     frozen: torch.Tensor
     proposed: torch.Tensor | None = None
     slot: int = 0
+    h_r: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``H x`` per sample."""
@@ -109,7 +111,9 @@ class Broyden(Solver):
         restart = state.restart & ~frozen
         if bool(restart.any()):
             state = self._restart(fn, z, r, state, restart)
-        direction = -state.apply(r)
+        # H g(z) is at hand from the last step (where z is not the proposed iterate, the
+        # driver has frozen the row, whose step it discards).
+        direction = -(state.apply(r) if state.h_r is None else state.h_r)
         if self.line_search:
             z_new, r_new, passed = backtrack(fn, z, r, direction, halvings=HALVINGS, skip=frozen)
         else:
@@ -117,7 +121,8 @@ class Broyden(Solver):
             r_new = fn(z_new)
             passed = torch.ones_like(frozen)
         s = z_new - z
-        hy = state.apply(r_new - r)
+        h_r_new = state.apply(r_new)
+        hy = h_r_new + direction  # H (g(z_new) − g(z))
         denominator = (s * hy).sum(dim=1)
         size = torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(hy, dim=1)
         eps = torch.finfo(z.dtype).eps
@@ -125,6 +130,8 @@ class Broyden(Solver):
         safe = torch.where(usable, denominator, 1).unsqueeze(1)
         u = torch.where(usable.unsqueeze(1), (s - hy) / safe, 0)
         v = torch.where(usable.unsqueeze(1), state.apply_transpose(s), 0)
+        # (H + u vᵀ) g(z_new), for the next direction, without another pass over the history.
+        h_r_new = h_r_new + u * (v * r_new).sum(dim=1, keepdim=True)
         # Into the oldest slot, in place where no graph needs the old terms: copying
         # the whole (B, memory, n) history every step cost a fifth of a DEQ forward.
         state = dataclasses.replace(
@@ -135,6 +142,7 @@ class Broyden(Solver):
             frozen=frozen,
             proposed=z_new,
             slot=(state.slot + 1) % self.memory,
+            h_r=h_r_new,
         )
         return z_new, r_new, state
 
@@ -154,4 +162,5 @@ class Broyden(Solver):
             u=torch.where(keep, state.u, 0),
             v=torch.where(keep, state.v, 0),
             h0=torch.where(restart, h0, state.h0),
+            h_r=None,
         )
