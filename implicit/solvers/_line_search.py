@@ -84,11 +84,12 @@ def backtrack(
                 # Every row takes the full step (none skipped): the common case near a root.
                 return z_trial, r_trial, take
             given_up = torch.zeros_like(skip)
+            rounding, length = _scales(z, direction)
         z_new = torch.where(take.unsqueeze(1), z_trial, z_new)
         r_new = torch.where(take.unsqueeze(1), r_trial, r_new)
         passed = passed | take
         t /= 2
-        given_up = given_up | _too_short(z, direction, t)
+        given_up = given_up | (t * length <= rounding)
         if bool((passed | given_up).all()):
             break
     # A sample whose shortest trial is still not finite is handed over as such: the
@@ -109,10 +110,11 @@ def _threshold(
     return base + 2 * ARMIJO * t * slope
 
 
-def _too_short(z: torch.Tensor, direction: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-    """``(B,)`` whether the step ``t d`` no longer changes ``z`` in floating point."""
+def _scales(z: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B,)`` the rounding of ``z`` (``eps·‖z‖``) and the length of ``d``: a step ``t d``
+    with ``t·‖d‖ ≤ eps·‖z‖`` no longer changes ``z`` in floating point."""
     rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
-    return t * torch.linalg.vector_norm(direction, dim=1) <= rounding
+    return rounding, torch.linalg.vector_norm(direction, dim=1)
 
 
 @dataclasses.dataclass
@@ -185,7 +187,8 @@ class Search:
             return z_trial, r_trial, None, None, False
         failed = ~(skip | take)
         halved = torch.full_like(self.base, 0.5) if self.t is None else self.t / 2
-        gave_up = failed & (_too_short(z, self.direction, halved) | (halved < 2.0**-halvings))
+        rounding, length = _scales(z, self.direction)
+        gave_up = failed & ((halved * length <= rounding) | (halved < 2.0**-halvings))
         blew_up = gave_up & ~(squares < math.inf)
         moved = (take | blew_up).unsqueeze(1)
         z_new, r_new = torch.where(moved, z_trial, z), torch.where(moved, r_trial, r)
