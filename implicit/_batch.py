@@ -3,6 +3,7 @@ and products with a set of rows per problem (``(B, k, n)``: histories, Krylov ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,14 @@ def known_all(mask: torch.Tensor) -> bool:
     (:func:`cheap_host_reads`); elsewhere ``False``: assume not, and take the general
     path, rather than stall the device."""
     return cheap_host_reads(mask) and bool(mask.all())
+
+
+def all_running(norms: torch.Tensor, thresholds: torch.Tensor, worst: torch.Tensor) -> bool:
+    """Whether every problem goes on after an iteration: each residual norm above its
+    threshold, and finite (an infinite or NaN ``worst``, the largest norm, fails; NaN
+    also fails the comparison). Two host reads: for loops that test on the host
+    (:func:`cheap_host_reads`)."""
+    return math.isfinite(worst.item()) and bool((norms > thresholds).all())
 
 
 #: From this many entries per tensor on, copying the selected rows beats ``torch.where``

@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from implicit._batch import combine, known_all, project, row_selector
+from implicit._batch import all_running, combine, known_all, project, row_selector
 from implicit._blocks import solve
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import Operator
@@ -685,13 +685,7 @@ class Neumann(_Iterative):
                 slow = active & ~(norm <= 0.5 * reference)
                 reference = norm
                 slow = slow if bool(slow.any()) else None
-            # An infinite or NaN worst norm leaves the fast path (NaN fails the comparison).
-            if (
-                slow is None
-                and every
-                and math.isfinite(norm.max().item())
-                and bool((norm > target).all())
-            ):
+            if slow is None and every and all_running(norm, target, norm.max()):
                 x, r = x_new, r_new
                 if shifted:
                     q = q_new

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import cheap_host_reads, row_selector
+from implicit._batch import all_running, cheap_host_reads, row_selector
 from implicit._operators import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
@@ -104,10 +104,9 @@ class Solver(abc.ABC):
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = torch.linalg.vector_norm(r_new, dim=1)
             if running_all:
-                # Ending or blowing up (an infinite or NaN worst norm, which the
-                # comparison also fails) both leave this fast path.
+                # Ending or blowing up both leave this fast path.
                 worst = new_norms.max()
-                running_all = math.isfinite(worst.item()) and bool((new_norms > threshold).all())
+                running_all = all_running(new_norms, threshold, worst)
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
