@@ -10,6 +10,8 @@ does, and divides to ``inf`` or ``nan``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -21,9 +23,26 @@ def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return blocks, pivots, _zero_pivot(blocks)
 
 
-def lu_solve(lu: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.lu_solve(lu, pivots, rhs)`` for a factorisation by :func:`lu_factor`."""
-    return rhs / lu if lu.shape[-1] == 1 else torch.linalg.lu_solve(lu, pivots, rhs)
+def lu_solve(
+    lu: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, *, adjoint: bool = False
+) -> torch.Tensor:
+    """``torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)`` for a factorisation
+    by :func:`lu_factor` (``adjoint``: solve with the transposed blocks)."""
+    if lu.shape[-1] == 1:
+        return rhs / lu
+    return torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """The LU factors of ``(B, n, n)`` blocks, from :func:`lu_factor`."""
+
+    lu: torch.Tensor
+    pivots: torch.Tensor
+
+    def solve(self, rhs: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
+        """``A⁻¹ rhs`` (or ``A⁻ᵀ rhs``) per block for ``rhs`` of shape ``(B, n)``."""
+        return lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=adjoint).squeeze(-1)
 
 
 def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

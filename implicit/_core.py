@@ -41,6 +41,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 
+from implicit._blocks import Factorization
 from implicit._operators import (
     GraphJacobian,
     Jacobian,
@@ -57,7 +58,7 @@ from implicit._results import (
     report_failure,
     status_name,
 )
-from implicit.linear import LinearSolver, Unroll
+from implicit.linear import Dense, LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -151,6 +152,8 @@ class _RootProblem:
         self.r0 = r0
         self.report_shape = report_shape
         self.info: SolveInfo | None = None
+        # The forward's last Newton factorisation, kept for a dense backward to refine.
+        self.nearby: Factorization | None = None
         # The problem this one folds (under vmap): it reports through the same info.
         self._unfolded: _RootProblem | None = None
 
@@ -165,6 +168,7 @@ class _RootProblem:
         )
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
+        self.nearby = fn.nearby if isinstance(settings.linear, Dense) else None
         info.converged = _reported(info.converged, self.report_shape)
         info.residual = _reported(info.residual, self.report_shape)
         problem: _RootProblem | None = self
@@ -209,6 +213,11 @@ class _LinearProblem:
         transpose: which of the two systems.
         copies: the number of right-hand sides per row of the parent: ``x`` and ``v``
             (or ``b``) have ``copies·B`` rows, copy-major, all with the same ``A``.
+        linearization: ``∂g/∂z`` already recorded at exactly the ``(z, θ)`` this system
+            is solved at (the first-order backward records it once and also takes the
+            partials from it).
+        nearby: the LU factorisation of ``A`` at a point near ``z`` (the parent's last
+            Newton step), for a dense solve to refine.
     """
 
     def __init__(
@@ -217,15 +226,15 @@ class _LinearProblem:
         transpose: bool,
         copies: int = 1,
         linearization: GraphJacobian | None = None,
+        nearby: Factorization | None = None,
     ):
         self.parent = parent
         self.transpose = transpose
         self.copies = copies
         self.settings = parent.settings
         self.report_shape = (copies, *parent.report_shape) if copies > 1 else parent.report_shape
-        # ∂g/∂z already recorded at exactly the (z, θ) this system is solved at (the
-        # first-order backward records it once and also takes the partials from it).
         self.linearization = linearization
+        self.nearby = nearby
 
     def _jacobian(self, z: torch.Tensor, theta: Sequence[torch.Tensor]) -> Jacobian | Repeated:
         jacobian = Jacobian(lambda state: self.parent.residual(state, *theta), z)
@@ -241,7 +250,7 @@ class _LinearProblem:
     def solve(self, x0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         rhs, z, *theta = inputs
         jacobian = self.linearization or self._jacobian(z, theta)
-        op = Operator(jacobian, transpose=self.transpose)
+        op = Operator(jacobian, transpose=self.transpose, nearby=self.nearby)
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
         x, info = self.settings.linear_solve(op, rhs, what, self.report_shape)
         if self.transpose:
@@ -468,7 +477,9 @@ def _first_order_grads(
         )
     else:
         linearization = GraphJacobian.record(lambda point: user.residual(point, *stand_ins), z)
-    adjoint = _LinearProblem(problem, transpose=True, linearization=linearization)
+    adjoint = _LinearProblem(
+        problem, transpose=True, linearization=linearization, nearby=problem.nearby
+    )
     # Nothing records a graph here, so ``apply`` would only run this same forward
     # (after binding its arguments by introspection, which costs more than a product).
     w = _ImplicitFunction.forward(adjoint, torch.zeros_like(v), v, z, *inputs)

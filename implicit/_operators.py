@@ -17,6 +17,8 @@ from torch._functorch.vmap import vmap_increment_nesting
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
+from implicit._blocks import Factorization
+
 
 class Jacobian:
     """``A = ∂g/∂z`` of a batched flat residual ``g: (B, n) -> (B, n)`` at ``z``.
@@ -292,11 +294,25 @@ class Repeated:
 
 
 class Operator:
-    """The linear operator a linear solve sees: ``A`` or ``Aᵀ`` of a :class:`Jacobian`."""
+    """The linear operator a linear solve sees: ``A`` or ``Aᵀ`` of a :class:`Jacobian`.
 
-    def __init__(self, jacobian: Jacobian | Repeated, transpose: bool):
+    Args:
+        jacobian: ``A``.
+        transpose: whether the operator is ``Aᵀ``.
+        nearby: the LU factorisation of ``A`` at a nearby point (the forward's last
+            Newton step), if one is at hand: :class:`~implicit.linear.Dense` refines
+            with it.
+    """
+
+    def __init__(
+        self,
+        jacobian: Jacobian | Repeated,
+        transpose: bool,
+        nearby: Factorization | None = None,
+    ):
         self.jacobian = jacobian
         self.transpose = transpose
+        self.nearby = nearby
 
     @property
     def shape(self) -> torch.Size:
@@ -322,6 +338,11 @@ class Operator:
         blocks = self.jacobian.dense(chunk_size)
         return blocks.transpose(1, 2) if self.transpose else blocks
 
+    def nearby_solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``M x`` with ``M`` the inverse of this operator at the point of ``nearby``
+        (the factorisation of the Jacobian near this one's point)."""
+        return self.nearby.solve(x, adjoint=self.transpose)
+
 
 class Residual:
     """A flat batched residual with evaluation counters, as the forward solvers see it.
@@ -341,6 +362,10 @@ class Residual:
         self.scale = scale
         self.f_evals = 0
         self.jac_evals = 0
+        #: The LU factorisation of ``∂g/∂z`` at a point near the last iterate, left by
+        #: a solver that factorises it (Newton): a dense backward at the root refines
+        #: with it rather than building and factorising the Jacobian there again.
+        self.nearby: Factorization | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.f_evals += 1

@@ -81,7 +81,9 @@ class BackwardInfo:
             ``n`` products that build the Jacobian).
         status: ``"converged"``, ``"max_iter"``, ``"breakdown"`` or ``"nonfinite"``:
             the worst over the batch.
-        method: name of the linear solver.
+        method: name of the linear solver, or of how it ran: ``"neumann+gmres"``
+            (``auto`` switched), ``"dense+refine"`` (``dense`` refined Newton's last
+            factorisation instead of building the Jacobian).
     """
 
     converged: torch.Tensor

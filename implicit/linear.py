@@ -62,6 +62,15 @@ __all__ = [
     "resolve",
 ]
 
+#: Products that iterative refinement may use before a dense solve builds the Jacobian.
+REFINEMENTS = 5
+#: ``B·n³`` (the order of the work of building and factorising ``B`` Jacobian blocks of
+#: ``n`` unknowns) below which a dense solve does not refine: there the direct solve
+#: costs no more than refinement's few sequential products (measured on a CPU: equal
+#: times for one problem of 24 unknowns or 64 of 12, refinement 1.2× faster for 64
+#: of 16, 2.6× for 1,024 of 16, 10× for 64 of 100).
+REFINE_MIN_WORK = 2**16
+
 Preconditioner = Callable[[torch.Tensor], torch.Tensor]
 WarmStart = torch.Tensor | Literal["previous"] | None
 
@@ -300,6 +309,17 @@ class Dense(LinearSolver):
     system was solved; the reported residual is still the one of ``A x = rhs``, so it
     shows how far the damped answer is from the exact one.
 
+    **After Newton** (dense inner solve), the backward at the root does not build the
+    Jacobian again: Newton's last step factorised it at a point a step away, and
+    iterative refinement with that factorisation (one vector-Jacobian product with the
+    exact Jacobian per correction, usually three or four) reaches the direct solve's
+    rounding level. Where it would not (a step too long, an ill-conditioned Jacobian)
+    the Jacobian is built and factorised after all; ``info.backward.method`` says
+    ``"dense+refine"`` when refinement sufficed. Only without ``ridge``, in the
+    first-order backward, and where ``B·n³`` (batch times unknowns cubed) is at least
+    ``2¹⁶``: below that, building the Jacobian costs no more than the products. The
+    factorisation (``B·n²`` numbers) is then kept from the forward to the backward.
+
     Args:
         ridge: Tikhonov damping (default 0: exact).
         chunk_size: build the Jacobian this many rows at a time (memory bound).
@@ -332,6 +352,11 @@ class Dense(LinearSolver):
         self.chunk_size = chunk_size
 
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
+        batch, n = rhs.shape
+        if op.nearby is not None and not self.ridge and batch * n**3 >= REFINE_MIN_WORK:
+            refined = _refine(op, rhs, goal=min(tol, _accept(tol, rhs.dtype)))
+            if refined is not None:
+                return refined
         return self.solve_matrix(op.dense(self.chunk_size), rhs, tol=tol)
 
     def solve_matrix(self, matrix: torch.Tensor, rhs: torch.Tensor, *, tol: float) -> LinearResult:
@@ -342,7 +367,7 @@ class Dense(LinearSolver):
             system = matrix.mT @ matrix + self.ridge * eye
             right = matrix.mT @ right
         x, info = solve(system, right)
-        accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
+        accept = _accept(tol, rhs.dtype)
         # The residual of A x = rhs is the one reported; without damping it is also the
         # one that decides.
         residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
@@ -358,6 +383,47 @@ class Dense(LinearSolver):
         finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
         codes = torch.where(finite, _codes(solved, CONVERGED, BREAKDOWN), NONFINITE)
         return LinearResult(x, residual, codes, 1)
+
+
+def _accept(tol: float, dtype: torch.dtype) -> float:
+    """The relative residual at which a direct solve counts as solved."""
+    return max(tol, math.sqrt(torch.finfo(dtype).eps))
+
+
+def _refine(op: Operator, rhs: torch.Tensor, goal: float) -> LinearResult | None:
+    """``op · x = rhs`` by iterative refinement with the factorisation of a nearby
+    operator (``op.nearby``), or None if it does not bring every problem to ``goal``.
+
+    ``x ← x + M (rhs − op · x)``, ``M`` the nearby inverse, one product per correction.
+    Each correction multiplies the residual by about ``‖I − op · M‖``, the relative
+    distance of the two operators (for Newton's last step at a tolerance of 1e-10,
+    about 1e-5), so two or three corrections reach rounding level. As LAPACK's
+    refinement (``?gerfs``) does, it stops when the residual is at rounding level,
+    when it no longer halves, or after ``REFINEMENTS`` products.
+    """
+    rhs_norm = _norm(rhs)
+    # What a direct solve leaves: a relative residual of one or two eps (measured).
+    rounding = 4 * torch.finfo(rhs.dtype).eps
+    x = op.nearby_solve(rhs)
+    x_best = best = None
+    for products in range(1, REFINEMENTS + 1):
+        correction = rhs - op.mv(x)
+        residual = _safe_div(_norm(correction), rhs_norm)
+        if best is None:
+            x_best, best, halved = x, residual, torch.ones_like(residual, dtype=torch.bool)
+        else:
+            # Per problem, the better of the last two (NaN is never better).
+            better = residual <= best
+            halved = (residual <= best / 2) | (residual <= rounding)
+            x_best = torch.where(_rows(better), x, x_best)
+            best = torch.where(better, residual, best)
+        if products == REFINEMENTS or bool((best <= rounding).all() | ~halved.all()):
+            break
+        x = x + op.nearby_solve(correction)
+    if not bool((best <= goal).all()):
+        return None
+    codes = torch.full_like(best, CONVERGED, dtype=torch.long)
+    return LinearResult(x_best, best, codes, products, "dense+refine")
 
 
 def _relative_residual(matrix: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from implicit._blocks import lu_factor, lu_solve, solve
+from implicit._blocks import Factorization, lu_factor, lu_solve, solve
 
 F64 = torch.float64
 
@@ -35,6 +35,17 @@ def test_factor_and_solves_match_torch_linalg(n):
         assert x.shape == want.shape
         assert torch.allclose(x, want, rtol=1e-14, atol=0)
         assert torch.equal(info, want_info)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_factorization_solves_with_the_blocks_and_their_transposes(n):
+    blocks, vectors, _ = blocks_and_rhs(n)
+    factors = Factorization(*lu_factor(blocks)[:2])
+    for adjoint, matrix in ((False, blocks), (True, blocks.mT)):
+        x = factors.solve(vectors, adjoint=adjoint)
+        want = torch.linalg.solve(matrix, vectors)
+        assert x.shape == vectors.shape
+        assert torch.allclose(x, want, rtol=1e-13, atol=0)
 
 
 def test_a_zero_scalar_block_is_singular_as_lapack_says():

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import implicit
 from implicit import linear
+from implicit._blocks import Factorization, lu_factor
 from implicit._operators import GraphJacobian, Jacobian, Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
 
@@ -437,6 +438,81 @@ class TestDense:
         matrix[1, 0, 1] = math.nan
         result = linear.Dense().solve(operator(matrix), rhs_of(2, 3, 0), tol=1e-10, max_iter=1)
         assert result.codes.tolist() == [CONVERGED, NONFINITE]
+
+
+def with_nearby(op: Operator, nearby_matrix: torch.Tensor) -> Operator:
+    """``op`` (built by :func:`operator` for some ``A``) with the factorisation of the
+    Jacobian it comes from at ``nearby_matrix`` instead of ``A``, as Newton leaves it."""
+    jacobian = nearby_matrix.mT if op.transpose else nearby_matrix
+    lu, pivots, _ = lu_factor(jacobian)
+    return Operator(op.jacobian, op.transpose, nearby=Factorization(lu, pivots))
+
+
+class TestRefinement:
+    """Dense solves that refine with a nearby factorisation (Newton's last step)."""
+
+    @pytest.mark.parametrize("transpose", [True, False])
+    def test_refines_to_the_direct_answer_in_a_few_products(self, transpose):
+        matrix = nonsymmetric(64, 24, 0.5, 0)
+        nearby = matrix + 1e-5 * torch.randn(matrix.shape, generator=generator(1), dtype=F64)
+        rhs = rhs_of(64, 24, 0)
+        op = with_nearby(operator(matrix, transpose), nearby)
+        result = linear.Dense().solve(op, rhs, tol=1e-10, max_iter=1)
+        assert result.method == "dense+refine"
+        # Not the 24 products that build the Jacobian.
+        assert op.products == result.iterations <= linear.REFINEMENTS
+        assert result.codes.tolist() == [CONVERGED] * 64
+        assert rel_err(result.x, torch.linalg.solve(matrix, rhs)) <= 1e-14
+        assert reports_true_residual(result, matrix, rhs)
+        assert float(result.residual.max()) <= 4 * torch.finfo(F64).eps
+
+    def test_a_factorisation_too_far_away_builds_the_jacobian(self):
+        matrix = nonsymmetric(64, 24, 0.5, 0)
+        other = nonsymmetric(64, 24, 0.5, 7)  # as far from `matrix` as it is from I
+        rhs = rhs_of(64, 24, 0)
+        op = with_nearby(operator(matrix), other)
+        result = linear.Dense().solve(op, rhs, tol=1e-10, max_iter=1)
+        assert result.method is None  # the direct solve's answer
+        # It counts the refinement's products and the 24 that built the Jacobian.
+        assert 24 < op.products <= 24 + linear.REFINEMENTS
+        assert rel_err(result.x, torch.linalg.solve(matrix, rhs)) <= 1e-13
+        assert result.codes.tolist() == [CONVERGED] * 64
+
+    @pytest.mark.parametrize(
+        ("dense", "batch", "n"),
+        [(linear.Dense(ridge=0.1), 64, 24), (linear.Dense(), 64, 10), (linear.Dense(), 1, 24)],
+    )
+    def test_not_with_ridge_nor_where_the_direct_solve_is_as_cheap(self, dense, batch, n):
+        # With a ridge the system is another one; 64·10³ and 24³ are below 2¹⁶.
+        matrix = nonsymmetric(batch, n, 0.5, 0)
+        op = with_nearby(operator(matrix), matrix)
+        result = dense.solve(op, rhs_of(batch, n, 0), tol=1e-10, max_iter=1)
+        assert result.method is None and op.products == n
+
+    @PROPERTY
+    @given(
+        batch=st.integers(1, 40),
+        n=st.integers(41, 56),  # B·n³ ≥ 41³ > 2¹⁶: refinement is tried
+        distance=st.floats(1e-9, 1e-1),
+        spread=st.floats(0.1, 0.9),
+        seed=st.integers(0, 2**16),
+    )
+    def test_property_equals_the_direct_solve(self, batch, n, distance, spread, seed):
+        # Random well-conditioned systems and factorisations from near to far: refined or
+        # not, the answer is the direct solve's, with its residual reported truly.
+        matrix = nonsymmetric(batch, n, spread, seed)
+        noise = torch.randn(matrix.shape, generator=generator(seed + 2), dtype=F64)
+        nearby = matrix + distance * matrix.abs().amax(dim=(1, 2), keepdim=True) * noise
+        rhs = rhs_of(batch, n, seed)
+        op = with_nearby(operator(matrix), nearby)
+        result = linear.Dense().solve(op, rhs, tol=1e-10, max_iter=1)
+        assert result.codes.tolist() == [CONVERGED] * batch
+        assert rel_err(result.x, torch.linalg.solve(matrix, rhs)) <= 1e-12
+        assert reports_true_residual(result, matrix, rhs)
+        if result.method == "dense+refine":
+            assert op.products <= linear.REFINEMENTS
+        else:
+            assert op.products > n
 
 
 class TestAuto:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from implicit._batch import known_all
-from implicit._blocks import lu_factor, lu_solve, solve
+from implicit._blocks import Factorization, lu_factor, lu_solve, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
 from implicit.solvers._line_search import Search, frozen_rows, squared_norm
@@ -168,7 +168,8 @@ class Newton(Solver):
         """The Newton direction of every sample and its slope (None: ``−‖g‖²``)."""
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            return self._dense_direction(jacobian.dense(), r)
+            direction, slope, fn.nearby = self._dense_direction(jacobian.dense(), r)
+            return direction, slope
         return self._krylov_direction(jacobian, r, initial_norm, waiting)
 
     def _dense(self, z, r):
@@ -179,6 +180,8 @@ class Newton(Solver):
 
     @staticmethod
     def _dense_direction(jacobian, r):
+        """The direction, its slope and the factorisation when every block is regular
+        (a dense backward at the root may refine with it, see ``Residual.nearby``)."""
         lu, pivots, _ = lu_factor(jacobian)
         # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
         # condition number) below n·eps, which an exact zero pivot and NaN also fail.
@@ -189,7 +192,8 @@ class Newton(Solver):
         # NaN also fails the comparison with ∞.
         solved = regular & (direction.abs().amax(dim=1) < math.inf)
         if bool(solved.all()):
-            return direction, None  # a Newton step: the line search knows its slope
+            # A Newton step: the line search knows its slope.
+            return direction, None, Factorization(lu, pivots)
         singular, failed = ~regular, ~solved
         if bool(singular.any()):
             # Factorise the identity in their place: the Newton branch stays finite
@@ -200,7 +204,7 @@ class Newton(Solver):
         damped = _damped_least_squares(jacobian, r)
         direction = torch.where(failed.unsqueeze(1), damped, direction)
         slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
-        return direction, slope
+        return direction, slope, None
 
     def _krylov_direction(self, jacobian, r, initial_norm, waiting):
         if torch.is_grad_enabled() and r.requires_grad:
