@@ -35,14 +35,34 @@ def lu_solve(
 
 @dataclasses.dataclass(frozen=True)
 class Factorization:
-    """The LU factors of ``(B, n, n)`` blocks, from :func:`lu_factor`."""
+    """The LU factors (from :func:`lu_factor`) of ``(B, n, n)`` blocks ``A``, or of
+    their transposes when ``transposed``.
+
+    Factorising ``Aᵀ`` serves the same solves; it is cheaper where ``A`` is laid out by
+    rows, as the Jacobians built from vector-Jacobian products are (LAPACK copies the
+    blocks column by column first).
+    """
 
     lu: torch.Tensor
     pivots: torch.Tensor
+    transposed: bool = False
+
+    @classmethod
+    def of(cls, blocks: torch.Tensor) -> Factorization:
+        """The factors of ``blocks``, by those of their transposes."""
+        lu, pivots, _ = lu_factor(blocks.mT)
+        return cls(lu, pivots, transposed=True)
 
     def solve(self, rhs: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
         """``A⁻¹ rhs`` (or ``A⁻ᵀ rhs``) per block for ``rhs`` of shape ``(B, n)``."""
-        return lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=adjoint).squeeze(-1)
+        solved = lu_solve(
+            self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=adjoint != self.transposed
+        )
+        return solved.squeeze(-1)
+
+    def diagonal(self) -> torch.Tensor:
+        """The diagonal of ``U``, ``(B, n)``: its pivots."""
+        return self.lu.diagonal(dim1=-2, dim2=-1)
 
 
 def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,9 +38,14 @@ def test_factor_and_solves_match_torch_linalg(n):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_factorization_solves_with_the_blocks_and_their_transposes(n):
+@pytest.mark.parametrize("of_transposes", [False, True])
+def test_factorization_solves_with_the_blocks_and_their_transposes(n, of_transposes):
     blocks, vectors, _ = blocks_and_rhs(n)
-    factors = Factorization(*lu_factor(blocks)[:2])
+    if of_transposes:
+        factors = Factorization.of(blocks)
+        assert factors.transposed
+    else:
+        factors = Factorization(*lu_factor(blocks)[:2])
     for adjoint, matrix in ((False, blocks), (True, blocks.mT)):
         x = factors.solve(vectors, adjoint=adjoint)
         want = torch.linalg.solve(matrix, vectors)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from implicit._batch import known_all
-from implicit._blocks import Factorization, lu_factor, lu_solve, solve
+from implicit._blocks import Factorization, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
 from implicit.solvers._line_search import Search, frozen_rows, squared_norm
@@ -182,25 +182,26 @@ class Newton(Solver):
     def _dense_direction(jacobian, r):
         """The direction, its slope and the factorisation when every block is regular
         (a dense backward at the root may refine with it, see ``Residual.nearby``)."""
-        lu, pivots, _ = lu_factor(jacobian)
+        factors = Factorization.of(jacobian)
         # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
         # condition number) below n·eps, which an exact zero pivot and NaN also fail.
         n = r.shape[1]
-        smallest, largest = torch.aminmax(lu.diagonal(dim1=1, dim2=2).abs(), dim=1)
+        smallest, largest = torch.aminmax(factors.diagonal().abs(), dim=1)
         regular = smallest > n * torch.finfo(r.dtype).eps * largest
-        direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+        direction = -factors.solve(r)
         # NaN also fails the comparison with ∞.
         solved = regular & (direction.abs().amax(dim=1) < math.inf)
         if bool(solved.all()):
             # A Newton step: the line search knows its slope.
-            return direction, None, Factorization(lu, pivots)
+            return direction, None, factors
         singular, failed = ~regular, ~solved
         if bool(singular.any()):
             # Factorise the identity in their place: the Newton branch stays finite
             # (and so does its derivative, under backward="unroll").
             eye = torch.eye(n, dtype=r.dtype, device=r.device)
-            lu, pivots, _ = lu_factor(torch.where(singular[:, None, None], eye, jacobian))
-            direction = -lu_solve(lu, pivots, r.unsqueeze(2)).squeeze(2)
+            direction = -Factorization.of(
+                torch.where(singular[:, None, None], eye, jacobian)
+            ).solve(r)
         damped = _damped_least_squares(jacobian, r)
         direction = torch.where(failed.unsqueeze(1), damped, direction)
         slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
