@@ -312,7 +312,7 @@ class Dense(LinearSolver):
     **After Newton** (dense inner solve), the backward at the root does not build the
     Jacobian again: Newton's last step factorised it at a point a step away, and
     iterative refinement with that factorisation (one vector-Jacobian product with the
-    exact Jacobian per correction, usually three or four) reaches the direct solve's
+    exact Jacobian per correction, usually two to four) reaches the direct solve's
     rounding level. Where it would not (a step too long, an ill-conditioned Jacobian)
     the Jacobian is built and factorised after all; ``info.backward.method`` says
     ``"dense+refine"`` when refinement sufficed. Only without ``ridge``, in the
@@ -354,7 +354,7 @@ class Dense(LinearSolver):
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
         batch, n = rhs.shape
         if op.nearby is not None and not self.ridge and batch * n**3 >= REFINE_MIN_WORK:
-            refined = _refine(op, rhs, goal=min(tol, _accept(tol, rhs.dtype)))
+            refined = _refine(op, rhs, tol)
             if refined is not None:
                 return refined
         return self.solve_matrix(op.dense(self.chunk_size), rhs, tol=tol)
@@ -367,7 +367,7 @@ class Dense(LinearSolver):
             system = matrix.mT @ matrix + self.ridge * eye
             right = matrix.mT @ right
         x, info = solve(system, right)
-        accept = _accept(tol, rhs.dtype)
+        accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
         # The residual of A x = rhs is the one reported; without damping it is also the
         # one that decides.
         residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
@@ -385,21 +385,17 @@ class Dense(LinearSolver):
         return LinearResult(x, residual, codes, 1)
 
 
-def _accept(tol: float, dtype: torch.dtype) -> float:
-    """The relative residual at which a direct solve counts as solved."""
-    return max(tol, math.sqrt(torch.finfo(dtype).eps))
-
-
-def _refine(op: Operator, rhs: torch.Tensor, goal: float) -> LinearResult | None:
+def _refine(op: Operator, rhs: torch.Tensor, tol: float) -> LinearResult | None:
     """``op · x = rhs`` by iterative refinement with the factorisation of a nearby
-    operator (``op.nearby``), or None if it does not bring every problem to ``goal``.
+    operator (``op.nearby``), or None if it leaves a problem above ``tol`` (relative
+    residual; at least rounding level).
 
     ``x ← x + M (rhs − op · x)``, ``M`` the nearby inverse, one product per correction.
     Each correction multiplies the residual by about ``‖I − op · M‖``, the relative
     distance of the two operators (for Newton's last step at a tolerance of 1e-10,
-    about 1e-5), so two or three corrections reach rounding level. As LAPACK's
-    refinement (``?gerfs``) does, it stops when the residual is at rounding level,
-    when it no longer halves, or after ``REFINEMENTS`` products.
+    about 1e-5), so two to four products reach rounding level. As LAPACK's
+    refinement (``?gerfs``) does, it goes on to rounding level whatever ``tol``, and
+    stops there, when the residual no longer halves, or after ``REFINEMENTS`` products.
     """
     rhs_norm = _norm(rhs)
     # What a direct solve leaves: a relative residual of one or two eps (measured).
@@ -420,7 +416,7 @@ def _refine(op: Operator, rhs: torch.Tensor, goal: float) -> LinearResult | None
         if products == REFINEMENTS or bool((best <= rounding).all() | ~halved.all()):
             break
         x = x + op.nearby_solve(correction)
-    if not bool((best <= goal).all()):
+    if not bool((best <= max(tol, rounding)).all()):
         return None
     codes = torch.full_like(best, CONVERGED, dtype=torch.long)
     return LinearResult(x_best, best, codes, products, "dense+refine")
