@@ -5,7 +5,10 @@ notebook's), one problem and a batch of 64; the loss ``Σ c ⊙ z`` with fixed `
 gradient with respect to ``W`` and ``x``.
 
 * **implicit**: ``implicit.root_solve(g, z0, x, solver="newton", backward="dense")``;
-  the forward records no graph, the backward is one dense solve with ``(∂g/∂z)ᵀ``.
+  the forward records no graph, the backward is one dense solve with ``(∂g/∂z)ᵀ``
+  (refined from Newton's last factorisation where that pays, see ``implicit.linear.Dense``);
+  also with ``Newton(jacobian_reuse=0.5)``, which reuses a factorisation while the
+  residual halves at every step (linear convergence, so its error is the tolerance's).
 * **autograd through Newton**: the same Newton iteration written in plain torch,
   recorded by autograd and differentiated through every iteration, with the Jacobian
   either by hand, ``∂g/∂z = diag(1 − tanh²(Wz + x)) W − I`` (the strongest way to
@@ -58,7 +61,7 @@ def reference(w, x, c) -> torch.Tensor:
     return torch.cat([grad_w.flatten(), grad_pre.reshape(x.shape).flatten()])
 
 
-def implicit_step(w, x, c, batched: bool):
+def implicit_step(w, x, c, batched: bool, jacobian_reuse: float | None = None):
     w = w.clone().requires_grad_()
     x = x.clone().requires_grad_()
 
@@ -70,7 +73,7 @@ def implicit_step(w, x, c, batched: bool):
             g,
             torch.zeros_like(x),
             x,
-            solver=implicit.solvers.Newton(linear="dense"),
+            solver=implicit.solvers.Newton(linear="dense", jacobian_reuse=jacobian_reuse),
             backward="dense",
             tol=TOL,
             batched=batched,
@@ -134,6 +137,10 @@ def run(rounds: int) -> list[Row]:
         label = f"n = {n}, " + ("1 problem" if batch is None else f"batch {batch}")
         for name, make in (
             ("implicit newton / dense", implicit_step),
+            (
+                "implicit newton (jacobian_reuse=0.5) / dense",
+                partial(implicit_step, jacobian_reuse=0.5),
+            ),
             ("autograd through newton, Jacobian by hand", newton_autograd_step),
             (
                 "autograd through newton, Jacobian by jacrev",

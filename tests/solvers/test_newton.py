@@ -18,6 +18,7 @@ from solver_checks import (
 import implicit
 from implicit.linear import CG, GMRES, REFINEMENTS
 from implicit.solvers import Newton
+from implicit.solvers._line_search import Search
 
 test_converges_on_tanh_problem = tanh_test("newton")
 test_krylov_converges_on_tanh_problem = tanh_test("newton", linear="krylov")
@@ -30,6 +31,10 @@ test_krylov_stops_nonfinite_samples = nonfinite_test("newton", linear="krylov")
 test_krylov_counts_every_evaluation = counting_test("newton", linear="krylov")
 test_random_contractive_maps = contractive_maps_test("newton")
 test_krylov_random_contractive_maps = contractive_maps_test("newton", linear="krylov")
+test_reuse_random_contractive_maps = contractive_maps_test("newton", jacobian_reuse=0.5)
+test_reuse_unroll_matches_unrolled_reference = unroll_test("newton", jacobian_reuse=0.5)
+test_reuse_counts_every_evaluation = counting_test("newton", jacobian_reuse=0.5)
+test_reuse_stops_nonfinite_samples = nonfinite_test("newton", jacobian_reuse=0.5)
 
 
 def test_is_the_default_of_root_solve():
@@ -204,6 +209,9 @@ def test_misspelt_and_invalid_options():
         Newton(krylov=CG())
     with pytest.raises(ValueError, match="max_dense"):
         Newton(max_dense=-1)
+    for theta in (0, 1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="jacobian_reuse"):
+            Newton(jacobian_reuse=theta)
 
 
 @pytest.mark.parametrize("backward", ["auto", "unroll"])
@@ -252,3 +260,75 @@ def test_dense_backward_refines_with_the_last_factorisation(form):
     assert info.backward.method == "dense+refine"
     assert info.backward.matvecs == info.backward.iterations <= REFINEMENTS
     assert rel_err(grad, expected) <= 1e-13
+
+
+def test_jacobian_reuse_builds_fewer_jacobians_for_the_same_root():
+    p = TanhProblem(n=40, batch=16, norm=0.9)
+    kwargs = {"batched": True, "tol": 1e-12, "return_info": True}
+    z_plain, plain = implicit.root_solve(p.g, p.z0, p.x.detach(), solver="newton", **kwargs)
+    z, info = implicit.root_solve(p.g, p.z0, p.x, solver=Newton(jacobian_reuse=0.5), **kwargs)
+    assert info.status == "converged" and bool(info.converged.all())
+    assert info.jac_evals < plain.jac_evals and info.jac_evals < info.iterations
+    assert info.f_evals == info.iterations + 1  # every step one evaluation: no backtracking
+    assert rel_err(z, z_plain) <= 1e-10
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=z.dtype)
+    (grad,) = torch.autograd.grad(z, p.x, v)
+    expected = (p.closed_form_dzdx(z).transpose(1, 2) @ v.unsqueeze(2)).squeeze(2)
+    assert rel_err(grad, expected) <= 1e-10
+
+
+def test_jacobian_reuse_under_unroll_has_the_implicit_gradient():
+    # Autograd through the reused steps: a fixed-point iteration z ← z − M g(z) with a
+    # frozen M, whose derivative converges to the implicit one.
+    p = TanhProblem(n=12, batch=4, norm=0.9)
+    solver = Newton(jacobian_reuse=0.5)
+    z, info = implicit.root_solve(
+        p.g,
+        p.z0,
+        p.x,
+        solver=solver,
+        backward="unroll",
+        batched=True,
+        tol=1e-13,
+        return_info=True,
+    )
+    assert info.jac_evals < info.iterations
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(4), dtype=z.dtype)
+    (grad,) = torch.autograd.grad(z, p.x, v)
+    expected = (p.closed_form_dzdx(z).transpose(1, 2) @ v.unsqueeze(2)).squeeze(2)
+    assert rel_err(grad, expected) <= 1e-9
+
+
+def test_a_failed_reused_direction_starts_again_from_a_fresh_jacobian(monkeypatch):
+    # Far from the root a reused factorisation may point uphill: the samples whose
+    # trial failed are not halved along it but get a fresh Newton direction, so the
+    # step after a failed reused one tries the full step everywhere (t is None).
+    p = MonotoneCubic(n=6, batch=8, seed=0)
+    after_failed_reuse, full_steps = [], []
+    step, trial = Newton.step, Search.trial
+
+    def spy_step(self, fn, z, r, state):
+        after_failed_reuse.append(state.reused and state.pending is not None)
+        return step(self, fn, z, r, state)
+
+    def spy_trial(self, z):
+        if after_failed_reuse[-1]:
+            full_steps.append(self.t is None)
+        return trial(self, z)
+
+    monkeypatch.setattr(Newton, "step", spy_step)
+    monkeypatch.setattr(Search, "trial", spy_trial)
+    z, info = implicit.root_solve(
+        p.g,
+        p.z0 + 3,
+        5 * p.b,
+        solver=Newton(jacobian_reuse=0.5),
+        batched=True,
+        tol=1e-12,
+        return_info=True,
+    )
+    monkeypatch.undo()
+    assert full_steps and all(full_steps)
+    assert info.status == "converged"
+    z_plain = implicit.root_solve(p.g, p.z0 + 3, 5 * p.b, solver="newton", batched=True, tol=1e-12)
+    assert rel_err(z, z_plain) <= 1e-10
