@@ -586,14 +586,13 @@ class GMRES(_Krylov):
                 upper[:, j, j] = safe
                 basis[:, j + 1] = torch.where(_rows(alive), w / unit, 0)
                 sizes = sizes + alive.long()
-            # The new rotation acts on rows j and j + 1 of Q (row j + 1 is still e_{j+1}).
-            row = rotations[:, j, : j + 1].clone()
-            rotations[:, j, : j + 1] = cos * row
-            rotations[:, j, j + 1] = sin.squeeze(1)
-            rotations[:, j + 1, : j + 1] = -sin * row
-            rotations[:, j + 1, j + 1] = cos.squeeze(1)
+            # The new rotation acts on rows j and j + 1 of Q (row j + 1 is still e_{j+1}):
+            # one 2 × 2 product per problem (five slice updates cost twice the calls).
+            givens = torch.cat((cos, sin, -sin, cos), dim=1).view(batch, 2, 2)
+            pair = torch.bmm(givens, rotations[:, j : j + 2, : j + 2])
+            rotations[:, j : j + 2, : j + 2] = pair
             # |(Q β e₁)[j + 1]|: the residual norm of the least-squares solution so far.
-            alive = alive & (beta * rotations[:, j + 1, 0].abs() > target)
+            alive = alive & (beta * pair[:, 1, 0].abs() > target)
             every = every and bool(alive.all())
             if not (every or bool(alive.any())):
                 break
