@@ -316,9 +316,10 @@ class Dense(LinearSolver):
     rounding level. Where it would not (a step too long, an ill-conditioned Jacobian)
     the Jacobian is built and factorised after all; ``info.backward.method`` says
     ``"dense+refine"`` when refinement sufficed. Only without ``ridge``, in the
-    first-order backward, and where ``B·n³`` (batch times unknowns cubed) is at least
-    ``2¹⁶``: below that, building the Jacobian costs no more than the products. The
-    factorisation (``B·n²`` numbers) is then kept from the forward to the backward.
+    first-order backward, and where ``n > 5`` and ``B·n³`` (batch times unknowns
+    cubed) is at least ``2¹⁶``: elsewhere building the Jacobian costs no more than the
+    products. The factorisation (``B·n²`` numbers) is then kept from the forward to the
+    backward.
 
     Args:
         ridge: Tikhonov damping (default 0: exact).
@@ -353,7 +354,9 @@ class Dense(LinearSolver):
 
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
         batch, n = rhs.shape
-        if op.nearby is not None and not self.ridge and batch * n**3 >= REFINE_MIN_WORK:
+        # With n ≤ REFINEMENTS the direct solve's n products (batched) are never more.
+        refinable = n > REFINEMENTS and batch * n**3 >= REFINE_MIN_WORK
+        if op.nearby is not None and not self.ridge and refinable:
             refined = _refine(op, rhs, tol)
             if refined is not None:
                 return refined

@@ -481,10 +481,17 @@ class TestRefinement:
 
     @pytest.mark.parametrize(
         ("dense", "batch", "n"),
-        [(linear.Dense(ridge=0.1), 64, 24), (linear.Dense(), 64, 10), (linear.Dense(), 1, 24)],
+        [
+            (linear.Dense(ridge=0.1), 64, 24),
+            (linear.Dense(), 64, 10),
+            (linear.Dense(), 1, 24),
+            (linear.Dense(), 2**17, 1),
+            (linear.Dense(), 2**12, 5),
+        ],
     )
     def test_not_with_ridge_nor_where_the_direct_solve_is_as_cheap(self, dense, batch, n):
-        # With a ridge the system is another one; 64·10³ and 24³ are below 2¹⁶.
+        # With a ridge the system is another one; 64·10³ and 24³ are below 2¹⁶; with
+        # n ≤ 5 the direct solve's n products are never more than refinement's.
         matrix = nonsymmetric(batch, n, 0.5, 0)
         op = with_nearby(operator(matrix), matrix)
         result = dense.solve(op, rhs_of(batch, n, 0), tol=1e-10, max_iter=1)
