@@ -35,33 +35,30 @@ def lu_solve(
 
 @dataclasses.dataclass(frozen=True)
 class Factorization:
-    """The LU factors (from :func:`lu_factor`) of ``(B, n, n)`` blocks ``A``, or of
-    their transposes when ``transposed``.
+    """``(B, n, n)`` blocks ``A`` factorised for solves with ``A`` and ``Aᵀ``.
 
-    Factorising ``Aᵀ`` serves the same solves; it is cheaper where ``A`` is laid out by
-    rows, as the Jacobians built from vector-Jacobian products are (LAPACK copies the
-    blocks column by column first).
+    LU factors (from :func:`lu_factor`) of ``Aᵀ``, which serve the same solves: cheaper
+    where ``A`` is laid out by rows, as the Jacobians built from vector-Jacobian
+    products are (LAPACK would copy the blocks column by column first).
     """
 
     lu: torch.Tensor
     pivots: torch.Tensor
-    transposed: bool = False
 
     @classmethod
     def of(cls, blocks: torch.Tensor) -> Factorization:
-        """The factors of ``blocks``, by those of their transposes."""
+        """The factorisation of ``blocks``."""
         lu, pivots, _ = lu_factor(blocks.mT)
-        return cls(lu, pivots, transposed=True)
+        return cls(lu, pivots)
 
     def solve(self, rhs: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
         """``A⁻¹ rhs`` (or ``A⁻ᵀ rhs``) per block for ``rhs`` of shape ``(B, n)``."""
-        solved = lu_solve(
-            self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=adjoint != self.transposed
-        )
+        # The factors are those of Aᵀ: A's own solve is their adjoint one.
+        solved = lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=not adjoint)
         return solved.squeeze(-1)
 
     def diagonal(self) -> torch.Tensor:
-        """The diagonal of ``U``, ``(B, n)``: its pivots."""
+        """The pivots of the factorisation, ``(B, n)`` (the diagonal of ``U``)."""
         return self.lu.diagonal(dim1=-2, dim2=-1)
 
 

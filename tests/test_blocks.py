@@ -38,14 +38,11 @@ def test_factor_and_solves_match_torch_linalg(n):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("of_transposes", [False, True])
-def test_factorization_solves_with_the_blocks_and_their_transposes(n, of_transposes):
+def test_factorization_solves_with_the_blocks_and_their_transposes(n):
     blocks, vectors, _ = blocks_and_rhs(n)
-    if of_transposes:
-        factors = Factorization.of(blocks)
-        assert factors.transposed
-    else:
-        factors = Factorization(*lu_factor(blocks)[:2])
+    factors = Factorization.of(blocks)
+    smallest, largest = factors.diagonal().abs().aminmax(dim=1)
+    assert bool((smallest > 0).all()) and bool((largest < torch.inf).all())
     for adjoint, matrix in ((False, blocks), (True, blocks.mT)):
         x = factors.solve(vectors, adjoint=adjoint)
         want = torch.linalg.solve(matrix, vectors)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import implicit
 from implicit import linear
-from implicit._blocks import Factorization, lu_factor
+from implicit._blocks import Factorization
 from implicit._operators import GraphJacobian, Jacobian, Operator
 from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
 
@@ -444,8 +444,7 @@ def with_nearby(op: Operator, nearby_matrix: torch.Tensor) -> Operator:
     """``op`` (built by :func:`operator` for some ``A``) with the factorisation of the
     Jacobian it comes from at ``nearby_matrix`` instead of ``A``, as Newton leaves it."""
     jacobian = nearby_matrix.mT if op.transpose else nearby_matrix
-    lu, pivots, _ = lu_factor(jacobian)
-    return Operator(op.jacobian, op.transpose, nearby=Factorization(lu, pivots))
+    return Operator(op.jacobian, op.transpose, nearby=Factorization.of(jacobian))
 
 
 class TestRefinement:
