@@ -152,7 +152,7 @@ class _RootProblem:
         self.r0 = r0
         self.report_shape = report_shape
         self.info: SolveInfo | None = None
-        # The forward's last Newton factorisation, kept for a dense backward to refine.
+        # The forward's last Newton factorisation, for a dense backward to refine.
         self.nearby: Factorization | None = None
         # The problem this one folds (under vmap): it reports through the same info.
         self._unfolded: _RootProblem | None = None
@@ -168,7 +168,9 @@ class _RootProblem:
         )
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
-        self.nearby = fn.nearby if isinstance(settings.linear, Dense) else None
+        # Kept (B·n² numbers, until the backward) only where the backward will use it.
+        linear = settings.linear
+        self.nearby = fn.nearby if isinstance(linear, Dense) and linear.refines(z.shape) else None
         info.converged = _reported(info.converged, self.report_shape)
         info.residual = _reported(info.residual, self.report_shape)
         problem: _RootProblem | None = self

@@ -353,14 +353,18 @@ class Dense(LinearSolver):
         self.chunk_size = chunk_size
 
     def solve(self, op: Operator, rhs: torch.Tensor, *, tol: float, max_iter: int) -> LinearResult:
-        batch, n = rhs.shape
-        # With n ≤ REFINEMENTS the direct solve's n products (batched) are never more.
-        refinable = n > REFINEMENTS and batch * n**3 >= REFINE_MIN_WORK
-        if op.nearby is not None and not self.ridge and refinable:
+        if op.nearby is not None and self.refines(rhs.shape):
             refined = _refine(op, rhs, tol)
             if refined is not None:
                 return refined
         return self.solve_matrix(op.dense(self.chunk_size), rhs, tol=tol)
+
+    def refines(self, shape: tuple[int, int]) -> bool:
+        """Whether a system of ``shape = (B, n)`` would be refined from a nearby
+        factorisation (see above) rather than solved directly."""
+        batch, n = shape
+        # With n ≤ REFINEMENTS the direct solve's n products (batched) are never more.
+        return not self.ridge and n > REFINEMENTS and batch * n**3 >= REFINE_MIN_WORK
 
     def solve_matrix(self, matrix: torch.Tensor, rhs: torch.Tensor, *, tol: float) -> LinearResult:
         """Solve with the ``(B, n, n)`` matrix already at hand."""
