@@ -22,6 +22,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch.overrides import TorchFunctionMode
 
+from implicit._compile import compiler_loaded
+
 
 def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
@@ -70,18 +72,20 @@ class _EagerMode(TorchFunctionMode):
     Dynamo cannot trace through a mode's Python bookkeeping: meeting it, it gives up on
     the compiled function and never compiles that function again, even where no mode
     is active (the solver's own evaluations of ``f``). Under the ``"force_eager"``
-    stance it does not try.
+    stance it does not try. Before the compiler is loaded nothing compiles, and setting
+    the stance would load it.
     """
 
     def __enter__(self):
-        self._stance = torch.compiler.set_stance("force_eager")
+        self._stance = torch.compiler.set_stance("force_eager") if compiler_loaded() else None
         return super().__enter__()
 
     def __exit__(self, *exc_info):
         try:
             return super().__exit__(*exc_info)
         finally:
-            self._stance.__exit__(*exc_info)
+            if self._stance is not None:
+                self._stance.__exit__(*exc_info)
 
 
 class Recorder(_EagerMode):

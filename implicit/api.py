@@ -10,16 +10,12 @@ import torch
 
 from implicit import _blackbox, _core, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit._compile import eager
 from implicit._operators import Jacobian
 from implicit._problem import Problem, State
 from implicit._results import SolveInfo
 
 Backward = str | linear.LinearSolver | linear.Unroll
-
-#: The front doors run eagerly under ``torch.compile``: a graph break around the solve
-#: (whose loop length depends on the data), while the code around it, and ``f`` itself,
-#: may still be compiled.
-_eager = torch.compiler.disable
 
 
 def _run(
@@ -42,7 +38,7 @@ def _run(
     return (out, info) if return_info else out
 
 
-@_eager
+@eager
 def fixed_point(
     f: Callable[..., Any],
     z0: State,
@@ -96,7 +92,7 @@ def fixed_point(
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
 
 
-@_eager
+@eager
 def root_solve(
     g: Callable[..., Any],
     z0: State,
@@ -139,7 +135,7 @@ def root_solve(
     return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
 
 
-@_eager
+@eager
 def invert(
     f: Callable[..., Any],
     y: torch.Tensor,
@@ -321,7 +317,7 @@ def custom_root(
         who = _blackbox.describe(solver, "custom_root solver")
         _no_unroll(mode, who)
 
-        @_eager
+        @eager
         @functools.wraps(solver)
         def solve(*args: Any, **kwargs: Any) -> State:
             if kwargs:

@@ -13,8 +13,6 @@ import warnings
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 import torch
 
 from implicit._checks import check_options
@@ -292,6 +290,11 @@ class _Run:
 
     # -- the solve -------------------------------------------------------------------
     def solve(self, r0: torch.Tensor) -> torch.Tensor:
+        # Imported here: scipy.optimize takes about a third of a second to load, and most
+        # programs never call it.
+        import scipy.linalg
+        import scipy.optimize
+
         solver = self.solver
         method = solver.method
         x0 = self.z[self.rows].reshape(-1).detach().cpu().numpy().astype(self.np_dtype)
@@ -365,6 +368,8 @@ class _NonFinite(Exception):
 
 def _option_names(method: str) -> list[str]:
     """The option names ``scipy.optimize.show_options`` documents for ``method``."""
+    import scipy.optimize
+
     text = scipy.optimize.show_options("root", method, disp=False)
     section = text.split("Options\n-------\n", 1)[-1]
     section = re.split(r"\n\S[^\n]*\n-{3,}\n", section, maxsplit=1)[0]
