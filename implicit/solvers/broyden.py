@@ -21,14 +21,18 @@ class _BroydenState:
     """The inverse-Jacobian estimate ``H = h₀ I + Σ_j u_j v_jᵀ`` per sample.
 
     Attributes:
-        u, v: ``(B, memory, n)`` low-rank factors (zeros where unused), a ring: the
-            next update replaces slot ``slot``, the oldest (the sum does not depend on
-            the order of its terms).
+        u, v: ``(B, memory, n)`` low-rank factors, a ring: the next update replaces
+            slot ``slot``, the oldest (the sum does not depend on the order of its
+            terms). Only the first ``filled`` slots hold terms (zeros for a sample
+            without one there); the others are never read, so the products with the
+            history cost what the terms stored so far need, and a solve that ends
+            before the memory is full never touches the rest.
         h0: ``(B,)`` the scale of the initial guess.
         restart: ``(B,)`` samples whose estimate is rebuilt at the next step.
         proposed: the iterate the last step proposed (to recognise frozen rows).
         frozen: ``(B,)`` rows the driver has stopped.
         slot: the slot of the next update.
+        filled: the slots written so far (at most ``memory``).
         h_r: ``H g`` at the iterate the last step proposed (with this ``H``), or None.
     """
 
@@ -39,20 +43,24 @@ class _BroydenState:
     frozen: torch.Tensor
     proposed: torch.Tensor | None = None
     slot: int = 0
+    filled: int = 0
     h_r: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``H x`` per sample."""
-        return self.h0.unsqueeze(1) * x + _low_rank(self.u, self.v, x)
+        return self._product(x, self.u, self.v)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """``Hᵀ x`` per sample."""
-        return self.h0.unsqueeze(1) * x + _low_rank(self.v, self.u, x)
+        return self._product(x, self.v, self.u)
 
-
-def _low_rank(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``Σ_j left_j (right_jᵀ x)`` per sample, for ``(B, memory, n)`` factors."""
-    return combine(left, project(right, x))
+    def _product(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``h₀ x + Σ_j left_j (right_jᵀ x)`` per sample, over the filled slots."""
+        scaled = self.h0.unsqueeze(1) * x
+        if not self.filled:
+            return scaled
+        filled = slice(None, self.filled)
+        return scaled + combine(left[:, filled], project(right[:, filled], x))
 
 
 class Broyden(Solver):
@@ -99,8 +107,8 @@ class Broyden(Solver):
     def init(self, fn, z, r):
         batch, n = z.shape
         return _BroydenState(
-            u=z.new_zeros(batch, self.memory, n),
-            v=z.new_zeros(batch, self.memory, n),
+            u=z.new_empty(batch, self.memory, n),
+            v=z.new_empty(batch, self.memory, n),
             h0=z.new_full((batch,), -1.0),
             restart=torch.ones(batch, dtype=torch.bool, device=z.device),
             frozen=torch.zeros(batch, dtype=torch.bool, device=z.device),
@@ -142,6 +150,7 @@ class Broyden(Solver):
             frozen=frozen,
             proposed=z_new,
             slot=(state.slot + 1) % self.memory,
+            filled=min(state.filled + 1, self.memory),
             h_r=h_r_new,
         )
         return z_new, r_new, state
@@ -156,11 +165,8 @@ class Broyden(Solver):
         alpha = (r * jr).sum(dim=1) / torch.where(squared > 0, squared, 1)
         usable = (squared > 0) & torch.isfinite(alpha) & (alpha != 0)
         h0 = torch.where(usable, 1 / torch.where(usable, alpha, 1), -1.0)
-        keep = ~restart.unsqueeze(1).unsqueeze(2)
-        return dataclasses.replace(
-            state,
-            u=torch.where(keep, state.u, 0),
-            v=torch.where(keep, state.v, 0),
-            h0=torch.where(restart, h0, state.h0),
-            h_r=None,
-        )
+        u, v = state.u, state.v
+        if state.filled:
+            keep = ~restart.unsqueeze(1).unsqueeze(2)
+            u, v = torch.where(keep, u, 0), torch.where(keep, v, 0)
+        return dataclasses.replace(state, u=u, v=v, h0=torch.where(restart, h0, state.h0), h_r=None)

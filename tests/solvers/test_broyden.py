@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -97,7 +98,35 @@ def test_degenerate_update_restarts():
     solver = Broyden(line_search=False)
     z1, r1, state = solver.step(fn, z, r, solver.init(fn, z, r))
     assert not torch.equal(z1, z) and torch.isfinite(r1).all()
-    assert bool(state.restart.all()) and not state.u.any() and not state.v.any()
+    filled = slice(None, state.filled)
+    assert bool(state.restart.all()) and state.filled == 1
+    assert not state.u[:, filled].any() and not state.v[:, filled].any()
+
+
+def test_the_slots_not_yet_filled_are_never_read():
+    # The history's buffers start uninitialised: NaN in the slots no step has written
+    # yet must change nothing, over more steps than the memory holds (the ring wraps)
+    # and through a restart.
+    p = TanhProblem(n=6, batch=3)
+    fn = Residual(lambda z: p.g(z, p.x.detach()), lambda z, r: z.new_zeros(z.shape[0]))
+    solver = Broyden(memory=4)
+    runs = []
+    for poison in (0.0, math.nan):
+        z = p.z0.clone()
+        r = fn(z)
+        state = solver.init(fn, z, r)
+        iterates = []
+        for step in range(9):
+            if step < solver.memory:  # slots step, step + 1, ... are still unwritten
+                state.u[:, step:] = poison
+                state.v[:, step:] = poison
+            if step == 6:
+                state = dataclasses.replace(state, restart=torch.tensor([True, False, True]))
+            z, r, state = solver.step(fn, z, r, state)
+            iterates.append(z)
+        runs.append(torch.stack(iterates))
+    assert torch.isfinite(runs[1]).all()
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_misspelt_and_invalid_options():
