@@ -25,7 +25,8 @@ def compiler_loaded() -> bool:
 
 
 def eager(fn: F) -> F:
-    """``torch.compiler.disable(fn)``, which loads the compiler only once it is loaded.
+    """``torch.compiler.disable(fn)``, without loading the compiler before something
+    else has.
 
     A compiled caller breaks its graph at ``fn`` (the solves' loops depend on the
     data), and ``fn`` runs eagerly, with nothing it calls compiled except what the user
