@@ -6,6 +6,9 @@ it to a ``test_*`` name so that pytest collects it there.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -19,6 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import implicit
+from implicit import solvers
+from implicit._operators import Residual
 
 
 def loss_of(z: torch.Tensor) -> torch.Tensor:
@@ -203,3 +208,42 @@ def contractive_maps_test(solver: str, **options):
             assert rel_err(got, want) <= 1e-7
 
     return test
+
+
+def unwritten_slots_test(solver: str, buffers: tuple[str, ...], restart_at=None, **options):
+    """A history's slots that no step has written yet are never read: NaN there changes
+    nothing, over more steps than the history holds (until the ring wraps, the slots
+    from ``state.slot`` on are unwritten). ``restart_at``: ``(step, state) -> state``,
+    a change to the state before a step (e.g. a forced restart)."""
+
+    def test():
+        p = TanhProblem(n=6, batch=3)
+        fn = Residual(lambda z: p.g(z, p.x.detach()), lambda z, r: z.new_zeros(z.shape[0]))
+        method = solvers.resolve(solver, options)
+        runs = []
+        for poison in (0.0, math.nan):
+            z = p.z0.clone()
+            r = fn(z)
+            state = method.init(fn, z, r)
+            wrapped, iterates = False, []
+            for step in range(9):
+                if not wrapped:
+                    for name in buffers:
+                        getattr(state, name)[:, state.slot :] = poison
+                if restart_at is not None:
+                    state = restart_at(step, state)
+                slot = state.slot
+                z, r, state = method.step(fn, z, r, state)
+                wrapped = wrapped or state.slot < slot
+                iterates.append(z)
+            runs.append(torch.stack(iterates))
+        assert torch.isfinite(runs[1]).all()
+        assert torch.equal(runs[0], runs[1])
+
+    return test
+
+
+def replace_at(step: int, **changes):
+    """A ``restart_at`` for :func:`unwritten_slots_test`: ``changes`` to the state before
+    step ``step``."""
+    return lambda k, state: dataclasses.replace(state, **changes) if k == step else state

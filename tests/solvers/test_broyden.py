@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -14,8 +13,10 @@ from solver_checks import (
     counting_test,
     exact_root_unroll_test,
     nonfinite_test,
+    replace_at,
     tanh_test,
     unroll_test,
+    unwritten_slots_test,
 )
 
 import implicit
@@ -31,6 +32,12 @@ test_counts_every_evaluation = counting_test("broyden")
 test_stops_nonfinite_samples = nonfinite_test("broyden")
 test_stops_nonfinite_samples_without_line_search = nonfinite_test("broyden", line_search=False)
 test_random_contractive_maps = contractive_maps_test("broyden")
+test_unwritten_history_slots_are_never_read = unwritten_slots_test(
+    "broyden",
+    ("u", "v"),
+    restart_at=replace_at(6, restart=torch.tensor([True, False, True])),
+    memory=4,
+)
 
 
 def test_root_of_monotone_cubic():
@@ -101,32 +108,6 @@ def test_degenerate_update_restarts():
     filled = slice(None, state.filled)
     assert bool(state.restart.all()) and state.filled == 1
     assert not state.u[:, filled].any() and not state.v[:, filled].any()
-
-
-def test_the_slots_not_yet_filled_are_never_read():
-    # The history's buffers start uninitialised: NaN in the slots no step has written
-    # yet must change nothing, over more steps than the memory holds (the ring wraps)
-    # and through a restart.
-    p = TanhProblem(n=6, batch=3)
-    fn = Residual(lambda z: p.g(z, p.x.detach()), lambda z, r: z.new_zeros(z.shape[0]))
-    solver = Broyden(memory=4)
-    runs = []
-    for poison in (0.0, math.nan):
-        z = p.z0.clone()
-        r = fn(z)
-        state = solver.init(fn, z, r)
-        iterates = []
-        for step in range(9):
-            if step < solver.memory:  # slots step, step + 1, ... are still unwritten
-                state.u[:, step:] = poison
-                state.v[:, step:] = poison
-            if step == 6:
-                state = dataclasses.replace(state, restart=torch.tensor([True, False, True]))
-            z, r, state = solver.step(fn, z, r, state)
-            iterates.append(z)
-        runs.append(torch.stack(iterates))
-    assert torch.isfinite(runs[1]).all()
-    assert torch.equal(runs[0], runs[1])
 
 
 def test_misspelt_and_invalid_options():
