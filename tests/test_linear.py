@@ -506,7 +506,10 @@ class TestRefinement:
     )
     def test_property_equals_the_direct_solve(self, batch, n, distance, spread, seed):
         # Random well-conditioned systems and factorisations from near to far: refined or
-        # not, the answer is the direct solve's, with its residual reported truly.
+        # not, the answer is the direct solve's up to what its residual (reported truly,
+        # within tol) allows: per problem ‖x − x_direct‖ / ‖x_direct‖ ≤ cond · (residual
+        # + the direct solve's own, a few eps). A factorisation far away can stop after
+        # REFINEMENTS products between rounding level and tol.
         matrix = nonsymmetric(batch, n, spread, seed)
         noise = torch.randn(matrix.shape, generator=generator(seed + 2), dtype=F64)
         nearby = matrix + distance * matrix.abs().amax(dim=(1, 2), keepdim=True) * noise
@@ -514,8 +517,13 @@ class TestRefinement:
         op = with_nearby(operator(matrix), nearby)
         result = linear.Dense().solve(op, rhs, tol=1e-10, max_iter=1)
         assert result.codes.tolist() == [CONVERGED] * batch
-        assert rel_err(result.x, torch.linalg.solve(matrix, rhs)) <= 1e-12
         assert reports_true_residual(result, matrix, rhs)
+        direct = torch.linalg.solve(matrix, rhs)
+        errors = torch.linalg.vector_norm(result.x - direct, dim=1) / torch.linalg.vector_norm(
+            direct, dim=1
+        )
+        bound = torch.linalg.cond(matrix) * (result.residual + 4 * torch.finfo(F64).eps)
+        assert bool((errors <= bound).all()) and float(result.residual.max()) <= 1e-10
         if result.method == "dense+refine":
             assert op.products <= linear.REFINEMENTS
         else:
