@@ -210,10 +210,10 @@ def contractive_maps_test(solver: str, **options):
     return test
 
 
-def unwritten_slots_test(solver: str, buffers: tuple[str, ...], restart_at=None, **options):
+def unwritten_slots_test(solver: str, buffers: tuple[str, ...], before_step=None, **options):
     """A history's slots that no step has written yet are never read: NaN there changes
     nothing, over more steps than the history holds (until the ring wraps, the slots
-    from ``state.slot`` on are unwritten). ``restart_at``: ``(step, state) -> state``,
+    from ``state.slot`` on are unwritten). ``before_step``: ``(step, state) -> state``,
     a change to the state before a step (e.g. a forced restart)."""
 
     def test():
@@ -230,8 +230,8 @@ def unwritten_slots_test(solver: str, buffers: tuple[str, ...], restart_at=None,
                 if not wrapped:
                     for name in buffers:
                         getattr(state, name)[:, state.slot :] = poison
-                if restart_at is not None:
-                    state = restart_at(step, state)
+                if before_step is not None:
+                    state = before_step(step, state)
                 slot = state.slot
                 z, r, state = method.step(fn, z, r, state)
                 wrapped = wrapped or state.slot < slot
@@ -244,6 +244,6 @@ def unwritten_slots_test(solver: str, buffers: tuple[str, ...], restart_at=None,
 
 
 def replace_at(step: int, **changes):
-    """A ``restart_at`` for :func:`unwritten_slots_test`: ``changes`` to the state before
+    """A ``before_step`` for :func:`unwritten_slots_test`: ``changes`` to the state before
     step ``step``."""
     return lambda k, state: dataclasses.replace(state, **changes) if k == step else state

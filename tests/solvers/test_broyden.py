@@ -35,7 +35,7 @@ test_random_contractive_maps = contractive_maps_test("broyden")
 test_unwritten_history_slots_are_never_read = unwritten_slots_test(
     "broyden",
     ("u", "v"),
-    restart_at=replace_at(6, restart=torch.tensor([True, False, True])),
+    before_step=replace_at(6, restart=torch.tensor([True, False, True])),
     memory=4,
 )
 
