@@ -156,9 +156,15 @@ was made fast, and what the profiles showed: [performance.md](performance.md).
 {date}.
 
 **Method**: every contender runs in this one process with one compute thread
-(`torch.set_num_threads(1)`; XLA with `intra_op_parallelism_threads=1`). Times are
-**CPU time** of the process (all threads), which on a shared machine is what a call
-takes on a quiet core; wall time would also count the waits for a core. Each timing
+(`torch.set_num_threads(1)`; XLA with `intra_op_parallelism_threads=1` and synchronous
+dispatch, so that compiled JAX code runs on the calling thread as torch does). Times
+are **CPU time of the calling thread**, which on a shared machine is what a call takes
+on a quiet core; wall time would also count the waits for a core. (Until the
+twenty-fifth run they were the whole process's, with JAX's asynchronous dispatch: its
+work ran on another thread, whose CPU time the process clock reads only at the
+scheduler's ticks (the same ten evaluations of `f` measured anywhere from 0.02 to
+0.9 ms), and XLA's idle helper threads, spinning, added about 1 ms to a jaxopt step at
+64 × 256 that no call waits for.) Each timing
 round runs every contender in turn, one untimed call then three timed ones (warm
 caches, as at any step of a training loop); tables give the median over rounds.
 Times on this machine move by ±20% from one run to the next: read the ratios and the
