@@ -65,15 +65,12 @@ class Row:
 
 
 def clock() -> float:
-    """CPU seconds of the calling thread, where every framework computes here (torch
-    with one thread; XLA with synchronous dispatch, see ``deq_step.available_peers``).
+    """CPU seconds of the whole process, which ``run.py`` pins to one core.
 
-    CPU time is what a call takes on a quiet core; on a machine shared with other jobs,
-    wall time also counts the waits for one. Not the whole process's: XLA's idle
-    helper threads spin for about 1 ms per jaxopt step at 64 × 256 (process CPU time
-    5.6 ms, the calling thread's 4.4 ms, wall time 4.4 ms), which no call waits for.
+    With one compute thread per framework, CPU time is what a call takes on a quiet
+    core; on a machine shared with other jobs, wall time also counts the waits for one.
     """
-    return time.thread_time()
+    return time.process_time()
 
 
 def timed_blocks(

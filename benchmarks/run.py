@@ -28,6 +28,13 @@ ROOT = HERE.parent
 # Benchmark the checkout this script belongs to.
 sys.path[:0] = [str(ROOT), str(HERE)]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One core for the whole process, before any framework starts its threads (they inherit
+# it): each contender computes on that core alone. Unpinned, XLA spread some of its work
+# over the second core despite one intra-op thread (jaxopt at 256 × 512: 38 ms of wall
+# time, 60 of CPU time; 52 and 52 pinned), and its idle helper threads spun there
+# (64 × 256: 5.8 ms of CPU time, 4.7 wall; 4.4 and 4.4 pinned).
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import deq_step  # noqa: E402
 
@@ -155,16 +162,17 @@ was made fast, and what the profiles showed: [performance.md](performance.md).
 **Machine**: {cpu}, {cores} cores shared with other jobs; Python {python}; {versions};
 {date}.
 
-**Method**: every contender runs in this one process with one compute thread
-(`torch.set_num_threads(1)`; XLA with `intra_op_parallelism_threads=1` and synchronous
-dispatch, so that compiled JAX code runs on the calling thread as torch does). Times
-are **CPU time of the calling thread**, which on a shared machine is what a call takes
-on a quiet core; wall time would also count the waits for a core. (Until the
-twenty-fifth run they were the whole process's, with JAX's asynchronous dispatch: its
-work ran on another thread, whose CPU time the process clock reads only at the
-scheduler's ticks (the same ten evaluations of `f` measured anywhere from 0.02 to
-0.9 ms), and XLA's idle helper threads, spinning, added about 1 ms to a jaxopt step at
-64 × 256 that no call waits for.) Each timing
+**Method**: every contender runs in this one process, **pinned to one core**, with one
+compute thread (`torch.set_num_threads(1)`; XLA with `intra_op_parallelism_threads=1`
+and synchronous dispatch). Times are **CPU time** of the process, which on a shared
+machine is what a call takes on a quiet core; wall time would also count the waits for
+a core. (Until the twenty-fifth run the process was not pinned and JAX dispatched
+asynchronously: XLA spread some of its work over the second core and its idle helper
+threads spun there, which the process's CPU time charged to jaxopt (at 64 × 256 5.8 ms
+a step where it computes 4.4 ms on one core) and its wall time credited it with (at
+256 × 512 38 ms where one core takes 52 ms); and the probe of compiled `f`, run on
+another thread, measured anywhere from 0.02 to 0.9 ms for the same ten evaluations.
+The jaxopt ratios of those runs are not comparable with these.) Each timing
 round runs every contender in turn, one untimed call then three timed ones (warm
 caches, as at any step of a training loop); tables give the median over rounds.
 Times on this machine move by ±20% from one run to the next: read the ratios and the
