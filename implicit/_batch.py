@@ -96,16 +96,18 @@ def store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) ->
     """``buffer`` with index ``slot`` of dimension ``dim`` set to ``value``.
 
     In place when the solve runs on plain tensors with no graph recorded (the implicit
-    forward); into a copy when autograd or a ``torch.func`` transform sees the solver's
-    operations (``backward="unroll"``), whose graph needs the old values.
+    forward); into a copy when the solver's operations are :func:`traced`
+    (``backward="unroll"``), whose graph needs the old values.
     """
-    if not updates_in_place():
+    if traced():
         buffer = buffer.clone()
     buffer.select(dim, slot).copy_(value)
     return buffer
 
 
-def updates_in_place() -> bool:
-    """Whether the solve runs on plain tensors with no graph recorded (the implicit
-    forward), so that the history may be updated in place."""
-    return not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+def traced() -> bool:
+    """Whether autograd records the solver's operations (grad mode on, as under
+    ``backward="unroll"``) or a ``torch.func`` transform sees them: then nothing may be
+    updated in place and products must themselves be differentiable. Otherwise (the
+    implicit forward) the solve runs on plain tensors."""
+    return torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None

@@ -494,8 +494,8 @@ def _first_order_grads(
     adjoint = _LinearProblem(
         problem, transpose=True, linearization=linearization, nearby=problem.nearby
     )
-    # Nothing records a graph here, so ``apply`` would only run this same forward
-    # (after binding its arguments by introspection, which costs more than a product).
+    # Nothing records a graph here, so ``apply`` would only wrap this same forward in an
+    # autograd node that nothing uses.
     w = _ImplicitFunction.forward(adjoint, torch.zeros_like(v), v, z, *inputs)
     return linearization.partials(-w, [stand_ins[i] for i in needed])
 

@@ -17,6 +17,7 @@ from torch._functorch.vmap import vmap_increment_nesting
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
+from implicit._batch import traced
 from implicit._blocks import Factorization
 
 
@@ -375,11 +376,11 @@ class Residual:
         """``∂g/∂z`` at ``z`` as products (costs one evaluation of ``g``).
 
         Plain autograd on one recorded graph (:class:`GraphJacobian`) unless the
-        products must themselves be differentiable (grad mode on: autograd records the
-        solver, ``backward="unroll"``) or a ``torch.func`` transform is active.
+        solver's operations are :func:`~implicit._batch.traced` (``backward="unroll"``,
+        a ``torch.func`` transform): then the products must themselves be differentiable.
         """
         self.f_evals += 1
-        if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if traced():
             return Jacobian(self.fn, z)
         return GraphJacobian.record(self.fn, z)
 

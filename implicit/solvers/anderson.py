@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, project, store, updates_in_place
+from implicit._batch import combine, known_all, project, store, traced
 from implicit._blocks import solve
 from implicit.solvers.base import Solver
 
@@ -122,7 +122,7 @@ class Anderson(Solver):
             # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
-        in_place = updates_in_place()
+        in_place = not traced()
         state = self._remember(z, r, state, in_place)
         rhs = state.rhs
         # The normalised least-squares system: the columns of ΔR scaled to unit norm

@@ -218,8 +218,9 @@ class Newton(Solver):
         factorisation it came from (None for a Krylov or damped step)."""
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            direction, slope, fn.nearby = self._dense_direction(jacobian.dense(), r)
-            return direction, slope, fn.nearby
+            direction, slope, factors = self._dense_direction(jacobian.dense(), r)
+            fn.nearby = factors  # for a dense backward to refine (None after a damped step)
+            return direction, slope, factors
         return (*self._krylov_direction(jacobian, r, initial_norm, waiting), None)
 
     def _dense(self, z, r):
