@@ -403,6 +403,28 @@ def torch_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Callabl
     return evaluations, products
 
 
+def torch_kernel_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Callable]:
+    """``f``'s two kernels alone in eager torch, ``PROBE`` chained calls each: the
+    product ``z Wᵀ`` and ``tanh``. They say where ``t_f`` goes, framework against
+    framework (no library is involved)."""
+    W = p.W.to(torch.float32)
+    z = z_star.to(torch.float32)
+
+    @torch.no_grad()
+    def products():
+        state = z
+        for _ in range(PROBE):
+            state = state @ W.T
+
+    @torch.no_grad()
+    def tanhs():
+        state = z
+        for _ in range(PROBE):
+            state = torch.tanh(state)
+
+    return products, tanhs
+
+
 def jax_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Callable]:
     """The same probes in compiled JAX (one compiled loop each)."""
     import jax
@@ -419,6 +441,21 @@ def jax_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Callable]
     evals = jax.jit(lambda z: jax.lax.fori_loop(0, PROBE, lambda _, z: f(z), z))
     vjps = jax.jit(lambda u: jax.lax.fori_loop(0, PROBE, lambda _, u: 0.5 * vjp(u)[0], u))
     return (lambda: jax.block_until_ready(evals(z))), (lambda: jax.block_until_ready(vjps(z)))
+
+
+def jax_kernel_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Callable]:
+    """The kernel probes in compiled JAX (one compiled loop each)."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.asarray(p.W.to(torch.float32).numpy())
+    z = jnp.asarray(z_star.to(torch.float32).numpy())
+    products = jax.jit(lambda z: jax.lax.fori_loop(0, PROBE, lambda _, z: z @ w.T, z))
+    tanhs = jax.jit(lambda z: jax.lax.fori_loop(0, PROBE, lambda _, z: jnp.tanh(z), z))
+    return (
+        (lambda: jax.block_until_ready(products(z))),
+        (lambda: jax.block_until_ready(tanhs(z))),
+    )
 
 
 # -- the section ----------------------------------------------------------------------
@@ -444,6 +481,7 @@ def contenders(p: DEQProblem, peers: dict[str, bool], quick: bool) -> list[Conte
                 implicit_contender(p, "anderson", "neumann", tol),
                 implicit_contender(p, "anderson", "gmres", tol),
                 implicit_contender(p, "fixed_point", "neumann", tol),
+                eager_loop_contender(p, tol),
             ]
     for tol in SWEEP:
         if peers["torchdeq"]:
@@ -493,8 +531,10 @@ def run(
     entries = contenders(p, peers, quick)
     calls: dict[str, Callable] = {}
     calls["probe torch f"], calls["probe torch vjp"] = torch_probes(p, z_star)
+    calls["probe torch product"], calls["probe torch tanh"] = torch_kernel_probes(p, z_star)
     if peers["jaxopt"]:
         calls["probe jax f"], calls["probe jax vjp"] = jax_probes(p, z_star)
+        calls["probe jax product"], calls["probe jax tanh"] = jax_kernel_probes(p, z_star)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-convergence shows in the counts and errors
@@ -514,12 +554,16 @@ def run(
         key: [statistics.median(t[i : i + block]) for i in range(0, len(t), block)]
         for key, t in times.items()
     }
-    floors = {}
+    floors, kernels = {}, {}
     for framework in ("torch", "jax"):
         if f"probe {framework} f" in per_round:
             t_f = [t / PROBE for t in per_round[f"probe {framework} f"]]
             t_vjp = [t / PROBE for t in per_round[f"probe {framework} vjp"]]
             floors[framework] = (statistics.median(t_f), statistics.median(t_vjp), t_f, t_vjp)
+            kernels[framework] = tuple(
+                statistics.median(per_round[f"probe {framework} {kernel}"]) / PROBE
+                for kernel in ("product", "tanh")
+            )
     for row in rows:
         row.times = times[_key(row)]
         _, _, t_f, t_vjp = floors[row.note]
@@ -530,7 +574,11 @@ def run(
         row.overhead_median = statistics.median(ratios)
         row.floor = row.f_evals * floors[row.note][0] + row.vjps * floors[row.note][1]
         row.note = ""
-    return rows, {"floors": {k: v[:2] for k, v in floors.items()}, "peers": peers}
+    return rows, {
+        "floors": {k: v[:2] for k, v in floors.items()},
+        "kernels": kernels,
+        "peers": peers,
+    }
 
 
 def _key(row: Row) -> str:

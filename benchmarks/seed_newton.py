@@ -15,6 +15,11 @@ gradient with respect to ``W`` and ``x``.
   write it, when one can), or by ``torch.func.jacrev`` (what a generic ``g`` needs,
   and what implicit knows of ``g``).
 
+* **one VJP of g at the root**: the loss's gradient through a single evaluation of
+  ``g`` at the root, which every implicit backward ends with (the adjoint solve comes
+  on top): the least an implicit backward can cost here, against which the backward
+  of autograd through Newton sets how much faster any implicit gradient could be.
+
 Both stop at ``‖g(z)‖ ≤ 1e-10`` per problem; the reference gradient is the closed form
 ``∇x = D (I − W D)⁻ᵀ c``, ``∇W = ∇x zᵀ`` with ``D = diag(1 − z²)`` at a float64 root.
 Timed: the whole step (forward and backward) and the backward alone.
@@ -116,6 +121,23 @@ def newton_autograd_step(w, x, c, batched: bool, jacobian: str = "analytic"):
     return step, forward, (w, x)
 
 
+def one_vjp(w, x):
+    """What every implicit backward needs at the least: one VJP of ``g`` at the root,
+    from the loss to ``(W, x)`` (the parameter product; the adjoint solve comes on top).
+    A floor for the backward column, not a way to differentiate."""
+    w = w.clone().requires_grad_()
+    x = x.clone().requires_grad_()
+    with torch.no_grad():
+        z = torch.zeros_like(x)
+        for _ in range(2000):
+            z = torch.tanh(z @ w.T + x)
+
+    def forward():
+        return torch.tanh(z @ w.T + x) - z
+
+    return forward, (w, x)
+
+
 def _backward_only(forward, leaves, c) -> float:
     """Median CPU time of the backward alone (a fresh forward, untimed, before each)."""
     samples = []
@@ -158,4 +180,9 @@ def run(rounds: int) -> list[Row]:
             row = Row(f"{name} ({label})", group=name, tol=TOL, times=[full], error=error)
             row.note = f"{backward * 1e3:.3f}"  # backward alone, ms
             rows.append(row)
+        forward, leaves = one_vjp(w, x)
+        floor = Row(f"one VJP of g at the root, the floor of any backward ({label})")
+        floor.group = "one VJP"
+        floor.note = f"{_backward_only(forward, leaves, c) * 1e3:.3f}"
+        rows.append(floor)
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import deq_step
 import scalar_batch
 import seed_newton
+from _common import Row
 
 
 def test_deq_reference_gradient_matches_unrolled_autograd():
@@ -31,7 +34,8 @@ def test_deq_reference_gradient_matches_unrolled_autograd():
 
 def test_deq_section_counts_and_errors():
     rows, extra = deq_step.run(4, 8, rounds=1, quick=True, use_peers=False)
-    assert set(extra["floors"]) == {"torch"}
+    assert set(extra["floors"]) == {"torch"} and set(extra["kernels"]) == {"torch"}
+    assert all(0 < t < math.inf for t in extra["kernels"]["torch"])
     names = {row.name for row in rows}
     assert "implicit anderson / neumann" in names and "autograd through anderson (unroll)" in names
     for row in rows:
@@ -72,6 +76,97 @@ def test_seed_reference_matches_autograd_through_newton(n, batch):
     step, _, _ = seed_newton.newton_autograd_step(w, x, c, batched=batch is not None)
     got = torch.cat([g.flatten() for g in step()])
     assert rel_err(got, seed_newton.reference(w, x, c)) <= 1e-9
+
+
+@pytest.mark.parametrize(("n", "batch"), [(10, None), (6, 4)])
+def test_seed_floor_differentiates_g_at_its_root(n, batch):
+    w, x, c = seed_newton.problem(n, batch)
+    forward, (w_leaf, x_leaf) = seed_newton.one_vjp(w, x)
+    g = forward()
+    assert float(torch.linalg.vector_norm(g.detach())) <= 1e-12
+    # One VJP of g = tanh(W z + x) − z at the root z, z held: ∇x = D c, ∇W = (D c)ᵀ z
+    # with D = diag(1 − z²).
+    grad_w, grad_x = torch.autograd.grad((c * g).sum(), (w_leaf, x_leaf))
+    z = torch.zeros_like(x)
+    for _ in range(2000):
+        z = torch.tanh(z @ w.T + x)
+    pre = (1 - z * z) * c
+    assert rel_err(grad_x, pre) <= 1e-12
+    assert rel_err(grad_w, pre.reshape(-1, n).T @ z.reshape(-1, n)) <= 1e-12
+
+
+def _row(name, group, ms, error=None, floor_ms=None, tol=1e-6, note=""):
+    return Row(
+        name,
+        group=group,
+        tol=tol,
+        times=[ms / 1e3],
+        error=error,
+        floor=None if floor_ms is None else floor_ms / 1e3,
+        note=note,
+        overhead_median=None if floor_ms is None else ms / floor_ms,
+    )
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    # Importing the runner pins the process to one core: not the test process.
+    monkeypatch.setattr(os, "sched_setaffinity", lambda *args: None, raising=False)
+    return importlib.import_module("run")
+
+
+def test_match_takes_the_fastest_row_as_accurate_and_the_least_floor(runner):
+    peer = _row("TorchDEQ", "TorchDEQ", 100.0, error=1e-6)
+    rows = [
+        peer,
+        _row("fast but inexact", "implicit", 10.0, error=1e-3, floor_ms=5.0),
+        _row("accurate", "implicit", 40.0, error=5e-7, floor_ms=30.0),
+        _row("accurate, fewer products", "implicit", 50.0, error=1e-6, floor_ms=20.0),
+        _row("eager, inexact", "eager loop", 1.0, error=1e-3, floor_ms=0.5),
+        _row("eager", "eager loop", 25.0, error=1e-6, floor_ms=20.0),
+    ]
+    found = runner.match(peer, rows)
+    assert found.best.name == "accurate"
+    assert found.ratio == pytest.approx(100 / 40)
+    assert found.eager == pytest.approx(100 / 25)
+    assert found.bound == pytest.approx(100 / 20)
+    none = runner.match(_row("exact peer", "jaxopt", 5.0, error=1e-12), rows)
+    assert none.best is None and math.isnan(none.ratio)
+
+
+def test_targets_section_reads_each_target_off_the_rows(runner):
+    small = [
+        _row("TorchDEQ anderson / fixed_point_iter", "TorchDEQ", 30.0, error=1e-6),
+        _row("jaxopt anderson / normal_cg (jit)", "jaxopt", 4.0, error=2e-6),
+        _row("implicit fixed_point / neumann", "implicit", 5.0, error=1e-6, floor_ms=3.5),
+        _row("eager", "eager loop", 4.5, error=1e-6, floor_ms=3.5),
+    ]
+    big = [
+        _row("TorchDEQ anderson / fixed_point_iter", "TorchDEQ", 100.0, error=5e-7),
+        _row("implicit fixed_point / neumann", "implicit", 66.0, error=4e-7, floor_ms=56.0),
+        _row("eager", "eager loop", 63.0, error=4e-7, floor_ms=56.0),
+        _row("eager", "eager loop", 40.0, error=3e-6, floor_ms=30.0, tol=1e-5),
+    ]
+    seed = [
+        _row("implicit newton / dense (n = 10, 1 problem)", "implicit newton / dense", 1.0),
+        _row("by hand (n = 10, 1 problem)", "autograd through newton, Jacobian by hand", 1.0),
+        _row("one VJP (n = 10, 1 problem)", "one VJP", math.nan),
+    ]
+    for row, backward_ms in zip(seed, ("0.400", "0.280", "0.040")):
+        row.note = backward_ms
+    page = runner.targets_section({"64x256": small, "256x512": big}, seed)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines()}
+    torchdeq_small = next(v for k, v in lines.items() if "TorchDEQ" in k and "64 × 256" in k)
+    assert "6.00× (" in torchdeq_small and "| 6.67× | 8.57× | yes |" in torchdeq_small
+    torchdeq_big = next(v for k, v in lines.items() if "TorchDEQ" in k and "256 × 512" in k)
+    assert "1.52× (" in torchdeq_big and "| 1.59× | 1.79× | no |" in torchdeq_big
+    jaxopt = next(v for k, v in lines.items() if "jaxopt" in k)
+    assert "0.80× (" in jaxopt and "| 0.89× | 1.14× | no |" in jaxopt
+    assert not any("jaxopt" in k and "256 × 512" in k for k in lines)
+    overhead = next(v for k, v in lines.items() if k.startswith("overhead"))
+    assert "| 1.18 | 1.12 | 1 | yes |" in overhead  # the eager loop at the main tolerance
+    seed_line = next(v for k, v in lines.items() if k.startswith("seed"))
+    assert "| 0.70× | – | 7.00× (one VJP) | no |" in seed_line
 
 
 def test_scalar_section_at_a_small_batch():
