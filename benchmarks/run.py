@@ -301,6 +301,8 @@ class Match:
 
 
 def match(peer: Row, rows: list[Row]) -> Match:
+    """``peer`` against the rows of ``rows`` whose gradient error is at most its own."""
+
     def as_accurate(group: str) -> list[Row]:
         return [r for r in rows if r.group == group and r.error <= peer.error]
 
