@@ -58,7 +58,7 @@ from implicit._results import (
     report_failure,
     status_name,
 )
-from implicit.linear import Dense, LinearSolver, Unroll
+from implicit.linear import LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -170,7 +170,8 @@ class _RootProblem:
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
         # Kept (B·n² numbers, until the backward) only where the backward will use it.
         linear = settings.linear
-        self.nearby = fn.nearby if isinstance(linear, Dense) and linear.refines(z.shape) else None
+        refines = isinstance(linear, LinearSolver) and linear.refines(z.shape)
+        self.nearby = fn.nearby if refines else None
         info.converged = _reported(info.converged, self.report_shape)
         info.residual = _reported(info.residual, self.report_shape)
         problem: _RootProblem | None = self

@@ -155,6 +155,12 @@ class LinearSolver(abc.ABC):
         """
         return self
 
+    def refines(self, shape: tuple[int, int]) -> bool:
+        """Whether this solver, for a system of ``shape = (B, n)``, would refine from the
+        factorisation of a nearby operator (``Operator.nearby``) that the forward left:
+        only [`Dense`][implicit.linear.Dense] does."""
+        return False
+
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_")
@@ -360,7 +366,7 @@ class Dense(LinearSolver):
         return self.solve_matrix(op.dense(self.chunk_size), rhs, tol=tol)
 
     def refines(self, shape: tuple[int, int]) -> bool:
-        """Whether a system of ``shape = (B, n)`` would be refined from a nearby
+        """Whether a system of ``shape = (B, n)`` is refined from a nearby
         factorisation (see above) rather than solved directly."""
         batch, n = shape
         # With n ≤ REFINEMENTS the direct solve's n products (batched) are never more.
