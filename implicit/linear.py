@@ -325,7 +325,8 @@ class Dense(LinearSolver):
     first-order backward, and where ``n > 5`` and ``B·n³`` (batch times unknowns
     cubed) is at least ``2¹⁶``: elsewhere building the Jacobian costs no more than the
     products. The factorisation (``B·n²`` numbers) is then kept from the forward to the
-    backward.
+    backward. The same holds where [`Auto`][implicit.linear.Auto] (the default) picks
+    ``Dense``.
 
     Args:
         ridge: Tikhonov damping (default 0: exact).
@@ -895,7 +896,8 @@ class Auto(LinearSolver):
     and [`GMRES`][implicit.linear.GMRES] from where it got for the problems whose
     residual does not halve over four iterations; [`GMRES`][implicit.linear.GMRES] for
     every other system. ``info.backward.method`` says which ran (``"dense"``,
-    ``"neumann"``, ``"neumann+gmres"`` or ``"gmres"``).
+    ``"dense+refine"`` after Newton as for `Dense`, ``"neumann"``, ``"neumann+gmres"``
+    or ``"gmres"``).
 
     Args:
         max_dense: largest number of unknowns per problem solved densely.

@@ -245,15 +245,17 @@ def test_a_batch_of_scalar_equations(backward):
     assert rel_err(grad_e, torch.sin(E.detach()) / slope) <= 1e-10
 
 
+@pytest.mark.parametrize("backward", ["dense", "auto"])
 @pytest.mark.parametrize("form", ["root_solve", "fixed_point"])
-def test_dense_backward_refines_with_the_last_factorisation(form):
+def test_dense_backward_refines_with_the_last_factorisation(form, backward):
     # 16 problems of 24 unknowns (B·n³ > 2¹⁶): the backward at the root refines with
     # Newton's last factorisation, a step away, in a few products instead of the 24
-    # that build the Jacobian, and gets the closed-form gradient to rounding level.
+    # that build the Jacobian, and gets the closed-form gradient to rounding level;
+    # also the default backward, which picks dense at this size.
     p = TanhProblem(n=24, batch=16, norm=0.9)
     fn, door = (p.g, implicit.root_solve) if form == "root_solve" else (p.f, implicit.fixed_point)
     z, info = door(
-        fn, p.z0, p.x, solver="newton", backward="dense", batched=True, tol=1e-11, return_info=True
+        fn, p.z0, p.x, solver="newton", backward=backward, batched=True, tol=1e-11, return_info=True
     )
     v = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=z.dtype)
     (grad,) = torch.autograd.grad(z, p.x, v)
