@@ -1,12 +1,14 @@
 """``python -m implicit``: a short tour that shows the library working.
 
-1. Solves the seed notebook's problem ``z = tanh(W z + x)`` (``n = 10``) with every
-   forward solver and checks ``dz*/dx`` from the implicit backward against the closed
-   form ``−(∂g/∂z)⁻¹ ∂g/∂x = (I − D W)⁻¹ D`` with ``D = diag(1 − z*²)``.
-2. The seed's inverse layer: ``asin`` by numpy as the inverse of ``torch.sin``.
+Each section solves a problem with ``implicit`` and checks the derivative it gets
+against an independent answer (a closed form, another solver, torch's own solve):
+
+1. ``z = tanh(W z + x)`` (``n = 10``) with every forward solver; ``dz*/dx`` from the
+   implicit backward against the closed form ``(I − D W)⁻¹ D``, ``D = diag(1 − z*²)``.
+2. ``implicit_inverse_layer``: ``asin`` by numpy as the inverse of ``torch.sin``.
 3. ``scipy.linalg.solve`` made differentiable by ``custom_root``.
-4. The seed notebook's exercise: ``dz*/dx`` through Anderson against Newton and the
-   implicit function theorem by hand.
+4. ``dz*/dx`` through Anderson acceleration against Newton and the implicit function
+   theorem by hand.
 5. Bilevel: per-feature ridge penalties tuned through an inner solve (the
    hypergradient and a Hessian-vector product against the closed form).
 6. Trains a small DEQ classifier on scikit-learn's digits with the implicit backward
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -30,7 +33,7 @@ import implicit
 from implicit import _tour_deq
 
 
-def seed_problem(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def tanh_problem(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(n, n, generator=generator, dtype=torch.float64)
     w *= 0.9 / torch.linalg.matrix_norm(w, ord=2)
@@ -40,7 +43,7 @@ def seed_problem(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 def tour_solvers(n: int = 10) -> list[dict[str, object]]:
     """One row per forward solver: convergence, cost and the gradient's error."""
-    w, x = seed_problem(n)
+    w, x = tanh_problem(n)
 
     def f(z, x):
         return torch.tanh(w @ z + x)
@@ -91,7 +94,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def tour_inverse_layer() -> float:
-    """The seed's call; ``dz/dy`` against ``1 / sqrt(1 − y²)``: the worst relative error."""
+    """``implicit_inverse_layer``: ``dz/dy`` against ``1 / sqrt(1 − y²)``, the worst error."""
     data = torch.linspace(-0.95, 0.95, 201, requires_grad=True)
     y = implicit.implicit_inverse_layer(
         data, lambda y: torch.from_numpy(np.arcsin(y.numpy())), forward_func=torch.sin
@@ -118,7 +121,7 @@ def tour_custom_root(n: int = 10) -> float:
 
 def tour_anderson(n: int = 10) -> float:
     """``dz*/dx`` through Anderson against Newton's root and the IFT by hand."""
-    w, x = seed_problem(n)
+    w, x = tanh_problem(n)
     z0 = torch.zeros(n, dtype=torch.float64)
 
     def g(z, x):
@@ -191,23 +194,59 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION = """\
+A short tour of implicit: each section solves a problem and checks the derivative it
+gets against an independent answer (a closed form, another solver, torch's own solve).
+
+  1. z = tanh(W z + x) with every forward solver, dz*/dx against the closed form
+  2. implicit_inverse_layer: asin by numpy as the inverse of torch.sin
+  3. scipy.linalg.solve made differentiable by implicit.custom_root
+  4. dz*/dx through Anderson acceleration against Newton and the theorem by hand
+  5. bilevel: ridge penalties tuned through an inner solve (double backward)
+  6. a DEQ classifier on scikit-learn's digits, implicit backward against unroll
+"""
+
+EPILOG = f"""\
+The tour takes {_tour_deq.DURATION}, most of it section 6 (training the classifier
+twice); --fast trains it for one epoch on 500 images and takes {_tour_deq.FAST_DURATION}.
+Section 6 needs the [examples] extra:
+  {_tour_deq.INSTALL_HINT}
+"""
+
+SOLVER_COLUMNS = """\
+   iterations: the solver's iterations; f_evals: evaluations of f (a line search or a
+   Jacobian may take more than one per iteration); residual: ‖f(z) − z‖ where it
+   stopped (tol 1e-10); dz/dx rel. error: the relative error of the 10 × 10 Jacobian
+   dz*/dx (torch.func.jacrev through the solve) against the closed form; time: the
+   solve and the Jacobian together, wall clock (scipy converts z to numpy and back
+   at every evaluation)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m implicit", description=__doc__.split("\n\n")[0]
+        prog="python -m implicit",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _tour_deq.add_arguments(parser)
     options = parser.parse_args(argv)
-    print(f"implicit {implicit.__version__} (torch {torch.__version__})\n")
-    print("1. The seed problem z = tanh(W z + x), n = 10, ‖W‖₂ = 0.9, float64.")
+    started = time.perf_counter()
+    print(f"implicit {implicit.__version__} (torch {torch.__version__})")
+    duration = _tour_deq.FAST_DURATION if options.fast else _tour_deq.DURATION
+    print(f"This tour takes {duration}", end="")
+    print("." if options.fast else "; python -m implicit --fast is quicker.")
+    print("\n1. z = tanh(W z + x), n = 10, ‖W‖₂ = 0.9, float64, solved by every forward solver.")
     print("   dz*/dx from the implicit backward against the closed form (I − D W)⁻¹ D:\n")
-    print(format_table(tour_solvers()))
-    print("\n2. The seed's inverse layer: z = asin(y) by numpy, the inverse of torch.sin.")
+    print(textwrap.indent(format_table(tour_solvers()), "   "))
+    print(SOLVER_COLUMNS)
+    print("\n2. implicit_inverse_layer: z = asin(y) by numpy, the inverse of torch.sin.")
     print(
         f"   dz/dy against 1/sqrt(1 − y²), float32: max relative error {tour_inverse_layer():.1e}"
     )
     print("\n3. scipy.linalg.solve(A, b) made differentiable by implicit.custom_root.")
     print(f"   Gradients against torch.linalg.solve's: relative error {tour_custom_root():.1e}")
-    print("\n4. The seed's exercise: dz*/dx through Anderson (torch.func.jacrev).")
+    print("\n4. dz*/dx through Anderson acceleration (torch.func.jacrev over the solve).")
     print(f"   Against Newton's root and −(∂g/∂z)⁻¹ ∂g/∂x: relative error {tour_anderson():.1e}")
     print("\n5. Bilevel: per-feature ridge penalties tuned through an inner solve.")
     errors = tour_bilevel()
@@ -217,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("   The whole bilevel loop (Newton–CG on Hessian-vector products): examples/bilevel.py")
     tour_deq(options)
+    print(f"\nThe tour took {time.perf_counter() - started:.0f} s.")
     return 0
 
 

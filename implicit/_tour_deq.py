@@ -5,8 +5,9 @@ downloaded) are classified by ``head(DEQ(cell)(inject(x)))`` with the cell
 ``f(z, u) = tanh(W z + u)``. The same model, from the same initialisation, is trained
 twice: with the implicit backward and with ``backward="unroll"`` (autograd through
 every forward iteration). The section prints test accuracy, mean forward and backward
-iterations, time per step and peak memory for both, and saves a plot of the forward
-residual against the iteration.
+iterations, time per step and peak memory for both, says what each number means, and
+saves a plot of the forward residual against the iteration in ``--out`` (by default a
+new temporary folder, whose path it prints).
 
 It needs the ``[examples]`` extra (scikit-learn, matplotlib, tqdm); without it the
 section says what to install and the rest of the tour still runs.
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +37,9 @@ WIDTH, BATCH_SIZE, LEARNING_RATE, MAX_ITER = 128, 128, 3e-3, 50
 #: Weight of the Jacobian penalty (Bai et al., 2021), which keeps the cell contractive.
 JAC_WEIGHT = 0.05
 INSTALL_HINT = 'pip install ".[examples]"  (or: pip install scikit-learn matplotlib tqdm)'
+#: How long the whole tour takes on a laptop-class CPU, with and without ``--fast``.
+DURATION, FAST_DURATION = "one to two minutes", "about ten seconds"
+PLOT_NAME = "deq_residuals.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,14 +59,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="implicit backward mode, compared against unroll (default: auto)",
     )
     group.add_argument(
-        "--out", type=Path, default=Path("out"), help="folder for the plot (default: out)"
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"folder for the residual plot {PLOT_NAME} (default: a new temporary folder,"
+        " printed at the end)",
     )
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument(
         "--fast",
         action="store_true",
-        help="a quick run: one epoch on 500 of the 1,797 images",
+        help=f"a quick run ({FAST_DURATION}): one epoch on 500 of the 1,797 images",
     )
+
+
+def output_dir(out: Path | None) -> Path:
+    """The folder the plot goes to: ``out``, created if needed, or a new temporary one.
+
+    Checked before training, so that an unwritable folder is reported at once rather
+    than after a minute of training.
+    """
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="implicit-tour-"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--out {out}: cannot create the folder ({error.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: the folder is not writable; choose another with --out")
+    return out
 
 
 def missing_extras() -> list[str]:
@@ -139,7 +168,18 @@ def train(
     steps_per_epoch = math.ceil(len(x_train) / BATCH_SIZE)
     forward_iters, backward_iters, step_times, unconverged = [], [], [], 0
     curves: list[tuple[str, list[float]]] = []
-    bar = tqdm.tqdm(total=epochs * steps_per_epoch, desc=f"{name:>8}", unit="step", leave=True)
+    # A progress bar only where someone watches it: redirected to a file or a pipe, its
+    # redraws would pile up into one long line.
+    show_bar = sys.stderr.isatty()
+    if not show_bar:
+        print(f"   training {name}: {epochs} epoch(s) of {steps_per_epoch} steps ...", flush=True)
+    bar = tqdm.tqdm(
+        total=epochs * steps_per_epoch,
+        desc=f"{name:>8}",
+        unit="step",
+        leave=True,
+        disable=not show_bar,
+    )
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         optimizer.zero_grad()
@@ -182,6 +222,7 @@ def train(
         "ms/step": 1e3 * sum(step_times) / len(step_times),
         "peak MiB": peak / 2**20,
         "unconverged steps": unconverged,
+        "steps": len(step_times),
         "curves": curves,
     }
 
@@ -205,9 +246,40 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize="small")
     axes[0].set_ylabel("worst residual ‖f(z) − z‖ in the batch")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def legend(backward: str) -> str:
+    """What each column of the section's table means (``backward``: the implicit mode)."""
+    neumann = backward in ("auto", "neumann")
+    how = {
+        "auto": "by plain fixed-point iteration (Neumann), then GMRES where that slows down",
+        "neumann": "by plain fixed-point iteration (Neumann)",
+    }.get(backward, f"by {backward!r}")
+    more = (
+        "\n     It may take more iterations than the forward: it stops at tol relative to"
+        "\n     ‖v‖, and Neumann's plain iteration is not accelerated the way Anderson's"
+        "\n     or Newton's steps are."
+        if neumann
+        else ""
+    )
+    return f"""\
+   test accuracy: the share of the held-out images classified correctly.
+   fwd iters: forward solver iterations per training step (the mean over the steps;
+     within a step, the most that any image of the batch needed to reach tol).
+   bwd iters: iterations of the backward's linear solve per step. The implicit
+     backward solves the adjoint system (∂g/∂z)ᵀ w = v instead of back-propagating
+     through the forward iterations,
+     here {how}.{more}
+     Both counts grow as training makes the cell less contractive. unroll has no
+     such solve ('-'): autograd goes back through every forward iteration.
+   ms/step: wall time of one training step (forward, backward, optimiser).
+   peak MiB: the most memory torch's CPU allocator held during one training step,
+     above the level at its start (torch.profiler memory events). The implicit
+     backward keeps no graph of the forward iterations; unroll keeps all of them.
+   Unroll's gradient is that of the solver's truncated iterations, not the fixed
+   point's: the two models train differently, and their accuracies may differ."""
 
 
 def run(options: argparse.Namespace, format_table) -> None:
@@ -219,6 +291,7 @@ def run(options: argparse.Namespace, format_table) -> None:
         return
     import tqdm
 
+    out = output_dir(options.out)
     data = load_digits(options.seed, options.fast)
     print(
         f"   {len(data[0])} training and {len(data[2])} test images, width {WIDTH}, batch "
@@ -230,17 +303,18 @@ def run(options: argparse.Namespace, format_table) -> None:
     ]
     columns = ["model", "test accuracy", "fwd iters", "bwd iters", "ms/step", "peak MiB"]
     print()
-    print(format_table([{key: result[key] for key in columns} for result in results]))
+    table = format_table([{key: result[key] for key in columns} for result in results])
+    print("\n".join("   " + line for line in table.splitlines()))
+    print(legend(options.backward))
     for result in results:
         if result["unconverged steps"]:
-            print(f"   {result['model']}: {result['unconverged steps']} step(s) hit max_iter")
-    print(
-        "\n   peak MiB: the most memory torch's CPU allocator held during one training step,"
-        "\n   above the level at its start (torch.profiler memory events). The implicit"
-        "\n   backward keeps no graph of the forward iterations; unroll keeps all of them."
-        "\n   Unroll's gradient is that of the solver's truncated iterations (through the"
-        "\n   solver's own steps), not the fixed point's: the two models train differently."
-    )
-    path = options.out / "deq_residuals.png"
+            print(
+                f"   {result['model']}: in {result['unconverged steps']} of {result['steps']}"
+                " training steps the forward solve of at least one image stopped at"
+                f"\n     max_iter = {MAX_ITER} without reaching tol; the layer was built with"
+                " on_failure='ignore',\n     so training went on from that last iterate"
+                " instead of warning."
+            )
+    path = out / PLOT_NAME
     plot(results, path)
-    print(f"   Residual-versus-iteration curves: {path}")
+    print(f"\n   The forward residual against the iteration, per epoch: {path}")
