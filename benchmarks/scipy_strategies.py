@@ -5,7 +5,7 @@ differences? Run from the repository root:
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/scipy_strategies.py [--quick]
 
-Problem: the seed's fixed point ``z = tanh(W z + x)`` (‖W‖₂ = 0.9), batched, float64,
+Problem: the fixed point ``z = tanh(W z + x)`` (‖W‖₂ = 0.9), batched, float64,
 ``tol = 1e-8``; forward solve only (no graph). Prints the median wall time of
 ``repeats`` solves and the number of batched evaluations of ``g``.
 """

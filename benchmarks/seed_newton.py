@@ -1,8 +1,8 @@
-"""Newton on the seed's problem: the implicit gradient against autograd through Newton.
+"""Newton on a small fixed point: the implicit gradient against autograd through Newton.
 
-Problem (float64): ``z = tanh(W z + x)`` with ``n = 10``, ``‖W‖₂ = 0.9`` (the seed
-notebook's), one problem and a batch of 64; the loss ``Σ c ⊙ z`` with fixed ``c``; the
-gradient with respect to ``W`` and ``x``.
+Problem (float64): ``z = tanh(W z + x)`` with ``n = 10``, ``‖W‖₂ = 0.9``, one problem
+and a batch of 64, and ``n = 100`` for a batch of 64; the loss ``Σ c ⊙ z`` with fixed
+``c``; the gradient with respect to ``W`` and ``x``.
 
 * **implicit**: ``implicit.root_solve(g, z0, x, solver="newton", backward="dense")``;
   the forward records no graph, the backward is one dense solve with ``(∂g/∂z)ᵀ``
@@ -35,7 +35,7 @@ from _common import Row, clock, per_call
 import implicit
 
 TOL = 1e-10
-#: (unknowns, batch): the seed's single problem, a batch of them, a wider layer.
+#: (unknowns, batch): a single small problem, a batch of them, a wider layer.
 CASES = ((10, None), (10, 64), (100, 64))
 
 

@@ -7,7 +7,7 @@ rows) the system is linearised once for all of them. Run from the repository roo
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/transforms.py
 
-Problem: the seed's fixed point ``z = tanh(W z + x)`` (‖W‖₂ = 0.7), float64,
+Problem: the fixed point ``z = tanh(W z + x)`` (‖W‖₂ = 0.7), float64,
 ``tol = 1e-12``, Anderson forward. Prints the median wall time of ``repeats`` runs after
 one warm-up run. To compare with another version of the package, point ``PYTHONPATH`` at
 it (results/transforms.txt holds both columns).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import string
 import sys
 from pathlib import Path
 
@@ -165,8 +166,8 @@ def test_targets_section_reads_each_target_off_the_rows(runner):
     assert not any("jaxopt" in k and "256 × 512" in k for k in lines)
     overhead = next(v for k, v in lines.items() if k.startswith("overhead"))
     assert "| 1.18 | 1.12 | 1 | yes |" in overhead  # the eager loop at the main tolerance
-    seed_line = next(v for k, v in lines.items() if k.startswith("seed"))
-    assert "| 0.70× | – | 7.00× (one VJP) | no |" in seed_line
+    newton_line = next(v for k, v in lines.items() if k.startswith("Newton n = 10"))
+    assert "| 0.70× | – | 7.00× (one VJP) | no |" in newton_line
 
 
 def test_scalar_section_at_a_small_batch():
@@ -175,3 +176,15 @@ def test_scalar_section_at_a_small_batch():
     assert solution.error <= 1e-10 and loop.error <= 1e-10
     assert gradients.error <= 1e-10
     assert all(row.median > 0 for row in rows)
+
+
+def test_the_page_carries_the_generators_current_text(runner):
+    """docs/benchmarks.md is generated: its prose must be what run.py writes today, so that
+    a change of wording made in one place and not the other is caught."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    header = [text for text, *_ in string.Formatter().parse(runner.HEADER) if text]
+    prose = [*header, runner.DEQ_INTRO, runner.targets_section({}, None).split("\n\n|")[0]]
+    for module in (seed_newton, scalar_batch, importlib.import_module("warm_start")):
+        prose.append(module.__doc__.split("\n\n", 1)[1])
+    missing = [text[:60] for text in prose if text not in page]
+    assert not missing, f"docs/benchmarks.md lacks the generator's text: {missing}"
