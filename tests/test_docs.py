@@ -142,13 +142,20 @@ def test_code_blocks_parser():
 # -- the API reference -----------------------------------------------------------------
 
 
+DIRECTIVE = re.compile(r"^::: ([\w.]+)\s*$", flags=re.M)
+
+
+def api_pages() -> dict[pathlib.Path, list[str]]:
+    """The API reference's pages and the objects each renders (its ``::: path``
+    directives), in order."""
+    return {
+        page: DIRECTIVE.findall(page.read_text()) for page in sorted((DOCS / "api").rglob("*.md"))
+    }
+
+
 def reference_paths() -> list[str]:
-    """The objects the API reference renders (its ``::: path`` directives)."""
-    return [
-        match[1]
-        for page in sorted((DOCS / "api").glob("*.md"))
-        for match in re.finditer(r"^::: ([\w.]+)\s*$", page.read_text(), flags=re.M)
-    ]
+    """The objects the API reference renders."""
+    return [path for paths in api_pages().values() for path in paths]
 
 
 def resolve(path: str) -> object:
@@ -177,6 +184,24 @@ def test_the_api_reference_documents_every_public_name():
     documented = {id(resolve(path)) for path in reference_paths()}
     missing = [name for name in public_names() if id(resolve(name)) not in documented]
     assert not missing, f"not in docs/api/*.md: {missing}"
+
+
+#: Public names documented on their package's page rather than on their own.
+ON_THE_PACKAGE_PAGE = {"NAMES", "resolve"}
+
+
+def test_every_public_name_has_its_own_page_with_an_example():
+    home: dict[int, tuple[pathlib.Path, int]] = {}
+    for page, paths in api_pages().items():
+        for position, path in enumerate(paths):
+            home.setdefault(id(resolve(path)), (page, position))
+    for name in public_names():
+        page, position = home[id(resolve(name))]
+        where = page_id(page)
+        if name.rsplit(".", 1)[1] not in ON_THE_PACKAGE_PAGE:
+            assert position == 0, f"{name} shares {where} with another name: give it its own"
+        examples = [b for b in code_blocks(page.read_text()) if b.language == "python"]
+        assert examples, f"{where} ({name}) has no ```python example"
 
 
 def documented_objects() -> list[tuple[str, object]]:
