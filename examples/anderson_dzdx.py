@@ -1,4 +1,4 @@
-"""The seed notebook's exercise: dz*/dx through Anderson acceleration.
+"""dz*/dx through Anderson acceleration, checked by the implicit function theorem by hand.
 
 ``z* = tanh(W z* + x)`` (n = 10, ‖W‖₂ = 0.9) is solved by Anderson acceleration; its
 Jacobian ``dz*/dx`` comes from ``implicit``'s backward (``torch.func.jacrev`` over the

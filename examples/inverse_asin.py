@@ -1,4 +1,4 @@
-"""The seed's inverse layer: arcsin computed by numpy, differentiated by ``implicit``.
+"""An inverse layer: arcsin computed by numpy, differentiated by ``implicit``.
 
 ``g`` inverts ``torch.sin`` outside autograd (numpy cannot record a graph). The layer
 returns ``z = g(data)`` as a tensor whose gradient comes from the implicit function
@@ -21,7 +21,7 @@ def g(y: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> float:
-    data = torch.linspace(-0.95, 0.95, 201, requires_grad=True)  # float32, as in the seed
+    data = torch.linspace(-0.95, 0.95, 201, requires_grad=True)  # float32
     y = implicit_inverse_layer(data, g, forward_func=torch.sin)
     y.backward(torch.ones_like(y))
 

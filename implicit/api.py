@@ -243,10 +243,11 @@ def implicit_inverse_layer(
 ) -> torch.Tensor:
     """``z`` with ``forward_func(z) = data``, computed by the black box ``g(data)``.
 
-    The seed's layer, kept working: ``g`` is any inverse of ``forward_func`` computed
-    without autograd (e.g. ``numpy.arcsin`` for ``torch.sin``); the result is
-    differentiable in ``data`` through the implicit function theorem,
-    ``dz/dy = (∂f/∂z)⁻¹``. Exactly ``invert(forward_func, data, inverse=g)``.
+    For a function whose inverse you can compute but not differentiate: ``g`` is any
+    inverse of ``forward_func`` computed without autograd (e.g. ``numpy.arcsin`` for
+    ``torch.sin``); the result is differentiable in ``data`` through the implicit
+    function theorem, ``dz/dy = (∂f/∂z)⁻¹``. Exactly
+    ``invert(forward_func, data, inverse=g)``.
 
     Example:
         >>> data = torch.tensor([0.1, 0.5], requires_grad=True)

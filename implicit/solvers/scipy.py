@@ -97,20 +97,18 @@ class Scipy(Solver):
             picks the faster, as measured by ``benchmarks/scipy_strategies.py``:
             block, except per sample for hybr and lm above
             [`MAX_BLOCK_UNKNOWNS`][implicit.solvers.scipy.MAX_BLOCK_UNKNOWNS] unknowns
-            (their dense ``(B·n)³`` factorisation: B=64, n=10 took 219 ms as a
-            block, 137 ms per sample) and for linearmixing and diagbroyden (their
-            global step length makes a block need 3-6x the iterations, so it failed
-            within ``max_iter`` where per-sample solves converged). Block was 3-80x
-            faster for the other methods (e.g. df-sane, B=64, n=10: 2 ms against
-            163 ms).
+            (their dense ``(B·n)³`` factorisation dominates) and for linearmixing and
+            diagbroyden (their global step length makes a block need 3-6x the
+            iterations, so it failed within ``max_iter`` where per-sample solves
+            converged). Block is faster for the other methods (the measurements:
+            ``benchmarks/results/scipy_strategies.txt``).
         jacobian: give hybr and lm the exact per-sample Jacobian (autograd, one
             batched vector-Jacobian product per unknown) instead of finite
             differences. ``None`` (default) means yes for hybr and lm: 15-17
-            evaluations instead of 23-4000, faster in blocks (hybr, B=16, n=10:
-            9.5 ms against 14 ms), exact in float32 (14 evaluations instead of 53);
-            only a single tiny problem (n=10) is ~1 ms faster with finite
-            differences. Must not be ``True`` for the other methods, which take no
-            Jacobian.
+            evaluations instead of 23-4000, faster in blocks, exact in float32 (14
+            evaluations instead of 53); only a single tiny problem may be faster
+            with finite differences (``jacobian=False``). Must not be ``True`` for
+            the other methods, which take no Jacobian.
     """
 
     name: ClassVar[str] = "scipy"
