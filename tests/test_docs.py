@@ -118,6 +118,17 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         exec(compile(source, str(page), "exec"), namespace)
 
 
+def test_the_readme_shows_exactly_the_two_commands_ci_runs():
+    """README's commands (the tour, the tests) are the lines .ci/run executes: change
+    both together."""
+    blocks = code_blocks((ROOT / "README.md").read_text())
+    commands = [block.code.strip() for block in blocks if block.language != "python"]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert len(commands) == 2, commands
+    for command in commands:
+        assert command in ci, f"README command not run by .ci/run: {command}"
+
+
 GUIDES = ["index", "getting_started", "concepts", "choosing", "deq", "blackbox", "inverting"]
 GUIDES += ["higher_order", "troubleshooting", "distributed", "examples"]
 
