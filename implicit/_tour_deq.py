@@ -250,6 +250,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def unconverged_note(result: dict[str, Any]) -> str:
+    """What it means that some training steps' forward solves stopped at ``max_iter``."""
+    return (
+        f"   {result['model']}: in {result['unconverged steps']} of {result['steps']}"
+        " training steps, the forward solve of at least"
+        f"\n     one image stopped at max_iter = {MAX_ITER} without reaching tol. The"
+        " layer was built\n     with on_failure='ignore', so training went on from"
+        " that last iterate, unwarned."
+    )
+
+
 def legend(backward: str) -> str:
     """What each column of the section's table means (``backward``: the implicit mode)."""
     neumann = backward in ("auto", "neumann")
@@ -308,13 +319,7 @@ def run(options: argparse.Namespace, format_table) -> None:
     print(legend(options.backward))
     for result in results:
         if result["unconverged steps"]:
-            print(
-                f"   {result['model']}: in {result['unconverged steps']} of {result['steps']}"
-                " training steps the forward solve of at least one image stopped at"
-                f"\n     max_iter = {MAX_ITER} without reaching tol; the layer was built with"
-                " on_failure='ignore',\n     so training went on from that last iterate"
-                " instead of warning."
-            )
+            print(unconverged_note(result))
     path = out / PLOT_NAME
     plot(results, path)
     print(f"\n   The forward residual against the iteration, per epoch: {path}")
