@@ -1,6 +1,7 @@
 """implicit: differentiable fixed points, roots and inverses for PyTorch."""
 
 from implicit import layers, linear, solvers
+from implicit._optimize import least_squares, minimize
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 from implicit.api import (
     batch_jacobian,
@@ -28,7 +29,9 @@ __all__ = [
     "implicit_inverse_layer",
     "invert",
     "layers",
+    "least_squares",
     "linear",
+    "minimize",
     "root_solve",
     "solvers",
 ]

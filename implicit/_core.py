@@ -162,10 +162,7 @@ class _RootProblem:
 
     def solve(self, z0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         settings = self.settings
-        fn = Residual(
-            lambda z: self.problem.residual(z, *inputs),
-            lambda z, r: self.problem.scale(z, r, *inputs),
-        )
+        fn = self.problem.solver_view(inputs)
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
         # Kept (B·n² numbers, until the backward) only where the backward will use it.
@@ -327,6 +324,14 @@ class _Folded:
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self._per_slice(self.inner.scale, [z0, r0], inputs)
+
+    def per_row(self, name: str, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """The inner problem's per-row function ``name`` (an objective's value, ...)."""
+        return self._per_slice(lambda *a: self.inner.per_row(name, *a), [z], inputs)
+
+    def solver_view(self, inputs: Sequence[torch.Tensor], source=None) -> Residual:
+        """The inner problem's view for its solvers, evaluated by these slices."""
+        return self.inner.solver_view(inputs, self if source is None else source)
 
     def record_backward(self, info: BackwardInfo) -> None:
         self.inner.record_backward(info)
@@ -566,8 +571,7 @@ def solve(
 
 def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     """The reference mode: autograd records every iteration of the solver."""
-    inputs = problem.inputs
-    fn = Residual(lambda z: problem.residual(z, *inputs), lambda z, r: problem.scale(z, r, *inputs))
+    fn = problem.solver_view(problem.inputs)
     try:
         z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
     except RuntimeError as error:

@@ -15,9 +15,12 @@ from typing import Any, Literal
 
 import torch
 
+from implicit import _tree
 from implicit._capture import Recorder, Substitute, carries_derivative
+from implicit._operators import Residual
 
-State = torch.Tensor | tuple[torch.Tensor, ...]
+#: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
+State = torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | dict[Any, Any]
 Form = Literal["root", "fixed_point", "inverse"]
 
 
@@ -42,7 +45,8 @@ class Problem:
     Args:
         fn: the user's function; returns a tensor (or tuple) shaped like ``z`` (like
             ``y`` in the inverse form).
-        z0: the initial state, a tensor or a tuple of tensors.
+        z0: the initial state, a tensor or a tree of tensors (nested tuples, lists
+            and dicts); ``fn`` returns the same structure.
         args: the extra positional arguments; tensors among them are inputs. For the
             inverse form ``args[0]`` is the target ``y``.
         batched: whether dim 0 of every state tensor indexes independent problems.
@@ -66,11 +70,10 @@ class Problem:
         self.fn = fn
         self.form = form
         self.batched = bool(batched)
-        self.is_tuple = isinstance(z0, (tuple, list))
-        self.initial = tuple(z0) if self.is_tuple else z0
-        states = tuple(z0) if self.is_tuple else (z0,)
+        self.initial = z0
+        states, self.spec, labels = _tree.flatten(z0, initial)
         self.initial_name = initial
-        _check_states(states, self.batched, initial)
+        _check_states(states, labels, self.batched, initial)
         self.dtype = states[0].dtype
         self.device = states[0].device
         self.shapes = [s.shape for s in states]
@@ -82,9 +85,9 @@ class Problem:
         for i in self.tensor_positions:
             _check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
         # The structure fn returns: that of z, or of y in the inverse form.
-        self.out_shapes, self.out_is_tuple = self.shapes, self.is_tuple
+        self.out_shapes, self.out_spec = self.shapes, self.spec
         if form == "inverse":
-            self.out_shapes, self.out_is_tuple = [self._check_target()], False
+            self.out_shapes, self.out_spec = [self._check_target()], _tree.LEAF
         self.captured: list[torch.Tensor] = []
 
     def _arg_label(self, position: int) -> str:
@@ -112,17 +115,21 @@ class Problem:
 
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
-        """A state (tensor or tuple) as one ``(B, n)`` tensor."""
-        return _flatten(tuple(states) if self.is_tuple else (states,), self.batch_size)
+        """A state (tensor or tree) as one ``(B, n)`` tensor."""
+        if self.spec.is_leaf:
+            return _flatten((states,), self.batch_size)
+        return _flatten(_tree.leaves_like(self.spec, states, "the state", "z"), self.batch_size)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """The inverse of :meth:`pack`."""
-        if not self.is_tuple:
+        if self.spec.is_leaf:
             # Already the state's shape (a batch of vectors): no view, so that neither the
             # user's function nor a graph recorded through it sees an extra operation.
             return flat if flat.shape == self.shapes[0] else flat.reshape(self.shapes[0])
         parts = torch.split(flat, self.sizes, dim=1)
-        return tuple(p.reshape(shape) for p, shape in zip(parts, self.shapes))
+        return _tree.unflatten(
+            self.spec, [p.reshape(shape) for p, shape in zip(parts, self.shapes)]
+        )
 
     # -- inputs -------------------------------------------------------------------
     @property
@@ -148,6 +155,18 @@ class Problem:
             return out - target.reshape(self.batch_size, -1)
         return out
 
+    def solver_view(self, inputs: Sequence[torch.Tensor], source: Any = None) -> Residual:
+        """What a forward solver sees: the residual on the flat view at ``inputs``.
+
+        ``source`` evaluates the problem's functions in its place (the rows of the
+        problem under ``vmap``); a problem type whose solvers need more than the
+        residual (an objective, :mod:`implicit._objective`) returns a richer view.
+        """
+        source = self if source is None else source
+        return Residual(
+            lambda z: source.residual(z, *inputs), lambda z, r: source.scale(z, r, *inputs)
+        )
+
     def map(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """``f`` on the flat view, for the fixed-point form: ``residual = map(z) − z``.
 
@@ -163,20 +182,31 @@ class Problem:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The user function's packed output and, in the inverse form, the target."""
         target = None
+        if self.form == "inverse":
+            n_explicit = len(self.tensor_positions)
+            args = list(self.args)
+            for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
+                args[position] = tensor
+            target = args[0]
+        return self._pack_output(self.call(self.fn, z, inputs)), target
+
+    def call(self, function: Callable[..., Any], z: torch.Tensor, inputs: Sequence[torch.Tensor]):
+        """``function(state, *args)`` at the flat ``z``, with ``inputs`` standing in for
+        the problem's inputs (explicit ones by position, captured ones by identity), as
+        :meth:`residual` calls the user's function. The inverse form passes the
+        arguments after ``y``. Returns ``function``'s output as it is."""
         n_explicit = len(self.tensor_positions)
         args = list(self.args)
         for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
             args[position] = tensor
         if self.form == "inverse":
-            target, args = args[0], args[1:]
+            args = args[1:]
         stand_ins = inputs[n_explicit:]
         if all(s is c for s, c in zip(stand_ins, self.captured)):
-            out = self.fn(self.unpack(z), *args)
-        else:
-            replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
-            with Substitute(replacements):
-                out = self.fn(self.unpack(z), *args)
-        return self._pack_output(out), target
+            return function(self.unpack(z), *args)
+        replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
+        with Substitute(replacements):
+            return function(self.unpack(z), *args)
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """Per-problem scale of the stopping tolerance, from the initial guess ``z0``, its
@@ -210,21 +240,19 @@ class Problem:
     def _pack_output(self, out: Any) -> torch.Tensor:
         if (
             type(out) is torch.Tensor
-            and not self.out_is_tuple
+            and self.out_spec.is_leaf
             and out.shape == self.out_shapes[0]
             and out.dtype == self.dtype
         ):  # the common case, checked in full below
             return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
-        parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
         like = "y" if self.form == "inverse" else like
-        if len(parts) != len(self.out_shapes) or (
-            self.out_is_tuple != isinstance(out, (tuple, list))
-        ):
+        if self.out_spec.is_leaf and not isinstance(out, torch.Tensor):
             raise ValueError(
                 f"{self.name} must return the same structure as {like}: expected "
-                f"{_describe(self.out_shapes, self.out_is_tuple)}, got {_describe_value(out)}"
+                f"a tensor of shape {tuple(self.out_shapes[0])}, got {_describe_value(out)}"
             )
+        parts = _tree.leaves_like(self.out_spec, out, self.name, like)
         for part, shape in zip(parts, self.out_shapes):
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"{self.name} must return tensors, got {type(part).__name__}")
@@ -251,11 +279,6 @@ def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
-def _describe(shapes: Sequence[torch.Size], is_tuple: bool) -> str:
-    text = ", ".join(str(tuple(s)) for s in shapes)
-    return f"a tuple of shapes ({text})" if is_tuple else f"a tensor of shape {text}"
-
-
 def _describe_value(out: Any) -> str:
     if isinstance(out, torch.Tensor):
         return f"a tensor of shape {tuple(out.shape)}"
@@ -264,11 +287,11 @@ def _describe_value(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
-def _check_states(states: Sequence[Any], batched: bool, name: str) -> None:
+def _check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
     if not states:
         raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
-    for i, state in enumerate(states):
-        label = name if len(states) == 1 else f"{name}[{i}]"
+    first = labels[0]
+    for state, label in zip(states, labels):
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
         if not state.is_floating_point():
@@ -278,12 +301,12 @@ def _check_states(states: Sequence[Any], batched: bool, name: str) -> None:
         if batched and state.dim() == 0:
             raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
         if state.dtype != states[0].dtype:
-            raise TypeError(f"{label} has dtype {state.dtype}, {name}[0] has {states[0].dtype}")
+            raise TypeError(f"{label} has dtype {state.dtype}, {first} has {states[0].dtype}")
         if state.device != states[0].device:
-            raise ValueError(f"{label} is on {state.device}, {name}[0] is on {states[0].device}")
+            raise ValueError(f"{label} is on {state.device}, {first} is on {states[0].device}")
         if batched and state.shape[0] != states[0].shape[0]:
             raise ValueError(
-                f"{label} has batch size {state.shape[0]}, {name}[0] has {states[0].shape[0]}"
+                f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
             )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from implicit import _blackbox, _core, linear, solvers
+from implicit import _aux, _blackbox, _core, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure, check_tol
 from implicit._compile import eager
 from implicit._operators import Jacobian
@@ -50,8 +50,9 @@ def fixed_point(
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    has_aux: bool = False,
     **solver_options: Any,
-) -> State | tuple[State, SolveInfo]:
+) -> Any:
     """Find ``z`` with ``z = f(z, *args)``, differentiably.
 
     The forward solve records no graph; gradients with respect to ``args``, and to
@@ -59,8 +60,9 @@ def fixed_point(
     implicit function theorem.
 
     Args:
-        f: the map; ``f(z, *args)`` returns a tensor (or tuple) shaped like ``z``.
-        z0: initial guess, a tensor or a tuple of tensors. Receives no gradient.
+        f: the map; ``f(z, *args)`` returns a state of ``z``'s structure.
+        z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
+            tensors. Receives no gradient.
         *args: extra arguments of ``f``; tensors among them receive gradients.
         solver: a name from ``implicit.solvers.NAMES`` or a
             [`Solver`][implicit.solvers.Solver] instance.
@@ -73,10 +75,14 @@ def fixed_point(
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        has_aux: ``f`` returns ``(z_next, aux)``; the solve sees ``z_next`` and ``aux``
+            is returned at the solution, ``f(z*, *args)[1]``, differentiable as a
+            function of ``(z*, args)`` (``z*`` by the implicit function theorem).
         **solver_options: options of the named solver's constructor.
 
     Returns:
-        ``z``, or ``(z, info)`` with ``return_info=True``.
+        ``z``, or ``(z, info)`` with ``return_info=True``; ``(z, aux)`` or
+        ``(z, aux, info)`` with ``has_aux=True``.
 
     Example:
         >>> W = 0.5 * torch.eye(2)
@@ -88,8 +94,10 @@ def fixed_point(
         >>> x.grad  # dz/dx = d / (1 − 0.5 d) with d = 1 − z², by the implicit function theorem
         tensor([0.2205, 0.2205])
     """
+    f, aux = _aux.split(f, has_aux, "f")
     problem = Problem(f, z0, args, batched=batched, form="fixed_point")
-    return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    result = _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    return _aux.attach(result, aux, args, return_info)
 
 
 @eager
@@ -104,25 +112,31 @@ def root_solve(
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    has_aux: bool = False,
     **solver_options: Any,
-) -> State | tuple[State, SolveInfo]:
+) -> Any:
     """Find ``z`` with ``g(z, *args) = 0``, differentiably.
 
     Args:
-        g: the residual; ``g(z, *args)`` returns a tensor (or tuple) shaped like ``z``.
-        z0: initial guess, a tensor or a tuple of tensors. Receives no gradient.
+        g: the residual; ``g(z, *args)`` returns a state of ``z``'s structure.
+        z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
+            tensors. Receives no gradient.
         *args: extra arguments of ``g``; tensors among them receive gradients.
-        solver: a name from ``implicit.solvers.NAMES`` or a solver instance.
+        solver: a name from ``implicit.solvers.NAMES`` or ``BRACKETING`` (with
+            ``lower=`` and ``upper=``), or a solver instance.
         backward: a name from ``implicit.linear.NAMES`` or an instance.
         tol: stop when ``‖g(z)‖₂ ≤ tol`` for each problem (absolute).
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        has_aux: ``g`` returns ``(residual, aux)``; ``aux`` at the solution is
+            returned after ``z`` (as for [`fixed_point`][implicit.fixed_point]).
         **solver_options: options of the named solver's constructor.
 
     Returns:
-        ``z``, or ``(z, info)`` with ``return_info=True``.
+        ``z``, or ``(z, info)`` with ``return_info=True``; ``(z, aux)`` or
+        ``(z, aux, info)`` with ``has_aux=True``.
 
     Example:
         >>> a = torch.tensor([2.0, 3.0], requires_grad=True)
@@ -131,8 +145,10 @@ def root_solve(
         >>> a.grad  # dz/da = 1 / (2√a)
         tensor([0.3536, 0.2887])
     """
+    g, aux = _aux.split(g, has_aux, "g")
     problem = Problem(g, z0, args, batched=batched, form="root")
-    return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    result = _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    return _aux.attach(result, aux, args, return_info)
 
 
 @eager
@@ -149,8 +165,9 @@ def invert(
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    has_aux: bool = False,
     **solver_options: Any,
-) -> State | tuple[State, SolveInfo]:
+) -> Any:
     """Find ``z`` with ``f(z, *args) = y``, differentiably in ``y``, ``args`` and captures.
 
     The residual is ``f(z, *args) − y``; ``f(z)`` must have the shape of ``y`` and each
@@ -182,10 +199,13 @@ def invert(
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge, or when the black box's answer is not a root.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        has_aux: ``f`` returns ``(f(z), aux)``; ``aux`` at the solution is returned
+            after ``z`` (as for [`fixed_point`][implicit.fixed_point]).
         **solver_options: options of the named solver's constructor.
 
     Returns:
-        ``z``, or ``(z, info)`` with ``return_info=True``.
+        ``z``, or ``(z, info)`` with ``return_info=True``; ``(z, aux)`` or
+        ``(z, aux, info)`` with ``has_aux=True``.
 
     Example:
         >>> y = torch.tensor([0.1, 0.5], requires_grad=True)
@@ -200,11 +220,13 @@ def invert(
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if not y.is_floating_point():
         raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+    f, aux = _aux.split(f, has_aux, "f")
     if inverse is None:
         problem = Problem(f, y if z0 is None else z0, (y, *args), batched=batched, form="inverse")
-        return _run(
+        result = _run(
             problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options
         )
+        return _aux.attach(result, aux, args, return_info)
     if not callable(inverse):
         raise TypeError(f"inverse must be callable, got {type(inverse).__name__}")
     if solver != "newton" or solver_options:
@@ -226,7 +248,7 @@ def invert(
     problem = Problem(
         f, answer, (y, *args), batched=batched, form="inverse", initial=f"the answer of {who}"
     )
-    return _run(
+    result = _run(
         problem,
         _blackbox.CheckAnswer(who),
         _no_unroll(backward, who),
@@ -236,6 +258,7 @@ def invert(
         return_info,
         {},
     )
+    return _aux.attach(result, aux, args, return_info)
 
 
 def implicit_inverse_layer(

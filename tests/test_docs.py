@@ -130,7 +130,7 @@ def test_the_readme_shows_exactly_the_two_commands_ci_runs():
 
 
 GUIDES = ["index", "getting_started", "concepts", "choosing", "deq", "blackbox", "inverting"]
-GUIDES += ["higher_order", "troubleshooting", "distributed", "examples"]
+GUIDES += ["higher_order", "troubleshooting", "distributed", "examples", "optimisation"]
 
 
 def test_every_guide_shows_code_that_runs():
@@ -198,7 +198,7 @@ def test_the_api_reference_documents_every_public_name():
 
 
 #: Public names documented on their package's page rather than on their own.
-ON_THE_PACKAGE_PAGE = {"NAMES", "resolve"}
+ON_THE_PACKAGE_PAGE = {"NAMES", "resolve", "BRACKETING", "MINIMIZERS", "LEAST_SQUARES"}
 
 
 def test_every_public_name_has_its_own_page_with_an_example():

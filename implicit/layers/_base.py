@@ -82,6 +82,7 @@ def front_door_defaults(front_door: Callable[..., Any]) -> dict[str, Any]:
 
 def _solver_parameters(solver: Any) -> set[str]:
     """The constructor options of a solver given by name (none for an instance)."""
-    if isinstance(solver, str) and solver in solvers.NAMES:
-        return set(inspect.signature(solvers.NAMES[solver]).parameters)
+    names = {**solvers.NAMES, **solvers.BRACKETING}
+    if isinstance(solver, str) and solver in names:
+        return set(inspect.signature(names[solver]).parameters)
     return set()

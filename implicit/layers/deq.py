@@ -9,6 +9,7 @@ import torch
 
 from implicit._operators import GraphJacobian
 from implicit._problem import Problem, State
+from implicit._tree import flatten, tree_map
 from implicit.api import fixed_point
 from implicit.layers._base import SolverLayer
 
@@ -23,10 +24,11 @@ class DEQ(SolverLayer):
     mode exactly as in ``train()`` mode: the mode only matters to ``f`` itself (and to
     ``jac_reg``).
 
-    The state may be a tensor or a tuple of tensors (multi-resolution DEQs); ``f``
-    returns the same structure. When ``f`` is an ``nn.Module`` it is registered as a
-    submodule, so ``layer.parameters()``, ``.to()``, ``state_dict()`` and
-    ``DistributedDataParallel`` see its parameters.
+    The state may be a tensor or a tree of tensors (tuples, lists, dicts: e.g. the
+    resolutions of a multi-resolution DEQ); ``f`` returns the same structure. When
+    ``f`` is an ``nn.Module`` it is registered as a submodule, so
+    ``layer.parameters()``, ``.to()``, ``state_dict()`` and ``DistributedDataParallel``
+    see its parameters.
 
     Args:
         f: the cell, ``f(z, x) -> z``.
@@ -103,7 +105,7 @@ class DEQ(SolverLayer):
 
         Args:
             x: the input injected into every step (usually a tensor).
-            z0: the initial state (a tensor or a tuple of tensors); pass the previous
+            z0: the initial state (a tensor or a tree of tensors); pass the previous
                 solution, detached, to warm-start. Defaults to ``zeros_like(x)``
                 (required when the state is not shaped like ``x``). Receives no
                 gradient.
@@ -190,7 +192,7 @@ class DEQ(SolverLayer):
 
     def _linearize(self, x: Any, z: State) -> GraphJacobian:
         """``∂f/∂z`` at ``z`` (treated as a constant) from one recorded graph of ``f``."""
-        detached = tuple(t.detach() for t in z) if isinstance(z, (tuple, list)) else z.detach()
+        detached = tree_map(torch.Tensor.detach, z)
         problem = Problem(self.f, detached, (x,), batched=self.batched, form="fixed_point")
         return GraphJacobian.record(
             lambda state: problem.pack(self.f(problem.unpack(state), x)), problem.pack(detached)
@@ -201,11 +203,10 @@ class DEQ(SolverLayer):
 
 
 def _zeros_like(x: Any) -> State:
-    if isinstance(x, torch.Tensor):
-        return torch.zeros_like(x)
-    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(torch.zeros_like(t) for t in x)
+    leaves, _, _ = flatten(x, "x")
+    if leaves and all(isinstance(t, torch.Tensor) for t in leaves):
+        return tree_map(torch.zeros_like, x)
     raise TypeError(
-        f"z0 defaults to zeros_like(x), which needs x to be a tensor or a tuple of "
+        f"z0 defaults to zeros_like(x), which needs x to be a tensor or a tree of "
         f"tensors (got {type(x).__name__}): pass z0"
     )

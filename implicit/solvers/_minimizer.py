@@ -1,0 +1,230 @@
+"""The base of the minimisation solvers, and the loop that drives them.
+
+A [`Minimizer`][implicit.solvers.Minimizer] minimises the objective of
+[`implicit.minimize`][implicit.minimize] or [`implicit.least_squares`][implicit.least_squares]
+on a flat batch ``(B, n)``: each row its own problem, with its own line search or
+damping, its own history and its own stop. A method implements ``init`` and ``step``;
+[`Minimizer.solve`][implicit.solvers.Minimizer.solve] owns the rest:
+
+* the stopping test ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)``, with ``g`` the gradient
+  (the projected gradient ``z − clip(z − ∇fun, l, u)`` under bounds), recomputed at
+  every iterate;
+* the second-order test where the first-order one passes: a row whose Hessian has a
+  clearly negative eigenvalue there (a saddle or a maximum) is not converged; it
+  leaves along that eigenvector with a backtracking search for a decrease of the
+  objective and the method starts afresh from there. When the iterations run out
+  first, or no step along it decreases the objective, the row ends with status
+  ``"failed"``;
+* every iteration evaluates the objective once (a line-search trial counts as one),
+  and so do the trials of an escape: ``max_iter`` bounds them all;
+* a row whose search cannot decrease the objective any more ends with status
+  ``"failed"`` (usually ``tol`` below what the precision allows); a non-finite
+  objective at the initial guess with ``"nonfinite"``. A non-finite value at a trial
+  point only shortens the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from implicit._batch import cheap_host_reads
+from implicit._objective import Objective
+from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
+from implicit.solvers._curvature import negative_curvature
+from implicit.solvers._search import C1
+from implicit.solvers.base import Solver
+
+#: Halvings an escape from a saddle tries before it gives up.
+ESCAPE_TRIALS = 40
+
+
+class Minimizer(Solver):
+    """A method that minimises an objective (for ``minimize`` and ``least_squares``).
+
+    Args:
+        curvature_check: test the second-order condition where the gradient test
+            passes, and leave saddles and maxima (see the module); ``False`` accepts
+            every stationary point.
+        max_dense: up to this many unknowns per problem the test uses the dense
+            Hessian; above, a few Lanczos steps.
+        check_every: see [`Solver`][implicit.solvers.Solver]; here how often the
+            host tests the rows that have passed the gradient test.
+    """
+
+    #: Whether the method needs the residual vector of a least-squares problem.
+    least_squares_only = False
+
+    def __init__(
+        self,
+        *,
+        curvature_check: bool = True,
+        max_dense: int = 64,
+        check_every: int | None = None,
+    ):
+        super().__init__(check_every=check_every)
+        if isinstance(max_dense, bool) or not isinstance(max_dense, int) or max_dense < 0:
+            raise ValueError(f"max_dense must be an integer >= 0, got {max_dense!r}")
+        self.curvature_check = bool(curvature_check)
+        self.max_dense = max_dense
+
+    def init(self, fn: Objective, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The objective ``(B,)``, its gradient ``(B, n)`` and the method's state at ``z``."""
+        f, grad = fn.value_and_grad(z)
+        return f, grad, None
+
+    def step(self, fn: Objective, z, f, grad, state, running):
+        """One iteration (one evaluation of the objective) of the ``running`` rows.
+
+        Returns ``(z, f, grad, state, failed)``: the new iterates (unchanged where a row
+        did not move), the state, and the ``(B,)`` rows that cannot make progress.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement step()")
+
+    def restart(self, fn: Objective, state: Any, rows: torch.Tensor, z, f, grad) -> Any:
+        """The state with ``rows`` started afresh at ``(z, f, grad)`` (after an escape)."""
+        return state
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        """Minimise from ``z0`` (see the module for the stopping rules)."""
+        check_objective(fn, self)
+        z = fn.project(z0)
+        f, grad, state = self.init(fn, z)
+        if f.requires_grad:
+            raise ValueError(
+                f"backward='unroll' differentiates through a solver's iterations, but "
+                f"{type(self).__name__}'s line search and curvature test are not "
+                f"differentiable: use an implicit backward ('auto', 'dense', 'cg', ...)"
+            )
+        threshold = tol * (1 + f.abs())
+        norms = residual_norms(fn, z, grad)
+        codes = torch.full_like(f, MAX_ITER, dtype=torch.long)
+        codes = torch.where(torch.isfinite(f) & torch.isfinite(norms), codes, NONFINITE)
+        running = codes == MAX_ITER
+        pending = torch.zeros_like(running)  # passed the gradient test, awaiting the Hessian's
+        iterations = torch.zeros_like(codes)
+        history = [norms.max()]
+        check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
+        notes: list[str] = []
+        k = 0
+        while True:
+            passed = running & (norms <= threshold)
+            running, pending = running & ~passed, pending | passed
+            at_end = k >= max_iter
+            if (k % check_every == 0 or at_end) and bool(pending.any()):
+                saddle, leave = self._saddles(fn, z, grad, pending)
+                codes = torch.where(pending & ~saddle, CONVERGED, codes)
+                if bool(saddle.any()):
+                    escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k)
+                    z, f, grad, escaped, used = escape
+                    k += used
+                    iterations = torch.where(saddle, k, iterations)
+                    stuck = saddle & ~escaped
+                    if bool(stuck.any()):
+                        codes = torch.where(stuck, FAILED, codes)
+                        notes.append(_SADDLE)
+                    state = self.restart(fn, state, escaped, z, f, grad)
+                    running = running | escaped
+                    norms = torch.where(escaped, residual_norms(fn, z, grad), norms)
+                    history.append(norms.max())
+                pending = torch.zeros_like(pending)
+                continue
+            if at_end or (k % check_every == 0 and not bool(running.any())):
+                break
+            z, f, grad, state, failed = self.step(fn, z, f, grad, state, running)
+            k += 1
+            iterations = torch.where(running, k, iterations)
+            norms = torch.where(running, residual_norms(fn, z, grad), norms)
+            failed = running & failed & (norms > threshold)
+            if bool(failed.any()):
+                codes = torch.where(failed, FAILED, codes)
+                notes.append(_STALLED)
+                running = running & ~failed
+            history.append(torch.where(running | pending, norms, 0).max())
+        info = SolveInfo(
+            converged=codes == CONVERGED,
+            residual=norms.detach(),
+            iterations=int(iterations.max()),
+            f_evals=fn.f_evals,
+            history=torch.stack(history).detach().tolist(),
+            status=status_name(codes),
+            solver=self.name,
+            message=" ".join(dict.fromkeys(notes)),
+            jac_evals=fn.jac_evals,
+        )
+        return z, info
+
+    def _saddles(self, fn: Objective, z, grad, rows: torch.Tensor):
+        """The ``rows`` at a saddle or maximum, and for each its negative-curvature
+        direction and curvature."""
+        if not self.curvature_check:
+            return torch.zeros_like(rows), None
+        negative, direction, curvature = negative_curvature(fn, z, grad, self.max_dense)
+        return rows & negative, (direction, curvature)
+
+    def _escape(self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int):
+        """Leave the saddles of ``rows`` along their negative-curvature directions.
+
+        Steps ``t = 1 + ‖z‖∞, t/2, …`` (downhill along the eigenvector, whose sign is
+        free) until ``fun(P(z + t v)) ≤ fun(z) + c₁ (∇funᵀs + ½ λ ‖s‖²)`` with the step
+        ``s`` actually taken and ``λ < 0`` the curvature: a decrease the saddle owes.
+        """
+        direction, curvature = leave
+        sign = torch.where((grad * direction).sum(dim=1) > 0, -1.0, 1.0).to(z.dtype)
+        direction = sign.unsqueeze(1) * direction
+        t = 1 + z.abs().amax(dim=1)
+        done = ~rows
+        escaped = torch.zeros_like(rows)
+        used = 0
+        for _ in range(min(budget, ESCAPE_TRIALS)):
+            trial = torch.where(done.unsqueeze(1), z, fn.project(z + t.unsqueeze(1) * direction))
+            f_trial, g_trial = fn.value_and_grad(trial)
+            used += 1
+            step = trial - z
+            owed = (grad * step).sum(dim=1) + 0.5 * curvature * step.pow(2).sum(dim=1)
+            ok = ~done & torch.isfinite(f_trial) & (f_trial <= f + C1 * owed) & (owed < 0)
+            z = torch.where(ok.unsqueeze(1), trial, z)
+            f = torch.where(ok, f_trial, f)
+            grad = torch.where(ok.unsqueeze(1), g_trial, grad)
+            escaped, done = escaped | ok, done | ok
+            t = t / 2
+            if bool(done.all()):
+                break
+        return z, f, grad, escaped, used
+
+
+_SADDLE = (
+    "A stationary point with negative curvature (a saddle or a maximum) could not be left "
+    "within max_iter: raise max_iter or start elsewhere."
+)
+_STALLED = (
+    "No step could decrease the objective further (the line search or the damping gave "
+    "up): tol may be below what the precision of the objective allows (loosen tol, or use "
+    "float64), or the objective is not smooth there."
+)
+
+
+def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The stopping test's residual norm per row, from the gradient at ``z``."""
+    return torch.linalg.vector_norm(fn.optimality(z, grad), dim=1)
+
+
+def check_objective(fn: Any, solver: Minimizer) -> None:
+    name = type(solver).__name__
+    if not isinstance(fn, Objective):
+        raise TypeError(
+            f"{name} minimises an objective: use it with implicit.minimize or "
+            f"implicit.least_squares (root_solve and fixed_point take root solvers)"
+        )
+    if solver.least_squares_only and not fn.least_squares:
+        raise TypeError(
+            f"{name} needs the residual vector of a least-squares problem: use it with "
+            f"implicit.least_squares"
+        )
+
+
+def unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Each row of ``v`` scaled to unit norm (zero rows stay zero)."""
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    return v / torch.where(norm > 0, norm, 1)

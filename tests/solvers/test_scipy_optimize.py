@@ -1,0 +1,132 @@
+"""scipy.optimize.minimize and least_squares as forward solvers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+import implicit
+from implicit.solvers import ScipyLeastSquares, ScipyMinimize
+from implicit.solvers.scipy_optimize import MINIMIZE_METHODS
+
+D = torch.float64
+A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D)
+
+
+def smooth(z, b):
+    """A strictly convex objective: its minimiser solves A z + z³ = b."""
+    return 0.5 * z @ A @ z + (z**4).sum() / 4 - b @ z
+
+
+def reference(b):
+    """Newton's method on the optimality condition, in float64 (an independent solver)."""
+    z = torch.zeros(3, dtype=D)
+    for _ in range(50):
+        z = z - torch.linalg.solve(A + torch.diag(3 * z**2), A @ z + z**3 - b)
+    return z
+
+
+#: Derivative-free methods reach a looser tolerance, and the methods that stop on the
+#: objective's relative decrease stop before 1e-9.
+LOOSE = {"Nelder-Mead": 1e-5, "Powell": 1e-5, "COBYLA": 1e-3, "COBYQA": 1e-5}
+LOOSE |= {"CG": 1e-7, "L-BFGS-B": 1e-7, "TNC": 1e-7, "SLSQP": 1e-7}
+
+
+@pytest.mark.parametrize("method", MINIMIZE_METHODS)
+def test_every_minimize_method_and_the_implicit_gradient(method):
+    b = torch.tensor([1.0, -0.5, 0.25], dtype=D, requires_grad=True)
+    tol = LOOSE.get(method, 1e-9)
+    z, info = implicit.minimize(
+        smooth,
+        torch.zeros(3, dtype=D),
+        b,
+        solver="scipy",
+        method=method,
+        tol=tol,
+        max_iter=5000,
+        return_info=True,
+        on_failure="ignore",
+    )
+    assert info.status == "converged", info.message
+    assert info.message.startswith(f"scipy.optimize.minimize(method={method!r})")
+    want = reference(b.detach())
+    assert rel_err(z, want) <= 100 * tol
+    # The gradient is the implicit function theorem's at z: exact for the z found.
+    (grad,) = torch.autograd.grad(z.sum(), b)
+    hessian = A + torch.diag(3 * z.detach() ** 2)
+    assert rel_err(grad, torch.linalg.solve(hessian, torch.ones(3, dtype=D))) <= 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["block", "per_sample"])
+def test_batched_strategies_agree(strategy):
+    b = torch.tensor([[1.0, -0.5, 0.25], [0.0, 2.0, -1.0]], dtype=D)
+
+    def fun(z, b):
+        return 0.5 * ((z @ A) * z).sum(1) + (z**4).sum(1) / 4 - (b * z).sum(1)
+
+    z, info = implicit.minimize(
+        fun,
+        torch.zeros(2, 3, dtype=D),
+        b,
+        batched=True,
+        solver=ScipyMinimize("BFGS", strategy=strategy),
+        tol=1e-8,
+        return_info=True,
+    )
+    assert info.converged.tolist() == [True, True]
+    assert rel_err(z, torch.stack([reference(row) for row in b])) <= 1e-7
+
+
+def test_a_saddle_scipy_stops_at_is_left_and_scipy_run_again():
+    def saddle(z):
+        return z[0] ** 2 - z[1] ** 2 + z[1] ** 4 / 4
+
+    z, info = implicit.minimize(
+        saddle, torch.zeros(2, dtype=D), solver="scipy", method="BFGS", return_info=True, tol=1e-7
+    )
+    assert info.status == "converged"
+    assert torch.allclose(z.abs(), torch.tensor([0.0, 2**0.5], dtype=D), atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_least_squares_methods(method):
+    t = torch.linspace(0, 2, 9, dtype=D)
+    y = torch.tensor([2.1, 1.6, 1.1, 0.9, 0.6, 0.5, 0.4, 0.28, 0.22], dtype=D, requires_grad=True)
+
+    def residual(c, y):
+        return c[0] * torch.exp(-c[1] * t) - y
+
+    c, info = implicit.least_squares(
+        residual,
+        torch.ones(2, dtype=D),
+        y,
+        solver="scipy",
+        method=method,
+        tol=1e-9,
+        return_info=True,
+    )
+    want = implicit.least_squares(residual, torch.ones(2, dtype=D), y.detach(), tol=1e-12)
+    assert info.status == "converged" and rel_err(c, want) <= 1e-8
+    jacobian = torch.func.jacrev(
+        lambda y: implicit.least_squares(residual, torch.ones(2, dtype=D), y, tol=1e-12)
+    )(y.detach())
+    (grad,) = torch.autograd.grad(c[1], y)
+    assert rel_err(grad, jacobian[1]) <= 1e-7
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="unknown scipy method"):
+        ScipyMinimize("Newton")
+    with pytest.raises(TypeError, match=r"Unknown solver options: gtoll"):
+        implicit.minimize(
+            lambda z: (z**2).sum(),
+            torch.ones(2),
+            solver="scipy",
+            method="BFGS",
+            options={"gtoll": 1e-3},
+        )
+    with pytest.raises(TypeError, match=r"unknown or reserved option\(s\) \['bounds'\]"):
+        ScipyLeastSquares(options={"bounds": (0, 1)})
+    with pytest.raises(ValueError, match="strategy must be"):
+        ScipyMinimize(strategy="joint")
