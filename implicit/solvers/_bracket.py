@@ -26,10 +26,12 @@ class Bracketing(Solver):
     """A method for problems of one unknown each, given a bracket ``[lower, upper]``.
 
     Args:
-        lower, upper: the bracket's ends: numbers, or tensors shaped like ``z0`` (one
-            end per problem). ``g(lower)`` and ``g(upper)`` must have opposite signs
-            (or one be zero); a problem whose ends do not ends at once with status
-            ``"failed"``, and ``info.message`` names ``lower`` and ``upper``.
+        lower: the bracket's lower end: a number, or a tensor shaped like ``z0`` (one
+            end per problem).
+        upper: its upper end, likewise. ``g(lower)`` and ``g(upper)`` must have
+            opposite signs (or one be zero); a problem whose ends do not ends at once
+            with status ``"failed"``, and ``info.message`` names ``lower`` and
+            ``upper``.
     """
 
     def __init__(self, lower: Bound = None, upper: Bound = None):

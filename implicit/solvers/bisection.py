@@ -44,7 +44,8 @@ class Bisection(Bracketing):
     converged when ``|g| ≤ tol``.
 
     Args:
-        lower, upper: the bracket (see [`Bracketing`][implicit.solvers.Bracketing]).
+        lower: the bracket's lower end (see [`Bracketing`][implicit.solvers.Bracketing]).
+        upper: the bracket's upper end.
 
     Example:
         >>> theta = torch.tensor(2.0, requires_grad=True)

@@ -49,7 +49,8 @@ class Chandrupatla(Bracketing):
     few units in the last place inside the bracket.
 
     Args:
-        lower, upper: the bracket (see [`Bracketing`][implicit.solvers.Bracketing]).
+        lower: the bracket's lower end (see [`Bracketing`][implicit.solvers.Bracketing]).
+        upper: the bracket's upper end.
     """
 
     name = "chandrupatla"

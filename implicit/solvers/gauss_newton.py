@@ -23,8 +23,9 @@ class GaussNewton(ModifiedNewton):
     The dense ``(B, m, n)`` Jacobians make it a method for small and medium problems.
 
     Args:
-        curvature_check, max_dense, check_every: see
-            [`Minimizer`][implicit.solvers.Minimizer].
+        curvature_check: see [`Minimizer`][implicit.solvers.Minimizer].
+        max_dense: see [`Minimizer`][implicit.solvers.Minimizer].
+        check_every: see [`Minimizer`][implicit.solvers.Minimizer].
     """
 
     name = "gauss_newton"

@@ -53,8 +53,9 @@ class LBFGS(Minimizer):
 
     Args:
         memory: the number of curvature pairs kept per problem.
-        curvature_check, max_dense, check_every: see
-            [`Minimizer`][implicit.solvers.Minimizer].
+        curvature_check: see [`Minimizer`][implicit.solvers.Minimizer].
+        max_dense: see [`Minimizer`][implicit.solvers.Minimizer].
+        check_every: see [`Minimizer`][implicit.solvers.Minimizer].
     """
 
     name = "lbfgs"

@@ -46,8 +46,9 @@ class LevenbergMarquardt(Minimizer):
 
     Args:
         damping: the initial ``μ`` (relative to the scaling ``D``).
-        curvature_check, max_dense, check_every: see
-            [`Minimizer`][implicit.solvers.Minimizer].
+        curvature_check: see [`Minimizer`][implicit.solvers.Minimizer].
+        max_dense: see [`Minimizer`][implicit.solvers.Minimizer].
+        check_every: see [`Minimizer`][implicit.solvers.Minimizer].
     """
 
     name = "levenberg_marquardt"

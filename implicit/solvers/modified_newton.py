@@ -52,8 +52,9 @@ class ModifiedNewton(Minimizer):
     Args:
         linear: ``"auto"`` (dense up to ``max_dense`` unknowns), ``"dense"`` or ``"cg"``.
         cg_max_iter: the inner iterations of ``"cg"`` (default 100).
-        curvature_check, max_dense, check_every: see
-            [`Minimizer`][implicit.solvers.Minimizer].
+        curvature_check: see [`Minimizer`][implicit.solvers.Minimizer].
+        max_dense: see [`Minimizer`][implicit.solvers.Minimizer].
+        check_every: see [`Minimizer`][implicit.solvers.Minimizer].
     """
 
     name = "newton"

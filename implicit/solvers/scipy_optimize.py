@@ -202,7 +202,11 @@ class ScipyMinimize(_ScipyBase):
     front = "minimize"
 
     def __init__(
-        self, method: str = "L-BFGS-B", options: dict[str, Any] | None = None, *, strategy="auto"
+        self,
+        method: str = "L-BFGS-B",
+        options: dict[str, Any] | None = None,
+        *,
+        strategy: str = "auto",
     ):
         super().__init__(method, options, strategy)
 
@@ -311,7 +315,11 @@ class ScipyLeastSquares(_ScipyBase):
     front = "least_squares"
 
     def __init__(
-        self, method: str = "trf", options: dict[str, Any] | None = None, *, strategy="auto"
+        self,
+        method: str = "trf",
+        options: dict[str, Any] | None = None,
+        *,
+        strategy: str = "auto",
     ):
         super().__init__(method, options, strategy)
         import inspect
