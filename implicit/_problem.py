@@ -181,13 +181,8 @@ class Problem:
         self, z: torch.Tensor, inputs: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The user function's packed output and, in the inverse form, the target."""
-        target = None
-        if self.form == "inverse":
-            n_explicit = len(self.tensor_positions)
-            args = list(self.args)
-            for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
-                args[position] = tensor
-            target = args[0]
+        # y, the inverse form's first argument, is its first input (or its stand-in).
+        target = inputs[0] if self.form == "inverse" else None
         return self._pack_output(self.call(self.fn, z, inputs)), target
 
     def call(self, function: Callable[..., Any], z: torch.Tensor, inputs: Sequence[torch.Tensor]):

@@ -24,7 +24,8 @@ from implicit.solvers.levenberg_marquardt import LevenbergMarquardt
 from implicit.solvers.modified_newton import ModifiedNewton
 from implicit.solvers.newton import Newton
 from implicit.solvers.scipy import Scipy
-from implicit.solvers.scipy_optimize import ScipyLeastSquares, ScipyMinimize
+from implicit.solvers.scipy_least_squares import ScipyLeastSquares
+from implicit.solvers.scipy_minimize import ScipyMinimize
 
 __all__ = [
     "BRACKETING",

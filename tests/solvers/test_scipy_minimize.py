@@ -1,4 +1,4 @@
-"""scipy.optimize.minimize and least_squares as forward solvers."""
+"""scipy.optimize.minimize as the forward solver of minimize."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from conftest import rel_err
 
 import implicit
-from implicit.solvers import ScipyLeastSquares, ScipyMinimize
-from implicit.solvers.scipy_optimize import MINIMIZE_METHODS
+from implicit.solvers import ScipyMinimize
+from implicit.solvers.scipy_minimize import MINIMIZE_METHODS
 
 D = torch.float64
 A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D)
@@ -89,32 +89,6 @@ def test_a_saddle_scipy_stops_at_is_left_and_scipy_run_again():
     assert torch.allclose(z.abs(), torch.tensor([0.0, 2**0.5], dtype=D), atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
-def test_least_squares_methods(method):
-    t = torch.linspace(0, 2, 9, dtype=D)
-    y = torch.tensor([2.1, 1.6, 1.1, 0.9, 0.6, 0.5, 0.4, 0.28, 0.22], dtype=D, requires_grad=True)
-
-    def residual(c, y):
-        return c[0] * torch.exp(-c[1] * t) - y
-
-    c, info = implicit.least_squares(
-        residual,
-        torch.ones(2, dtype=D),
-        y,
-        solver="scipy",
-        method=method,
-        tol=1e-9,
-        return_info=True,
-    )
-    want = implicit.least_squares(residual, torch.ones(2, dtype=D), y.detach(), tol=1e-12)
-    assert info.status == "converged" and rel_err(c, want) <= 1e-8
-    jacobian = torch.func.jacrev(
-        lambda y: implicit.least_squares(residual, torch.ones(2, dtype=D), y, tol=1e-12)
-    )(y.detach())
-    (grad,) = torch.autograd.grad(c[1], y)
-    assert rel_err(grad, jacobian[1]) <= 1e-7
-
-
 def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown scipy method"):
         ScipyMinimize("Newton")
@@ -126,7 +100,5 @@ def test_options_are_checked():
             method="BFGS",
             options={"gtoll": 1e-3},
         )
-    with pytest.raises(TypeError, match=r"unknown or reserved option\(s\) \['bounds'\]"):
-        ScipyLeastSquares(options={"bounds": (0, 1)})
     with pytest.raises(ValueError, match="strategy must be"):
         ScipyMinimize(strategy="joint")

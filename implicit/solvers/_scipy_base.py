@@ -1,0 +1,147 @@
+"""What the scipy minimisation wrappers share: batch strategies, runs and the report.
+
+The solve runs in numpy inside the differentiable core's forward and only finds ``z*``;
+the derivatives come from the implicit backward as for every solver. The objective, its
+gradient and Hessian products (and the residual vector and its Jacobian) are evaluated
+by torch on the problem's device. Whatever scipy reports, the front door's test
+decides: a problem has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)`` (``g`` the
+gradient, projected with bounds), else its status is ``"failed"``; and a converged
+problem must pass the second-order test of [`Minimizer`][implicit.solvers.Minimizer] (a
+saddle is left once and scipy run again from there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
+from implicit.solvers._minimizer import Minimizer, check_objective
+
+#: Above this many unknowns in all, a batch is solved problem by problem (scipy's dense
+#: linear algebra on the whole batch costs the cube of it).
+MAX_BLOCK_UNKNOWNS = 256
+
+
+class ScipyBase(Minimizer):
+    """What the two wrappers share: the batch strategy, the runs and the report."""
+
+    methods: tuple[str, ...]
+    front: str
+
+    def __init__(self, method: str, options: dict[str, Any] | None, strategy: str):
+        super().__init__()
+        if method not in self.methods:
+            raise ValueError(f"unknown scipy method {method!r}: use one of {list(self.methods)}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict, got {type(options).__name__}")
+        if strategy not in ("auto", "block", "per_sample"):
+            raise ValueError(f"strategy must be 'auto', 'block' or 'per_sample', got {strategy!r}")
+        self.method = method
+        self.options = dict(options or {})
+        self.strategy = strategy
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        check_objective(fn, self)
+        z = fn.project(z0)
+        f, grad = fn.value_and_grad(z)
+        if f.requires_grad:
+            raise ValueError(
+                "backward='unroll' differentiates through the solver's iterations, but scipy "
+                "runs in numpy: use an implicit backward ('auto', 'dense', 'cg', ...)"
+            )
+        bounds = fn.bounds(z)
+        if bounds is not None and not self._bounded(bounds):
+            raise ValueError(
+                f"bounds: method {self.method!r} takes no bounds; use one of {self._with_bounds()}"
+            )
+        threshold = tol * (1 + f.abs())
+        verdicts: list[str] = []
+        iterations = 0
+        rows = torch.ones_like(f, dtype=torch.bool)
+        for attempt in range(2):  # a second run for the problems that left a saddle
+            z, its = self._run_all(fn, z, rows, threshold, tol, max_iter, verdicts)
+            iterations += its
+            f, grad = fn.value_and_grad(z)
+            norms = torch.linalg.vector_norm(fn.optimality(z, grad), dim=1)
+            passed = norms <= threshold
+            saddle, leave = self._saddles(fn, z, grad, passed)
+            if attempt == 1 or not bool(saddle.any()):
+                break
+            z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
+            iterations += used
+        codes = torch.where(passed & ~saddle, CONVERGED, FAILED)
+        codes = torch.where(torch.isfinite(norms), codes, NONFINITE)
+        message = f"scipy.optimize.{self.front}(method={self.method!r}): " + "; ".join(
+            dict.fromkeys(verdicts)
+        )
+        if bool(saddle.any()):
+            message += ". A stationary point with negative curvature (a saddle or maximum)"
+        info = SolveInfo(
+            converged=codes == CONVERGED,
+            residual=norms.detach(),
+            iterations=iterations,
+            f_evals=fn.f_evals,
+            history=[float(norms.max())],
+            status=status_name(codes),
+            solver=self.name,
+            message=message + ".",
+            jac_evals=fn.jac_evals,
+        )
+        return z, info
+
+    def _run_all(self, fn, z, rows, threshold, tol, max_iter, verdicts):
+        batch, n = z.shape
+        chosen = [int(b) for b in rows.nonzero().squeeze(1)]
+        if not chosen:
+            return z, 0
+        block = self.strategy == "block" or (
+            self.strategy == "auto" and self._blocks() and batch * n <= MAX_BLOCK_UNKNOWNS
+        )
+        groups = [chosen] if block else [[b] for b in chosen]
+        iterations = 0
+        for group in groups:
+            z, its, verdict = self._run(fn, z, group, threshold[group], tol, max_iter)
+            iterations = max(iterations, its)
+            verdicts.append(verdict)
+        return z, iterations
+
+    def _blocks(self) -> bool:
+        return True
+
+    def _bounded(self, bounds) -> bool:
+        return True
+
+    def _with_bounds(self) -> list[str]:
+        return list(self.methods)
+
+
+class Rows:
+    """Rows ``rows`` of the batch as one numpy vector, the other rows held fixed."""
+
+    def __init__(self, z: torch.Tensor, rows: list[int]):
+        self.z, self.rows = z, rows
+        self.n = z.shape[1]
+
+    def state(self, x: np.ndarray) -> torch.Tensor:
+        block = torch.as_tensor(np.asarray(x), dtype=self.z.dtype, device=self.z.device)
+        block = block.reshape(len(self.rows), self.n)
+        if len(self.rows) == self.z.shape[0]:
+            return block
+        z = self.z.clone()
+        z[self.rows] = block
+        return z
+
+    def vector(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor[self.rows].detach().reshape(-1).cpu().double().numpy()
+
+    def blocks(self, tensor: torch.Tensor) -> np.ndarray:
+        """``(B, a, b)`` per-row blocks of the rows, as one block-diagonal matrix."""
+        return torch.block_diag(*tensor[self.rows].detach()).cpu().double().numpy()
+
+
+def sentence(message: Any) -> str:
+    """scipy's message on one line, without its final period (the report adds one)."""
+    return " ".join(str(message).split()).rstrip(".")
