@@ -19,8 +19,8 @@ damping, its own history and its own stop. A method implements ``init`` and ``st
   and so do the trials of an escape: ``max_iter`` bounds them all;
 * a row whose search cannot decrease the objective any more ends with status
   ``"failed"`` (usually ``tol`` below what the precision allows); a non-finite
-  objective at the initial guess with ``"nonfinite"``. A non-finite value at a trial
-  point only shortens the step.
+  objective at the initial guess with ``"nonfinite"`` (so does a non-finite gradient
+  at an iterate). A non-finite value at a trial point only shortens the step.
 """
 
 from __future__ import annotations
@@ -141,7 +141,12 @@ class Minimizer(Solver):
                 codes = torch.where(failed, FAILED, codes)
                 notes.append(_STALLED)
                 running = running & ~failed
-            history.append(torch.where(running | pending, norms, 0).max())
+            # A finite objective with a non-finite gradient (the searches reject
+            # non-finite values, so only a method's own derivatives can do this).
+            broken = running & ~torch.isfinite(norms)
+            codes = torch.where(broken, NONFINITE, codes)
+            running = running & ~broken
+            history.append(norms.max())
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
