@@ -11,7 +11,10 @@ against an independent answer (a closed form, another solver, torch's own solve)
    theorem by hand.
 5. Bilevel: per-feature ridge penalties tuned through an inner solve (the
    hypergradient and a Hessian-vector product against the closed form).
-6. Trains a small DEQ classifier on scikit-learn's digits with the implicit backward
+6. Optimisation layers: a ridge hypergradient through ``minimize``, a least-squares
+   fit with the exact Hessian, derivatives through bounds and brackets
+   (``implicit._tour_optim``).
+7. Trains a small DEQ classifier on scikit-learn's digits with the implicit backward
    and with ``backward="unroll"`` and compares them (``implicit._tour_deq``; needs the
    ``[examples]`` extra).
 
@@ -30,7 +33,7 @@ import scipy.linalg
 import torch
 
 import implicit
-from implicit import _tour_deq
+from implicit import _tour_deq, _tour_optim
 
 
 def tanh_problem(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,13 +206,14 @@ gets against an independent answer (a closed form, another solver, torch's own s
   3. scipy.linalg.solve made differentiable by implicit.custom_root
   4. dz*/dx through Anderson acceleration against Newton and the theorem by hand
   5. bilevel: ridge penalties tuned through an inner solve (double backward)
-  6. a DEQ classifier on scikit-learn's digits, implicit backward against unroll
+  6. optimisation layers: minimize, least_squares, bounds and brackets
+  7. a DEQ classifier on scikit-learn's digits, implicit backward against unroll
 """
 
 EPILOG = f"""\
-The tour takes {_tour_deq.DURATION}, most of it section 6 (training the classifier
+The tour takes {_tour_deq.DURATION}, most of it section 7 (training the classifier
 twice); --fast trains it for one epoch on 500 images and takes {_tour_deq.FAST_DURATION}.
-Section 6 needs the [examples] extra:
+Section 7 needs the [examples] extra:
   {_tour_deq.INSTALL_HINT}
 """
 
@@ -255,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Hessian-vector product (double backward) {errors['hvp']:.1e}"
     )
     print("   The whole bilevel loop (Newton–CG on Hessian-vector products): examples/bilevel.py")
+    _tour_optim.tour_optimisation("6. Optimisation layers")
     tour_deq(options)
     print(f"\nThe tour took {time.perf_counter() - started:.0f} s.")
     return 0
 
 
 def tour_deq(options: argparse.Namespace) -> None:
-    print("\n6. A DEQ classifier on scikit-learn's digits, trained with the implicit backward")
+    print("\n7. A DEQ classifier on scikit-learn's digits, trained with the implicit backward")
     print("   and, from the same initialisation, with backward='unroll':\n")
     _tour_deq.run(options, format_table)
 

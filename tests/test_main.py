@@ -80,7 +80,7 @@ def test_tour_runs_from_a_read_only_directory_and_writes_its_plot_elsewhere(tmp_
     out = result.stdout
     assert _tour_deq.FAST_DURATION in out
     headings = ("1. z = tanh(W z + x)", "2. implicit_inverse_layer", "3. scipy", "4. dz*/dx")
-    for heading in (*headings, "5. Bilevel", "6. A DEQ classifier"):
+    for heading in (*headings, "5. Bilevel", "6. Optimisation layers", "7. A DEQ classifier"):
         assert heading in out
     assert "seed" not in out.replace("--seed", "")
     rows = rows_of(out)
