@@ -1,0 +1,220 @@
+"""The classifier on hand-made cases: solvers and backward modes that lie, hang, crash
+or fail honestly. It must call a correct non-convergence acceptable and a false
+convergence a failure, whatever the library would do."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import classify
+import families
+import pytest
+import torch
+from matrix import Case
+
+import implicit
+from implicit import linear
+from implicit.solvers import FixedPoint, Solver
+
+
+def _instance(family: str, **changes) -> families.Instance:
+    """The first float64, batched problem of ``family`` with at least 3 unknowns."""
+    for seed in range(200):
+        inst = families.make(family, seed, small=True)
+        n = families.flat(inst.z0, inst.batched).shape[1]
+        if inst.dtype == torch.float64 and inst.batched and n >= 3:
+            return dataclasses.replace(inst, **{"on_failure": "warn", **changes})
+    raise AssertionError(f"no suitable problem in {family}")
+
+
+class Returns(Solver):
+    """Returns a given flat ``z`` and claims ``status``, whatever ``g(z)`` is."""
+
+    name = "returns"
+
+    def __init__(self, z: torch.Tensor, status: str = "converged"):
+        super().__init__()
+        self.z, self.status = z, status
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        z = self.z.to(z0.dtype)
+        norms = torch.linalg.vector_norm(fn(z), dim=1)
+        converged = torch.full(norms.shape, self.status == "converged")
+        info = implicit.SolveInfo(
+            converged, norms, 1, 1, [float(norms.max())], self.status, self.name
+        )
+        return z, info
+
+
+class Stuck(Solver):
+    name = "stuck"
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        while True:
+            pass
+
+
+class Explodes(Solver):
+    name = "explodes"
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        raise RuntimeError("boom")
+
+
+class Skewed(linear.LinearSolver):
+    """The dense adjoint solution times ``factor`` (or NaN), reported as converged."""
+
+    name = "skewed"
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def solve(self, op, rhs, *, tol, max_iter):
+        result = linear.Dense().solve(op, rhs, tol=tol, max_iter=max_iter)
+        return dataclasses.replace(result, x=result.x * self.factor)
+
+
+def _near_root(inst: families.Instance, ratio: float, test_scale: torch.Tensor) -> torch.Tensor:
+    """A flat ``z`` whose residual has norm ``ratio · tol · test_scale`` in every problem
+    (one Newton step backwards from the root, exact to second order)."""
+    root = torch.from_numpy(inst.root64)
+    jac = torch.from_numpy(inst.jacobian64(inst.root64))
+    direction = torch.randn(
+        root.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    direction = direction / torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+    target = ratio * inst.tol * test_scale[:, None] * direction
+    return root + torch.linalg.solve(jac, target.unsqueeze(2)).squeeze(2)
+
+
+def _fixed_point_scale(inst: families.Instance) -> torch.Tensor:
+    """``1 + max(‖z0‖, ‖f(z0)‖)`` per problem (the documented scale of ``fixed_point``)."""
+    f0 = inst.fn(inst.z0, *inst.args).detach()
+    norm = lambda s: torch.linalg.vector_norm(torch.from_numpy(families.flat(s, True)), dim=1)  # noqa: E731
+    return 1 + torch.maximum(norm(inst.z0), norm(f0))
+
+
+CASE = Case("linear_spd", 0, "newton_dense", "dense", "root_solve", small=True)
+
+
+def _run(inst, case=CASE, **overrides) -> classify.Result:
+    return classify.run_with_alarm(case, 5, instance=inst, **overrides)
+
+
+def test_an_honest_solve_is_ok():
+    inst = _instance("linear_spd", tol=1e-10)
+    result = _run(inst)
+    assert result.outcome == "OK", result
+    assert result.grad_error < 1e-10 and result.residual_ratio <= 1
+
+
+@pytest.mark.parametrize(("ratio", "outcome"), [(0.5, "OK"), (3.0, "FALSE-CONVERGENCE")])
+def test_the_residual_is_recomputed_against_the_absolute_test_of_root_solve(ratio, outcome):
+    inst = _instance("linear_spd", tol=1e-9)
+    z = _near_root(inst, ratio, torch.ones(inst.root64.shape[0], dtype=torch.float64))
+    result = _run(inst, solver=Returns(z))
+    assert result.outcome == outcome, result
+    assert result.residual_ratio == pytest.approx(ratio, rel=1e-3)
+
+
+def test_a_non_finite_answer_claimed_converged_is_a_silent_nan():
+    inst = _instance("linear_spd", tol=1e-9)
+    z = torch.full(inst.root64.shape, math.nan, dtype=torch.float64)
+    assert _run(inst, solver=Returns(z)).outcome == "SILENT-NAN"
+
+
+@pytest.mark.parametrize(
+    ("ratio", "door", "outcome"),
+    [
+        (0.5, "fixed_point", "OK"),
+        (2.0, "fixed_point", "FALSE-CONVERGENCE"),
+        (0.5, "root_solve", "FALSE-CONVERGENCE"),
+    ],
+)
+def test_a_fixed_point_is_tested_with_its_scale(ratio, door, outcome):
+    # tol·(1 + max(‖z0‖, ‖f(z0)‖)) for fixed_point; the absolute tol for root_solve.
+    inst = _instance("tanh_contractive", tol=1e-9)
+    scale = _fixed_point_scale(inst)
+    assert bool((scale > 1.5).all())  # else root_solve's absolute test would pass too
+    case = Case("tanh_contractive", 0, "anderson", "dense", door, small=True)
+    result = _run(inst, case, solver=Returns(_near_root(inst, ratio, scale)))
+    assert result.outcome == outcome, result
+
+
+def test_an_infinite_scale_never_passes():
+    inst = _instance("tanh_contractive", tol=1e-9)
+    z0 = inst.z0.clone()
+    z0[0, 0] = math.inf
+    inst = dataclasses.replace(inst, z0=z0)
+    root = torch.from_numpy(inst.root64)
+    case = Case("tanh_contractive", 0, "anderson", "dense", "fixed_point", small=True)
+    result = _run(inst, case, solver=Returns(root))
+    assert result.outcome == "FALSE-CONVERGENCE" and "scale" in result.reason, result
+    # The absolute test of root_solve has no scale: the exact root passes it.
+    case = dataclasses.replace(case, door="root_solve")
+    assert _run(inst, case, solver=Returns(root)).outcome == "OK"
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise"])
+def test_an_honest_failure_is_acceptable(policy):
+    inst = _instance("linear_spd", max_iter=1, on_failure=policy, tol=1e-12)
+    result = _run(inst, solver=FixedPoint(damping=1e-3))
+    assert result.outcome == "OK-NONCONVERGED" and "forward max_iter" in result.reason, result
+
+
+def test_a_failure_nobody_hears_of_is_unreported():
+    inst = _instance("linear_spd", max_iter=1, on_failure="ignore", tol=1e-12)
+    result = _run(inst, solver=FixedPoint(damping=1e-3))
+    assert result.outcome == "UNREPORTED", result
+
+
+@pytest.mark.parametrize(
+    ("factor", "outcome"),
+    [(1 + 1e-9, "OK"), (1 + 1e-4, "FALSE-CONVERGENCE"), (math.nan, "SILENT-NAN")],
+)
+def test_the_gradient_is_checked_against_the_oracle(factor, outcome):
+    inst = _instance("linear_spd", tol=1e-10)
+    result = _run(inst, backward=Skewed(factor))
+    assert result.outcome == outcome, result
+
+
+def test_the_gradient_is_not_checked_for_inexact_modes():
+    inst = _instance("tanh_contractive", tol=1e-10)
+    case = Case("tanh_contractive", 0, "anderson", "one_step", "fixed_point", small=True)
+    result = _run(inst, case)
+    assert result.outcome == "OK" and result.grad_error is None, result
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_a_failing_backward_needs_a_report(policy):
+    inst = _instance("linear_nonsymmetric", tol=1e-12, on_failure=policy)
+    case = Case("linear_nonsymmetric", 0, "newton_dense", "gmres", "root_solve", small=True)
+    result = _run(inst, case, backward=linear.GMRES(max_iter=1, restart=1))
+    assert result.backward_status == "max_iter" or policy == "raise", result
+    assert result.outcome == ("UNREPORTED" if policy == "ignore" else "OK-NONCONVERGED"), result
+
+
+def test_a_missing_graph_is_false_convergence():
+    inst = _instance("tanh_at_root", tol=1e-8)
+    case = Case("tanh_at_root", 0, "fixed_point", "unroll", "fixed_point", small=True)
+    with torch.no_grad():  # nothing records a graph: as if the solve had dropped it
+        z = implicit.fixed_point(inst.fn, inst.z0, *inst.args, batched=True, tol=inst.tol)
+    result = _run(inst, case, solver=Returns(z))
+    assert result.outcome == "FALSE-CONVERGENCE" and "graph" in result.reason, result
+
+
+def test_a_hang_is_counted():
+    result = classify.run_with_alarm(CASE, 0.5, instance=_instance("linear_spd"), solver=Stuck())
+    assert result.outcome == "HANG" and "no answer" in result.reason
+
+
+def test_exceptions_are_crashes_unless_a_clear_refusal_is_allowed():
+    assert _run(_instance("linear_spd"), solver=Explodes()).outcome == "CRASH"
+    # A deliberate error of the library (a dtype mismatch, raised by its own checks):
+    inst = _instance("linear_spd")
+    mismatched = dataclasses.replace(inst, z0=inst.z0.float())
+    assert _run(mismatched).outcome == "CRASH"
+    refused = _run(dataclasses.replace(mismatched, may_refuse=True))
+    assert refused.outcome == "OK-REFUSED" and "TypeError" in refused.reason, refused

@@ -1,0 +1,108 @@
+"""The fuzz's oracle checked against torch: its numpy residuals, Jacobians and
+parameter derivatives are the user's function's, and its roots are roots."""
+
+from __future__ import annotations
+
+import families
+import numpy as np
+import pytest
+import torch
+
+FLOAT64_SEEDS = 3
+
+
+def _float64_draws(family: str, small: bool) -> list[families.Instance]:
+    draws = []
+    for seed in range(100):
+        inst = families.make(family, seed, small)
+        if inst.dtype == torch.float64:
+            draws.append(inst)
+        if len(draws) == FLOAT64_SEEDS:
+            return draws
+    raise AssertionError(f"{family} drew too few float64 problems")
+
+
+def _state(inst: families.Instance, flat: np.ndarray, grad: bool = False):
+    """A flat float64 ``(B, n)`` point in the layout of ``z0`` (a tensor or a tuple)."""
+    parts = inst.z0 if isinstance(inst.z0, tuple) else (inst.z0,)
+    out, start = [], 0
+    for part in parts:
+        size = part[0].numel() if inst.batched else part.numel()
+        piece = torch.from_numpy(flat[:, start : start + size].copy()).reshape(part.shape)
+        out.append(piece.requires_grad_(grad))
+        start += size
+    return tuple(out) if isinstance(inst.z0, tuple) else out[0]
+
+
+FAMILIES = [name for name in families.FAMILIES if name != "tanh_half"]
+
+
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_matches_the_users_function(family, small):
+    for inst in _float64_draws(family, small):
+        rng = np.random.default_rng(inst.seed)
+        center = inst.root64 if inst.root64 is not None else families.flat(inst.z0, inst.batched)
+        center = np.clip(np.where(np.isfinite(center), center, 0.0), -3, 3)
+        point = center + 0.1 * rng.standard_normal(center.shape)
+        if family == "nan_root":
+            point = np.abs(point) + 0.1  # inside the domain of sqrt and log
+        state = _state(inst, point, grad=True)
+        residual = inst.residual_fn()(state, *inst.root_args())
+        flat_residual = families.flat(residual, inst.batched)
+        np.testing.assert_allclose(flat_residual, inst.residual64(point), rtol=1e-12, atol=1e-12)
+
+        w = rng.standard_normal(point.shape)
+        parts = residual if isinstance(residual, tuple) else (residual,)
+        cotangents = _state(inst, w)
+        cotangents = cotangents if isinstance(cotangents, tuple) else (cotangents,)
+        states = state if isinstance(state, tuple) else (state,)
+        params = list(inst.params.values())
+        grads = torch.autograd.grad(parts, [*states, *params], cotangents)
+        dz = families.flat(grads[: len(states)], inst.batched)
+        jac = inst.jacobian64(point)
+        np.testing.assert_allclose(dz, np.einsum("bij,bi->bj", jac, w), rtol=1e-10, atol=1e-12)
+        expected = inst.vjp64(point, w)
+        for (name, param), grad in zip(inst.params.items(), grads[len(states) :]):
+            np.testing.assert_allclose(
+                grad.numpy(), np.broadcast_to(expected[name], param.shape), rtol=1e-10, atol=1e-12
+            )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_roots_are_roots(family):
+    for small in (True, False):
+        for seed in range(4):
+            inst = families.make(family, seed, small)
+            if inst.root64 is None:
+                continue
+            scale = 1 + np.abs(inst.root64).max()
+            assert np.abs(inst.residual64(inst.root64)).max() <= 1e-12 * scale * max(
+                1.0, np.abs(inst.jacobian64(inst.root64)).max()
+            )
+
+
+def test_draws_are_reproducible():
+    for family in families.FAMILIES:
+        a, b = families.make(family, 7), families.make(family, 7)
+        assert a.note == b.note and a.tol == b.tol and a.on_failure == b.on_failure
+        for (name, p), q in zip(a.params.items(), b.params.values()):
+            assert torch.equal(p, q), (family, name)
+        z0a, z0b = families.flat(a.z0, a.batched), families.flat(b.z0, b.batched)
+        assert np.array_equal(z0a, z0b, equal_nan=True), family
+
+
+def test_refine_finds_the_root_near_an_answer():
+    found = 0
+    for seed in range(20):
+        inst = families.make("tanh_divergent", seed)
+        answer = families.flat(inst.blackbox(inst.args[0].detach()), inst.batched)
+        if np.abs(inst.residual64(answer)).max() > 1e-10:
+            continue  # scipy from zero did not find a root: nothing to refine
+        nudged = answer + 1e-5 * np.random.default_rng(seed).standard_normal(answer.shape)
+        root = families.refine(inst, nudged)
+        assert root is not None
+        assert np.abs(inst.residual64(root)).max() <= 1e-13
+        assert np.abs(root - answer).max() <= 1e-8
+        found += 1
+    assert found >= 5
