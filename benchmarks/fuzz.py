@@ -63,7 +63,7 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        results = [r for part in parts for r in part["results"]]
+        results = [dict(zip(part["columns"], row)) for part in parts for row in part["results"]]
         meta = {**parts[0]["meta"], "seconds": sum(p["meta"]["seconds"] for p in parts),
                 "chunks": [p["meta"]["range"] for p in parts]}  # fmt: skip
     else:
@@ -84,9 +84,10 @@ def main() -> None:
     summary = summarise(results)
     print(report(summary, meta))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"meta": meta, "summary": summary, "results": results}, indent=1)
-    )
+    rows = [[_compact(r, column) for column in COLUMNS] for r in results]
+    brief = {key: value for key, value in summary.items() if key != "failures"}  # in the rows
+    document = {"meta": meta, "summary": brief, "columns": COLUMNS, "results": rows}
+    args.out.write_text(json.dumps(document, separators=(",", ":")) + "\n")
     print(f"\nwrote {args.out}")
 
 
@@ -105,11 +106,26 @@ def _meta(args, seconds: float) -> dict:
             "commit": commit.stdout.strip(), "seconds": seconds}  # fmt: skip
 
 
+#: The fields of a result kept in the JSON file, one row per problem.
+COLUMNS = ["case", "outcome", "reason", "status", "backward_status", "residual_ratio",
+           "grad_error", "cond", "seconds", "note"]  # fmt: skip
+
+
+def _compact(result: dict, column: str):
+    """A field as stored: floats to 3 significant digits, notes of acceptable runs dropped."""
+    value = result.get(column)
+    if isinstance(value, float):
+        return float(f"{value:.3g}")
+    if column == "note" and result["outcome"] in classify.OK_OUTCOMES:
+        return ""
+    return value
+
+
 def summarise(results: list[dict]) -> dict:
     """Counts per family × outcome, failure kinds, gradient errors, and the failures."""
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     kinds: collections.Counter = collections.Counter()
-    errors = []
+    errors: dict[str, list] = {"exact": [], "unroll": []}
     for r in results:
         family = r["case"].split(":")[0]
         table[family][r["outcome"]] += 1
@@ -117,18 +133,25 @@ def summarise(results: list[dict]) -> dict:
         if r["outcome"] not in classify.OK_OUTCOMES:
             kinds[f"{r['outcome']}: {_kind(r['reason'])}"] += 1
         if r["outcome"] == "OK" and r["grad_error"] is not None:
-            errors.append((r["grad_error"], r["case"]))
-    errors.sort()
+            mode = "unroll" if r["case"].split(":")[3] == "unroll" else "exact"
+            errors[mode].append((r["grad_error"], r["case"]))
     failures = [r for r in results if r["outcome"] not in classify.OK_OUTCOMES]
     failures.sort(key=lambda r: (r["outcome"], r["case"]))
     return {
         "problems": len(results),
         "table": {family: dict(counts) for family, counts in sorted(table.items())},
         "failure_kinds": dict(kinds.most_common()),
-        "gradients_checked_ok": len(errors),
-        "gradient_error_median": errors[len(errors) // 2][0] if errors else None,
-        "gradient_error_worst": list(errors[-1]) if errors else None,
+        "gradient_errors": {mode: _spread(found) for mode, found in errors.items()},
         "failures": [{k: r[k] for k in ("case", "outcome", "reason", "note")} for r in failures],
+    }
+
+
+def _spread(errors: list[tuple[float, str]]) -> dict:
+    errors = sorted(errors)
+    return {
+        "checked": len(errors),
+        "median": errors[len(errors) // 2][0] if errors else None,
+        "worst": list(errors[-1]) if errors else None,
     }
 
 
@@ -154,14 +177,13 @@ def report(summary: dict, meta: dict) -> str:
         lines.append(
             f"{family:<22}" + " ".join(f"{counts.get(o, 0):>{w}}" for o, w in zip(OUTCOMES, widths))
         )
-    worst = summary["gradient_error_worst"]
-    if worst:
-        lines += [
-            "",
-            f"gradients checked against the oracle among OK runs (float64, exact modes and "
-            f"unroll): {summary['gradients_checked_ok']}, median relative error "
-            f"{summary['gradient_error_median']:.1e}, worst {worst[0]:.1e} ({worst[1]})",
-        ]
+    lines += ["", "gradients of OK runs against the oracle (float64; relative error, 2-norm):"]
+    for mode, spread in summary["gradient_errors"].items():
+        if spread["checked"]:
+            lines.append(
+                f"  {mode:<7} {spread['checked']:>5} checked, median {spread['median']:.1e}, "
+                f"worst {spread['worst'][0]:.1e} ({spread['worst'][1]})"
+            )
     if summary["failure_kinds"]:
         lines += ["", "failures by kind:"]
         lines += [f"  {count:>5}  {kind}" for kind, count in summary["failure_kinds"].items()]
