@@ -64,8 +64,9 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         results = [dict(zip(part["columns"], row)) for part in parts for row in part["results"]]
-        meta = {**parts[0]["meta"], "seconds": sum(p["meta"]["seconds"] for p in parts),
-                "chunks": [p["meta"]["range"] for p in parts]}  # fmt: skip
+        meta = {key: value for key, value in parts[0]["meta"].items() if key != "range"}
+        meta["seconds"] = sum(p["meta"]["seconds"] for p in parts)
+        meta["chunks"] = [p["meta"]["range"] for p in parts]
     else:
         count = 1000 if args.quick else args.problems
         cases = [case.id for case in matrix.large_run(count, args.offset)]

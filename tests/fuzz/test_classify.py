@@ -192,16 +192,15 @@ def test_a_failing_backward_needs_a_report(policy):
     inst = _instance("linear_nonsymmetric", tol=1e-12, on_failure=policy)
     case = Case("linear_nonsymmetric", 0, "newton_dense", "gmres", "root_solve", small=True)
     result = _run(inst, case, backward=linear.GMRES(max_iter=1, restart=1))
-    assert result.backward_status == "max_iter" or policy == "raise", result
+    assert result.backward_status == "max_iter", result
     assert result.outcome == ("UNREPORTED" if policy == "ignore" else "OK-NONCONVERGED"), result
 
 
 def test_a_missing_graph_is_false_convergence():
     inst = _instance("tanh_at_root", tol=1e-8)
     case = Case("tanh_at_root", 0, "fixed_point", "unroll", "fixed_point", small=True)
-    with torch.no_grad():  # nothing records a graph: as if the solve had dropped it
-        z = implicit.fixed_point(inst.fn, inst.z0, *inst.args, batched=True, tol=inst.tol)
-    result = _run(inst, case, solver=Returns(z))
+    # Returns hands back a tensor with no graph, as if the solve had dropped it.
+    result = _run(inst, case, solver=Returns(torch.from_numpy(inst.root64)))
     assert result.outcome == "FALSE-CONVERGENCE" and "graph" in result.reason, result
 
 
