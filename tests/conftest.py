@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import pytest
 import torch
 
@@ -19,6 +22,23 @@ EXACT_MODES = [
     # auto above max_dense: Neumann, then GMRES where it stalls.
     pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
 ]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail the enclosed block with ``TimeoutError`` after ``seconds`` of wall time, so
+    that a loop that never ends fails its test instead of hanging the run."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a loop that does not end?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

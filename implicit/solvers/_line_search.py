@@ -1,10 +1,10 @@
 """Backtracking (Armijo) line search on ``½‖g‖²``, per sample: for Newton and Broyden.
 
-Two forms: :func:`backtrack` tries step after step within one solver iteration until
-every sample has passed (Broyden, whose update needs the step taken); a
-:class:`Search` takes one trial per solver iteration and lets the samples that passed
-go on while the others halve their step (Newton: a batch then evaluates ``g`` as often
-as its slowest sample needs, not once per trial of any sample at every step).
+A :class:`Search` takes one trial per solver iteration: the samples that pass go on
+with their next step while the others halve theirs at the next iteration. So every
+trial counts against ``max_iter`` (a search that never passes cannot hold the loop),
+and a batch evaluates ``g`` about as often as its slowest sample needs, not once per
+trial of any sample at every step.
 
 The driver (:meth:`Solver.solve`) steps every row and keeps the old iterate of rows
 that have finished. A line search must not wait for those rows, so the solvers
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-
 import torch
 
-from implicit._batch import known_all
+from implicit._batch import known_all, traced
 
 #: Sufficient decrease: accept ``t`` when ``½‖g(z + t d)‖² ≤ ½‖g(z)‖² + ARMIJO · t · slope``.
 ARMIJO = 1e-4
@@ -39,65 +37,6 @@ def frozen_rows(
     if proposed is None:
         return frozen
     return frozen | (z != proposed).any(dim=1)
-
-
-def backtrack(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    z: torch.Tensor,
-    r: torch.Tensor,
-    direction: torch.Tensor,
-    *,
-    halvings: int,
-    skip: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step sizes ``t = 1, ½, ¼, …`` along quasi-Newton directions (predicted slope
-    ``−‖g‖²``) until each sample decreases ``½‖g‖²`` enough.
-
-    Every trial evaluates ``g`` once on the whole batch; a sample keeps the first step
-    that passes the Armijo test. A sample for which no step passes stays at ``z``:
-    its direction is not a descent direction, or it is converged to rounding (then the
-    search stops as soon as the step is too short to change ``z``). A sample whose
-    shortest trial is still not finite gets that trial, so that the driver stops it.
-
-    Args:
-        fn: the residual.
-        z: the current iterates ``(B, n)``, with residuals ``r``.
-        direction: the search directions ``d``, ``(B, n)``.
-        halvings: how many times ``t`` may be halved after the full step.
-        skip: ``(B,)`` rows to leave at ``z`` without a test (frozen rows).
-
-    Returns:
-        The new iterates, their residuals and ``(B,)`` whether each sample's step
-        passed the test (True for skipped rows).
-    """
-    base = squared_norm(r)
-    passed = skip
-    z_new, r_new = z, r
-    t = 1.0
-    for trial in range(halvings + 1):
-        z_trial = z + t * direction
-        r_trial = fn(z_trial)
-        # NaN compares False: a non-finite trial never passes.
-        take = ~passed & (squared_norm(r_trial) <= _threshold(base, t, None))
-        if trial == 0:
-            if known_all(take):
-                # Every row takes the full step (none skipped): the common case near a root.
-                return z_trial, r_trial, take
-            given_up = torch.zeros_like(skip)
-            rounding, length = _scales(z, direction)
-        z_new = torch.where(take.unsqueeze(1), z_trial, z_new)
-        r_new = torch.where(take.unsqueeze(1), r_trial, r_new)
-        passed = passed | take
-        t /= 2
-        given_up = given_up | (t * length <= rounding)
-        if bool((passed | given_up).all()):
-            break
-    # A sample whose shortest trial is still not finite is handed over as such: the
-    # driver then stops it with status "nonfinite" instead of letting it idle to max_iter.
-    blew_up = ~passed & ~(squared_norm(r_trial) < math.inf)
-    z_new = torch.where(blew_up.unsqueeze(1), z_trial, z_new)
-    r_new = torch.where(blew_up.unsqueeze(1), r_trial, r_new)
-    return z_new, r_new, passed
 
 
 def _threshold(
@@ -162,21 +101,15 @@ class Search:
         *,
         skip: torch.Tensor,
         halvings: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Search | None, bool]:
+    ) -> Verdict:
         """The Armijo test of the trial ``z_trial`` (residuals ``r_trial``) per sample.
 
         A sample that passes moves there. One that fails stays at ``z`` and will try
-        half the step; when the step no longer changes ``z`` in floating point, or
-        after ``halvings`` halvings, it gives up and starts the same search again at
-        the next step (the same direction from the same point, as a new step would),
-        unless its trial was not finite: that trial is handed over, so that the driver
-        stops the sample. Samples in ``skip`` (frozen by the driver) stay without a test.
-
-        Returns:
-            The new iterates and residuals, ``(B,)`` the samples whose search goes on
-            (None if none), this search for them (None if none), and whether to try
-            again at once: when no sample moved, none can go on before the next
-            trial, so waiting for the next step would gain nothing.
+        half the step at the next iteration; when the step no longer changes ``z`` in
+        floating point, or after ``halvings`` halvings, it gives up (and would start
+        the same search again, as a new step from the same point would), unless its
+        trial was not finite: that trial is handed over, so that the driver stops the
+        sample. Samples in ``skip`` (frozen by the driver) stay without a test.
         """
         squares = squared_norm(r_trial)
         t = 1.0 if self.t is None else self.t
@@ -184,7 +117,7 @@ class Search:
         take = ~skip & (squares <= _threshold(self.base, t, self.slope))
         if known_all(take):
             # Every sample passes (none skipped): the common case near a root.
-            return z_trial, r_trial, None, None, False
+            return Verdict(z_trial, r_trial, take)
         failed = ~(skip | take)
         halved = torch.full_like(self.base, 0.5) if self.t is None else self.t / 2
         rounding, length = _scales(z, self.direction)
@@ -192,7 +125,39 @@ class Search:
         blew_up = gave_up & ~(squares < math.inf)
         moved = (take | blew_up).unsqueeze(1)
         z_new, r_new = torch.where(moved, z_trial, z), torch.where(moved, r_trial, r)
-        pending = failed & ~blew_up
         search = dataclasses.replace(self, t=torch.where(gave_up, 1, halved))
-        retry = not bool(moved.any()) and bool((failed & ~gave_up).any())
-        return z_new, r_new, pending, search, retry
+        return Verdict(z_new, r_new, take, failed & ~blew_up, search, gave_up & ~blew_up)
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What :meth:`Search.judge` decided for each sample.
+
+    Attributes:
+        z, r: the new iterates and their residuals: the trial where it passed (or
+            was not finite at the shortest step), the old iterate elsewhere.
+        passed: ``(B,)`` the samples whose trial passed the Armijo test.
+        pending: ``(B,)`` the samples whose search goes on from their iterate (None
+            if none); ``search`` holds their next step fractions.
+        search: the search of the pending samples (None if none).
+        gave_up: ``(B,)`` pending samples that tried every step fraction (their next
+            trial is the full step again); None if none is pending.
+    """
+
+    z: torch.Tensor
+    r: torch.Tensor
+    passed: torch.Tensor
+    pending: torch.Tensor | None = None
+    search: Search | None = None
+    gave_up: torch.Tensor | None = None
+
+
+def records_rejected_trials(verdict: Verdict) -> bool:
+    """Whether ``verdict.r`` must be evaluated again at ``verdict.z`` before the solver
+    goes on: where autograd or a ``torch.func`` transform records the solver
+    (``backward="unroll"``) and some sample did not take its trial. The rejected trial
+    may lie where ``g``'s derivative is not finite (the square root of a negative
+    number), and its evaluation, recorded for the whole batch, would turn the
+    gradients NaN even with a zero cotangent there (0·∞). One more evaluation, at the
+    points kept, leaves rejected trials out of the graph."""
+    return traced() and not bool(verdict.passed.all())

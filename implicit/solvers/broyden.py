@@ -7,8 +7,13 @@ import math
 
 import torch
 
-from implicit._batch import combine, project, store
-from implicit.solvers._line_search import backtrack, frozen_rows
+from implicit._batch import combine, known_all, project, store
+from implicit.solvers._line_search import (
+    Search,
+    frozen_rows,
+    records_rejected_trials,
+    squared_norm,
+)
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full step (t ≥ 2⁻¹⁰); a sample
@@ -34,6 +39,9 @@ class _BroydenState:
         slot: the slot of the next update.
         filled: the slots written so far (at most ``memory``).
         h_r: ``H g`` at the iterate the last step proposed (with this ``H``), or None.
+        pending: ``(B,)`` samples whose line search goes on from their iterate (their
+            last trial failed; their ``H`` is left as it is meanwhile), None if none.
+        search: the line search of the pending samples.
     """
 
     u: torch.Tensor
@@ -45,6 +53,8 @@ class _BroydenState:
     slot: int = 0
     filled: int = 0
     h_r: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+    search: Search | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``H x`` per sample."""
@@ -82,10 +92,15 @@ class Broyden(Solver):
     (``|sᵀHy| ≤ √eps ‖s‖ ‖Hy‖``) or not finite, or when its line search fails.
 
     The line search halves the step (per sample, at most 10 times) until ``½‖g‖²``
-    decreases by the Armijo rule with the slope a Newton step would have.
+    decreases by the Armijo rule with the slope a Newton step would have. It takes one
+    trial per iteration, as Newton's does: a sample whose trial fails stays where it
+    is (its ``H`` unchanged) and tries half the step at the next iteration, while the
+    others go on; so every trial counts against ``max_iter``.
 
-    Cost per iteration: one evaluation of ``g``, plus one per backtracking trial, plus
-    one evaluation and one Jacobian-vector product when a sample (re)starts.
+    Cost per iteration: one evaluation of ``g``, plus one evaluation and one
+    Jacobian-vector product when a sample (re)starts. Under ``backward="unroll"``, an
+    iteration in which some sample does not take its trial evaluates ``g`` once more,
+    at the points kept, so that rejected trials stay out of the recorded graph.
 
     Args:
         memory: rank-one terms kept (at least 1).
@@ -116,18 +131,34 @@ class Broyden(Solver):
 
     def step(self, fn, z, r, state):
         frozen = frozen_rows(z, state.proposed, state.frozen)
+        pending, search = state.pending, state.search
         restart = state.restart & ~frozen
         if bool(restart.any()):
             state = self._restart(fn, z, r, state, restart)
-        # H g(z) is at hand from the last step (where z is not the proposed iterate, the
-        # driver has frozen the row, whose step it discards).
-        direction = -(state.apply(r) if state.h_r is None else state.h_r)
+        if pending is None or not known_all(pending):
+            # H g(z) is at hand from the last step (where z is not the proposed iterate,
+            # the driver has frozen the row, whose step it discards).
+            direction = -(state.apply(r) if state.h_r is None else state.h_r)
+            fresh = Search(direction, None, base=squared_norm(r))
+            search = fresh if pending is None else search.merged(pending, fresh)
+        # H g(z) = −d for every sample: a sample still searching has kept its H.
+        direction = search.direction
         if self.line_search:
-            z_new, r_new, passed = backtrack(fn, z, r, direction, halvings=HALVINGS, skip=frozen)
+            z_trial = search.trial(z)
+            verdict = search.judge(z, r, z_trial, fn(z_trial), skip=frozen, halvings=HALVINGS)
+            if records_rejected_trials(verdict):
+                verdict.r = fn(verdict.z)
+            z_new, r_new, passed = verdict.z, verdict.r, verdict.passed
+            pending, search = verdict.pending, verdict.search
+            if verdict.gave_up is not None:
+                # Every step fraction failed: H does not give a descent direction there,
+                # and these samples restart rather than search along it again.
+                pending = pending & ~verdict.gave_up
+                pending = pending if bool(pending.any()) else None
         else:
             z_new = z + direction
             r_new = fn(z_new)
-            passed = torch.ones_like(frozen)
+            passed, pending, search = torch.ones_like(frozen), None, None
         s = z_new - z
         h_r_new = state.apply(r_new)
         hy = h_r_new + direction  # H (g(z_new) − g(z))
@@ -140,18 +171,27 @@ class Broyden(Solver):
         v = torch.where(usable.unsqueeze(1), state.apply_transpose(s), 0)
         # (H + u vᵀ) g(z_new), for the next direction, without another pass over the history.
         h_r_new = h_r_new + u * (v * r_new).sum(dim=1, keepdim=True)
+        if state.filled == self.memory and pending is not None:
+            # The slot holds each sample's oldest term: a sample still searching keeps
+            # it (and so its H); the others lose it to their update or restart anyway.
+            keep = pending.unsqueeze(1)
+            u = torch.where(keep, state.u[:, state.slot], u)
+            v = torch.where(keep, state.v[:, state.slot], v)
         # Into the oldest slot, in place where no graph needs the old terms: copying
         # the whole (B, memory, n) history every step cost a fifth of a DEQ forward.
+        waiting = torch.zeros_like(usable) if pending is None else pending
         state = dataclasses.replace(
             state,
             u=store(state.u, state.slot, u),
             v=store(state.v, state.slot, v),
-            restart=~usable,
+            restart=~usable & ~waiting,
             frozen=frozen,
             proposed=z_new,
             slot=(state.slot + 1) % self.memory,
             filled=min(state.filled + 1, self.memory),
             h_r=h_r_new,
+            pending=pending,
+            search=search,
         )
         return z_new, r_new, state
 

@@ -11,7 +11,12 @@ from implicit._batch import known_all
 from implicit._blocks import Factorization, solve
 from implicit._operators import Jacobian, Operator
 from implicit.linear import GMRES
-from implicit.solvers._line_search import Search, frozen_rows, squared_norm
+from implicit.solvers._line_search import (
+    Search,
+    frozen_rows,
+    records_rejected_trials,
+    squared_norm,
+)
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
@@ -68,11 +73,11 @@ class Newton(Solver):
     The line search is per sample and takes one trial per iteration: a sample whose
     trial does not decrease ``½‖g‖²`` enough (Armijo) stays where it is and tries half
     the step at the next iteration, while the samples that passed take their next
-    Newton step (when no sample passes, the next trial follows at once). So a batch
-    evaluates ``g`` about as often as its slowest sample needs, and an iteration of a
-    batch may be a trial for some of its samples. After 20 halvings, or when the step
-    no longer changes ``z``, a sample starts the same search again: one whose every
-    trial fails stays where it is.
+    Newton step. So every trial counts against ``max_iter``, a batch evaluates ``g``
+    about as often as its slowest sample needs, and an iteration of a batch may be a
+    trial for some of its samples. After 20 halvings, or when the step no longer
+    changes ``z``, a sample starts the same search again: one whose every trial fails
+    stays where it is until ``max_iter``.
 
     A singular Jacobian block (or one whose Newton step is not finite) gets the
     damped least-squares (Levenberg–Marquardt) step
@@ -82,10 +87,12 @@ class Newton(Solver):
     there and ends with status ``"max_iter"``: never NaN.
 
     Cost per iteration: one evaluation of ``g`` at every sample's trial point (it
-    also provides the next linearisation; one more at the start, and one per extra
-    trial when no sample passes); plus, unless every sample is still searching,
-    ``n`` vector-Jacobian products (dense, counted in ``SolveInfo.jac_evals``) or the
-    GMRES products (krylov).
+    also provides the next linearisation; one more at the start); plus, unless every
+    sample is still searching, ``n`` vector-Jacobian products (dense, counted in
+    ``SolveInfo.jac_evals``) or the GMRES products (krylov). Under
+    ``backward="unroll"``, an iteration in which some sample does not take its trial
+    evaluates ``g`` once more, at the points kept, so that rejected trials stay out of
+    the recorded graph.
 
     With ``jacobian_reuse=θ`` (dense steps only) a step reuses the previous step's
     factorisation (modified Newton, the chord method with refreshes) while the previous
@@ -181,13 +188,15 @@ class Newton(Solver):
             fresh = Search(direction, slope, base=squared_norm(r))
             search = fresh if pending is None else search.merged(pending, fresh)
         if self.line_search:
-            retry = True
-            while retry:
-                z_trial = search.trial(z)
-                linearization = fn.linearize(z_trial)
-                z_new, r_new, pending, search, retry = search.judge(
-                    z, r, z_trial, linearization.value, skip=frozen, halvings=HALVINGS
-                )
+            z_trial = search.trial(z)
+            linearization = fn.linearize(z_trial)
+            verdict = search.judge(
+                z, r, z_trial, linearization.value, skip=frozen, halvings=HALVINGS
+            )
+            if records_rejected_trials(verdict):
+                linearization = fn.linearize(verdict.z)
+                verdict.r = linearization.value
+            z_new, r_new, pending, search = verdict.z, verdict.r, verdict.pending, verdict.search
         else:
             z_new = z + search.direction
             linearization = fn.linearize(z_new)

@@ -16,6 +16,7 @@ from conftest import (
     assert_fixed_point,
     contractive_matrix,
     rel_err,
+    time_limit,
     unrolled_fixed_point,
 )
 from hypothesis import given, settings
@@ -145,8 +146,9 @@ def counting_test(solver: str, **options):
     return test
 
 
-def nonfinite_test(solver: str, **options):
-    """A sample whose residual turns NaN stops as "nonfinite"; the others converge."""
+def nonfinite_test(solver: str, within: int = 20, **options):
+    """A sample whose residual turns NaN stops as "nonfinite" (within ``within``
+    iterations, rather than at ``max_iter``); the others converge."""
 
     def test():
         p = TanhProblem(n=4, batch=3)
@@ -169,7 +171,7 @@ def nonfinite_test(solver: str, **options):
                 **options,
             )
         assert info.converged.tolist() == [True, False, True]
-        assert info.status == "nonfinite" and info.iterations < 20
+        assert info.status == "nonfinite" and info.iterations < within
         assert torch.isfinite(z).all()
         assert_fixed_point(p.f, z[[0, 2]], p.x[[0, 2]], z0=p.z0[[0, 2]], tol=1e-12)
 
@@ -247,3 +249,81 @@ def replace_at(step: int, **changes):
     """A ``before_step`` for :func:`unwritten_slots_test`: ``changes`` to the state before
     step ``step``."""
     return lambda k, state: dataclasses.replace(state, **changes) if k == step else state
+
+
+def ill_conditioned_spd_root(seed: int = 0, n: int = 5, batch: int = 2):
+    """``g(z, b) = A z − b`` in float32 with ``A`` symmetric positive definite of
+    condition ``10^2.85``: near rounding level no trial step decreases ``‖g‖``, and the
+    samples give up their line searches on different trials."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    a = ((q * torch.logspace(0, 2.85, n, dtype=torch.float64)) @ q.T).float()
+    b = torch.randn(batch, n, generator=generator)
+    return (lambda z, b: z @ a.T - b), torch.zeros(batch, n), b
+
+
+def expansive_tanh_map(seed: int, n: int = 32, batch: int = 16):
+    """``f(z, x) = tanh(W z + x)`` in float32 with ``‖W‖₂ = 4``: not a contraction; many
+    samples have several fixed points or stall in the line search."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, n, generator=generator)
+    w = w * (4 / torch.linalg.matrix_norm(w, ord=2))
+    x = torch.randn(batch, n, generator=generator)
+    return (lambda z, x: torch.tanh(z @ w.T + x)), torch.zeros(batch, n), x
+
+
+def assert_truthful(info, residuals: torch.Tensor, max_iter: int, evaluations_per_iteration: int):
+    """The loop ended within ``max_iter`` iterations (trials included), and every sample
+    reported converged has a true residual that passes its test."""
+    assert info.iterations <= max_iter
+    assert info.f_evals <= evaluations_per_iteration * max_iter + 2
+    assert info.status in ("converged", "max_iter", "nonfinite")
+    assert torch.equal(info.residual, residuals)
+    assert bool(torch.isfinite(info.residual[info.converged]).all())
+
+
+def bounded_test(solver: str, evaluations_per_iteration: int = 1, seeds: int = 12, **options):
+    """Problems on which line searches used to try step after step forever: every
+    solve ends within ``max_iter`` iterations, each line-search trial counted, and
+    reports the truth (each case under a time limit, so that a hang fails the test).
+    ``seeds``: how many random expansive maps to solve."""
+
+    def test():
+        g, z0, b = ill_conditioned_spd_root()
+        with time_limit(60):
+            z, info = implicit.root_solve(
+                g,
+                z0,
+                b,
+                solver=solver,
+                batched=True,
+                max_iter=50,
+                on_failure="ignore",
+                return_info=True,
+                **options,
+            )
+        residuals = torch.linalg.vector_norm(g(z, b), dim=1)
+        assert_truthful(info, residuals, 50, evaluations_per_iteration)
+        assert bool((info.residual[info.converged] <= 1e-6).all())
+        for seed in range(seeds):
+            f, z0, x = expansive_tanh_map(seed)
+            with time_limit(60):
+                z, info = implicit.fixed_point(
+                    f,
+                    z0,
+                    x,
+                    solver=solver,
+                    batched=True,
+                    max_iter=100,
+                    on_failure="ignore",
+                    return_info=True,
+                    **options,
+                )
+            residuals = torch.linalg.vector_norm(f(z, x) - z, dim=1)
+            assert_truthful(info, residuals, 100, evaluations_per_iteration)
+            scale = torch.maximum(
+                torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(f(z0, x), dim=1)
+            )
+            assert bool((residuals <= 1e-6 * (1 + scale))[info.converged].all())
+
+    return test

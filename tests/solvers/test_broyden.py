@@ -9,6 +9,7 @@ import torch
 from conftest import TanhProblem, rel_err
 from solver_checks import (
     MonotoneCubic,
+    bounded_test,
     contractive_maps_test,
     counting_test,
     exact_root_unroll_test,
@@ -22,6 +23,7 @@ from solver_checks import (
 import implicit
 from implicit._operators import Residual
 from implicit.solvers import Broyden
+from implicit.solvers.broyden import HALVINGS
 
 test_converges_on_tanh_problem = tanh_test("broyden")
 test_converges_with_short_memory = tanh_test("broyden", memory=1)
@@ -32,6 +34,8 @@ test_counts_every_evaluation = counting_test("broyden")
 test_stops_nonfinite_samples = nonfinite_test("broyden")
 test_stops_nonfinite_samples_without_line_search = nonfinite_test("broyden", line_search=False)
 test_random_contractive_maps = contractive_maps_test("broyden")
+# A restart adds an evaluation (and a Jacobian-vector product) to its iteration.
+test_line_search_trials_count_against_max_iter = bounded_test("broyden", 2)
 test_unwritten_history_slots_are_never_read = unwritten_slots_test(
     "broyden",
     ("u", "v"),
@@ -89,8 +93,14 @@ def test_failed_line_search_restarts_from_a_descent_direction():
     state = dataclasses.replace(
         solver.init(fn, z, r), h0=torch.ones(1, dtype=torch.float64), restart=torch.tensor([False])
     )
-    z1, r1, state = solver.step(fn, z, r, state)
-    assert torch.equal(z1, z) and torch.equal(r1, r) and bool(state.restart.all())
+    # One trial per iteration: the full step and HALVINGS halvings fail, and the sample
+    # stays where it is, its H unchanged, until it gives up and restarts.
+    for trial in range(HALVINGS + 1):
+        assert not bool(state.restart.any())
+        z1, r1, state = solver.step(fn, z, r, state)
+        assert torch.equal(z1, z) and torch.equal(r1, r)
+        assert torch.equal(state.h0, torch.ones(1, dtype=torch.float64))
+    assert bool(state.restart.all()) and state.pending is None
     # The restart rescales H₀ by the Jacobian's Rayleigh quotient (−1): an exact step.
     z2, r2, state = solver.step(fn, z1, r1, state)
     assert rel_err(z2, -b) <= 1e-15 and float(r2.abs().max()) <= 1e-15
