@@ -8,12 +8,13 @@ the one implicit backward, like every other front door's:
    derivatives, so that ``h`` always receives plain detached tensors (``A.numpy()``
    works), also under ``torch.func`` transforms, whose wrapped tensors numpy cannot
    read; its ``vmap`` rule calls ``h`` once per slice. The answer is converted to a
-   tensor of the problem's dtype and device, and checked (finite, the right shape);
+   tensor of the problem's dtype and device, and checked (the right shape);
 2. the answer is the problem's initial state: capture discovery evaluates ``g`` there,
    and that evaluation is the residual check of step 3;
 3. :class:`CheckAnswer` is the "forward solver": it takes no step, measures
-   ``‖g(z)_b‖`` at the answer against ``tol · (1 + scale_b)`` and reports an answer
-   that is not a root through ``on_failure`` (status ``"failed"``).
+   ``‖g(z)_b‖`` at the answer against ``tol · (1 + scale_b)`` and reports, per
+   problem, an answer that is not a root (status ``"failed"``) or not finite
+   (``"nonfinite"``) through ``on_failure``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from implicit._results import (
     SolveInfo,
     status_name,
 )
-from implicit.solvers.base import Solver
+from implicit.solvers.base import Solver, residual_norms, thresholds
 
 
 def describe(h: Callable[..., Any], role: str) -> str:
@@ -67,7 +68,7 @@ def call(
     Raises:
         RuntimeError: ``h`` raised (the original exception is chained).
         TypeError: the answer is not a tensor or an array of real numbers.
-        ValueError: the answer has the wrong shape or non-finite entries.
+        ValueError: the answer has the wrong shape.
     """
     out = _Call.apply(h, (who, dtype, device), *args)
     parts = out if isinstance(out, tuple) else (out,)
@@ -150,7 +151,8 @@ def evaluated_at_answer(g: Callable[..., Any], who: str) -> Callable[..., Any]:
 def _as_tensor(
     out: Any, who: str, dtype: torch.dtype | None, device: torch.device | None
 ) -> torch.Tensor:
-    """A black box's answer as a finite real tensor of ``dtype`` on ``device``."""
+    """A black box's answer as a real tensor of ``dtype`` on ``device`` (non-finite
+    entries are left to :class:`CheckAnswer`, which reports them per problem)."""
     if isinstance(out, (np.ndarray, np.generic)):
         if out.dtype.kind not in "biuf":
             raise TypeError(
@@ -165,23 +167,17 @@ def _as_tensor(
         raise TypeError(f"{who} returned a complex tensor ({out.dtype}): expected real numbers")
     if dtype is None:
         dtype = out.dtype if out.is_floating_point() else torch.get_default_dtype()
-    out = out.detach().to(dtype=dtype, device=out.device if device is None else device)
-    finite = torch.isfinite(out)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(
-            f"{who} returned {bad} non-finite value(s) out of {out.numel()}: a root must be finite"
-        )
-    return out
+    return out.detach().to(dtype=dtype, device=out.device if device is None else device)
 
 
 class CheckAnswer(Solver):
     """The forward "solver" of a black box: it checks the answer it is started from.
 
     No step is taken. The residual at the answer (already known from capture
-    discovery, or one evaluation) decides: a problem whose ``‖g(z)_b‖₂`` exceeds
-    ``tol · (1 + scale_b)`` gets status ``"failed"`` — the answer is not a root — and
-    ``on_failure`` says so.
+    discovery, or one evaluation) decides, per problem: one whose ``‖g(z)_b‖₂``
+    exceeds ``tol · (1 + scale_b)`` gets status ``"failed"`` — the answer is not a
+    root — and one whose answer, residual or scale is not finite gets ``"nonfinite"``;
+    ``on_failure`` says so, and the other problems of the batch are unaffected.
 
     Args:
         who: the black box's name, for the report.
@@ -195,18 +191,26 @@ class CheckAnswer(Solver):
 
     def solve(self, fn: Residual, z0, r0, *, tol, max_iter):
         r = fn(z0) if r0 is None else r0
-        norms = torch.linalg.vector_norm(r, dim=1)
-        bound = tol * (1 + fn.scale(z0, r))
+        norms = residual_norms(z0, r)
+        bound = thresholds(tol, fn.scale(z0, r))
         codes = torch.where(norms <= bound, CONVERGED, FAILED)
-        codes = torch.where(torch.isfinite(norms), codes, NONFINITE)
-        message = ""
-        if bool((codes != CONVERGED).any()):
-            worst = int(torch.argmax(torch.where(codes != CONVERGED, norms / bound, -1)))
-            message = (
-                f"The answer of {self.who} is not a root: ‖g(z)‖ = {float(norms[worst]):.3e} "
-                f"exceeds tol·(1 + scale) = {float(bound[worst]):.3e}. Check the black box "
-                f"and its arguments, or loosen tol."
+        codes = torch.where(torch.isfinite(norms) & torch.isfinite(bound), codes, NONFINITE)
+        messages = []
+        nonfinite = int((codes == NONFINITE).sum())
+        if nonfinite:
+            messages.append(
+                f"The answer of {self.who} (or g there) is not finite for {nonfinite} "
+                f"problem(s)."
             )
+        if bool((codes == FAILED).any()):
+            worst = int(torch.argmax(torch.where(codes == FAILED, norms / bound, -1)))
+            messages.append(
+                f"The answer of {self.who} is not a root: ‖g(z)‖ = {float(norms[worst]):.3e} "
+                f"exceeds tol·(1 + scale) = {float(bound[worst]):.3e}."
+            )
+        if messages:
+            messages.append("Check the black box and its arguments, or loosen tol.")
+        message = " ".join(messages)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),

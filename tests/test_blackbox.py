@@ -3,6 +3,8 @@ that is not a root is reported through on_failure. Never a silently wrong gradie
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -51,14 +53,52 @@ class TestAnswers:
             shape_differs(b)
 
     @pytest.mark.parametrize("bad", [np.nan, np.inf])
-    def test_non_finite_answer(self, bad):
+    def test_non_finite_answer_follows_on_failure(self, bad):
         def broken(y):
             out = arcsin(y)
             out[1] = bad
             return out
 
-        with pytest.raises(ValueError, match=r"'.*broken' returned 1 non-finite value"):
-            implicit.invert(torch.sin, y_target(), inverse=broken)
+        with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite'") as caught:
+            z, info = implicit.invert(torch.sin, y_target(), inverse=broken, return_info=True)
+        assert "is not finite" in str(caught[0].message)
+        assert info.status == "nonfinite" and not bool(info.converged)
+        with pytest.raises(implicit.ConvergenceError) as raised:
+            implicit.invert(torch.sin, y_target(), inverse=broken, on_failure="raise")
+        assert raised.value.info.status == "nonfinite"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            implicit.invert(torch.sin, y_target(), inverse=broken, on_failure="ignore")
+
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_one_non_finite_sample_leaves_the_others_alone(self, bad):
+        # A batch of linear systems 2 z = b solved by a black box that fails sample 1.
+        b = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=F64, requires_grad=True)
+
+        @implicit.custom_root(linear_g, batched=True)
+        def solve(b):
+            out = b.numpy() / 2
+            out[1, 0] = bad
+            return out
+
+        with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite' for 1 of 3"):
+            z = solve(b)
+        assert solve.last_info.converged.tolist() == [True, False, True]
+        assert torch.equal(z[[0, 2]], b.detach()[[0, 2]] / 2)
+        (grad,) = torch.autograd.grad(z[[0, 2]].sum(), b)
+        assert torch.equal(grad[[0, 2]], torch.full((2, 2), 0.5, dtype=F64))
+
+    def test_an_infinite_answer_with_a_finite_residual_is_not_a_root(self):
+        # g(z) = 1 − tanh(z) vanishes at z = ∞.
+        @implicit.custom_root(lambda z, b: b - torch.tanh(z), batched=True)
+        def solve(b):
+            with np.errstate(divide="ignore"):
+                return np.arctanh(b.numpy())
+
+        b = torch.tensor([[0.5], [1.0]], dtype=F64)
+        with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite' for 1 of 2"):
+            solve(b)
+        assert solve.last_info.converged.tolist() == [True, False]
 
     def test_other_dtypes_are_converted(self):
         y = y_target().detach().float().requires_grad_()

@@ -40,7 +40,8 @@ class DEQ(SolverLayer):
         max_iter: the forward iteration cap (and the backward's, unless its instance
             sets one).
         batched: dim 0 of the state indexes independent samples (per-sample
-            convergence, statistics and Jacobians).
+            convergence, statistics and Jacobians). A 1-D state (one sample without a
+            batch dimension) is refused: give it one (``x[None]``).
         **opts: ``on_failure`` (``"warn"``, ``"raise"`` or ``"ignore"``, default
             ``"warn"``); ``jac_reg`` (number of Hutchinson samples for
             ``last_jac_loss``, default 0: off; ``True`` means 1); and the
@@ -110,8 +111,11 @@ class DEQ(SolverLayer):
                 (required when the state is not shaped like ``x``). Receives no
                 gradient.
         """
+        name = "z0"
         if z0 is None:
-            z0 = _zeros_like(x)
+            z0, name = _zeros_like(x), "x (z0 defaults to zeros_like(x))"
+        if self.batched:
+            _check_batched(z0, name)
         z, info = fixed_point(self.f, z0, x, batched=self.batched, **self.solve_options())
         self.last_info = info
         self.last_jac_loss = None
@@ -200,6 +204,21 @@ class DEQ(SolverLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, batched={self.batched}, jac_reg={self.jac_reg}"
+
+
+def _check_batched(state: State, name: str) -> None:
+    """Refuse a state without a batch dimension: with ``batched=True`` dim 0 indexes the
+    samples, so a single sample of shape ``(n,)`` would be solved as ``n`` independent
+    problems of one unknown each, although the cell couples its features."""
+    for part in state if isinstance(state, (tuple, list)) else (state,):
+        if isinstance(part, torch.Tensor) and part.dim() == 1:
+            (size,) = part.shape
+            raise ValueError(
+                f"DEQ(batched=True) got {name} of shape ({size},): dim 0 indexes the "
+                f"samples, so this would be {size} independent problems of one unknown "
+                f"each. For one sample pass it with a batch dimension (x[None], shape "
+                f"(1, {size}), then take z[0]), or build the DEQ with batched=False."
+            )
 
 
 def _zeros_like(x: Any) -> State:

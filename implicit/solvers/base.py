@@ -83,9 +83,9 @@ class Solver(abc.ABC):
         z = z0
         r = fn(z) if r0 is None else r0
         check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
-        norms = torch.linalg.vector_norm(r, dim=1)
+        norms = residual_norms(z, r)
         # Fixed at the start, so that a diverging iterate cannot loosen its own test.
-        threshold = tol * (1 + fn.scale(z, r))
+        threshold = thresholds(tol, fn.scale(z, r))
         # A problem runs while its residual is finite and above its threshold (a NaN
         # fails both tests).
         running = (norms > threshold) & (norms < math.inf)
@@ -102,7 +102,7 @@ class Solver(abc.ABC):
             if not running_all and k % check_every == 0 and not bool(running.any()):
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
-            new_norms = torch.linalg.vector_norm(r_new, dim=1)
+            new_norms = residual_norms(z_new, r_new)
             if running_all:
                 # Ending or blowing up both leave this fast path.
                 worst = new_norms.max()
@@ -145,3 +145,19 @@ class Solver(abc.ABC):
             f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_")
         )
         return f"{type(self).__name__}({fields})"
+
+
+def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``‖r_b‖₂`` per row, NaN where the iterate ``z_b`` is not finite: a residual can
+    be finite at an infinite iterate (``tanh(∞) = 1``), which must never pass a test."""
+    norms = torch.linalg.vector_norm(r, dim=1)
+    return torch.where(torch.isfinite(z).all(dim=1), norms, math.nan)
+
+
+def thresholds(tol: float, scale: torch.Tensor) -> torch.Tensor:
+    """The stopping thresholds ``tol · (1 + scale_b)``, NaN where the scale is not
+    finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
+    a problem neither runs nor converges; it stops at once with status
+    ``"nonfinite"``."""
+    threshold = tol * (1 + scale)
+    return torch.where(threshold < math.inf, threshold, math.nan)

@@ -18,7 +18,7 @@ import torch
 from implicit._checks import check_options
 from implicit._operators import Residual
 from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers.base import Solver
+from implicit.solvers.base import Solver, residual_norms, thresholds
 
 METHODS = (
     "hybr",
@@ -147,11 +147,16 @@ class Scipy(Solver):
                 "scipy solver runs in numpy: use an implicit backward ('auto', 'dense', ...)"
             )
         batch = z0.shape[0]
-        bound = tol * (1 + fn.scale(z0, r0))  # fixed at the start, as for every solver
+        # Fixed at the start, as for every solver. A problem that starts non-finite (its
+        # iterate, residual or test's scale) stops at once, as in every solver: it is not
+        # handed to scipy (where it would spoil the block of problems it belongs to).
+        bound = thresholds(tol, fn.scale(z0, r0))
+        finite = torch.isfinite(residual_norms(z0, r0)) & torch.isfinite(bound)
+        startable = finite.nonzero().flatten().tolist()
         if self._strategy(batch * z0.shape[1]) == "block":
-            groups = [list(range(batch))]
+            groups = [startable] if startable else []
         else:
-            groups = [[b] for b in range(batch)]
+            groups = [[b] for b in startable]
         z = z0
         runs = []
         for rows in groups:
@@ -159,7 +164,7 @@ class Scipy(Solver):
             z = run.solve(r0[rows])
             runs.append(run)
         r = fn(z)
-        norms = torch.linalg.vector_norm(r, dim=1)
+        norms = residual_norms(z, r)
         codes = torch.where(norms <= bound, CONVERGED, FAILED)
         blew_up = torch.zeros_like(codes, dtype=torch.bool)
         broke_down = torch.zeros_like(blew_up)
@@ -167,14 +172,15 @@ class Scipy(Solver):
             blew_up[run.rows] = torch.as_tensor(run.blew_up, device=blew_up.device)
             broke_down[run.rows] = run.broke_down
         codes = torch.where(broke_down & (codes == FAILED), BREAKDOWN, codes)
-        codes = torch.where(blew_up | ~torch.isfinite(norms), NONFINITE, codes)
-        histories = [run.history for run in runs]
+        finite = torch.isfinite(norms) & torch.isfinite(bound)
+        codes = torch.where(blew_up | ~finite, NONFINITE, codes)
+        histories = [run.history for run in runs] or [[float(norms.max())]]
         length = max(len(h) for h in histories)
         history = [max(h[min(k, len(h) - 1)] for h in histories) for k in range(length)]
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
-            iterations=max(run.iterations for run in runs),
+            iterations=max((run.iterations for run in runs), default=0),
             f_evals=fn.f_evals,
             history=[*history, float(norms.max())] if length == 1 else history,
             status=status_name(codes),
@@ -202,6 +208,11 @@ class Scipy(Solver):
             if not run.success and bool((codes[run.rows] == CONVERGED).all()):
                 verdict += " (yet the answer meets tol)"
             verdicts.setdefault(verdict, []).extend(run.rows)
+        solved = {row for run in runs for row in run.rows}
+        untested = [row for row in range(codes.shape[0]) if row not in solved]
+        if untested:
+            verdict = "not run: z0, g(z0) or the scale of the stopping test is not finite"
+            verdicts[verdict] = untested
         parts = []
         for verdict, rows in verdicts.items():
             where = "" if len(verdicts) == 1 else f" [problem(s) {_ranges(rows)}]"

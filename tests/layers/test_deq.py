@@ -438,3 +438,18 @@ def test_training_memory_is_flat_in_max_iter_unlike_unroll():
     assert abs(step_peak("neumann", 40) - step_peak("neumann", 10)) <= 3 * state
     assert step_peak("unroll", 40) - step_peak("unroll", 10) >= 30 * 2 * state
     assert step_peak("unroll", 40) > 4 * step_peak("neumann", 40)
+
+
+def test_a_sample_without_batch_dimension_is_refused():
+    # batched=True: a 1-D x would be n problems of one unknown each, although the cell
+    # couples its features; the layer refuses it, naming the shape and the way out.
+    cell = Cell(6)
+    deq = implicit.DEQ(cell, solver="fixed_point", tol=1e-12, max_iter=200)
+    with pytest.raises(ValueError, match=r"batched=True.*shape \(6,\).*x\[None\]"):
+        deq(torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"z0 of shape \(6,\)"):
+        deq(torch.randn(1, 6, dtype=torch.float64), z0=torch.zeros(6, dtype=torch.float64))
+    x = torch.randn(6, dtype=torch.float64)
+    one = deq(x[None])[0]
+    unbatched = implicit.DEQ(cell, solver="fixed_point", batched=False, tol=1e-12, max_iter=200)(x)
+    assert torch.allclose(one, unbatched, rtol=0, atol=1e-10)

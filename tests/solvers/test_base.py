@@ -101,3 +101,52 @@ def test_a_problem_that_blows_up_before_any_finished(kind, check_every):
     assert float(z[0]) == 4.75
     assert float(z[1]) == pytest.approx(3 / 0.8, rel=1e-9)
     assert [i.status for i in alone] == ["nonfinite", "converged"]
+
+
+ITERATIVE = ["fixed_point", "anderson", "newton", "broyden"]
+
+
+@pytest.mark.parametrize("solver", [*ITERATIVE, "scipy"])
+def test_an_infinite_scale_never_passes_the_test(solver):
+    # f(z0) = e¹⁰⁰ − 2 overflows float32: the scale max(‖z0‖, ‖f(z0)‖) of the stopping
+    # test is infinite, and inf ≤ inf would pass it.
+    with pytest.warns(implicit.ConvergenceWarning, match="nonfinite"):
+        z, info = implicit.fixed_point(
+            lambda z: torch.exp(z) - 2, torch.full((3,), 100.0), solver=solver, return_info=True
+        )
+    assert info.status == "nonfinite" and not bool(info.converged)
+    assert info.iterations == 0 and torch.equal(z, torch.full((3,), 100.0))
+
+
+@pytest.mark.parametrize("solver", [*ITERATIVE, "scipy"])
+def test_an_infinite_iterate_never_passes_the_test(solver):
+    # g(z) = 1 − tanh(z) vanishes at z = ∞: a finite (zero) residual at an infinite
+    # iterate. In a batch, the other problems go on and converge.
+    z0 = torch.tensor([[math.inf], [0.0], [1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0], [0.5], [-0.5]], dtype=torch.float64)
+    with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite' for 1 of 3"):
+        z, info = implicit.root_solve(
+            lambda z, b: b - torch.tanh(z),
+            z0,
+            b,
+            solver=solver,
+            batched=True,
+            tol=1e-12,
+            return_info=True,
+        )
+    assert info.status == "nonfinite" and info.converged.tolist() == [False, True, True]
+    assert torch.allclose(z[1:], torch.atanh(b[1:]), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_a_sample_with_an_infinite_scale_does_not_stop_the_others(solver):
+    f, x, w = problems(batch=3)
+    z0 = torch.zeros(3, 4, dtype=torch.float64)
+    z0[1, 2] = math.inf
+    with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite' for 1 of 3"):
+        z, info = implicit.fixed_point(
+            f, z0, x, w, solver=solver, batched=True, tol=1e-10, return_info=True
+        )
+    assert info.converged.tolist() == [True, False, True]
+    assert torch.isnan(info.residual[1])
+    assert torch.equal(z[1], z0[1])
