@@ -199,8 +199,7 @@ class CheckAnswer(Solver):
         nonfinite = int((codes == NONFINITE).sum())
         if nonfinite:
             messages.append(
-                f"The answer of {self.who} (or g there) is not finite for {nonfinite} "
-                f"problem(s)."
+                f"The answer of {self.who} (or g there) is not finite for {nonfinite} problem(s)."
             )
         if bool((codes == FAILED).any()):
             worst = int(torch.argmax(torch.where(codes == FAILED, norms / bound, -1)))

@@ -60,7 +60,7 @@ class TestAnswers:
             return out
 
         with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite'") as caught:
-            z, info = implicit.invert(torch.sin, y_target(), inverse=broken, return_info=True)
+            _, info = implicit.invert(torch.sin, y_target(), inverse=broken, return_info=True)
         assert "is not finite" in str(caught[0].message)
         assert info.status == "nonfinite" and not bool(info.converged)
         with pytest.raises(implicit.ConvergenceError) as raised:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import torch
 
 from implicit._batch import known_all, traced

@@ -95,7 +95,7 @@ def test_failed_line_search_restarts_from_a_descent_direction():
     )
     # One trial per iteration: the full step and HALVINGS halvings fail, and the sample
     # stays where it is, its H unchanged, until it gives up and restarts.
-    for trial in range(HALVINGS + 1):
+    for _ in range(HALVINGS + 1):
         assert not bool(state.restart.any())
         z1, r1, state = solver.step(fn, z, r, state)
         assert torch.equal(z1, z) and torch.equal(r1, r)

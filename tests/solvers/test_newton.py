@@ -19,8 +19,8 @@ from solver_checks import (
 import implicit
 from implicit.linear import CG, GMRES, REFINEMENTS
 from implicit.solvers import Newton
-from implicit.solvers.newton import HALVINGS
 from implicit.solvers._line_search import Search
+from implicit.solvers.newton import HALVINGS
 
 test_converges_on_tanh_problem = tanh_test("newton")
 test_krylov_converges_on_tanh_problem = tanh_test("newton", linear="krylov")
