@@ -59,7 +59,8 @@ from implicit._results import (
     status_name,
 )
 from implicit.linear import LinearSolver, Unroll
-from implicit.solvers.base import Solver
+from implicit.linear import resolve as resolve_linear
+from implicit.solvers.base import Solver, residual_norms, thresholds
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -570,10 +571,16 @@ def solve(
 
 
 def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
-    """The reference mode: autograd records every iteration of the solver."""
+    """The reference mode: autograd records every iteration of the solver.
+
+    A problem that meets its tolerance at ``z0`` takes no iteration, and the unrolled
+    derivative of no iteration is zero, not the derivative of the solution: those
+    problems get the implicit one (:func:`_implicit_at_start`).
+    """
     fn = problem.solver_view(problem.inputs)
     try:
-        z, info = solver.solve(fn, z0, None, tol=tol, max_iter=max_iter)
+        r0 = fn(z0)
+        z, info = solver.solve(fn, z0, r0, tol=tol, max_iter=max_iter)
     except RuntimeError as error:
         innermost = traceback.extract_tb(error.__traceback__)[-1].filename
         if "data-dependent control flow" not in str(error) or not innermost.startswith(_PACKAGE):
@@ -586,7 +593,64 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     info.converged = _reported(info.converged, report_shape)
     info.residual = _reported(info.residual, report_shape)
     report_failure(info, on_failure, "forward solve")
+    at_start = residual_norms(z0, r0) <= thresholds(tol, fn.scale(z0, r0))
+    derivatives_possible = torch.is_grad_enabled() or _transforming() or _forward_ad_active()
+    if derivatives_possible and bool(at_start.any()):
+        z = _implicit_at_start(problem, z, at_start, tol, max_iter, on_failure)
+        info.f_evals += 1  # capture discovery
     return _not_a_view_of(z0, z), info
+
+
+def _implicit_at_start(problem, z, rows, tol, max_iter, on_failure):
+    """``z`` with the implicit derivative (``backward="auto"``) in the ``rows`` that
+    took no iteration; the same values.
+
+    Those rows are solved again by :class:`_ImplicitFunction`, which takes no step
+    (:class:`_Given`); the other rows are pinned by the residual ``z − z*``, which has
+    no inputs, so that their (unrolled) derivatives come from ``z`` alone.
+    """
+    anchor = z.detach()
+    problem.discover(anchor)  # the captured tensors, as inputs of the function
+    if not (_transforming() or problem.carries_derivatives()):
+        return z
+    linear = resolve_linear("auto").for_size(problem.n)
+    settings = _Settings(tol, max_iter, on_failure, linear, problem.batch_size)
+    root = _RootProblem(_Pinned(problem), _Given(), settings, None, (problem.batch_size,))
+    rows = rows.unsqueeze(1)
+    return torch.where(rows, _implicit(root, anchor, rows, anchor, *problem.inputs), z)
+
+
+class _Pinned:
+    """``problem``'s residual in some rows, ``z − anchor`` in the others: the residual
+    of inputs ``(rows, anchor, *problem's inputs)``, ``rows`` of shape ``(B, 1)``
+    (inputs rather than attributes, so that ``torch.func`` transforms see them)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    def residual(self, z: torch.Tensor, rows, anchor, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows, self.problem.residual(z, *inputs), z - anchor)
+
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor, rows, anchor, *inputs) -> torch.Tensor:
+        return self.problem.scale(z0, r0, *inputs)
+
+    def solver_view(self, inputs: Sequence[torch.Tensor], source=None) -> Residual:
+        source = self if source is None else source
+        return Residual(
+            lambda z: source.residual(z, *inputs), lambda z, r: source.scale(z, r, *inputs)
+        )
+
+
+class _Given(Solver):
+    """The forward of a solve whose answer is known: its start, without an evaluation."""
+
+    name = "given"
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        converged = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
+        residual = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
+        info = SolveInfo(converged, residual, 0, 0, [], "converged", self.name)
+        return z0, info
 
 
 def _not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

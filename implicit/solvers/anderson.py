@@ -129,8 +129,12 @@ class Anderson(Solver):
         # (so that the method does not care about the scale of g) and a ridge on the
         # unit diagonal. Unused slots (zero rows, zero right-hand side) are uncoupled:
         # their coefficient solves to exactly zero, whatever their (finite) scale.
+        # An unused slot's scale is 1, not rsqrt(0): any finite value leaves it uncoupled,
+        # and clamping to a tiny square instead gave a derivative of about tiny^-1.5,
+        # infinite, whose product with the zero tangent there is NaN (forward mode,
+        # Hessians under backward="unroll").
         squares = state.gram.diagonal(dim1=1, dim2=2)
-        inverse_norms = torch.rsqrt(squares.clamp_min(torch.finfo(squares.dtype).tiny))
+        inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
         system = state.gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
         ridge = max(self.regularization, torch.finfo(z.dtype).eps)
         system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
