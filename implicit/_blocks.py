@@ -6,6 +6,9 @@ CPU, against 0.035 ms for the division that the factorisation and the solve amou
 to. These functions divide such blocks and hand every other size to ``torch.linalg``,
 with the same outputs (an exactly zero ``1 × 1`` block is reported singular, as LAPACK
 does, and divides to ``inf`` or ``nan``).
+
+Blocks in half precision are factorised and solved in float32 (LAPACK has no half
+precision), and solutions come back in the right-hand side's dtype.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import dataclasses
 
 import torch
 
+from implicit._precision import upcast
+
 
 def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)``."""
+    """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)`` (float32 factors
+    of half-precision blocks)."""
+    blocks = upcast(blocks)
     if blocks.shape[-1] != 1:
         return torch.linalg.lu_factor_ex(blocks)
     pivots = torch.ones(blocks.shape[:-1], dtype=torch.int32, device=blocks.device)
@@ -27,10 +34,12 @@ def lu_solve(
     lu: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, *, adjoint: bool = False
 ) -> torch.Tensor:
     """``torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)`` for a factorisation
-    by :func:`lu_factor` (``adjoint``: solve with the transposed blocks)."""
+    by :func:`lu_factor` (``adjoint``: solve with the transposed blocks), in the
+    dtype of ``rhs``."""
+    working = rhs.to(lu.dtype)
     if lu.shape[-1] == 1:
-        return rhs / lu
-    return torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)
+        return (working / lu).to(rhs.dtype)
+    return torch.linalg.lu_solve(lu, pivots, working, adjoint=adjoint).to(rhs.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +73,14 @@ class Factorization:
 
 def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.solve_ex(blocks, rhs)``: ``(x, info)``, for ``rhs`` a batch of
-    vectors ``(..., n)`` or of matrices ``(..., n, k)``."""
+    vectors ``(..., n)`` or of matrices ``(..., n, k)``; ``x`` in the dtype of ``rhs``."""
+    dtype = rhs.dtype
+    blocks, rhs = upcast(blocks), upcast(rhs)
     if blocks.shape[-1] != 1:
-        return torch.linalg.solve_ex(blocks, rhs)
+        x, info = torch.linalg.solve_ex(blocks, rhs)
+        return x.to(dtype), info
     divisor = blocks[..., 0] if rhs.dim() < blocks.dim() else blocks
-    return rhs / divisor, _zero_pivot(blocks)
+    return (rhs / divisor).to(dtype), _zero_pivot(blocks)
 
 
 def _zero_pivot(blocks: torch.Tensor) -> torch.Tensor:

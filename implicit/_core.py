@@ -50,6 +50,7 @@ from implicit._operators import (
     Residual,
     vmap_call,
 )
+from implicit._precision import HALF, WorkingOperator, attainable, upcast
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -87,6 +88,9 @@ class _Settings:
         linear = _blockwise(self.linear, rhs.shape[0] // self.rows, rhs.shape)
         tol = linear.tol if linear.tol is not None else self.tol
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
+        dtype = rhs.dtype
+        if dtype in HALF:  # solved in float32 around products in half precision
+            op, rhs, tol = WorkingOperator(op, dtype), upcast(rhs), attainable(tol, dtype)
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
         info = BackwardInfo(
             converged=_reported(result.codes == CONVERGED, report_shape),
@@ -97,7 +101,7 @@ class _Settings:
             method=result.method or linear.name,
         )
         report_failure(info, self.on_failure, what)
-        return result.x, info
+        return result.x.to(dtype), info
 
 
 def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

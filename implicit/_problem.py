@@ -18,6 +18,7 @@ import torch
 from implicit import _tree
 from implicit._capture import Recorder, Substitute, carries_derivative
 from implicit._operators import Residual
+from implicit._precision import norms, working_dtype
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
 State = torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | dict[Any, Any]
@@ -206,14 +207,13 @@ class Problem:
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """Per-problem scale of the stopping tolerance, from the initial guess ``z0``, its
         residual ``r0`` and the problem's ``inputs`` (see the class docstring)."""
+        # (Norms in float32 for half precision, where they would overflow from 256 on.)
         if self.form == "fixed_point":
-            return torch.maximum(
-                torch.linalg.vector_norm(z0, dim=1), torch.linalg.vector_norm(z0 + r0, dim=1)
-            )
+            return torch.maximum(norms(z0), norms(z0 + r0))
         if self.form == "inverse":
             # The target y is the first input, possibly a stand-in (e.g. a vmapped slice).
-            return torch.linalg.vector_norm(inputs[0].reshape(self.batch_size, -1), dim=1)
-        return z0.new_zeros(z0.shape[0])
+            return norms(inputs[0].reshape(self.batch_size, -1))
+        return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
         """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives.

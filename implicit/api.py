@@ -12,6 +12,7 @@ from implicit import _aux, _blackbox, _core, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure, check_tol
 from implicit._compile import eager
 from implicit._operators import Jacobian
+from implicit._precision import attainable
 from implicit._problem import Problem, State
 from implicit._results import SolveInfo
 
@@ -33,6 +34,7 @@ def _run(
     check_on_failure(on_failure)
     method = solvers.resolve(solver, solver_options)
     mode = linear.resolve(backward)
+    tol = attainable(tol, problem.dtype)  # a few units of rounding in half precision
     z, info = _core.solve(problem, method, mode, tol=tol, max_iter=max_iter, on_failure=on_failure)
     out = problem.unpack(z)
     return (out, info) if return_info else out

@@ -20,13 +20,16 @@ import math
 import torch
 
 from implicit._batch import known_all, traced
+from implicit._precision import norms, upcast
 
 #: Sufficient decrease: accept ``t`` when ``½‖g(z + t d)‖² ≤ ½‖g(z)‖² + ARMIJO · t · slope``.
 ARMIJO = 1e-4
 
 
 def squared_norm(r: torch.Tensor) -> torch.Tensor:
-    """``‖g‖²`` per sample: twice the merit ``½‖g‖²``, whose test is written doubled."""
+    """``‖g‖²`` per sample: twice the merit ``½‖g‖²``, whose test is written doubled (in
+    float32 for half precision, where it would overflow from ``‖g‖ = 256`` on)."""
+    r = upcast(r)
     return torch.linalg.vecdot(r, r)
 
 
@@ -53,8 +56,7 @@ def _threshold(
 def _scales(z: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B,)`` the rounding of ``z`` (``eps·‖z‖``) and the length of ``d``: a step ``t d``
     with ``t·‖d‖ ≤ eps·‖z‖`` no longer changes ``z`` in floating point."""
-    rounding = torch.finfo(z.dtype).eps * torch.linalg.vector_norm(z, dim=1)
-    return rounding, torch.linalg.vector_norm(direction, dim=1)
+    return torch.finfo(z.dtype).eps * norms(z), norms(direction)
 
 
 @dataclasses.dataclass
@@ -77,7 +79,10 @@ class Search:
 
     def trial(self, z: torch.Tensor) -> torch.Tensor:
         """The next trial point ``z + t d`` of every sample."""
-        return z + self.direction if self.t is None else z + self.t.unsqueeze(1) * self.direction
+        if self.t is None:
+            return z + self.direction
+        # (t is in the merit's dtype: float32 for a half-precision z.)
+        return z + self.t.to(z.dtype).unsqueeze(1) * self.direction
 
     def merged(self, keep: torch.Tensor, fresh: Search) -> Search:
         """This search (as :meth:`judge` left it) for the samples in ``keep`` (``(B,)``),

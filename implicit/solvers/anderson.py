@@ -9,6 +9,7 @@ import torch
 
 from implicit._batch import combine, known_all, project, store, traced
 from implicit._blocks import solve
+from implicit._precision import upcast, working_dtype
 from implicit.solvers.base import Solver
 
 
@@ -50,13 +51,13 @@ class Anderson(Solver):
     One evaluation of ``g`` per iteration. The small least-squares problems of all
     samples are solved at once, through their normal equations, with the columns of
     ``ΔR`` scaled to unit norm (so the method does not care about the scale of
-    ``g``) and a ridge ``regularization · I`` added (at least the dtype's machine
-    epsilon, below which it vanishes in rounding). A sample falls back to the plain
-    mixing step ``z + β g(z)`` and starts a new history when its solve is not finite
-    or its coefficients exceed ``max_coefficient`` (the history is nearly
-    degenerate and the extrapolation would amplify noise); steps whose residual
-    difference is zero or not finite never enter the history. Differentiable
-    (``backward="unroll"`` works through it).
+    ``g``) and a ridge ``regularization · I`` added (at least the machine epsilon,
+    below which it vanishes in rounding; in float32 for half-precision states). A
+    sample falls back to the plain mixing step ``z + β g(z)`` and starts a new history
+    when its solve is not finite or its coefficients exceed ``max_coefficient`` (the
+    history is nearly degenerate and the extrapolation would amplify noise); steps
+    whose residual difference is zero or not finite never enter the history.
+    Differentiable (``backward="unroll"`` works through it).
 
     On a root problem this accelerates ``z ← z + β g(z)``, which needs ``∂g/∂z``
     close to ``−I`` (as for ``g = f(z) − z`` with a contractive ``f``); for other root
@@ -111,8 +112,8 @@ class Anderson(Solver):
             r=r,
             dr=z.new_zeros(batch, self.m, n),
             dz_mixed=z.new_zeros(batch, self.m, n),
-            gram=z.new_zeros(batch, self.m, self.m),
-            rhs=z.new_zeros(batch, self.m),
+            gram=z.new_zeros(batch, self.m, self.m, dtype=working_dtype(z.dtype)),
+            rhs=z.new_zeros(batch, self.m, dtype=working_dtype(z.dtype)),
         )
 
     def step(self, fn, z, r, state):
@@ -136,7 +137,7 @@ class Anderson(Solver):
         squares = state.gram.diagonal(dim1=1, dim2=2)
         inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
         system = state.gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
-        ridge = max(self.regularization, torch.finfo(z.dtype).eps)
+        ridge = max(self.regularization, torch.finfo(system.dtype).eps)
         system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
         scaled, _ = solve(system, inverse_norms * rhs)
         gamma = inverse_norms * scaled  # in this order: a contiguous (B, m) result
@@ -157,6 +158,7 @@ class Anderson(Solver):
                 dz_mixed=torch.where(keep, state.dz_mixed, 0),
                 rhs=torch.where(keep.squeeze(2), rhs, 0),
             )
+        gamma = gamma.to(z.dtype)  # (the least squares run in float32 for half precision)
         z_next = torch.add(z, r, alpha=self.mixing)
         if in_place:  # the correction subtracted as it is computed: one pass less
             z_next.unsqueeze(1).baddbmm_(gamma.unsqueeze(1), state.dz_mixed, alpha=-1)
@@ -183,8 +185,8 @@ class Anderson(Solver):
         # One pass over the history: ΔRᵀ r. The new row of the Gram matrix follows
         # without a second one: Δr_jᵀ Δr_new = Δr_jᵀ r − Δr_jᵀ r_prev for the columns
         # kept from the last step (whose ΔRᵀ r_prev is at hand), ‖Δr_new‖² for the new.
-        rhs = project(dr, r)
-        square = torch.linalg.vecdot(dr_new, dr_new)
+        rhs = project(upcast(dr), upcast(r))
+        square = torch.linalg.vecdot(upcast(dr_new), upcast(dr_new))
         row = store(rhs - state.rhs, slot, square, dim=1)
         # A first step (no previous iterate) has Δr = 0 and is not usable. NaN fails the
         # test; an infinite Δr (a problem that blew up, which the driver has stopped)

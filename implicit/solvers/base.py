@@ -23,6 +23,7 @@ import torch
 
 from implicit._batch import all_running, cheap_host_reads, row_selector
 from implicit._operators import Residual
+from implicit._precision import norms
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
 
@@ -148,10 +149,10 @@ class Solver(abc.ABC):
 
 
 def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``‖r_b‖₂`` per row, NaN where the iterate ``z_b`` is not finite: a residual can
-    be finite at an infinite iterate (``tanh(∞) = 1``), which must never pass a test."""
-    norms = torch.linalg.vector_norm(r, dim=1)
-    return torch.where(torch.isfinite(z).all(dim=1), norms, math.nan)
+    """``‖r_b‖₂`` per row (in float32 for half precision), NaN where the iterate ``z_b``
+    is not finite: a residual can be finite at an infinite iterate (``tanh(∞) = 1``),
+    which must never pass a test."""
+    return torch.where(torch.isfinite(z).all(dim=1), norms(r), math.nan)
 
 
 def thresholds(tol: float, scale: torch.Tensor) -> torch.Tensor:

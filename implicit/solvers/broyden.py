@@ -8,6 +8,7 @@ import math
 import torch
 
 from implicit._batch import combine, known_all, project, store
+from implicit._precision import norms, upcast
 from implicit.solvers._line_search import (
     Search,
     frozen_rows,
@@ -162,15 +163,15 @@ class Broyden(Solver):
         s = z_new - z
         h_r_new = state.apply(r_new)
         hy = h_r_new + direction  # H (g(z_new) − g(z))
-        denominator = (s * hy).sum(dim=1)
-        size = torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(hy, dim=1)
+        denominator = _dot(s, hy)
+        size = norms(s) * norms(hy)
         eps = torch.finfo(z.dtype).eps
         usable = passed & torch.isfinite(denominator) & (denominator.abs() > math.sqrt(eps) * size)
         safe = torch.where(usable, denominator, 1).unsqueeze(1)
-        u = torch.where(usable.unsqueeze(1), (s - hy) / safe, 0)
+        u = torch.where(usable.unsqueeze(1), (s - hy) / safe, 0).to(z.dtype)
         v = torch.where(usable.unsqueeze(1), state.apply_transpose(s), 0)
         # (H + u vᵀ) g(z_new), for the next direction, without another pass over the history.
-        h_r_new = h_r_new + u * (v * r_new).sum(dim=1, keepdim=True)
+        h_r_new = h_r_new + u * _dot(v, r_new).to(z.dtype).unsqueeze(1)
         if state.filled == self.memory and pending is not None:
             # The slot holds each sample's oldest term: a sample still searching keeps
             # it (and so its H); the others lose it to their update or restart anyway.
@@ -201,12 +202,17 @@ class Broyden(Solver):
         jr = fn.linearize(z).matvec(r)
         # Guarded divisions: a NaN in the branch torch.where discards would still
         # poison the derivative under backward="unroll" (here at r = 0).
-        squared = (r * r).sum(dim=1)
-        alpha = (r * jr).sum(dim=1) / torch.where(squared > 0, squared, 1)
+        squared = _dot(r, r)
+        alpha = _dot(r, jr) / torch.where(squared > 0, squared, 1)
         usable = (squared > 0) & torch.isfinite(alpha) & (alpha != 0)
-        h0 = torch.where(usable, 1 / torch.where(usable, alpha, 1), -1.0)
+        h0 = torch.where(usable, 1 / torch.where(usable, alpha, 1), -1.0).to(z.dtype)
         u, v = state.u, state.v
         if state.filled:
             keep = ~restart.unsqueeze(1).unsqueeze(2)
             u, v = torch.where(keep, u, 0), torch.where(keep, v, 0)
         return dataclasses.replace(state, u=u, v=v, h0=torch.where(restart, h0, state.h0), h_r=None)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀb`` per row (in float32 for half precision, where it would overflow)."""
+    return (upcast(a) * upcast(b)).sum(dim=1)

@@ -10,6 +10,7 @@ import torch
 from implicit._batch import known_all
 from implicit._blocks import Factorization, solve
 from implicit._operators import Jacobian, Operator
+from implicit._precision import HALF, WorkingOperator, norms, upcast
 from implicit.linear import GMRES
 from implicit.solvers._line_search import (
     Search,
@@ -161,7 +162,7 @@ class Newton(Solver):
         return _NewtonState(
             linearization=None,
             frozen=torch.zeros(z.shape[0], dtype=torch.bool, device=z.device),
-            initial_norm=torch.linalg.vector_norm(r, dim=1),
+            initial_norm=norms(r),
         )
 
     def step(self, fn, z, r, state):
@@ -264,7 +265,7 @@ class Newton(Solver):
             ).solve(r)
         damped = _damped_least_squares(jacobian, r)
         direction = torch.where(failed.unsqueeze(1), damped, direction)
-        slope = (r * (jacobian @ direction.unsqueeze(2)).squeeze(2)).sum(dim=1)
+        slope = (upcast(r) * (upcast(jacobian) @ upcast(direction).unsqueeze(2)).squeeze(2)).sum(1)
         return direction, slope, None
 
     def _krylov_direction(self, jacobian, r, initial_norm, waiting):
@@ -275,7 +276,7 @@ class Newton(Solver):
                 "Newton(linear='dense') or another backward mode"
             )
         krylov = self.krylov or GMRES()
-        norm = torch.linalg.vector_norm(r, dim=1)
+        norm = norms(r)
         if krylov.tol is not None:
             tol = krylov.tol
         else:
@@ -285,21 +286,26 @@ class Newton(Solver):
             ratio = float(ratio.max().detach())
             tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
-        result = krylov.solve(Operator(jacobian, transpose=False), -r, tol=tol, max_iter=max_iter)
+        op = Operator(jacobian, transpose=False)
+        if r.dtype in HALF:
+            op = WorkingOperator(op, r.dtype)
+        result = krylov.solve(op, upcast(-r), tol=tol, max_iter=max_iter)
         finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)
-        direction = torch.where(finite.unsqueeze(1), result.x, 0)
+        direction = torch.where(finite.unsqueeze(1), result.x, 0).to(r.dtype)
         # ‖J d + g‖ = η‖g‖ bounds the slope gᵀJd ≤ −(1 − η)‖g‖² (no extra product).
         eta = torch.where(finite, result.residual, 1).clamp(0, 1)
         return direction, -(1 - eta) * norm**2
 
 
 def _damped_least_squares(jacobian: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``−(JᵀJ + μI)⁻¹ Jᵀ r`` per sample with ``μ = √eps · ‖J‖²_F / n`` (μ = 1 if J = 0)."""
-    n = r.shape[1]
+    """``−(JᵀJ + μI)⁻¹ Jᵀ r`` per sample with ``μ = √eps · ‖J‖²_F / n`` (μ = 1 if J = 0),
+    in float32 for half precision (where ``JᵀJ`` would overflow), in ``r``'s dtype."""
+    dtype, n = r.dtype, r.shape[1]
+    jacobian, r = upcast(jacobian), upcast(r)
     normal = jacobian.transpose(1, 2) @ jacobian
-    mu = math.sqrt(torch.finfo(r.dtype).eps) * normal.diagonal(dim1=1, dim2=2).sum(dim=1) / n
+    mu = math.sqrt(torch.finfo(dtype).eps) * normal.diagonal(dim1=1, dim2=2).sum(dim=1) / n
     mu = torch.where(mu > 0, mu, 1)
     eye = torch.eye(n, dtype=r.dtype, device=r.device)
     system = normal + mu[:, None, None] * eye
     gradient = (jacobian.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
-    return -solve(system, gradient)[0]
+    return -solve(system, gradient)[0].to(dtype)

@@ -17,6 +17,7 @@ import torch
 
 from implicit._checks import check_options
 from implicit._operators import Residual
+from implicit._precision import upcast
 from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers.base import Solver, residual_norms, thresholds
 
@@ -275,7 +276,7 @@ class _Run:
         except Exception as error:
             self.user_error = error  # g's own error: raised as is, not a scipy failure
             raise
-        out = r.detach().cpu().numpy().astype(self.np_dtype)
+        out = upcast(r.detach()).cpu().numpy().astype(self.np_dtype)  # (numpy has no bfloat16)
         if not np.isfinite(out).all():
             rows_finite = np.isfinite(out.reshape(len(self.rows), self.n)).all(axis=1)
             self.blew_up = ~rows_finite
@@ -306,7 +307,7 @@ class _Run:
 
         solver = self.solver
         method = solver.method
-        x0 = self.z[self.rows].reshape(-1).detach().cpu().numpy().astype(self.np_dtype)
+        x0 = upcast(self.z[self.rows].reshape(-1).detach()).cpu().numpy().astype(self.np_dtype)
         self.history.append(float(torch.linalg.vector_norm(r0, dim=1).max()))
         unknowns = x0.size
         # Our test as scipy's: a norm that is at most 1 when every row meets its bound.
