@@ -571,6 +571,8 @@ def solve(
     else:
         with torch.no_grad():
             z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
+    if r0 is not None:
+        root.info.f_evals += 1  # capture discovery's evaluation of g at z0
     return z, root.info
 
 

@@ -289,6 +289,7 @@ def _check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, n
     for state, label in zip(states, labels):
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
+        check_storage(state, label)
         if not state.is_floating_point():
             raise TypeError(f"{label} must be a floating-point tensor, got {state.dtype}")
         if state.numel() == 0:
@@ -303,6 +304,20 @@ def _check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, n
             raise ValueError(
                 f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
             )
+
+
+def check_storage(tensor: torch.Tensor, label: str) -> None:
+    """A state must hold values in dense (strided) storage: not a sparse tensor (the
+    solvers reshape and combine states densely), not a meta tensor (no values)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{label} is on the meta device, which holds no values to solve for: create "
+            f"it on a real device (cpu, cuda, ...)"
+        )
 
 
 def _check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:

@@ -7,6 +7,7 @@ Everything that says how a solve ended lives here: the status codes, the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -62,6 +63,11 @@ class ConvergenceError(RuntimeError):
         super().__init__(message)
         self.info = info
 
+    def __reduce__(self):
+        # Exceptions pickle as ``cls(*args)``, which would drop ``info`` (multiprocessing
+        # workers, DistributedDataParallel ranks and test runners pickle them).
+        return type(self), (str(self), self.info)
+
 
 def status_name(codes: torch.Tensor) -> str:
     """The name of the worst status in a tensor of per-sample codes."""
@@ -102,7 +108,10 @@ class SolveInfo:
         converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
         residual: final residual norm ``‖g(z)‖₂`` per problem, same shape.
         iterations: iterations taken (the maximum over samples).
-        f_evals: evaluations of ``g`` (or ``f``); one call on the whole batch counts once.
+        f_evals: evaluations of ``g`` (or ``f``) in the forward; one call on the whole
+            batch counts once. Where derivatives may be asked for, this includes the
+            evaluation at ``z0`` that finds the tensors ``g`` captures (the solver
+            reuses its residual as its first).
         history: the worst residual norm over the batch after each iteration,
             starting with the initial guess.
         status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or
@@ -141,7 +150,9 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
         return
     failed = int((~info.converged).sum())
     total = info.converged.numel()
-    worst = float(info.residual.nan_to_num(nan=float("inf")).max())
+    # NaN is the worst (and prints as nan; inf as inf).
+    residual = info.residual
+    worst = math.nan if bool(residual.isnan().any()) else float(residual.max())
     message = (
         f"{what} did not converge: status {info.status!r} for {failed} of {total} "
         f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."

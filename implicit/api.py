@@ -13,7 +13,7 @@ from implicit._checks import check_max_iter, check_on_failure, check_tol
 from implicit._compile import eager
 from implicit._operators import Jacobian
 from implicit._precision import attainable
-from implicit._problem import Problem, State
+from implicit._problem import Problem, State, check_storage
 from implicit._results import SolveInfo
 
 Backward = str | linear.LinearSolver | linear.Unroll
@@ -220,6 +220,7 @@ def invert(
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    check_storage(y, "y")
     if not y.is_floating_point():
         raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
     f, aux = _aux.split(f, has_aux, "f")

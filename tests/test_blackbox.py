@@ -246,3 +246,18 @@ class TestDecoratorInput:
             implicit.custom_root(linear_g)(3)
         with pytest.raises(TypeError, match="inverse must be callable"):
             implicit.invert(torch.sin, torch.ones(1), inverse="arcsin")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_f_evals_counts_the_one_evaluation_at_the_answer(grad):
+    # With grad, the capture discovery's evaluation is the check of the answer.
+    calls = []
+
+    def g(z, b):
+        calls.append(1)
+        return linear_g(z, b)
+
+    solve = implicit.custom_root(g)(lambda b: b.numpy() / 2)
+    b = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=grad)
+    solve(b)
+    assert solve.last_info.f_evals == len(calls) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -91,9 +92,31 @@ class TestOnFailure:
     def test_backward_message_advises_on_the_linear_solve(self):
         with pytest.raises(implicit.ConvergenceError, match="preconditioner") as caught:
             report_failure(backward_info(False, math.nan, "breakdown"), "raise", "backward")
-        # A residual that was not measured reads as infinite, not as nan.
+        # NaN is the worst residual, and reads as such.
         assert "status 'breakdown' for 1 of 1" in str(caught.value)
-        assert "worst residual inf" in str(caught.value)
+        assert "worst residual nan" in str(caught.value)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_non_finite_residuals_read_as_nan_and_inf(self, dtype):
+        # Not inf for NaN, nor the dtype's largest number (3.403e+38) for inf.
+        for value, text in ((math.nan, "nan"), (math.inf, "inf")):
+            with pytest.warns(implicit.ConvergenceWarning, match=f"worst residual {text} after"):
+                implicit.root_solve(
+                    lambda z, value=value: torch.full_like(z, value),
+                    torch.ones(2, dtype=dtype),
+                    max_iter=3,
+                )
+        info = solve_info([False, False], [math.inf, math.nan])
+        with pytest.raises(implicit.ConvergenceError, match="worst residual nan after"):
+            report_failure(info, "raise", "forward solve")
+
+    def test_the_error_pickles_with_its_report(self):
+        with pytest.raises(implicit.ConvergenceError) as caught:
+            implicit.fixed_point(lambda z: z + 1, torch.zeros(2), on_failure="raise", max_iter=2)
+        error = pickle.loads(pickle.dumps(caught.value))
+        assert type(error) is implicit.ConvergenceError and str(error) == str(caught.value)
+        assert error.info.status == "max_iter" and error.info.iterations == 2
+        assert torch.equal(error.info.residual, caught.value.info.residual)
 
     def test_the_error_is_a_runtime_error_and_the_warning_a_runtime_warning(self):
         assert issubclass(implicit.ConvergenceError, RuntimeError)

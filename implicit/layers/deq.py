@@ -53,7 +53,7 @@ class DEQ(SolverLayer):
         last_jac_loss: with ``jac_reg``,
             [`jacobian_penalty`][implicit.layers.DEQ.jacobian_penalty] at the latest
             forward's fixed point, to add to the loss (``None`` in ``eval()`` mode or
-            without grad).
+            without grad; detached in a copy of the layer).
 
     Example:
         >>> class Cell(torch.nn.Module):  # f(z, x) = tanh(W z + x)
@@ -122,6 +122,14 @@ class DEQ(SolverLayer):
         if self.jac_reg and self.training and torch.is_grad_enabled():
             self.last_jac_loss = self.jacobian_penalty(x, z, samples=self.jac_reg)
         return z
+
+    def __getstate__(self) -> dict[str, Any]:
+        # last_jac_loss belongs to the latest forward's graph, which deepcopy and pickle
+        # cannot carry: a copy keeps its value, detached.
+        state = super().__getstate__()
+        if state.get("last_jac_loss") is not None:
+            state["last_jac_loss"] = state["last_jac_loss"].detach()
+        return state
 
     def jacobian_penalty(
         self,

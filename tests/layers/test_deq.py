@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import EXACT_MODES, rel_err, unrolled_fixed_point
@@ -453,3 +456,16 @@ def test_a_sample_without_batch_dimension_is_refused():
     one = deq(x[None])[0]
     unbatched = implicit.DEQ(cell, solver="fixed_point", batched=False, tol=1e-12, max_iter=200)(x)
     assert torch.allclose(one, unbatched, rtol=0, atol=1e-10)
+
+
+def test_copies_and_pickles_after_a_forward_with_jac_reg():
+    # last_jac_loss is part of the forward's graph: the copy keeps its value, detached.
+    deq = implicit.DEQ(Cell(), solver="fixed_point", jac_reg=1, **TIGHT)
+    x = make_input()
+    z = deq(x)
+    for copy_of in (copy.deepcopy, lambda layer: pickle.loads(pickle.dumps(layer))):
+        twin = copy_of(deq)
+        assert not twin.last_jac_loss.requires_grad
+        assert torch.equal(twin.last_jac_loss, deq.last_jac_loss.detach())
+        assert torch.equal(twin(x), z)
+    assert deq.last_jac_loss.requires_grad  # the original keeps its graph

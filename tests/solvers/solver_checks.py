@@ -119,9 +119,11 @@ def exact_root_unroll_test(solver: str, **options):
 
 
 def counting_test(solver: str, **options):
-    """``SolveInfo.f_evals`` is the number of calls of the user's function."""
+    """``SolveInfo.f_evals`` is the number of calls of the user's function in the
+    forward: with grad mode on, the capture discovery's call included."""
 
-    def test():
+    @pytest.mark.parametrize("grad", [False, True])
+    def test(grad):
         p = TanhProblem(n=5, batch=2, norm=0.9)
         calls = []
 
@@ -129,7 +131,7 @@ def counting_test(solver: str, **options):
             calls.append(1)
             return p.f(z, x)
 
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             _, info = implicit.fixed_point(
                 f,
                 p.z0,

@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 from conftest import contractive_matrix
+from solver_checks import counting_test
 
 import implicit
+
+test_picard_counts_every_evaluation = counting_test("fixed_point")
+test_scipy_counts_every_evaluation = counting_test("scipy")
 
 
 def problems(batch=5, n=4):
