@@ -158,7 +158,8 @@ class Anderson(Solver):
                 dz_mixed=torch.where(keep, state.dz_mixed, 0),
                 rhs=torch.where(keep.squeeze(2), rhs, 0),
             )
-        gamma = gamma.to(z.dtype)  # (the least squares run in float32 for half precision)
+        if gamma.dtype != z.dtype:  # the least squares ran in float32 (half precision)
+            gamma = gamma.to(z.dtype)
         z_next = torch.add(z, r, alpha=self.mixing)
         if in_place:  # the correction subtracted as it is computed: one pass less
             z_next.unsqueeze(1).baddbmm_(gamma.unsqueeze(1), state.dz_mixed, alpha=-1)
