@@ -50,7 +50,7 @@ from implicit._operators import (
     Residual,
     vmap_call,
 )
-from implicit._precision import HALF, WorkingOperator, attainable, upcast
+from implicit._precision import WorkingOperator, attainable, is_half, upcast
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -89,7 +89,7 @@ class _Settings:
         tol = linear.tol if linear.tol is not None else self.tol
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         dtype = rhs.dtype
-        if dtype in HALF:  # solved in float32 around products in half precision
+        if is_half(dtype):  # solved in float32 around products in half precision
             op, rhs, tol = WorkingOperator(op, dtype), upcast(rhs), attainable(tol, dtype)
         result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
         info = BackwardInfo(

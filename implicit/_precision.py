@@ -18,35 +18,38 @@ from __future__ import annotations
 
 import torch
 
-HALF = (torch.float16, torch.bfloat16)
-
 #: The smallest relative tolerance a half-precision solve is held to, in units of the
 #: dtype's machine epsilon (float16: 3.9e-3; bfloat16: 3.1e-2).
 RESOLUTION = 4
 
 
+def is_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16 (by identity: solvers ask every step)."""
+    return dtype is torch.float16 or dtype is torch.bfloat16
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the solvers compute in for states of ``dtype``: float32 for half
     precision, the dtype itself otherwise."""
-    return torch.float32 if dtype in HALF else dtype
+    return torch.float32 if is_half(dtype) else dtype
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in its working dtype (itself, unless in half precision)."""
     # (Tested here: a no-op ``Tensor.to`` still costs a dispatch, on every iteration.)
-    return tensor.float() if tensor.dtype in HALF else tensor
+    return tensor.float() if is_half(tensor.dtype) else tensor
 
 
 def norms(tensor: torch.Tensor) -> torch.Tensor:
     """``‖tensor_b‖₂`` per row of a ``(B, n)`` tensor, in the working dtype."""
-    if tensor.dtype in HALF:
+    if is_half(tensor.dtype):
         return torch.linalg.vector_norm(tensor, dim=1, dtype=torch.float32)
     return torch.linalg.vector_norm(tensor, dim=1)
 
 
 def attainable(tol: float, dtype: torch.dtype) -> float:
     """``tol``, at least ``RESOLUTION`` machine epsilons of a half-precision ``dtype``."""
-    if dtype not in HALF:
+    if not is_half(dtype):
         return tol
     return max(tol, RESOLUTION * torch.finfo(dtype).eps)
 

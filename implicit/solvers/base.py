@@ -23,7 +23,8 @@ import torch
 
 from implicit._batch import all_running, cheap_host_reads, row_selector
 from implicit._operators import Residual
-from implicit._precision import norms, working_dtype
+from implicit._precision import norms as norms_of
+from implicit._precision import working_dtype
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
 
@@ -103,15 +104,17 @@ class Solver(abc.ABC):
             if not running_all and k % check_every == 0 and not bool(running.any()):
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
-            new_norms = residual_norms(z_new, r_new)
+            new_norms = norms_of(r_new)
             if running_all:
-                # Ending or blowing up both leave this fast path.
+                # Ending or blowing up both leave this fast path. (No problem ends on it,
+                # so its iterates' finiteness is left to the paths where they can.)
                 worst = new_norms.max()
                 running_all = all_running(new_norms, threshold, worst)
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
                     continue
+            new_norms = finite_rows_only(z_new, new_norms)
             # The running problems take the step, except those whose residual turned
             # non-finite: they stop at their last finite iterate.
             stepped = running & (new_norms < math.inf)
@@ -124,9 +127,12 @@ class Solver(abc.ABC):
         else:
             k = max_iter
         # A problem that is neither converged nor running ended non-finite: at the start,
-        # or at its last finite iterate (whose residual was above the threshold).
+        # or at its last finite iterate (whose residual was above the threshold); so did
+        # one running with an iterate that the fast path took unchecked.
+        norms = finite_rows_only(z, norms)
         converged = norms <= threshold
-        codes = torch.where(converged, CONVERGED, torch.where(running, MAX_ITER, NONFINITE))
+        ran_out = running & (norms < math.inf)
+        codes = torch.where(converged, CONVERGED, torch.where(ran_out, MAX_ITER, NONFINITE))
         # Problems still running at the end ran every iteration of the loop.
         iterations = torch.where(running, k, stopped_at)
         info = SolveInfo(
@@ -151,14 +157,19 @@ class Solver(abc.ABC):
 def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``‖r_b‖₂`` per row (in float32 for half precision), NaN where the iterate ``z_b``
     is not finite: a residual can be finite at an infinite iterate (``tanh(∞) = 1``),
-    which must never pass a test.
+    which must never pass a test."""
+    return finite_rows_only(z, norms_of(r))
+
+
+def finite_rows_only(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(B,)``, NaN where the row ``z_b`` has a non-finite entry.
 
     An infinite or NaN entry makes the row's sum non-finite: one fast reduction, where
     ``isfinite(z).all(dim=1)`` costs a sizeable part of a small DEQ cell's evaluation
-    on a CPU (benchmarks/). A row whose finite entries sum beyond the dtype's range
-    (about 1e38 in float32) also counts as non-finite."""
+    on a CPU. A row whose finite entries sum beyond the dtype's range (about 1e38 in
+    float32) also counts as non-finite."""
     finite = torch.isfinite(z.sum(dim=1, dtype=working_dtype(z.dtype)))
-    return torch.where(finite, norms(r), math.nan)
+    return torch.where(finite, values, math.nan)
 
 
 def thresholds(tol: float, scale: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from implicit._batch import known_all
 from implicit._blocks import Factorization, solve
 from implicit._operators import Jacobian, Operator
-from implicit._precision import HALF, WorkingOperator, norms, upcast
+from implicit._precision import WorkingOperator, is_half, norms, upcast
 from implicit.linear import GMRES
 from implicit.solvers._line_search import (
     Search,
@@ -287,7 +287,7 @@ class Newton(Solver):
             tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
         op = Operator(jacobian, transpose=False)
-        if r.dtype in HALF:
+        if is_half(r.dtype):
             op = WorkingOperator(op, r.dtype)
         result = krylov.solve(op, upcast(-r), tol=tol, max_iter=max_iter)
         finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)

@@ -154,3 +154,30 @@ def test_a_sample_with_an_infinite_scale_does_not_stop_the_others(solver):
     assert info.converged.tolist() == [True, False, True]
     assert torch.isnan(info.residual[1])
     assert torch.equal(z[1], z0[1])
+
+
+@pytest.mark.parametrize("alone", [False, True])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_a_problem_whose_iterate_turns_infinite_with_a_finite_residual(check_every, alone):
+    # Picard on g(z) = b − tanh(z), replaced by the finite 1e308 beyond z = 5: problem 0
+    # (b = 2, no root) walks past 5 and overflows, z = 1e308 + 1e308 = ∞, where its
+    # residual is still finite (and large). It never counts as converged and ends
+    # "nonfinite", alone (every iteration on the driver's fast path) or beside
+    # problem 1 (b = 0.5), which converges.
+    def g(z, b):
+        return torch.where(z > 5, 1e308, b - torch.tanh(z))
+
+    b = torch.tensor([[2.0], [0.5]], dtype=torch.float64)[: 1 if alone else 2]
+    z, info = implicit.root_solve(
+        g,
+        torch.ones_like(b),
+        b,
+        solver=implicit.solvers.FixedPoint(check_every=check_every),
+        batched=True,
+        tol=1e-10,
+        max_iter=100,
+        return_info=True,
+        on_failure="ignore",
+    )
+    assert info.converged.tolist() == ([False] if alone else [False, True])
+    assert info.status == "nonfinite"
