@@ -168,7 +168,7 @@ def test_a_problem_whose_iterate_turns_infinite_with_a_finite_residual(check_eve
         return torch.where(z > 5, 1e308, b - torch.tanh(z))
 
     b = torch.tensor([[2.0], [0.5]], dtype=torch.float64)[: 1 if alone else 2]
-    z, info = implicit.root_solve(
+    _, info = implicit.root_solve(
         g,
         torch.ones_like(b),
         b,
