@@ -36,10 +36,11 @@ def lu_solve(
     """``torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)`` for a factorisation
     by :func:`lu_factor` (``adjoint``: solve with the transposed blocks), in the
     dtype of ``rhs``."""
-    working = rhs.to(lu.dtype)
+    if rhs.dtype != lu.dtype:  # float32 factors of half-precision blocks
+        return lu_solve(lu, pivots, rhs.to(lu.dtype), adjoint=adjoint).to(rhs.dtype)
     if lu.shape[-1] == 1:
-        return (working / lu).to(rhs.dtype)
-    return torch.linalg.lu_solve(lu, pivots, working, adjoint=adjoint).to(rhs.dtype)
+        return rhs / lu
+    return torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +75,13 @@ class Factorization:
 def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.solve_ex(blocks, rhs)``: ``(x, info)``, for ``rhs`` a batch of
     vectors ``(..., n)`` or of matrices ``(..., n, k)``; ``x`` in the dtype of ``rhs``."""
-    dtype = rhs.dtype
-    blocks, rhs = upcast(blocks), upcast(rhs)
+    if upcast(rhs) is not rhs:  # half precision: solved in float32
+        x, info = solve(upcast(blocks), upcast(rhs))
+        return x.to(rhs.dtype), info
     if blocks.shape[-1] != 1:
-        x, info = torch.linalg.solve_ex(blocks, rhs)
-        return x.to(dtype), info
+        return torch.linalg.solve_ex(blocks, rhs)
     divisor = blocks[..., 0] if rhs.dim() < blocks.dim() else blocks
-    return (rhs / divisor).to(dtype), _zero_pivot(blocks)
+    return rhs / divisor, _zero_pivot(blocks)
 
 
 def _zero_pivot(blocks: torch.Tensor) -> torch.Tensor:

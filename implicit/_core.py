@@ -101,7 +101,7 @@ class _Settings:
             method=result.method or linear.name,
         )
         report_failure(info, self.on_failure, what)
-        return result.x.to(dtype), info
+        return (result.x.to(dtype) if is_half(dtype) else result.x), info
 
 
 def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
