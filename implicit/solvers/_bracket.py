@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
-from implicit.solvers.base import Solver
+from implicit.solvers.base import Solver, thresholds
 
 Bound = float | torch.Tensor | None
 
@@ -74,7 +74,7 @@ class Bracketing(Solver):
                 f"{type(self).__name__}'s choices of points are not differentiable: use an "
                 f"implicit backward ('auto', 'dense', ...)"
             )
-        threshold = tol * (1 + fn.scale(a, fa))
+        threshold = thresholds(tol, fn.scale(a, fa))
         finite = torch.isfinite(fa).all(dim=1) & torch.isfinite(fb).all(dim=1)
         brackets = (torch.sign(fa) * torch.sign(fb) <= 0).squeeze(1)
         codes = torch.where(finite, torch.where(brackets, MAX_ITER, FAILED), NONFINITE)

@@ -31,10 +31,11 @@ import torch
 
 from implicit._batch import cheap_host_reads
 from implicit._objective import Objective
+from implicit._precision import norms
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
 from implicit.solvers._curvature import negative_curvature
 from implicit.solvers._search import C1
-from implicit.solvers.base import Solver
+from implicit.solvers.base import Solver, finite_rows_only, thresholds
 
 #: Halvings an escape from a saddle tries before it gives up.
 ESCAPE_TRIALS = 40
@@ -97,7 +98,7 @@ class Minimizer(Solver):
                 f"{type(self).__name__}'s line search and curvature test are not "
                 f"differentiable: use an implicit backward ('auto', 'dense', 'cg', ...)"
             )
-        threshold = tol * (1 + f.abs())
+        threshold = thresholds(tol, f.abs())
         norms = residual_norms(fn, z, grad)
         codes = torch.full_like(f, MAX_ITER, dtype=torch.long)
         codes = torch.where(torch.isfinite(f) & torch.isfinite(norms), codes, NONFINITE)
@@ -211,8 +212,9 @@ _STALLED = (
 
 
 def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The stopping test's residual norm per row, from the gradient at ``z``."""
-    return torch.linalg.vector_norm(fn.optimality(z, grad), dim=1)
+    """The stopping test's residual norm per row, from the gradient at ``z``; NaN where
+    ``z`` is not finite (``tanh`` is flat, its gradient zero, at ``z = ∞``)."""
+    return finite_rows_only(z, norms(fn.optimality(z, grad)))
 
 
 def check_objective(fn: Any, solver: Minimizer) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers._minimizer import Minimizer, check_objective
+from implicit.solvers._minimizer import Minimizer, check_objective, residual_norms
+from implicit.solvers.base import thresholds
 
 #: Above this many unknowns in all, a batch is solved problem by problem (scipy's dense
 #: linear algebra on the whole batch costs the cube of it).
@@ -57,7 +58,7 @@ class ScipyBase(Minimizer):
             raise ValueError(
                 f"bounds: method {self.method!r} takes no bounds; use one of {self._with_bounds()}"
             )
-        threshold = tol * (1 + f.abs())
+        threshold = thresholds(tol, f.abs())
         verdicts: list[str] = []
         iterations = 0
         rows = torch.ones_like(f, dtype=torch.bool)
@@ -65,7 +66,7 @@ class ScipyBase(Minimizer):
             z, its = self._run_all(fn, z, rows, threshold, tol, max_iter, verdicts)
             iterations += its
             f, grad = fn.value_and_grad(z)
-            norms = torch.linalg.vector_norm(fn.optimality(z, grad), dim=1)
+            norms = residual_norms(fn, z, grad)
             passed = norms <= threshold
             saddle, leave = self._saddles(fn, z, grad, passed)
             if attempt == 1 or not bool(saddle.any()):
@@ -73,7 +74,7 @@ class ScipyBase(Minimizer):
             z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
             iterations += used
         codes = torch.where(passed & ~saddle, CONVERGED, FAILED)
-        codes = torch.where(torch.isfinite(norms), codes, NONFINITE)
+        codes = torch.where(torch.isfinite(norms) & torch.isfinite(threshold), codes, NONFINITE)
         message = f"scipy.optimize.{self.front}(method={self.method!r}): " + "; ".join(
             dict.fromkeys(verdicts)
         )

@@ -213,3 +213,27 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="unknown option"):
         implicit.minimize(lambda z: (z**2).sum(), z0, memroy=5)
     assert GaussNewton.least_squares_only
+
+
+@pytest.mark.parametrize(
+    ("front_door", "solver"),
+    [
+        *((implicit.minimize, name) for name in ("lbfgs", "newton", "scipy")),
+        *(
+            (implicit.least_squares, name)
+            for name in ("levenberg_marquardt", "gauss_newton", "scipy")
+        ),
+    ],
+)
+def test_an_infinite_iterate_never_passes_the_test(front_door, solver):
+    # At z = ∞, tanh(z) is flat: the gradient of Σ tanh(z) and the residual tanh(z) − 1
+    # vanish there, a finite stationary point at an infinite iterate.
+    function = (
+        (lambda z: torch.tanh(z).sum())
+        if front_door is implicit.minimize
+        else (lambda z: torch.tanh(z) - 1)
+    )
+    z0 = torch.tensor([math.inf], dtype=torch.float64)
+    with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite'"):
+        _, info = front_door(function, z0, solver=solver, return_info=True)
+    assert info.status == "nonfinite" and not bool(info.converged)
