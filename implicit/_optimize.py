@@ -16,6 +16,7 @@ from implicit import _aux, _bounds, _core, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure, check_tol
 from implicit._compile import eager
 from implicit._objective import OptimizationProblem
+from implicit._precision import is_half
 from implicit._problem import State
 from implicit._results import SolveInfo
 
@@ -183,6 +184,12 @@ def _solve(
     )
     names = solvers.LEAST_SQUARES if least_squares else solvers.MINIMIZERS
     front_door = "least_squares" if least_squares else "minimize"
+    if is_half(problem.dtype):
+        raise TypeError(
+            f"{front_door} does not solve {problem.dtype} states (its curvature tests and "
+            f"factorisations run in the state's dtype, which LAPACK lacks): cast z0 and the "
+            f"inputs to float32"
+        )
     method = solvers.resolve(solver, settings["solver_options"], names=names, owner=front_door)
     if not isinstance(method, solvers.Minimizer):
         raise TypeError(

@@ -297,3 +297,12 @@ def test_batched_least_squares():
     )
     assert info.converged.shape == (3,) and bool(info.converged.all())
     assert rel_err(k, rates) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_states_are_refused_naming_the_dtype(dtype):
+    a = torch.ones(3, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"minimize does not solve {dtype} states.*float32"):
+        implicit.minimize(lambda z, a: ((z - a) ** 2).sum(), torch.zeros(3, dtype=dtype), a)
+    with pytest.raises(TypeError, match=rf"least_squares does not solve {dtype} states"):
+        implicit.least_squares(lambda z, a: z - a, torch.zeros(3, dtype=dtype), a)
