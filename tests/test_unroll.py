@@ -149,3 +149,29 @@ def test_a_sample_at_its_solution_among_others_that_iterate(solver):
     reference = unrolled_fixed_point(f, torch.zeros(2, 4, dtype=F64), p.x, iterations=300)
     (want_w,) = torch.autograd.grad(loss_of(reference), w)
     assert rel_err(got_w, want_w) <= 1e-9
+
+
+def test_anderson_rejecting_a_singular_history_keeps_the_graph_finite():
+    # One unknown: the history's normalised columns are all ±1, the small system turns
+    # singular in float32 and Anderson falls back to the mixing step. The fallback
+    # must not leave the singular solve's NaN in the unrolled graph.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        e = (0.9 * torch.rand(1, generator=generator)).requires_grad_()
+        mean_anomaly = (6 * torch.rand(1, generator=generator) - 3).requires_grad_()
+        z = implicit.invert(
+            lambda E, e: E - e * torch.sin(E),
+            mean_anomaly,
+            e,
+            z0=torch.full((1,), 3.14159),
+            solver="anderson",
+            backward="unroll",
+            tol=1e-5,
+        )
+        grad_e, grad_m = torch.autograd.grad(z.sum(), (e, mean_anomaly))
+        E = z.detach()
+        slope = 1 - e.detach() * torch.cos(E)
+        # Kepler's equation: dE/dM = 1 / (1 − e cos E), dE/de = sin E / (1 − e cos E).
+        # (The unrolled derivative of a float32 solve to tol 1e-5 is near, not exact.)
+        torch.testing.assert_close(grad_m, 1 / slope, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(grad_e, torch.sin(E) / slope, rtol=1e-2, atol=1e-3)

@@ -149,6 +149,17 @@ class Anderson(Solver):
         if not known_all(accept):
             # Fall back to the mixing step and start a new history (of zeros).
             keep = accept.unsqueeze(1)
+            if not in_place:
+                # Under a recorded graph the rejected rows' solve is redone as the
+                # identity's: where() passes them a zero gradient, and zero times the
+                # non-finite values of a singular solve would still be NaN.
+                system = torch.where(
+                    keep.unsqueeze(2),
+                    system,
+                    torch.eye(self.m, dtype=system.dtype, device=system.device),
+                )
+                scaled, _ = solve(system, torch.where(keep, inverse_norms * rhs, 0))
+                gamma = inverse_norms * scaled
             gamma = torch.where(keep, gamma, 0)
             keep = keep.unsqueeze(2)
             state = dataclasses.replace(

@@ -197,9 +197,10 @@ def test_a_failing_backward_needs_a_report(policy):
 
 
 def test_a_missing_graph_is_false_convergence():
-    inst = _instance("tanh_at_root", tol=1e-8)
-    case = Case("tanh_at_root", 0, "fixed_point", "unroll", "fixed_point", small=True)
-    # Returns hands back a tensor with no graph, as if the solve had dropped it.
+    inst = _instance("tanh_contractive", tol=1e-8)
+    case = Case("tanh_contractive", 0, "fixed_point", "unroll", "fixed_point", small=True)
+    # Returns hands back a tensor with no graph, as if the solve had dropped it (from a
+    # start that does not meet tol, where unroll has no implicit derivative to fall to).
     result = _run(inst, case, solver=Returns(torch.from_numpy(inst.root64)))
     assert result.outcome == "FALSE-CONVERGENCE" and "graph" in result.reason, result
 
