@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from implicit._torch import transforms_active
+
 
 def cheap_host_reads(tensor: torch.Tensor) -> bool:
     """Whether reading a value of ``tensor`` on the host costs less than a pass over the
@@ -99,15 +101,16 @@ def store(buffer: torch.Tensor, slot: int, value: torch.Tensor, dim: int = 1) ->
     forward); into a copy when the solver's operations are :func:`traced`
     (``backward="unroll"``), whose graph needs the old values.
     """
-    if traced():
+    if traced(buffer, value):
         buffer = buffer.clone()
     buffer.select(dim, slot).copy_(value)
     return buffer
 
 
-def traced() -> bool:
+def traced(*tensors: torch.Tensor) -> bool:
     """Whether autograd records the solver's operations (grad mode on, as under
-    ``backward="unroll"``) or a ``torch.func`` transform sees them: then nothing may be
+    ``backward="unroll"``) or a ``torch.func`` transform sees them (the solver's
+    ``tensors``, see :func:`implicit._torch.transforms_active`): then nothing may be
     updated in place and products must themselves be differentiable. Otherwise (the
     implicit forward) the solve runs on plain tensors."""
-    return torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+    return torch.is_grad_enabled() or transforms_active(*tensors)

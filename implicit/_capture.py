@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch.overrides import TorchFunctionMode
 
 from implicit._compile import compiler_loaded
+from implicit._torch import is_transformed
 
 
 def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -61,7 +62,7 @@ def carries_derivative(tensor: torch.Tensor) -> bool:
     grad, carries a forward-mode tangent, or belongs to a ``torch.func`` transform."""
     return (
         tensor.requires_grad
-        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or is_transformed(tensor)
         or forward_ad.unpack_dual(tensor).tangent is not None
     )
 

@@ -10,18 +10,16 @@ package asks for it only once it is loaded.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
+from implicit._torch import compiler_loaded, mark_compiler_disabled
+
+__all__ = ["compiler_loaded", "eager"]
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def compiler_loaded() -> bool:
-    """Whether ``torch.compile``'s machinery is loaded; until it is, nothing compiles."""
-    return "torch._dynamo" in sys.modules
 
 
 def eager(fn: F) -> F:
@@ -44,5 +42,5 @@ def eager(fn: F) -> F:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
 
-    run_eagerly._torchdynamo_disable = True  # type: ignore[attr-defined]
+    mark_compiler_disabled(run_eagerly)
     return run_eagerly  # type: ignore[return-value]

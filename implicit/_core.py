@@ -24,8 +24,8 @@ Under ``vmap`` (:meth:`_ImplicitFunction.vmap`, also behind ``jacrev``, ``jacfwd
 ``hessian``) the vmapped slices are independent problems: they become more rows of one
 problem (:class:`_Folded`), or more right-hand sides of one linear system
 (:class:`~implicit._operators.Repeated`), and are solved in one call. Forward mode over
-forward mode is refused (:func:`_nested_forward_mode`): PyTorch cannot differentiate a
-custom ``jvp`` rule in forward mode and would drop the second-order term.
+forward mode is refused (:func:`implicit._torch.nested_forward_mode`): PyTorch cannot
+differentiate a custom ``jvp`` rule in forward mode and would drop the second-order term.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ import traceback
 from collections.abc import Sequence
 
 import torch
-import torch.autograd.forward_ad as forward_ad
-from torch._C._functorch import TransformType
-from torch._functorch.utils import unwrap_dead_wrappers
 
+from implicit import _torch
 from implicit._blocks import Factorization
 from implicit._operators import (
     GraphJacobian,
@@ -48,7 +46,6 @@ from implicit._operators import (
     Operator,
     Repeated,
     Residual,
-    vmap_call,
 )
 from implicit._precision import WorkingOperator, attainable, is_half, upcast
 from implicit._problem import Problem
@@ -321,7 +318,8 @@ class _Folded:
 
     def _per_slice(self, fn, rows: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
         slices = [row.reshape(self.size, -1, *row.shape[1:]) for row in rows]
-        out = vmap_call(fn, self.size, (*slices, *inputs), (*(0 for _ in rows), *self.in_dims))
+        in_dims = (*(0 for _ in rows), *self.in_dims)
+        out = _torch.vmap_call(fn, self.size, (*slices, *inputs), in_dims)
         return out.reshape(-1, *out.shape[2:])
 
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -354,16 +352,18 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(problem, z0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        if isinstance(problem, _Solved):
+            return problem.z
         # autograd.Function turns forward-mode AD off here; a user function that opens
         # its own dual level must see it on, as it does outside the solve.
-        with forward_ad._set_fwd_grad_enabled(forward_ad._current_level < 0):
+        with _torch.forward_grad_as_outside():
             z = problem.solve(z0, inputs)
         return _not_a_view_of(z0, z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         problem, _z0, *tensors = inputs
-        ctx.problem = problem
+        ctx.problem = problem.problem if isinstance(problem, _Solved) else problem
         ctx.save_for_backward(output, *tensors)
         ctx.save_for_forward(output, *tensors)
         ctx.set_materialize_grads(False)
@@ -376,7 +376,7 @@ class _ImplicitFunction(torch.autograd.Function):
         if v is None or not needed:
             return (None, None, *grads)
         problem = ctx.problem
-        if _plain_backward(problem):
+        if _plain_backward(problem, v, z, inputs):
             for i, grad in zip(needed, _first_order_grads(problem, v, z, inputs, needed)):
                 grads[i] = grad
             return (None, None, *grads)
@@ -389,7 +389,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _problem_tangent, _z0_tangent, *tangents):
-        if _nested_forward_mode():
+        if _torch.nested_forward_mode(ctx.saved_tensors[0]):
             raise RuntimeError(
                 "forward-mode AD over forward-mode AD through an implicit solve (torch.func.jvp "
                 "over jvp, jacfwd over jacfwd, hessian of a hessian) is not supported: torch "
@@ -415,30 +415,44 @@ class _ImplicitFunction(torch.autograd.Function):
                 _implicit(
                     problem,
                     *(t if d is None else t[index] for t, d in zip((z0, *inputs), (z0_dim, *dims))),
+                    vmapped=True,
                 )
                 for index in range(size)
             ]
             return torch.stack(slices), 0
         folded_problem, folded_inputs = folded
-        z = _implicit(folded_problem, _rows(z0, z0_dim, size), *folded_inputs)
+        z = _implicit(folded_problem, _rows(z0, z0_dim, size), *folded_inputs, vmapped=True)
         return z.reshape(size, -1, z.shape[-1]), 0
 
 
-#: What ``torch.autograd.Function.apply`` calls outside ``torch.func`` transforms, once it
-#: has bound the arguments to ``forward``'s signature to fill in defaults.
-_autograd_apply = super(torch.autograd.Function, _ImplicitFunction).apply
+class _Solved:
+    """A problem already solved before ``_ImplicitFunction.apply`` (see :func:`_implicit`)."""
+
+    def __init__(self, problem, z: torch.Tensor):
+        self.problem = problem
+        self.z = z
 
 
-def _implicit(problem, z0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+def _implicit(
+    problem, z0: torch.Tensor, *inputs: torch.Tensor, vmapped: bool = False
+) -> torch.Tensor:
     """``_ImplicitFunction.apply(problem, z0, *inputs)``.
 
-    Outside ``torch.func`` transforms without ``Function.apply``'s binding of the
-    arguments by ``inspect`` (about 20 µs a call on a CPU, 3 % of a small solve with
-    its backward), which ``forward``, having no defaults, does not need.
+    ``vmapped``: called by the ``vmap`` rule for its slices (a continuation of the
+    solve the rule serves, see :func:`implicit._torch.solve_scope`). Where torch cannot
+    switch forward-mode AD back on inside the Function's forward, the problem is solved
+    first, here, outside ``torch.func`` transforms and dual levels (the same solve, with
+    no graph recorded, as in the forward).
     """
-    if torch._C._are_functorch_transforms_active():
-        return _ImplicitFunction.apply(problem, z0, *inputs)
-    return _autograd_apply(*unwrap_dead_wrappers((problem, z0, *inputs)))
+    with _torch.solve_scope(inherit=vmapped):
+        if not (
+            _torch.FORWARD_GRAD_IN_FUNCTIONS
+            or _torch.transforms_active(z0, *inputs)
+            or _torch.dual_level_open()
+        ):
+            with torch.no_grad():
+                problem = _Solved(problem, _not_a_view_of(z0, problem.solve(z0, inputs)))
+        return _torch.apply(_ImplicitFunction, problem, z0, *inputs)
 
 
 def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -456,7 +470,7 @@ def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return _implicit(tangent, torch.zeros_like(rhs), -rhs, z, *inputs)
 
 
-def _plain_backward(problem) -> bool:
+def _plain_backward(problem, v: torch.Tensor, z: torch.Tensor, inputs) -> bool:
     """Whether this backward is first order and outside every transform.
 
     Then nothing differentiates the backward itself (``create_graph=False`` leaves grad
@@ -469,7 +483,7 @@ def _plain_backward(problem) -> bool:
         isinstance(problem, _RootProblem)
         and isinstance(problem.problem, Problem)  # not the rows of a vmap (_Folded)
         and not torch.is_grad_enabled()
-        and not _transforming()
+        and not _torch.transforms_active(v, z, *inputs)
     )
 
 
@@ -523,22 +537,6 @@ def _partial(problem, z: torch.Tensor, inputs: Sequence[torch.Tensor], moving: S
     return residual_of
 
 
-def _nested_forward_mode() -> bool:
-    """Whether two ``torch.func`` forward-mode transforms (jvp, jacfwd) are active."""
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    return sum(level.key() == TransformType.Jvp for level in stack) >= 2
-
-
-def _transforming() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _forward_ad_active() -> bool:
-    """Whether a ``torch.autograd.forward_ad.dual_level`` is open."""
-    return forward_ad._current_level >= 0
-
-
 def solve(
     problem: Problem,
     solver: Solver,
@@ -559,9 +557,15 @@ def solve(
     settings = _Settings(
         tol, max_iter, on_failure, backward.for_size(problem.n), problem.batch_size
     )
-    transforming = _transforming()
-    derivatives_possible = torch.is_grad_enabled() or transforming or _forward_ad_active()
-    r0 = problem.discover(z0) if derivatives_possible else None
+    transforming = _torch.transforms_active(z0, *problem.explicit)
+    derivatives_possible = torch.is_grad_enabled() or transforming or _torch.dual_level_open()
+    r0 = None
+    if derivatives_possible or not _torch.KNOWS_TRANSFORMS:
+        r0 = problem.discover(z0)
+        # Known from the tensors alone, a transform may wrap only what g captures; then
+        # it wraps g's value at z0.
+        if not _torch.KNOWS_TRANSFORMS and _torch.transforms_active(r0):
+            derivatives_possible = transforming = True
     root = _RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
     # Under a torch.func transform the solve always runs inside the Function: its vmap
     # rule also serves a vmapped z0 when nothing else carries a derivative.
@@ -600,7 +604,11 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     info.residual = _reported(info.residual, report_shape)
     report_failure(info, on_failure, "forward solve")
     at_start = residual_norms(z0, r0) <= thresholds(tol, fn.scale(z0, r0))
-    derivatives_possible = torch.is_grad_enabled() or _transforming() or _forward_ad_active()
+    derivatives_possible = (
+        torch.is_grad_enabled()
+        or _torch.transforms_active(z, *problem.inputs)
+        or _torch.dual_level_open()
+    )
     if derivatives_possible and bool(at_start.any()):
         z = _implicit_at_start(problem, z, at_start, tol, max_iter, on_failure)
         info.f_evals += 1  # capture discovery
@@ -617,7 +625,7 @@ def _implicit_at_start(problem, z, rows, tol, max_iter, on_failure):
     """
     anchor = z.detach()
     problem.discover(anchor)  # the captured tensors, as inputs of the function
-    if not (_transforming() or problem.carries_derivatives()):
+    if not (_torch.transforms_active(z, *problem.inputs) or problem.carries_derivatives()):
         return z
     linear = resolve_linear("auto").for_size(problem.n)
     settings = _Settings(tol, max_iter, on_failure, linear, problem.batch_size)

@@ -206,7 +206,7 @@ class Objective(Residual):
 
 def _linearize(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> Jacobian:
     """As ``Residual.linearize``: one recorded graph unless the operations are traced."""
-    if traced():
+    if traced(z):
         return Jacobian(fn, z)
     return GraphJacobian.record(fn, z)
 

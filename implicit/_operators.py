@@ -13,12 +13,10 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
-from torch._functorch.vmap import vmap_increment_nesting
-from torch.autograd.graph import _engine_run_backward
-from torch.overrides import has_torch_function
 
 from implicit._batch import traced
 from implicit._blocks import Factorization
+from implicit._torch import autograd_grad, vmap_call
 
 
 class Jacobian:
@@ -196,57 +194,16 @@ def _autograd_grad(
     retain_graph: bool = True,
     create_graph: bool = False,
 ) -> list[torch.Tensor]:
-    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)`` by the same
-    call to autograd's engine, without that function's handling of its arguments, and
-    zero for an input that ``out`` does not depend on (also when ``out`` depends on
-    nothing that requires grad).
-
-    That handling (normalising and checking them in Python) costs about 12 µs a call on
-    a CPU: a tenth of a product at batch 64 × width 256, most of one at 4 × 8, and every
-    backward iteration makes a call. These arguments need none of it: one tensor each,
-    the cotangent shaped like ``out`` (which the engine checks anyway). Where a tensor
-    subclass or a mode may override ``torch.autograd.grad`` (``__torch_function__``), it
-    is called itself.
-    """
+    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)`` (see
+    :func:`implicit._torch.autograd_grad`), zero for an input that ``out`` does not
+    depend on (also when ``out`` depends on nothing that requires grad)."""
     if not out.requires_grad:
         grads: tuple[torch.Tensor | None, ...] = (None,) * len(inputs)
-    elif has_torch_function((out, *inputs)):
-        grads = torch.autograd.grad(
-            out,
-            inputs,
-            cotangent,
-            retain_graph=retain_graph,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
     else:
-        grads = _engine_run_backward(
-            (out,), (cotangent,), retain_graph, create_graph, inputs, True, accumulate_grad=False
+        grads = autograd_grad(
+            out, cotangent, inputs, retain_graph=retain_graph, create_graph=create_graph
         )
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-
-
-def vmap_call(
-    fn: Callable[..., torch.Tensor],
-    size: int,
-    args: Sequence[torch.Tensor],
-    in_dims: Sequence[int | None],
-) -> torch.Tensor:
-    """``torch.func.vmap(fn, in_dims)(*args)`` for ``size`` slices: each argument
-    batched along dim 0 (``in_dims`` 0) or shared by every slice (``None``), and one
-    tensor output, batched along dim 0.
-
-    The same batching (``torch.func.vmap`` enters the same level and adds and removes
-    the same batch dimensions), without its handling of arbitrary in/out structures:
-    flattening and checking those in Python costs about 25 µs a call on a CPU, as much
-    as the ten products of a 10 × 10 Jacobian.
-    """
-    with vmap_increment_nesting(size, "error") as level:
-        batched = [
-            arg if dim is None else torch._C._functorch._add_batch_dim(arg, dim, level)
-            for arg, dim in zip(args, in_dims)
-        ]
-        return torch._C._functorch._remove_batch_dim(fn(*batched), level, size, 0)
 
 
 class Repeated:
@@ -380,7 +337,7 @@ class Residual:
         a ``torch.func`` transform): then the products must themselves be differentiable.
         """
         self.f_evals += 1
-        if traced():
+        if traced(z):
             return Jacobian(self.fn, z)
         return GraphJacobian.record(self.fn, z)
 

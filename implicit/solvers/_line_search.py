@@ -166,4 +166,4 @@ def records_rejected_trials(verdict: Verdict) -> bool:
     number), and its evaluation, recorded for the whole batch, would turn the
     gradients NaN even with a zero cotangent there (0·∞). One more evaluation, at the
     points kept, leaves rejected trials out of the graph."""
-    return traced() and not bool(verdict.passed.all())
+    return traced(verdict.z, verdict.r) and not bool(verdict.passed.all())

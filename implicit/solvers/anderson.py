@@ -123,7 +123,7 @@ class Anderson(Solver):
             # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
-        in_place = not traced()
+        in_place = not traced(z, r)
         state = self._remember(z, r, state, in_place)
         rhs = state.rhs
         # The normalised least-squares system: the columns of ΔR scaled to unit norm
