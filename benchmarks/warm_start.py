@@ -1,8 +1,10 @@
-"""Warm-started adjoint solves in a training loop: ``x0="previous"`` against a cold start.
+"""Warm-started adjoint solves in a training loop: the last adjoint solution as ``x0``
+against a cold start.
 
 The DEQ of section 1 (64 × 256, float32, Anderson forward, tol 1e-6) trained by
-SGD for a few steps; the backward instance is kept across steps, so that with
-``x0="previous"`` each adjoint solve starts from the last one's solution. Two loops:
+SGD for a few steps; warm, each adjoint solve starts from the last one's solution
+(``info.backward.solution`` passed on as the backward's ``x0``, as
+``DEQ(warm_start_backward=True)`` does). Two loops:
 the same batch at every step (full-batch training: consecutive adjoint solutions are
 close) and a fresh batch at every step (they are not). Reported: products of the
 adjoint solve per step (mean) and CPU time per step (median).
@@ -22,12 +24,13 @@ STEPS = 25
 LEARNING_RATE = 0.05
 
 
-def _train(backward, fresh_batches: bool, steps: int) -> tuple[float, float]:
+def _train(make, warm: bool, fresh_batches: bool, steps: int) -> tuple[float, float]:
     p = DEQProblem.make(64, 256)
     W, U, b, x = p.params()
     gen = torch.Generator().manual_seed(1)
-    products, times = [], []
+    products, times, guess = [], [], None
     for _ in range(steps):
+        backward = make(guess)
         if fresh_batches:
             x = torch.randn(x.shape, generator=gen)
         start = clock()
@@ -47,6 +50,7 @@ def _train(backward, fresh_batches: bool, steps: int) -> tuple[float, float]:
                 param -= LEARNING_RATE * grad / grad.norm()
         times.append(clock() - start)
         products.append(info.backward.matvecs)
+        guess = info.backward.solution if warm else None
     # The first step of every loop starts cold.
     return statistics.mean(products[1:]), statistics.median(times[1:])
 
@@ -59,9 +63,9 @@ def run(steps: int = STEPS) -> list[Row]:
             ("neumann", lambda x0: implicit.linear.Neumann(x0=x0)),
             ("gmres", lambda x0: implicit.linear.GMRES(x0=x0)),
         ):
-            for x0 in (None, "previous"):
-                products, time = _train(make(x0), fresh, steps)
-                start = "warm (x0='previous')" if x0 else "cold (x0=None)"
+            for warm in (False, True):
+                products, time = _train(make, warm, fresh, steps)
+                start = "warm (last solution as x0)" if warm else "cold (x0=None)"
                 row = Row(f"{name}, {start}, {data}", group=name, tol=1e-6, times=[time])
                 row.vjps = products
                 rows.append(row)

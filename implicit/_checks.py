@@ -1,4 +1,9 @@
-"""Argument checks shared by the front doors, solvers and linear solvers."""
+"""Argument checks shared by the front doors, the solvers and the linear solvers.
+
+One helper for every numeric option (:func:`check_number`), so that every class rejects
+the same bad values with the same message: a bool is never a number here
+(``damping=True`` is an error everywhere), and NaN never passes.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,38 @@ import math
 ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
 
 
-def check_tol(tol: object, name: str = "tol") -> None:
+#: What ``check_number`` accepts, by the words of its message: the lower bound and
+#: whether it is excluded, the upper bound and whether it is excluded, integers only.
+NUMBER_RULES = {
+    "an integer >= 0": (0, False, math.inf, True, True),
+    "an integer >= 1": (1, False, math.inf, True, True),
+    "in (0, 1]": (0, True, 1, False, False),
+    "a finite number >= 0": (0, False, math.inf, True, False),
+    "a number > 0": (0, True, math.inf, False, False),
+    "a positive finite number": (0, True, math.inf, True, False),
+}
+
+
+def check_number(value: object, name: str, rule: str) -> None:
+    """Raise ``ValueError("{name} must be {rule}, got {value!r}")`` unless ``value``
+    is a number (never a bool) that ``rule`` (a key of ``NUMBER_RULES``) accepts; NaN
+    is accepted by none."""
+    low, low_open, high, high_open, integer = NUMBER_RULES[rule]
     if (
-        isinstance(tol, bool)
-        or not isinstance(tol, (int, float))
-        or not (tol > 0 and math.isfinite(tol))
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or not (low < value if low_open else low <= value)
+        or not (value < high if high_open else value <= high)
     ):
-        raise ValueError(f"{name} must be a positive finite number, got {tol!r}")
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_tol(tol: object, name: str = "tol") -> None:
+    check_number(tol, name, "a positive finite number")
 
 
 def check_max_iter(max_iter: object, name: str = "max_iter") -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {max_iter!r}")
+    check_number(max_iter, name, "an integer >= 1")
 
 
 def check_on_failure(on_failure: object) -> None:

@@ -30,24 +30,15 @@ differentiate a custom ``jvp`` rule in forward mode and would drop the second-or
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from implicit import _torch
-from implicit._blocks import Factorization
-from implicit._operators import (
-    GraphJacobian,
-    Jacobian,
-    Operator,
-    Repeated,
-    Residual,
-)
-from implicit._precision import WorkingOperator, attainable, is_half, upcast
+from implicit._operators import GraphJacobian, Jacobian, Repeated, Residual
+from implicit._precision import attainable, is_half, upcast
 from implicit._problem import Problem
 from implicit._results import (
     CONVERGED,
@@ -56,39 +47,64 @@ from implicit._results import (
     report_failure,
     status_name,
 )
-from implicit.linear import LinearSolver, Unroll
+from implicit.linear import Hint, IterativeSolver, JacobianOperator, LinearSolver, Unroll
 from implicit.linear import resolve as resolve_linear
+from implicit.linear.base import WorkingOperator
 from implicit.solvers.base import Solver, residual_norms, thresholds
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Settings:
-    """Tolerances and failure policy shared by a solve and its linear solves.
+    """Tolerances, failure policy and linear solver shared by a solve and its linear solves.
 
     Args:
         rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
-            ``jacrev``, ... stack several blocks of ``B`` rows; a linear solver's
-            preconditioner and warm-start tensor still see one block at a time.
+            ``jacrev``, ... stack several blocks of ``B`` rows; an initial guess and a
+            preconditioner are written for one block.
+        backward_x0: the initial guess of the backward's adjoint solve (a layer's warm
+            start), or ``None``.
     """
 
-    def __init__(self, tol: float, max_iter: int, on_failure: str, linear: LinearSolver, rows: int):
+    def __init__(
+        self,
+        tol: float,
+        max_iter: int,
+        on_failure: str,
+        linear: LinearSolver,
+        rows: int,
+        backward_x0: torch.Tensor | None = None,
+    ):
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
         self.linear = linear
         self.rows = rows
+        self.backward_x0 = backward_x0
 
     def linear_solve(
-        self, op: Operator, rhs: torch.Tensor, what: str, report_shape: tuple[int, ...]
+        self,
+        op: JacobianOperator,
+        rhs: torch.Tensor,
+        what: str,
+        report_shape: tuple[int, ...],
+        *,
+        hint: Hint | None = None,
+        x0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BackwardInfo]:
-        linear = _blockwise(self.linear, rhs.shape[0] // self.rows, rhs.shape)
+        linear = self.linear
         tol = linear.tol if linear.tol is not None else self.tol
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
+        x0, preconditioner = self._per_call(rhs.shape, x0)
         dtype = rhs.dtype
         if is_half(dtype):  # solved in float32 around products in half precision
             op, rhs, tol = WorkingOperator(op, dtype), upcast(rhs), attainable(tol, dtype)
-        result = linear.solve(op, rhs, tol=tol, max_iter=max_iter)
+            x0 = None if x0 is None else upcast(x0)
+        # Passed only when set: a method that takes neither may leave them out.
+        options = {"x0": x0} if x0 is not None else {}
+        if preconditioner is not None:
+            options["preconditioner"] = preconditioner
+        result = linear.solve(linear.init(op, hint), rhs, tol=tol, max_iter=max_iter, **options)
         info = BackwardInfo(
             converged=_reported(result.codes == CONVERGED, report_shape),
             residual=_reported(result.residual.detach(), report_shape),
@@ -96,35 +112,46 @@ class _Settings:
             matvecs=op.products,
             status=status_name(result.codes),
             method=result.method or linear.name,
+            solution=result.x.detach(),
         )
         report_failure(info, self.on_failure, what)
         return (result.x.to(dtype) if is_half(dtype) else result.x), info
+
+    def _per_call(
+        self, shape: torch.Size, x0: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, Callable | None]:
+        """The initial guess and preconditioner of one linear solve, fitted to its rows.
+
+        The one place where they meet ``vmap``: the user wrote them for one block of
+        ``B`` rows, a system of ``jacrev``, ``vmap``, ... stacks several blocks, so a
+        one-block guess is repeated for each block and the preconditioner is applied
+        block by block. ``x0`` (a layer's warm start, the solution of an earlier
+        system) takes precedence over the solver's own and is dropped (a cold start)
+        where it fits neither the system nor one block; the solver's own must fit.
+        """
+        linear = self.linear
+        own = isinstance(linear, IterativeSolver)
+        preconditioner = linear.preconditioner if own else None
+        blocks = shape[0] // self.rows
+        block = self.rows * shape[1]
+        if x0 is not None and x0.numel() not in (block, blocks * block):
+            x0 = None
+        if x0 is None and own:
+            x0 = linear.x0
+        if blocks > 1 and x0 is not None and x0.numel() == block:
+            x0 = x0.reshape(self.rows, shape[1]).repeat(blocks, 1)
+        if blocks > 1 and preconditioner is not None:
+            one_block = preconditioner
+
+            def preconditioner(r: torch.Tensor) -> torch.Tensor:
+                return torch.cat([one_block(part) for part in r.chunk(blocks)])
+
+        return x0, preconditioner
 
 
 def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A per-problem field in the shape of the reports (reshaped only where it differs)."""
     return tensor if tensor.shape == shape else tensor.reshape(shape)
-
-
-def _blockwise(linear: LinearSolver, blocks: int, shape: torch.Size) -> LinearSolver:
-    """``linear`` for ``blocks`` stacked blocks of rows, with its preconditioner applied
-    block by block and its warm-start tensor repeated for each block (as the user wrote
-    them for one block); itself when there is one block or nothing to adapt."""
-    preconditioner = getattr(linear, "preconditioner", None)
-    x0 = getattr(linear, "x0", None)
-    if blocks == 1 or (preconditioner is None and not isinstance(x0, torch.Tensor)):
-        return linear
-    adapted = copy.copy(linear)
-    if preconditioner is not None:
-
-        def per_block(r: torch.Tensor) -> torch.Tensor:
-            return torch.cat([preconditioner(block) for block in r.chunk(blocks)])
-
-        adapted.preconditioner = per_block
-    block_shape = (shape[0] // blocks, shape[1])
-    if isinstance(x0, torch.Tensor) and x0.numel() == math.prod(block_shape):
-        adapted.x0 = x0.reshape(block_shape).repeat(blocks, 1)
-    return adapted
 
 
 class _RootProblem:
@@ -154,8 +181,10 @@ class _RootProblem:
         self.r0 = r0
         self.report_shape = report_shape
         self.info: SolveInfo | None = None
-        # The forward's last Newton factorisation, for a dense backward to refine.
-        self.nearby: Factorization | None = None
+        # The initial guess of this problem's adjoint solve (a layer's warm start).
+        self.backward_x0 = settings.backward_x0
+        # What the forward solver knew of ∂g/∂z, where the backward's solver uses it.
+        self.hint: Hint | None = None
         # The problem this one folds (under vmap): it reports through the same info.
         self._unfolded: _RootProblem | None = None
 
@@ -167,10 +196,9 @@ class _RootProblem:
         fn = self.problem.solver_view(inputs)
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
         z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
-        # Kept (B·n² numbers, until the backward) only where the backward will use it.
-        linear = settings.linear
-        refines = isinstance(linear, LinearSolver) and linear.refines(z.shape)
-        self.nearby = fn.nearby if refines else None
+        # Kept (Newton's: B·n² numbers, until the backward) only where it will be used.
+        hint, info.hint = info.hint, None
+        self.hint = hint if hint is not None and settings.linear.uses(hint, z.shape) else None
         info.converged = _reported(info.converged, self.report_shape)
         info.residual = _reported(info.residual, self.report_shape)
         problem: _RootProblem | None = self
@@ -218,9 +246,12 @@ class _LinearProblem:
         linearization: ``∂g/∂z`` already recorded at exactly the ``(z, θ)`` this system
             is solved at (the first-order backward records it once and also takes the
             partials from it).
-        nearby: the LU factorisation of ``A`` at a point near ``z`` (the parent's last
-            Newton step), for a dense solve to refine.
+        hint: what the forward solver knew of ``A`` (the parent's), for the linear
+            solver to use.
     """
+
+    #: Linear solves of higher orders are not warm-started.
+    backward_x0 = None
 
     def __init__(
         self,
@@ -228,7 +259,7 @@ class _LinearProblem:
         transpose: bool,
         copies: int = 1,
         linearization: GraphJacobian | None = None,
-        nearby: Factorization | None = None,
+        hint: Hint | None = None,
     ):
         self.parent = parent
         self.transpose = transpose
@@ -236,7 +267,7 @@ class _LinearProblem:
         self.settings = parent.settings
         self.report_shape = (copies, *parent.report_shape) if copies > 1 else parent.report_shape
         self.linearization = linearization
-        self.nearby = nearby
+        self.hint = hint
 
     def _jacobian(self, z: torch.Tensor, theta: Sequence[torch.Tensor]) -> Jacobian | Repeated:
         jacobian = Jacobian(lambda state: self.parent.residual(state, *theta), z)
@@ -252,9 +283,12 @@ class _LinearProblem:
     def solve(self, x0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         rhs, z, *theta = inputs
         jacobian = self.linearization or self._jacobian(z, theta)
-        op = Operator(jacobian, transpose=self.transpose, nearby=self.nearby)
+        op = JacobianOperator(jacobian, transposed=self.transpose)
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
-        x, info = self.settings.linear_solve(op, rhs, what, self.report_shape)
+        guess = self.parent.backward_x0 if self.transpose else None
+        x, info = self.settings.linear_solve(
+            op, rhs, what, self.report_shape, hint=self.hint, x0=guess
+        )
         if self.transpose:
             self.parent.record_backward(info)
         return x
@@ -338,6 +372,10 @@ class _Folded:
 
     def record_backward(self, info: BackwardInfo) -> None:
         self.inner.record_backward(info)
+
+    @property
+    def backward_x0(self) -> torch.Tensor | None:
+        return self.inner.backward_x0
 
 
 def _rows(tensor: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
@@ -439,20 +477,19 @@ def _implicit(
     """``_ImplicitFunction.apply(problem, z0, *inputs)``.
 
     ``vmapped``: called by the ``vmap`` rule for its slices (a continuation of the
-    solve the rule serves, see :func:`implicit._torch.solve_scope`). Where torch cannot
+    solve the rule serves, see :func:`implicit._torch.apply`). Where torch cannot
     switch forward-mode AD back on inside the Function's forward, the problem is solved
     first, here, outside ``torch.func`` transforms and dual levels (the same solve, with
     no graph recorded, as in the forward).
     """
-    with _torch.solve_scope(inherit=vmapped):
-        if not (
-            _torch.FORWARD_GRAD_IN_FUNCTIONS
-            or _torch.transforms_active(z0, *inputs)
-            or _torch.dual_level_open()
-        ):
-            with torch.no_grad():
-                problem = _Solved(problem, _not_a_view_of(z0, problem.solve(z0, inputs)))
-        return _torch.apply(_ImplicitFunction, problem, z0, *inputs)
+    if not (
+        _torch.FORWARD_GRAD_IN_FUNCTIONS
+        or _torch.transforms_active(z0, *inputs)
+        or _torch.dual_level_open()
+    ):
+        with torch.no_grad():
+            problem = _Solved(problem, _not_a_view_of(z0, problem.solve(z0, inputs)))
+    return _torch.apply(_ImplicitFunction, problem, z0, *inputs, inherit=vmapped)
 
 
 def _tangent(ctx, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -517,7 +554,7 @@ def _first_order_grads(
     else:
         linearization = GraphJacobian.record(lambda point: user.residual(point, *stand_ins), z)
     adjoint = _LinearProblem(
-        problem, transpose=True, linearization=linearization, nearby=problem.nearby
+        problem, transpose=True, linearization=linearization, hint=problem.hint
     )
     # Nothing records a graph here, so ``apply`` would only wrap this same forward in an
     # autograd node that nothing uses.
@@ -545,18 +582,19 @@ def solve(
     tol: float,
     max_iter: int,
     on_failure: str,
+    backward_x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve ``problem`` from its packed initial state; differentiable in its inputs.
 
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
+    ``backward_x0``: an initial guess for the backward's adjoint solve (a layer's warm
+    start: an earlier ``BackwardInfo.solution``).
     """
     z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
     report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
         return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape)
-    settings = _Settings(
-        tol, max_iter, on_failure, backward.for_size(problem.n), problem.batch_size
-    )
+    settings = _Settings(tol, max_iter, on_failure, backward, problem.batch_size, backward_x0)
     transforming = _torch.transforms_active(z0, *problem.explicit)
     derivatives_possible = torch.is_grad_enabled() or transforming or _torch.dual_level_open()
     r0 = None
@@ -600,6 +638,7 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
             "solver's stopping test is data-dependent control flow, which vmap refuses. "
             "Use an implicit backward ('auto', 'dense', 'gmres', ...), which supports vmap."
         ) from error
+    info.hint = None  # no linear solve to hand it to
     info.converged = _reported(info.converged, report_shape)
     info.residual = _reported(info.residual, report_shape)
     report_failure(info, on_failure, "forward solve")
@@ -627,7 +666,7 @@ def _implicit_at_start(problem, z, rows, tol, max_iter, on_failure):
     problem.discover(anchor)  # the captured tensors, as inputs of the function
     if not (_torch.transforms_active(z, *problem.inputs) or problem.carries_derivatives()):
         return z
-    linear = resolve_linear("auto").for_size(problem.n)
+    linear = resolve_linear("auto")
     settings = _Settings(tol, max_iter, on_failure, linear, problem.batch_size)
     root = _RootProblem(_Pinned(problem), _Given(), settings, None, (problem.batch_size,))
     rows = rows.unsqueeze(1)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from implicit._batch import traced
-from implicit._blocks import Factorization
 from implicit._torch import autograd_grad, vmap_call
 
 
@@ -31,6 +30,9 @@ class Jacobian:
         fn: the residual as a function of ``z`` alone.
         z: the point, shape ``(B, n)``.
     """
+
+    #: Whether products of ``∂g/∂z + I`` are at hand (see :class:`GraphJacobian`).
+    shifted = False
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
         self.value, self._vjp = torch.func.vjp(fn, z)
@@ -93,9 +95,10 @@ class GraphJacobian(Jacobian):
     Where nothing differentiates the products themselves and no ``torch.func``
     transform is active, ``g`` is recorded once with plain autograd and every product
     is one backward pass through that graph (autograd's engine called as
-    :func:`torch.autograd.grad` calls it, see :func:`_autograd_grad`): the same products as
-    :class:`Jacobian`, without the transform's wrappers. The first-order backward also
-    takes the partial derivatives in the inputs ``θ`` from the same graph (``out``).
+    :func:`torch.autograd.grad` calls it, see :func:`~implicit._torch.autograd_grad`):
+    the same products as :class:`Jacobian`, without the transform's wrappers. The
+    first-order backward also takes the partial derivatives in the inputs ``θ`` from the
+    same graph (``out``).
 
     For a fixed point ``g = f(z) − z`` the graph may be that of ``f`` alone
     (``shifted=True``): ``A = ∂f/∂z − I``, whose products subtract their argument
@@ -174,7 +177,7 @@ class GraphJacobian(Jacobian):
     ) -> torch.Tensor:
         """``(∂out/∂inputs)ᵀ cotangent`` (``inputs`` defaults to ``z``), zero where unused."""
         inputs = self.z if inputs is None else inputs
-        (grad,) = _autograd_grad(out, cotangent, (inputs,), create_graph=create_graph)
+        (grad,) = autograd_grad(out, cotangent, (inputs,), create_graph=create_graph)
         return grad
 
     def partials(
@@ -183,27 +186,7 @@ class GraphJacobian(Jacobian):
         """``(∂out/∂x)ᵀ cotangent`` for each ``x`` in ``inputs`` (tensors ``out`` was
         recorded from), zero for those it does not depend on; the graph's last use: it
         is freed."""
-        return _autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
-
-
-def _autograd_grad(
-    out: torch.Tensor,
-    cotangent: torch.Tensor,
-    inputs: tuple[torch.Tensor, ...],
-    *,
-    retain_graph: bool = True,
-    create_graph: bool = False,
-) -> list[torch.Tensor]:
-    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)`` (see
-    :func:`implicit._torch.autograd_grad`), zero for an input that ``out`` does not
-    depend on (also when ``out`` depends on nothing that requires grad)."""
-    if not out.requires_grad:
-        grads: tuple[torch.Tensor | None, ...] = (None,) * len(inputs)
-    else:
-        grads = autograd_grad(
-            out, cotangent, inputs, retain_graph=retain_graph, create_graph=create_graph
-        )
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+        return autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
 
 
 class Repeated:
@@ -218,6 +201,8 @@ class Repeated:
         jacobian: the shared ``(B, n)`` Jacobian.
         copies: the number of copies; row block ``k`` of a vector is copy ``k``.
     """
+
+    shifted = False
 
     def __init__(self, jacobian: Jacobian, copies: int):
         self.jacobian = jacobian
@@ -251,57 +236,6 @@ class Repeated:
         return blocks.expand(self.copies, *blocks.shape).reshape(-1, *blocks.shape[1:])
 
 
-class Operator:
-    """The linear operator a linear solve sees: ``A`` or ``Aᵀ`` of a :class:`Jacobian`.
-
-    Args:
-        jacobian: ``A``.
-        transpose: whether the operator is ``Aᵀ``.
-        nearby: the LU factorisation of ``A`` at a nearby point (the forward's last
-            Newton step), if one is at hand: :class:`~implicit.linear.Dense` refines
-            with it.
-    """
-
-    def __init__(
-        self,
-        jacobian: Jacobian | Repeated,
-        transpose: bool,
-        nearby: Factorization | None = None,
-    ):
-        self.jacobian = jacobian
-        self.transpose = transpose
-        self.nearby = nearby
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.jacobian.shape
-
-    @property
-    def products(self) -> int:
-        return self.jacobian.vjps
-
-    @property
-    def shifted(self) -> bool:
-        """Whether :meth:`shifted_mv` is available: ``A = S − I`` with products of ``S``."""
-        return self.transpose and getattr(self.jacobian, "shifted", False)
-
-    def mv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.jacobian.rmatvec(x) if self.transpose else self.jacobian.matvec(x)
-
-    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(A + I) x``, one product without the identity's pass (see :attr:`shifted`)."""
-        return self.jacobian.shifted_rmatvec(x)
-
-    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
-        blocks = self.jacobian.dense(chunk_size)
-        return blocks.transpose(1, 2) if self.transpose else blocks
-
-    def nearby_solve(self, x: torch.Tensor) -> torch.Tensor:
-        """``M x`` with ``M`` the inverse of this operator at the point of ``nearby``
-        (the factorisation of the Jacobian near this one's point)."""
-        return self.nearby.solve(x, adjoint=self.transpose)
-
-
 class Residual:
     """A flat batched residual with evaluation counters, as the forward solvers see it.
 
@@ -320,10 +254,6 @@ class Residual:
         self.scale = scale
         self.f_evals = 0
         self.jac_evals = 0
-        #: The LU factorisation of ``∂g/∂z`` at a point near the last iterate, left by
-        #: a solver that factorises it (Newton): a dense backward at the root refines
-        #: with it rather than building and factorising the Jacobian there again.
-        self.nearby: Factorization | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.f_evals += 1

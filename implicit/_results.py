@@ -11,9 +11,12 @@ import math
 import os
 import sys
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from implicit.linear import Hint
 
 # Frames in these directories are the library's, not the caller's.
 _INTERNAL_DIRS = (
@@ -90,6 +93,9 @@ class BackwardInfo:
         method: name of the linear solver, or of how it ran: ``"neumann+gmres"``
             (``auto`` switched), ``"dense+refine"`` (``dense`` refined Newton's last
             factorisation instead of building the Jacobian).
+        solution: the adjoint solution ``w`` in the flat ``(rows, n)`` view the solver
+            saw (detached): the warm start of a next backward
+            (``DEQ(warm_start_backward=True)`` passes it on).
     """
 
     converged: torch.Tensor
@@ -98,6 +104,7 @@ class BackwardInfo:
     matvecs: int
     status: str
     method: str
+    solution: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass
@@ -121,6 +128,10 @@ class SolveInfo:
         jac_evals: dense Jacobians built by the solver (Newton).
         backward: filled in by ``backward()``: the adjoint solve's
             [`BackwardInfo`][implicit.BackwardInfo].
+        hint: what the solver learned about ``∂g/∂z`` near its solution (Newton: the
+            factorisation of its last step), for the backward's linear solver; a solver
+            sets it, and the differentiable solve takes it (leaving ``None``) and keeps
+            it only where the backward uses it.
     """
 
     converged: torch.Tensor
@@ -133,6 +144,7 @@ class SolveInfo:
     message: str = ""
     jac_evals: int = 0
     backward: BackwardInfo | None = None
+    hint: Hint | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         worst = float(self.residual.max()) if self.residual.numel() else 0.0

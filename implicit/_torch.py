@@ -14,10 +14,11 @@ With the fallbacks the results are the same; what changes:
   :func:`torch.func.debug_unwrap`). A transform that wraps none of the tensors a solve
   reads does not see the solve, and the solve is a constant for it; but the core
   cannot know that before it has evaluated the function once, so every solve records
-  its captured tensors (:data:`KNOWS_TRANSFORMS` is ``False``).
+  its captured tensors in that first evaluation, which the solver then reuses
+  (:data:`KNOWS_TRANSFORMS` is ``False``).
 * **Forward-mode AD over forward-mode AD** is refused by counting the forward-mode
   rules that run for one solve at different depths of transform wrappers
-  (:func:`solve_scope`, :func:`nested_forward_mode`) rather than by reading the
+  (:func:`apply`, :func:`nested_forward_mode`) rather than by reading the
   transform stack.
 * **Forward mode inside the solve.** ``torch.autograd.Function`` switches forward-mode
   AD off inside ``forward``, and only a private function switches it back on. Outside
@@ -26,8 +27,9 @@ With the fallbacks the results are the same; what changes:
   ``forward_ad.dual_level`` works as before; under a transform it sees forward mode off.
 * **Per-call costs**: ``Function.apply`` binds its arguments with ``inspect``,
   ``torch.autograd.grad`` and ``torch.func.vmap`` check and flatten theirs in Python,
-  and ``torch.compile`` traces into the front doors' wrapper before breaking its graph
-  (``benchmarks/`` measures these costs).
+  and ``torch.compile`` traces into the front doors' wrapper before breaking its graph:
+  small solves take longer (run a benchmark with ``IMPLICIT_TORCH_FALLBACKS=1`` to see
+  how much).
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ _scopes = threading.local()
 
 
 @contextlib.contextmanager
-def _fallback_scope(inherit: bool) -> Iterator[None]:
+def _solve_scope(inherit: bool) -> Iterator[None]:
+    """The bookkeeping of :func:`nested_forward_mode` without the transform stack: the
+    depths at which the forward-mode rules of one solve ran (see :func:`apply`)."""
     stack = _scopes.__dict__.setdefault("stack", [])
     stack.append(stack[-1] if inherit and stack else set())
     try:
@@ -151,20 +155,11 @@ def _fallback_scope(inherit: bool) -> Iterator[None]:
 _NO_SCOPE = contextlib.nullcontext()
 
 
-def solve_scope(inherit: bool = False) -> contextlib.AbstractContextManager:
-    """The bookkeeping of :func:`nested_forward_mode` around one differentiable solve.
-
-    ``inherit``: the solve continues the enclosing one (the ``vmap`` rule solving its
-    slices), so the forward-mode rules of both count together.
-    """
-    return _NO_SCOPE if _stack is not None else _fallback_scope(inherit)
-
-
 def nested_forward_mode(output: torch.Tensor) -> bool:
     """Whether two forward-mode transforms (``jvp``, ``jacfwd``) are active; called by a
     solve's forward-mode rule, with the solve's output as the rule sees it.
 
-    Without the private names: whether rules of the same solve (:func:`solve_scope`) ran
+    Without the private names: whether rules of the same solve (see :func:`apply`) ran
     at two depths of transform wrappers around ``output``, that is, at two levels.
     """
     if _stack is not None:
@@ -178,13 +173,21 @@ def nested_forward_mode(output: torch.Tensor) -> bool:
     return len(depths) >= 2
 
 
-def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
-    """``function.apply(*args)``; outside ``torch.func`` transforms without ``apply``'s
-    binding of the arguments to ``forward``'s signature (it fills in defaults, which a
-    ``forward`` without defaults does not need)."""
-    if _apply is None or _apply[0]():
+def apply(function: type[torch.autograd.Function], *args: Any, inherit: bool = False) -> Any:
+    """``function.apply(*args)`` for one differentiable solve; outside ``torch.func``
+    transforms without ``apply``'s binding of the arguments to ``forward``'s signature
+    (it fills in defaults, which a ``forward`` without defaults does not need).
+
+    ``inherit``: the solve continues the enclosing one (the ``vmap`` rule solving its
+    slices), so that :func:`nested_forward_mode` counts the forward-mode rules of both
+    together.
+    """
+    if _apply is not None and not _apply[0]():
+        return _autograd_apply(function)(*_apply[1](args))
+    if _stack is not None:
         return function.apply(*args)
-    return _autograd_apply(function)(*_apply[1](args))
+    with _solve_scope(inherit):
+        return function.apply(*args)
 
 
 @functools.cache
@@ -223,10 +226,12 @@ def autograd_grad(
     cotangent: torch.Tensor,
     inputs: tuple[torch.Tensor, ...],
     *,
-    retain_graph: bool,
-    create_graph: bool,
-) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)``.
+    retain_graph: bool = True,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True)``, with zero for
+    an input that ``out`` does not depend on (also when ``out`` depends on nothing that
+    requires grad).
 
     With the private name, the same call to autograd's engine without that function's
     normalising and checking of its arguments in Python, which these arguments (one
@@ -234,8 +239,10 @@ def autograd_grad(
     or a mode may override ``torch.autograd.grad`` (``__torch_function__``), it is
     called itself.
     """
-    if _engine is None or has_torch_function((out, *inputs)):
-        return torch.autograd.grad(
+    if not out.requires_grad:
+        grads: tuple[torch.Tensor | None, ...] = (None,) * len(inputs)
+    elif _engine is None or has_torch_function((out, *inputs)):
+        grads = torch.autograd.grad(
             out,
             inputs,
             cotangent,
@@ -243,9 +250,11 @@ def autograd_grad(
             create_graph=create_graph,
             allow_unused=True,
         )
-    return _engine(
-        (out,), (cotangent,), retain_graph, create_graph, inputs, True, accumulate_grad=False
-    )
+    else:
+        grads = _engine(
+            (out,), (cotangent,), retain_graph, create_graph, inputs, True, accumulate_grad=False
+        )
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
 def vmap_call(

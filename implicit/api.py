@@ -28,6 +28,7 @@ def _run(
     on_failure: str,
     return_info: bool,
     solver_options: dict[str, Any],
+    backward_x0: torch.Tensor | None = None,
 ) -> State | tuple[State, SolveInfo]:
     check_tol(tol)
     check_max_iter(max_iter)
@@ -35,7 +36,15 @@ def _run(
     method = solvers.resolve(solver, solver_options)
     mode = linear.resolve(backward)
     tol = attainable(tol, problem.dtype)  # a few units of rounding in half precision
-    z, info = _core.solve(problem, method, mode, tol=tol, max_iter=max_iter, on_failure=on_failure)
+    z, info = _core.solve(
+        problem,
+        method,
+        mode,
+        tol=tol,
+        max_iter=max_iter,
+        on_failure=on_failure,
+        backward_x0=backward_x0,
+    )
     out = problem.unpack(z)
     return (out, info) if return_info else out
 
@@ -100,6 +109,26 @@ def fixed_point(
     problem = Problem(f, z0, args, batched=batched, form="fixed_point")
     result = _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
     return _aux.attach(result, aux, args, return_info)
+
+
+@eager
+def warm_fixed_point(
+    f: Callable[..., Any],
+    z0: State,
+    *args: Any,
+    backward_x0: torch.Tensor | None,
+    batched: bool,
+    solver: str | solvers.Solver,
+    backward: Backward,
+    tol: float,
+    max_iter: int,
+    on_failure: str,
+    return_info: bool,
+) -> State | tuple[State, SolveInfo]:
+    """:func:`fixed_point` whose backward starts its adjoint solve from ``backward_x0``
+    where that fits: a layer's warm start, an earlier ``BackwardInfo.solution``."""
+    problem = Problem(f, z0, args, batched=batched, form="fixed_point")
+    return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, {}, backward_x0)
 
 
 @eager

@@ -7,7 +7,7 @@ import torch
 from conftest import contractive_matrix, rel_err
 from torch.overrides import TorchFunctionMode
 
-from implicit._operators import GraphJacobian, Jacobian, Operator, Residual, vmap_call
+from implicit._operators import GraphJacobian, Jacobian, Residual
 
 F64 = torch.float64
 
@@ -43,19 +43,6 @@ def test_products_and_dense_match_torch_func(shifted):
     assert recorded.vjps == 2 + 2 * 5
 
 
-def test_shifted_products_skip_the_identity():
-    f, z = fixed_point_map()
-    recorded = GraphJacobian.record(f, z, shifted=True)
-    v = vectors()
-    op = Operator(recorded, transpose=True)
-    assert op.shifted
-    assert torch.allclose(op.shifted_mv(v), op.mv(v) + v, rtol=0, atol=1e-15)
-    # (∂f/∂z)ᵀ v by hand: f = tanh(z Wᵀ + x) row-wise.
-    plain = Operator(GraphJacobian.record(lambda z: f(z) - z, z), transpose=True)
-    assert not plain.shifted
-    assert not Operator(recorded, transpose=False).shifted
-
-
 def test_residual_without_dependence_on_z_gives_zero_products():
     x = vectors()
     recorded = GraphJacobian.record(lambda z: x * 2.0, vectors(seed=1))
@@ -86,23 +73,6 @@ def test_dense_falls_back_to_one_product_per_row_where_vmap_cannot_batch():
     assert torch._C._functorch.peek_interpreter_stack() is None  # vmap's level was left
     expected = torch.diag_embed(2 - z.cos())
     assert rel_err(blocks, expected) <= 1e-15
-
-
-def test_vmap_call_matches_torch_func_vmap():
-    gen = torch.Generator().manual_seed(0)
-    rows, shared = torch.randn(4, 3, 5, generator=gen, dtype=F64), torch.randn(5, dtype=F64)
-
-    def fn(x, y):
-        return torch.tanh(x * y).sum(dim=-1)
-
-    expected = torch.func.vmap(fn, in_dims=(0, None))(rows, shared)
-    assert torch.equal(vmap_call(fn, 4, (rows, shared), (0, None)), expected)
-    # An output that does not depend on the batched argument is expanded, as vmap does.
-    constant = vmap_call(lambda x, y: y * 2, 4, (rows, shared), (0, None))
-    assert torch.equal(
-        constant, torch.func.vmap(lambda x, y: y * 2, in_dims=(0, None))(rows, shared)
-    )
-    assert torch._C._functorch.peek_interpreter_stack() is None
 
 
 def test_partials_match_autograd_and_are_zero_where_unused():

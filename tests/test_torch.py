@@ -180,3 +180,20 @@ def test_the_fallback_accepts_forward_mode_once(monkeypatch, name):
         _use_fallbacks(patch)
         public = ACCEPTED[name](x)
     assert torch.allclose(public, private, rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_call_matches_torch_func_vmap():
+    gen = torch.Generator().manual_seed(0)
+    rows, shared = torch.randn(4, 3, 5, generator=gen, dtype=F64), torch.randn(5, dtype=F64)
+
+    def fn(x, y):
+        return torch.tanh(x * y).sum(dim=-1)
+
+    expected = torch.func.vmap(fn, in_dims=(0, None))(rows, shared)
+    assert torch.equal(_torch.vmap_call(fn, 4, (rows, shared), (0, None)), expected)
+    # An output that does not depend on the batched argument is expanded, as vmap does.
+    constant = _torch.vmap_call(lambda x, y: y * 2, 4, (rows, shared), (0, None))
+    assert torch.equal(
+        constant, torch.func.vmap(lambda x, y: y * 2, in_dims=(0, None))(rows, shared)
+    )
+    assert torch._C._functorch.peek_interpreter_stack() is None

@@ -18,8 +18,8 @@ class SolverLayer(nn.Module):
 
     The options are checked here, once, so that a misspelt option or an unknown solver
     fails when the layer is built rather than at its first forward. The solver and the
-    backward mode are resolved to instances and reused by every forward (a Krylov
-    backward with ``x0="previous"`` warm-starts across training steps that way).
+    backward mode are resolved to instances (immutable configuration) and reused by
+    every forward.
 
     Args:
         owner: the layer's name, for error messages.

@@ -10,7 +10,7 @@ import torch
 from implicit._operators import GraphJacobian
 from implicit._problem import Problem, State
 from implicit._tree import flatten, tree_map
-from implicit.api import fixed_point
+from implicit.api import warm_fixed_point
 from implicit.layers._base import SolverLayer
 
 
@@ -42,6 +42,11 @@ class DEQ(SolverLayer):
         batched: dim 0 of the state indexes independent samples (per-sample
             convergence, statistics and Jacobians). A 1-D state (one sample without a
             batch dimension) is refused: give it one (``x[None]``).
+        warm_start_backward: start each backward's adjoint solve from the solution of
+            the last one (when its shape fits): in a training loop consecutive adjoint
+            solutions are close, and an iterative backward (``"gmres"``, ``"neumann"``,
+            ``"auto"`` above its dense size) then needs fewer iterations. The layer
+            keeps that solution (one tensor the size of the state).
         **opts: ``on_failure`` (``"warn"``, ``"raise"`` or ``"ignore"``, default
             ``"warn"``); ``jac_reg`` (number of Hutchinson samples for
             ``last_jac_loss``, default 0: off; ``True`` means 1); and the
@@ -80,6 +85,7 @@ class DEQ(SolverLayer):
         tol: float = 1e-4,
         max_iter: int = 50,
         batched: bool = True,
+        warm_start_backward: bool = False,
         **opts: Any,
     ):
         if not callable(f):
@@ -99,7 +105,10 @@ class DEQ(SolverLayer):
         self.f = f
         self.batched = bool(batched)
         self.jac_reg = int(jac_reg)
+        self.warm_start_backward = bool(warm_start_backward)
         self.last_jac_loss: torch.Tensor | None = None
+        # The adjoint solution of the latest backward, with warm_start_backward.
+        self._adjoint: torch.Tensor | None = None
 
     def forward(self, x: Any, z0: State | None = None) -> State:
         """The fixed point ``z* = f(z*, x)``, differentiable in ``x`` and ``f``'s tensors.
@@ -116,7 +125,16 @@ class DEQ(SolverLayer):
             z0, name = _zeros_like(x), "x (z0 defaults to zeros_like(x))"
         if self.batched:
             _check_batched(z0, name)
-        z, info = fixed_point(self.f, z0, x, batched=self.batched, **self.solve_options())
+        if self.warm_start_backward and self.last_info is not None and self.last_info.backward:
+            self._adjoint = self.last_info.backward.solution
+        z, info = warm_fixed_point(
+            self.f,
+            z0,
+            x,
+            backward_x0=self._adjoint if self.warm_start_backward else None,
+            batched=self.batched,
+            **self.solve_options(),
+        )
         self.last_info = info
         self.last_jac_loss = None
         if self.jac_reg and self.training and torch.is_grad_enabled():
@@ -211,7 +229,8 @@ class DEQ(SolverLayer):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, batched={self.batched}, jac_reg={self.jac_reg}"
+        warm = ", warm_start_backward=True" if self.warm_start_backward else ""
+        return f"{super().extra_repr()}, batched={self.batched}, jac_reg={self.jac_reg}{warm}"
 
 
 def _check_batched(state: State, name: str) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from implicit._batch import combine, known_all, project, store, traced
 from implicit._blocks import solve
+from implicit._checks import check_number
 from implicit._precision import upcast, working_dtype
 from implicit.solvers.base import Solver
 
@@ -88,18 +89,10 @@ class Anderson(Solver):
         check_every: int | None = None,
     ):
         super().__init__(check_every=check_every)
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m must be an integer >= 1, got {m!r}")
-        if not (isinstance(mixing, (int, float)) and 0 < mixing <= 1):
-            raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
-        if not (
-            isinstance(regularization, (int, float))
-            and regularization >= 0
-            and math.isfinite(regularization)
-        ):
-            raise ValueError(f"regularization must be a finite number >= 0, got {regularization!r}")
-        if not (isinstance(max_coefficient, (int, float)) and max_coefficient > 0):
-            raise ValueError(f"max_coefficient must be a number > 0, got {max_coefficient!r}")
+        check_number(m, "m", "an integer >= 1")
+        check_number(mixing, "mixing", "in (0, 1]")
+        check_number(regularization, "regularization", "a finite number >= 0")
+        check_number(max_coefficient, "max_coefficient", "a number > 0")
         self.m = m
         self.mixing = float(mixing)
         self.regularization = float(regularization)

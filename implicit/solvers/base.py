@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from implicit._batch import all_running, cheap_host_reads, row_selector
+from implicit._checks import check_number
 from implicit._operators import Residual
 from implicit._precision import norms as norms_of
 from implicit._precision import working_dtype
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
+
+if TYPE_CHECKING:
+    from implicit.linear import Hint
 
 
 class Solver(abc.ABC):
@@ -52,8 +56,8 @@ class Solver(abc.ABC):
     name: ClassVar[str]
 
     def __init__(self, *, check_every: int | None = None):
-        if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
-            raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+        if check_every is not None:
+            check_number(check_every, "check_every", "an integer >= 1")
         self.check_every = check_every
 
     def init(self, fn: Residual, z: torch.Tensor, r: torch.Tensor) -> Any:
@@ -70,6 +74,12 @@ class Solver(abc.ABC):
         [`solve`][implicit.solvers.Solver.solve] instead.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement step() or solve()")
+
+    def hint(self, state: Any) -> Hint | None:
+        """What the method learned about ``∂g/∂z`` near its last iterate, from its final
+        ``state``, for the backward's linear solver (``SolveInfo.hint``); ``None`` by
+        default."""
+        return None
 
     def solve(
         self,
@@ -144,6 +154,7 @@ class Solver(abc.ABC):
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,
+            hint=self.hint(state),
         )
         return z, info
 

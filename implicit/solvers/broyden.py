@@ -8,6 +8,7 @@ import math
 import torch
 
 from implicit._batch import combine, known_all, project, store
+from implicit._checks import check_number
 from implicit._precision import norms, upcast
 from implicit.solvers._line_search import (
     Search,
@@ -115,8 +116,7 @@ class Broyden(Solver):
         self, *, memory: int = 20, line_search: bool = True, check_every: int | None = None
     ):
         super().__init__(check_every=check_every)
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        check_number(memory, "memory", "an integer >= 1")
         self.memory = memory
         self.line_search = bool(line_search)
 

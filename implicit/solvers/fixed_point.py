@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from implicit._checks import check_number
 from implicit.solvers.base import Solver
 
 
@@ -24,8 +25,7 @@ class FixedPoint(Solver):
 
     def __init__(self, *, damping: float = 1.0, check_every: int | None = None):
         super().__init__(check_every=check_every)
-        if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
-            raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+        check_number(damping, "damping", "in (0, 1]")
         self.damping = float(damping)
 
     def step(self, fn, z, r, state):

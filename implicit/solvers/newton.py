@@ -9,9 +9,11 @@ import torch
 
 from implicit._batch import known_all
 from implicit._blocks import Factorization, solve
-from implicit._operators import Jacobian, Operator
-from implicit._precision import WorkingOperator, is_half, norms, upcast
-from implicit.linear import GMRES
+from implicit._checks import check_number
+from implicit._operators import Jacobian
+from implicit._precision import is_half, norms, upcast
+from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
+from implicit.linear.base import WorkingOperator
 from implicit.solvers._line_search import (
     Search,
     frozen_rows,
@@ -142,8 +144,7 @@ class Newton(Solver):
                 f"krylov must be an implicit.linear.GMRES instance or None, "
                 f"got {type(krylov).__name__}"
             )
-        if isinstance(max_dense, bool) or not isinstance(max_dense, int) or max_dense < 0:
-            raise ValueError(f"max_dense must be an integer >= 0, got {max_dense!r}")
+        check_number(max_dense, "max_dense", "an integer >= 0")
         if jacobian_reuse is not None and not (
             isinstance(jacobian_reuse, (int, float))
             and not isinstance(jacobian_reuse, bool)
@@ -215,6 +216,11 @@ class Newton(Solver):
         )
         return z_new, r_new, state
 
+    def hint(self, state: _NewtonState) -> NearbyFactorization | None:
+        """The factorisation of the last dense step (a point a step from the root), for
+        a dense backward to refine."""
+        return None if state.factors is None else NearbyFactorization(state.factors)
+
     def _reusable(self, factors, pending, frozen, r, r_new) -> bool:
         """Whether the next step may reuse ``factors``: every sample still running
         reduced its residual norm ``jacobian_reuse``-fold, and none is searching."""
@@ -228,9 +234,7 @@ class Newton(Solver):
         factorisation it came from (None for a Krylov or damped step)."""
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            direction, slope, factors = self._dense_direction(jacobian.dense(), r)
-            fn.nearby = factors  # for a dense backward to refine (None after a damped step)
-            return direction, slope, factors
+            return self._dense_direction(jacobian.dense(), r)
         return (*self._krylov_direction(jacobian, r, initial_norm, waiting), None)
 
     def _dense(self, z, r):
@@ -242,7 +246,7 @@ class Newton(Solver):
     @staticmethod
     def _dense_direction(jacobian, r):
         """The direction, its slope and the factorisation when every block is regular
-        (a dense backward at the root may refine with it, see ``Residual.nearby``)."""
+        (a dense backward at the root may refine with it, see :meth:`hint`)."""
         factors = Factorization.of(jacobian)
         # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
         # condition number) below n·eps, which an exact zero pivot and NaN also fail.
@@ -286,10 +290,10 @@ class Newton(Solver):
             ratio = float(ratio.max().detach())
             tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
-        op = Operator(jacobian, transpose=False)
+        op = JacobianOperator(jacobian)
         if is_half(r.dtype):
             op = WorkingOperator(op, r.dtype)
-        result = krylov.solve(op, upcast(-r), tol=tol, max_iter=max_iter)
+        result = krylov.solve(krylov.init(op), upcast(-r), tol=tol, max_iter=max_iter)
         finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)
         direction = torch.where(finite.unsqueeze(1), result.x, 0).to(r.dtype)
         # ‖J d + g‖ = η‖g‖ bounds the slope gᵀJd ≤ −(1 − η)‖g‖² (no extra product).

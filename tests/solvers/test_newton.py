@@ -17,7 +17,8 @@ from solver_checks import (
 )
 
 import implicit
-from implicit.linear import CG, GMRES, REFINEMENTS
+from implicit.linear import CG, GMRES
+from implicit.linear.dense import REFINEMENTS
 from implicit.solvers import Newton
 from implicit.solvers._line_search import Search
 from implicit.solvers.newton import HALVINGS

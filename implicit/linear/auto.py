@@ -1,0 +1,140 @@
+"""The default backward mode: a method chosen from the operator's size and structure."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from implicit._checks import check_number
+from implicit.linear.base import MAX_ITER, Hint, JacobianOperator, LinearSolver
+from implicit.linear.cg import CG
+from implicit.linear.dense import Dense
+from implicit.linear.gmres import GMRES
+from implicit.linear.iterative import IterativeSolver, Progress, norm, row_mask
+from implicit.linear.neumann import Neumann
+
+#: Iterations over which Neumann must halve a problem's residual to keep it.
+_NEUMANN_WINDOW = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NeumannThenGMRES(IterativeSolver):
+    """Neumann while it contracts well, then GMRES from where it got: for a shifted
+    operator (a fixed point's adjoint); GMRES alone for any other.
+
+    On ``A = ∂f/∂z − I`` with products of ``∂f/∂z`` at hand (the first-order backward
+    of a fixed point), Neumann costs one product and one pass over the data per
+    iteration, where GMRES adds its orthogonalisation: when ``f`` contracts well (a
+    trained DEQ), Neumann gets there first. A problem whose residual does not halve
+    over four iterations (a weak contraction, or none) goes on with GMRES from its
+    current iterate (from zero if its residual grew beyond ``‖rhs‖``), within the same
+    iteration budget. ``LinearResult.method`` says which ran.
+    """
+
+    name = "neumann+gmres"
+
+    def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner):
+        used, codes, r, ran = 0, None, None, []
+        if operator.shifted:
+            ran.append("neumann")
+            neumann = Neumann(give_up_after=_NEUMANN_WINDOW)
+            x, codes, used, r, _ = neumann.iterate(
+                operator, rhs, x, target=target, max_iter=max_iter, allowed=allowed
+            )
+            allowed = allowed & (codes == MAX_ITER)
+            if used >= max_iter or not bool(allowed.any()):
+                return Progress(x, codes, used, r, "+".join(ran))
+            grew = allowed & ~(norm(r) <= norm(rhs))
+            x = torch.where(row_mask(grew), 0, x)
+        ran.append("gmres")
+        x, gmres_codes, more, r, _ = GMRES().iterate(
+            operator,
+            rhs,
+            x,
+            target=target,
+            max_iter=max_iter - used,
+            allowed=allowed,
+            preconditioner=preconditioner,
+        )
+        codes = gmres_codes if codes is None else torch.where(allowed, gmres_codes, codes)
+        return Progress(x, codes, used + more, r, "+".join(ran))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chosen:
+    """Auto's state: the method it chose and that method's state."""
+
+    solver: LinearSolver
+    state: object
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Auto(LinearSolver):
+    """The default backward mode: a method chosen from the operator's size and
+    structure ([`choose`][implicit.linear.Auto.choose]).
+
+    * [`Dense`][implicit.linear.Dense] up to ``max_dense`` unknowns per problem;
+    * above, [`CG`][implicit.linear.CG] where the operator is known symmetric positive
+      definite;
+    * for the adjoint of a fixed point ``z = f(z)`` (a shifted operator, in the
+      first-order backward), [`Neumann`][implicit.linear.Neumann] while it contracts
+      well and [`GMRES`][implicit.linear.GMRES] from where it got for the problems
+      whose residual does not halve over four iterations;
+    * [`GMRES`][implicit.linear.GMRES] for every other system.
+
+    ``info.backward.method`` says which ran (``"dense"``, ``"dense+refine"`` after
+    Newton as for `Dense`, ``"cg"``, ``"neumann"``, ``"neumann+gmres"`` or
+    ``"gmres"``). A per-call initial guess and preconditioner go to the chosen method.
+
+    Args:
+        max_dense: largest number of unknowns per problem solved densely.
+        tol: handed to the chosen solver (``None``: the front door's ``tol``).
+        max_iter: handed to the chosen solver (``None``: the front door's
+            ``max_iter``).
+    """
+
+    name = "auto"
+
+    max_dense: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.max_dense, "max_dense", "an integer >= 0")
+
+    def choose(self, operator: JacobianOperator) -> LinearSolver:
+        """The method for ``operator`` (see above)."""
+        if operator.shape[1] <= self.max_dense:
+            method = Dense
+        elif operator.positive_definite:
+            method = CG
+        elif operator.shifted:
+            method = NeumannThenGMRES
+        else:
+            method = GMRES
+        return _configured(method, self.tol, self.max_iter)
+
+    def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
+        return shape[1] <= self.max_dense and Dense().uses(hint, shape)
+
+    def init(self, operator: JacobianOperator, hint: Hint | None = None) -> _Chosen:
+        chosen = self.choose(operator)
+        accepted = hint if hint is not None and chosen.uses(hint, tuple(operator.shape)) else None
+        return _Chosen(chosen, chosen.init(operator, accepted))
+
+    def transpose(self, state: _Chosen) -> _Chosen:
+        return _Chosen(state.solver, state.solver.transpose(state.state))
+
+    def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
+        chosen: LinearSolver = state.solver
+        result = chosen.solve(
+            state.state, rhs, tol=tol, max_iter=max_iter, x0=x0, preconditioner=preconditioner
+        )
+        return dataclasses.replace(result, method=result.method or chosen.name)
+
+
+@functools.cache
+def _configured(method: type[LinearSolver], tol: float | None, max_iter: int | None):
+    """``method(tol=tol, max_iter=max_iter)``, made once (instances are immutable)."""
+    return method(tol=tol, max_iter=max_iter)

@@ -1,0 +1,291 @@
+"""The interface of the linear solvers: the operator they see, what they return, the
+hints they may take, and the solver itself.
+
+A linear solver is configuration only: an immutable dataclass, safe to reuse across
+calls, threads and ``torch.func`` transforms. A solve has two steps, as in lineax:
+
+* [`init`][implicit.linear.LinearSolver.init] prepares what the method needs from the
+  operator (the LU factors for [`Dense`][implicit.linear.Dense]; the operator itself for
+  an iterative method), optionally using a [`Hint`][implicit.linear.Hint] from the
+  forward solver;
+* [`solve`][implicit.linear.LinearSolver.solve] solves for one right-hand side, with
+  the per-call data (tolerance, cap, initial guess, preconditioner) passed per call.
+
+A method reports per-problem status codes: ``CONVERGED``, ``MAX_ITER``, ``BREAKDOWN``
+and ``NONFINITE`` from this module. An iterative method subclasses
+[`IterativeSolver`][implicit.linear.IterativeSolver] (``implicit/linear/iterative.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from implicit._checks import check_max_iter, check_tol
+from implicit._operators import GraphJacobian, Jacobian, Repeated
+from implicit._precision import upcast
+from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
+
+__all__ = [
+    "BREAKDOWN",
+    "CONVERGED",
+    "MAX_ITER",
+    "NONFINITE",
+    "Hint",
+    "JacobianOperator",
+    "LinearResult",
+    "LinearSolver",
+    "Preconditioner",
+]
+
+#: ``M(r) ≈ A⁻¹ r`` for a ``(B, n)`` batch of rows.
+Preconditioner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class JacobianOperator:
+    """``A = ∂g/∂z`` of a batched flat residual ``g: (B, n) -> (B, n)`` at one point, or
+    its transpose, as products: what a linear solver receives.
+
+    Row ``b`` of ``g`` depends only on row ``b`` of ``z`` (``B`` independent problems),
+    so ``A`` is block diagonal, one ``n × n`` block per problem, and every product acts
+    row by row. The operator also says what it is known to be, so that solvers dispatch
+    on structure rather than guess:
+
+    Attributes:
+        transposed: whether the operator is ``(∂g/∂z)ᵀ`` (the backward's adjoint
+            system) rather than ``∂g/∂z`` (forward mode, Newton's steps).
+        shifted: ``A = S − I`` with the products of ``S`` at hand
+            ([`shifted_mv`][implicit.linear.JacobianOperator.shifted_mv]): the adjoint of
+            a fixed point ``g = f(z) − z``, whose ``S = (∂f/∂z)ᵀ``.
+        symmetric: ``A = Aᵀ`` is known (e.g. a Hessian).
+        positive_definite: ``A`` is known symmetric positive definite (the Hessian at a
+            strict minimum); only then is [`CG`][implicit.linear.CG] right for it.
+
+    Args:
+        jacobian: the products of ``∂g/∂z`` (built by the core; see
+            [`of`][implicit.linear.JacobianOperator.of]).
+        transposed: as above.
+        symmetric: as above.
+        positive_definite: as above (implies ``symmetric``).
+    """
+
+    def __init__(
+        self,
+        jacobian: Jacobian | Repeated,
+        *,
+        transposed: bool = False,
+        symmetric: bool = False,
+        positive_definite: bool = False,
+    ):
+        self.jacobian = jacobian
+        #: ``(B, n)``: the shape of the vectors the operator acts on.
+        self.shape: torch.Size = jacobian.shape
+        self.transposed = transposed
+        self.symmetric = symmetric or positive_definite
+        self.positive_definite = positive_definite
+        # Only the transposed products of S are recorded (the first-order backward).
+        self.shifted = transposed and jacobian.shifted
+
+    @classmethod
+    def of(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        z: torch.Tensor,
+        *,
+        transposed: bool = False,
+        symmetric: bool = False,
+        positive_definite: bool = False,
+    ) -> JacobianOperator:
+        """The operator of ``∂fn/∂z`` at ``z`` (shape ``(B, n)``; row ``b`` of ``fn``
+        depending on row ``b`` of ``z`` only), e.g. to test a linear solver."""
+        return cls(
+            Jacobian(fn, z),
+            transposed=transposed,
+            symmetric=symmetric,
+            positive_definite=positive_definite,
+        )
+
+    @classmethod
+    def of_fixed_point(
+        cls, f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+    ) -> JacobianOperator:
+        """The adjoint operator ``(∂f/∂z − I)ᵀ`` of the fixed point ``z = f(z)`` at ``z``,
+        shifted (its products of ``(∂f/∂z)ᵀ`` are one pass through ``f``'s graph)."""
+        return cls(GraphJacobian.record(f, z, shifted=True), transposed=True)
+
+    @property
+    def products(self) -> int:
+        """The vector-Jacobian products used so far (a dense matrix counts ``n``)."""
+        return self.jacobian.vjps
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` per row (one vector-Jacobian product)."""
+        return self.jacobian.rmatvec(x) if self.transposed else self.jacobian.matvec(x)
+
+    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(A + I) x = S x``, one product without the identity's pass (only where
+        ``shifted``)."""
+        if not self.shifted:
+            raise TypeError("shifted_mv needs a shifted operator (A = S − I with S at hand)")
+        return self.jacobian.shifted_rmatvec(x)
+
+    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
+        """The ``(B, n, n)`` blocks of ``A`` (``n`` products, ``chunk_size`` rows at a
+        time when given)."""
+        blocks = self.jacobian.dense(chunk_size)
+        return blocks.transpose(1, 2) if self.transposed else blocks
+
+    def transpose(self) -> JacobianOperator:
+        """``Aᵀ``: the same Jacobian, the other way round."""
+        return JacobianOperator(
+            self.jacobian,
+            transposed=not self.transposed,
+            symmetric=self.symmetric,
+            positive_definite=self.positive_definite,
+        )
+
+    def __repr__(self) -> str:
+        flags = {
+            "transposed": self.transposed,
+            "shifted": self.shifted,
+            "symmetric": self.symmetric,
+            "positive_definite": self.positive_definite,
+        }
+        known = [name for name, value in flags.items() if value]
+        return f"JacobianOperator(shape={tuple(self.shape)}, {', '.join(known) or 'general'})"
+
+
+class WorkingOperator(JacobianOperator):
+    """An operator whose products are evaluated in half precision, seen in float32.
+
+    A linear solver then keeps its iterates, bases and small systems in float32
+    (``implicit/_precision.py``); each product casts its argument down and its result
+    up. Its structure is the operator's.
+
+    Args:
+        operator: the operator, whose products run in ``dtype``.
+        dtype: float16 or bfloat16.
+    """
+
+    def __init__(self, operator: JacobianOperator, dtype: torch.dtype):
+        super().__init__(
+            operator.jacobian,
+            transposed=operator.transposed,
+            symmetric=operator.symmetric,
+            positive_definite=operator.positive_definite,
+        )
+        self.dtype = dtype
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        return upcast(super().mv(x.to(self.dtype)))
+
+    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
+        return upcast(super().shifted_mv(x.to(self.dtype)))
+
+    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
+        return upcast(super().dense(chunk_size))
+
+    def transpose(self) -> WorkingOperator:
+        return WorkingOperator(super().transpose(), self.dtype)
+
+
+@dataclasses.dataclass
+class LinearResult:
+    """The outcome of a batched linear solve.
+
+    Attributes:
+        x: the solution, shape ``(B, n)``.
+        residual: the true relative residual ``‖A x − rhs‖ / ‖rhs‖`` per problem (0
+            where ``rhs = 0``; NaN where the method does not measure it).
+        codes: per-problem status codes (``CONVERGED``, ``MAX_ITER``, ...).
+        iterations: iterations taken (the maximum over problems).
+        method: how the solver ran, where it chooses among several ways (``"auto"``'s
+            choice, ``"dense+refine"``); ``None`` means the solver's own name.
+    """
+
+    x: torch.Tensor
+    residual: torch.Tensor
+    codes: torch.Tensor
+    iterations: int
+    method: str | None = None
+
+
+class Hint:
+    """What a forward solver learned about ``∂g/∂z`` near its solution, handed to the
+    backward's linear solver, which decides whether to use it
+    ([`uses`][implicit.linear.LinearSolver.uses]). A forward solver returns one in
+    ``SolveInfo.hint``; subclasses say what it is (e.g.
+    [`NearbyFactorization`][implicit.linear.NearbyFactorization])."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearSolver(abc.ABC):
+    """Solves ``A x = rhs`` for a batch of independent systems given as an operator.
+
+    Args:
+        tol: relative tolerance ``‖A x − rhs‖ ≤ tol · ‖rhs‖``; ``None`` takes the
+            front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+    """
+
+    name: ClassVar[str]
+    #: Whether the method solves the system (as opposed to approximating it by design).
+    exact: ClassVar[bool] = True
+
+    tol: float | None = None
+    max_iter: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tol is not None:
+            check_tol(self.tol, f"{type(self).__name__}(tol=...)")
+        if self.max_iter is not None:
+            check_max_iter(self.max_iter, f"{type(self).__name__}(max_iter=...)")
+
+    def init(self, operator: JacobianOperator, hint: Hint | None = None) -> Any:
+        """What the method needs from ``operator`` to solve with it (default: the
+        operator itself); ``hint`` where [`uses`][implicit.linear.LinearSolver.uses]
+        accepted it."""
+        return operator
+
+    @abc.abstractmethod
+    def solve(
+        self,
+        state: Any,
+        rhs: torch.Tensor,
+        *,
+        tol: float,
+        max_iter: int,
+        x0: torch.Tensor | None = None,
+        preconditioner: Preconditioner | None = None,
+    ) -> LinearResult:
+        """Solve ``A x = rhs`` for ``rhs`` of shape ``(B, n)``, ``A`` the operator
+        ``state`` was made from (by [`init`][implicit.linear.LinearSolver.init]).
+
+        Args:
+            state: from [`init`][implicit.linear.LinearSolver.init].
+            rhs: the right-hand sides, one row per problem.
+            tol: relative tolerance per problem.
+            max_iter: iteration cap.
+            x0: initial guess (``None``: zero, or the solver's own ``x0``); methods
+                that do not iterate ignore it.
+            preconditioner: ``M(r) ≈ A⁻¹ r`` (``None``: the solver's own, if any).
+
+        The core passes ``x0`` and ``preconditioner`` only when it has one (a layer's
+        warm start, an iterative solver's own), so a method that takes neither may
+        leave them out of its signature.
+        """
+
+    def transpose(self, state: Any) -> Any:
+        """The state for ``Aᵀ``, from the state for ``A`` (reusing its work where the
+        method can: [`Dense`][implicit.linear.Dense] reuses its factors)."""
+        return self.init(state.transpose())
+
+    def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
+        """Whether [`init`][implicit.linear.LinearSolver.init] would use ``hint`` for a
+        system of ``shape = (B, n)`` (the core keeps a hint from the forward to the
+        backward only then)."""
+        return False

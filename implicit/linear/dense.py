@@ -1,0 +1,231 @@
+"""Dense solves: materialise ``A`` per problem and LU-factorise it, or refine a nearby
+factorisation that the forward solver left (Newton's last step)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from implicit._batch import known_all
+from implicit._blocks import Factorization, lu_factor, lu_solve
+from implicit._checks import check_number
+from implicit.linear.base import (
+    BREAKDOWN,
+    CONVERGED,
+    NONFINITE,
+    Hint,
+    JacobianOperator,
+    LinearResult,
+    LinearSolver,
+)
+from implicit.linear.iterative import norm, row_mask, safe_div
+
+#: Products that iterative refinement may use before a dense solve builds the Jacobian.
+REFINEMENTS = 5
+#: ``B·n³`` (the order of the work of building and factorising ``B`` Jacobian blocks of
+#: ``n`` unknowns) below which a dense solve does not refine: there the direct solve
+#: costs no more than refinement's few sequential products (benchmarks/seed_newton.py).
+REFINE_MIN_WORK = 2**16
+
+
+@dataclasses.dataclass(frozen=True)
+class NearbyFactorization(Hint):
+    """The LU factorisation of ``∂g/∂z`` at a point near the solution (Newton's last
+    step), which [`Dense`][implicit.linear.Dense] refines instead of building the
+    Jacobian at the solution.
+
+    Attributes:
+        factorization: the ``(B, n, n)`` blocks' factors.
+    """
+
+    factorization: Factorization
+
+    def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+        """``M rhs`` per row, ``M`` the inverse of the nearby ``∂g/∂z`` (transposed: of
+        its transpose)."""
+        return self.factorization.solve(rhs, adjoint=transposed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factored:
+    """``A``'s blocks (``matrix``) and the LU factors of the system solved: ``A``, or
+    ``AᵀA + ridge·I``; ``adjoint``: solve with ``Aᵀ`` (the transpose of the state)."""
+
+    matrix: torch.Tensor
+    system: torch.Tensor
+    lu: torch.Tensor
+    pivots: torch.Tensor
+    info: torch.Tensor
+    adjoint: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refining:
+    """A system to refine from ``nearby``; built and factorised only if that fails."""
+
+    operator: JacobianOperator
+    nearby: NearbyFactorization
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dense(LinearSolver):
+    """Materialise ``A`` per problem (``n`` vector-Jacobian products) and LU-solve.
+
+    Exact and the fastest choice for small ``n`` (up to a few hundred unknowns per
+    problem). A direct solve cannot beat its conditioning, so a block counts as solved
+    when its relative residual is at most ``max(tol, √eps)``. A block that LU cannot
+    solve to that level (singular or numerically singular) gets the least-squares,
+    minimum-norm answer of the pseudo-inverse instead and is reported as
+    ``"breakdown"``. [`init`][implicit.linear.LinearSolver.init] factorises ``A``;
+    [`transpose`][implicit.linear.LinearSolver.transpose] reuses the factors for ``Aᵀ``.
+
+    ``ridge > 0`` damps an ill-conditioned Jacobian: it solves the Tikhonov system
+    ``(AᵀA + ridge·I) x = Aᵀ rhs`` (the minimiser of ``‖A x − rhs‖² + ridge·‖x‖²``),
+    whatever the signs of ``A``'s eigenvalues. The status then says whether that damped
+    system was solved; the reported residual is still the one of ``A x = rhs``, so it
+    shows how far the damped answer is from the exact one.
+
+    **After Newton** (dense inner solve), the backward at the root does not build the
+    Jacobian again: Newton's last step factorised it at a point a step away (a
+    [`NearbyFactorization`][implicit.linear.NearbyFactorization] hint), and iterative
+    refinement with that factorisation (one vector-Jacobian product with the exact
+    Jacobian per correction, usually two to four) reaches the direct solve's rounding
+    level. Where it would not (a step too long, an ill-conditioned Jacobian) the
+    Jacobian is built and factorised after all; ``info.backward.method`` says
+    ``"dense+refine"`` when refinement sufficed. Only without ``ridge``, in the
+    first-order backward, and where ``n > 5`` and ``B·n³`` (batch times unknowns
+    cubed) is at least ``2¹⁶``: elsewhere building the Jacobian costs no more than the
+    products. The factorisation (``B·n²`` numbers) is then kept from the forward to the
+    backward. The same holds where [`Auto`][implicit.linear.Auto] (the default) picks
+    ``Dense``.
+
+    Args:
+        ridge: Tikhonov damping (default 0: exact).
+        chunk_size: build the Jacobian this many rows at a time (memory bound).
+        tol: a block counts as solved when its relative residual is at most
+            ``max(tol, √eps)``; ``None`` takes the front door's ``tol``.
+        max_iter: accepted for a uniform interface; a direct solve does not iterate.
+    """
+
+    name = "dense"
+
+    ridge: float = 0.0
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.ridge, "ridge", "a finite number >= 0")
+        if self.chunk_size is not None:
+            check_number(self.chunk_size, "chunk_size", "an integer >= 1")
+        object.__setattr__(self, "ridge", float(self.ridge))
+
+    def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
+        """Whether a system of ``shape = (B, n)`` is refined from a
+        [`NearbyFactorization`][implicit.linear.NearbyFactorization] (see above)."""
+        batch, n = shape
+        # With n ≤ REFINEMENTS the direct solve's n products (batched) are never more.
+        return (
+            isinstance(hint, NearbyFactorization)
+            and not self.ridge
+            and n > REFINEMENTS
+            and batch * n**3 >= REFINE_MIN_WORK
+        )
+
+    def init(self, operator: JacobianOperator, hint: Hint | None = None):
+        if hint is not None and self.uses(hint, tuple(operator.shape)):
+            return _Refining(operator, hint)
+        return self.factor(operator.dense(self.chunk_size))
+
+    def factor(self, matrix: torch.Tensor) -> _Factored:
+        """The state for the ``(B, n, n)`` blocks ``matrix`` of ``A``, already at hand."""
+        system = matrix
+        if self.ridge:
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            system = matrix.mT @ matrix + self.ridge * eye
+        return _Factored(matrix, system, *lu_factor(system))
+
+    def transpose(self, state):
+        if isinstance(state, _Refining):
+            return _Refining(state.operator.transpose(), state.nearby)
+        if self.ridge:  # (AAᵀ + ridge·I) is another system
+            return self.factor(state.matrix.mT)
+        return dataclasses.replace(state, adjoint=not state.adjoint)
+
+    def solve(self, state, rhs, *, tol, max_iter=1, x0=None, preconditioner=None):
+        if isinstance(state, _Refining):
+            refined = _refine(state.operator, state.nearby, rhs, tol)
+            if refined is not None:
+                return refined
+            state = self.factor(state.operator.dense(self.chunk_size))
+        matrix = state.matrix.mT if state.adjoint else state.matrix
+        right = rhs.unsqueeze(-1)
+        if self.ridge:
+            right = matrix.mT @ right
+        x = lu_solve(state.lu, state.pivots, right, adjoint=state.adjoint)
+        accept = max(tol, math.sqrt(torch.finfo(rhs.dtype).eps))
+        # The residual of A x = rhs is the one reported; without damping it is also the
+        # one that decides.
+        residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
+        system = state.system.mT if state.adjoint else state.system
+        damped = _relative_residual(system, x, right) if self.ridge else residual
+        solved = (state.info == 0) & (damped <= accept)
+        if not known_all(solved):
+            # A non-finite matrix has no least-squares answer (and would make the SVD fail).
+            fallback = ~solved & torch.isfinite(system).flatten(1).all(dim=1)
+            if bool(fallback.any()):
+                x[fallback] = torch.linalg.pinv(system[fallback]) @ right[fallback]
+                residual = _relative_residual(matrix, x, rhs.unsqueeze(-1))
+        x = x.squeeze(-1)
+        finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
+        codes = torch.where(finite, torch.where(solved, CONVERGED, BREAKDOWN), NONFINITE)
+        return LinearResult(x, residual, codes, 1)
+
+
+def _refine(
+    operator: JacobianOperator, nearby: NearbyFactorization, rhs: torch.Tensor, tol: float
+) -> LinearResult | None:
+    """``A x = rhs`` by iterative refinement with the factorisation of a nearby
+    operator, or None if it leaves a problem above ``tol`` (relative residual; at least
+    rounding level).
+
+    ``x ← x + M (rhs − A x)``, ``M`` the nearby inverse, one product per correction.
+    Each correction multiplies the residual by about ``‖I − A M‖``, the relative
+    distance of the two operators (for Newton's last step at a tolerance of 1e-10,
+    about 1e-5), so two to four products reach rounding level. As LAPACK's
+    refinement (``?gerfs``) does, it goes on to rounding level whatever ``tol``, and
+    stops there, when the residual no longer halves, or after ``REFINEMENTS`` products.
+    """
+    rhs_norm = norm(rhs)
+    # What a direct solve leaves: a relative residual of one or two eps.
+    rounding = 4 * torch.finfo(rhs.dtype).eps
+    transposed = operator.transposed
+    x = nearby.solve(rhs, transposed=transposed)
+    x_best = best = None
+    for products in range(1, REFINEMENTS + 1):
+        correction = rhs - operator.mv(x)
+        residual = safe_div(norm(correction), rhs_norm)
+        if best is None:
+            x_best, best, halved = x, residual, torch.ones_like(residual, dtype=torch.bool)
+        else:
+            # Per problem, the better of the last two (NaN is never better).
+            better = residual <= best
+            halved = (residual <= best / 2) | (residual <= rounding)
+            x_best = torch.where(row_mask(better), x, x_best)
+            best = torch.where(better, residual, best)
+        if products == REFINEMENTS or bool((best <= rounding).all() | ~halved.all()):
+            break
+        x = x + nearby.solve(correction, transposed=transposed)
+    if not bool((best <= max(tol, rounding)).all()):
+        return None
+    codes = torch.full_like(best, CONVERGED, dtype=torch.long)
+    return LinearResult(x_best, best, codes, products, "dense+refine")
+
+
+def _relative_residual(matrix: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``‖matrix · x − rhs‖ / ‖rhs‖`` per block (0 where ``rhs = 0``), for ``x`` and
+    ``rhs`` of shape ``(B, n, 1)``."""
+    residual = torch.linalg.vector_norm(matrix @ x - rhs, dim=(1, 2))
+    size = torch.linalg.vector_norm(rhs, dim=(1, 2))
+    return torch.where(size != 0, residual / size, 0)

@@ -1,0 +1,230 @@
+"""What every iterative method shares: warm start, per-problem stop, the true-residual
+check and the status codes; and helpers for methods on batches of rows.
+
+A new iterative method is one file: a frozen dataclass subclassing
+[`IterativeSolver`][implicit.linear.IterativeSolver] that implements
+[`iterate`][implicit.linear.IterativeSolver.iterate].
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from implicit.linear.base import (
+    CONVERGED,
+    MAX_ITER,
+    NONFINITE,
+    JacobianOperator,
+    LinearResult,
+    LinearSolver,
+    Preconditioner,
+)
+
+__all__ = [
+    "IterativeSolver",
+    "Progress",
+    "dot",
+    "identity",
+    "norm",
+    "row_mask",
+    "safe_div",
+    "start",
+    "where_codes",
+]
+
+
+class Progress(NamedTuple):
+    """What one call of [`iterate`][implicit.linear.IterativeSolver.iterate] returns.
+
+    Attributes:
+        x: the iterate (rows of the problems not allowed to move unchanged).
+        codes: the status codes of the allowed problems (others: anything).
+        iterations: iterations taken.
+        residual: ``±(A x − rhs)`` for the returned ``x`` when computed as a product
+            (not by a recurrence that may drift), else ``None``.
+        method: what ran, for a method that chooses among several (else ``None``).
+    """
+
+    x: torch.Tensor
+    codes: torch.Tensor
+    iterations: int
+    residual: torch.Tensor | None = None
+    method: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IterativeSolver(LinearSolver):
+    """An iterative method: warm start, per-problem stop and a true-residual check.
+
+    A method implements [`iterate`][implicit.linear.IterativeSolver.iterate], which runs
+    its recurrences on the problems it is allowed to touch.
+    [`solve`][implicit.linear.LinearSolver.solve] then measures the true residual ``A x − rhs``
+    (recurrences drift in floating point; a method that has just computed it, as a
+    product, hands it back instead of having it computed twice): a problem the
+    recurrence called converged but whose true residual is above the tolerance is
+    restarted from its current ``x`` while the iteration budget lasts.
+
+    Args:
+        tol: relative tolerance, ``‖A x − rhs‖₂ ≤ tol · ‖rhs‖₂`` per problem; ``None``
+            takes the front door's ``tol``.
+        max_iter: iteration cap; ``None`` takes the front door's ``max_iter``.
+        x0: initial guess: a tensor with the right-hand side's number of elements
+            (reshaped to its flat ``(B, n)`` view) or broadcastable to it; ``None``
+            (zero). A per-call ``x0`` (a layer's warm start) takes precedence.
+        preconditioner: ``preconditioner(r)`` takes a ``(B, n)`` tensor and returns
+            ``M r ≈ A⁻¹ r`` per row, where ``A`` is the operator the solver sees (in
+            the backward, the transposed Jacobian ``(∂g/∂z)ᵀ``; a diagonal
+            preconditioner serves both).
+    """
+
+    #: Whether the method takes a preconditioner.
+    preconditioned: ClassVar[bool] = True
+
+    x0: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+    preconditioner: Preconditioner | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        if self.x0 is not None and not isinstance(self.x0, torch.Tensor):
+            message = f"{owner}(x0=...) must be a tensor or None, got {self.x0!r}"
+            if isinstance(self.x0, str) and self.x0 == "previous":
+                message += (
+                    ": the warm start across calls belongs to their caller: use "
+                    "DEQ(..., warm_start_backward=True), or pass the last solution as x0"
+                )
+            raise TypeError(message)
+        if self.preconditioner is not None:
+            if not self.preconditioned:
+                raise TypeError(f"{owner} takes no preconditioner")
+            if not callable(self.preconditioner):
+                raise TypeError(
+                    f"{owner}(preconditioner=...) must be callable: M(r) -> approximately A⁻¹ r"
+                )
+
+    def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
+        operator: JacobianOperator = state
+        preconditioner = self.preconditioner if preconditioner is None else preconditioner
+        if preconditioner is not None and not self.preconditioned:
+            raise TypeError(f"{type(self).__name__} takes no preconditioner")
+        rhs_norm = norm(rhs)
+        target = tol * rhs_norm
+        # The solution of A x = 0 is x = 0, whatever the guess.
+        x = _initial(self.x0 if x0 is None else x0, rhs)
+        if x is not None:
+            x = torch.where(row_mask(rhs_norm == 0), 0, x)
+        allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
+        codes = torch.full_like(rhs_norm, MAX_ITER, dtype=torch.long)
+        iterations, methods = 0, []
+        while True:
+            x, new_codes, used, true, method = self.iterate(
+                operator,
+                rhs,
+                x,
+                target=target,
+                max_iter=max_iter - iterations,
+                allowed=allowed,
+                preconditioner=preconditioner,
+            )
+            iterations += used
+            methods += [part for part in (method or "").split("+") if part not in methods]
+            residual = norm(operator.mv(x) - rhs if true is None else true)
+            # The common end, every problem solved (a true residual at most the target is
+            # finite, and so is the x it was computed from), needs no more bookkeeping.
+            if bool((residual <= target).all()):
+                codes = torch.full_like(codes, CONVERGED)
+                break
+            codes = torch.where(allowed, new_codes, codes)
+            finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
+            solved = finite & (residual <= target)
+            allowed = (codes == CONVERGED) & ~solved & finite  # drifted: restart these
+            if used == 0 or iterations >= max_iter or not bool(allowed.any()):
+                codes = torch.where(
+                    solved, CONVERGED, torch.where(codes == CONVERGED, MAX_ITER, codes)
+                )
+                codes = torch.where(finite, codes, NONFINITE)
+                break
+        # Relative, and 0 for a zero right-hand side (whose x is 0).
+        relative = safe_div(residual, rhs_norm)
+        return LinearResult(x, relative, codes, iterations, "+".join(methods) or None)
+
+    @abc.abstractmethod
+    def iterate(
+        self,
+        operator: JacobianOperator,
+        rhs: torch.Tensor,
+        x: torch.Tensor | None,
+        *,
+        target: torch.Tensor,
+        max_iter: int,
+        allowed: torch.Tensor,
+        preconditioner: Preconditioner | None,
+    ) -> Progress:
+        """Iterate from ``x`` (``None``: zero) on the ``allowed`` problems (a ``(B,)``
+        mask) until ``‖A x − rhs‖ ≤ target`` (per problem), for at most ``max_iter``
+        iterations, preconditioned by ``preconditioner`` where the method takes one."""
+
+
+def _initial(x0: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor | None:
+    """The warm start in the flat view of ``rhs``, or ``None`` for zero (which needs no
+    product to start from)."""
+    if x0 is None:
+        return None
+    guess = x0.detach().to(dtype=rhs.dtype, device=rhs.device)
+    if guess.numel() == rhs.numel():
+        return guess.reshape(rhs.shape)
+    try:
+        return guess.expand_as(rhs)
+    except RuntimeError:
+        raise ValueError(
+            f"x0 of shape {tuple(x0.shape)} does not fit the right-hand side of shape "
+            f"{tuple(rhs.shape)} (flat (batch, n) view)"
+        ) from None
+
+
+# -- helpers for methods, on batches of rows -------------------------------------------
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x_b‖₂`` per row, shape ``(B,)``."""
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a_b · b_b`` per row, shape ``(B,)``."""
+    return (a * b).sum(dim=1)
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with 0 where ``den == 0`` (frozen or broken-down problems).
+
+    The division by zero in the rows not taken is harmless: linear solves run where
+    nothing records a graph (inside the implicit function's forward, or a first-order
+    backward), so no gradient flows through it.
+    """
+    return torch.where(den != 0, num / den, 0)
+
+
+def row_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A per-problem mask ``(B,)`` as a mask over rows ``(B, 1)``."""
+    return mask.unsqueeze(1)
+
+
+def where_codes(mask: torch.Tensor, if_true: int, if_false: int) -> torch.Tensor:
+    """Status codes per problem: ``if_true`` where ``mask``, else ``if_false``."""
+    return torch.where(mask, if_true, if_false)  # int64, as Python integers give
+
+
+def start(
+    operator: JacobianOperator, rhs: torch.Tensor, x: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The iterate to start from and its residual ``rhs − A x``: zero and ``rhs``, without
+    a product, for ``x = None``."""
+    return (torch.zeros_like(rhs), rhs) if x is None else (x, rhs - operator.mv(x))
+
+
+def identity(r: torch.Tensor) -> torch.Tensor:
+    """The preconditioner of no preconditioning."""
+    return r

@@ -1,0 +1,111 @@
+"""The classic DEQ backward: fixed-point iteration on the adjoint equation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from implicit._batch import all_running, known_all, row_selector
+from implicit._checks import check_number
+from implicit.linear.base import CONVERGED, MAX_ITER, NONFINITE
+from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Neumann(IterativeSolver):
+    """The classic DEQ backward: fixed-point iteration on the adjoint equation.
+
+    Iterates ``x ← x + damping · (A x − rhs)``. For a fixed-point problem
+    ``g = f(z) − z`` the Jacobian is ``A = ∂f/∂z − I`` and, with ``damping = 1``,
+    this is ``x ← (∂f/∂z)ᵀ x − rhs``: the truncated Neumann series of
+    ``−(I − ∂f/∂z)⁻ᵀ rhs``. It converges when ``f`` is contractive; ``damping < 1``
+    converges whenever the eigenvalues of ``∂f/∂z`` have real part below 1 and are
+    small enough, more slowly. For general root problems use
+    [`GMRES`][implicit.linear.GMRES]. One product per iteration, no extra memory. A
+    problem whose iterate overflows stops at its last finite iterate with status
+    ``"nonfinite"``.
+
+    Takes the options of every [`IterativeSolver`][implicit.linear.IterativeSolver]
+    but ``preconditioner`` (``tol``, ``max_iter``, ``x0``).
+
+    Args:
+        damping: step size in ``(0, 1]``.
+        give_up_after: stop a problem whose residual has not halved over this many
+            iterations (status ``"max_iter"``), so that a caller can hand it to a
+            method that does not need a contraction ([`Auto`][implicit.linear.Auto]
+            does, after 4); ``None``: never.
+    """
+
+    name = "neumann"
+    preconditioned = False
+
+    damping: float = 1.0
+    give_up_after: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.damping, "damping", "in (0, 1]")
+        if self.give_up_after is not None:
+            check_number(self.give_up_after, "give_up_after", "an integer >= 1")
+        object.__setattr__(self, "damping", float(self.damping))
+
+    def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner=None):
+        # With damping 1 and A = S − I (a fixed point's ∂g/∂z, S = ∂f/∂z), iterate on
+        # products of S: x ← S x − rhs, whose residual is S x_new − S x (one pass over
+        # the data per iteration, where A's products and the update take three).
+        shifted = self.damping == 1 and operator.shifted
+        if not shifted:
+            x, r = start(operator, rhs, x)
+            r = -r  # A x − rhs, exact (a product) at every iterate
+        elif x is None:
+            q, r = None, -rhs  # S x = 0
+        else:
+            q = operator.shifted_mv(x)
+            r = q - x - rhs
+        x = torch.zeros_like(rhs) if x is None else x
+        reference = norm(r)
+        active = allowed & (reference > target)
+        codes = where_codes(active, MAX_ITER, CONVERGED)
+        iterations = 0
+        # While every problem runs and the host checks each iteration (on the CPU), an
+        # iteration in which none finishes or blows up needs no per-problem bookkeeping.
+        every = known_all(active)
+        while iterations < max_iter and (every or bool(active.any())):
+            if shifted:
+                x_new = r if q is None else q - rhs  # r = −rhs at the start from zero
+                q_new = operator.shifted_mv(x_new)
+                # S x_new − x_new − rhs, x_new = S x − rhs (to one rounding of x_new).
+                r_new = q_new if q is None else q_new - q
+            else:
+                x_new = torch.add(x, r, alpha=self.damping)
+                r_new = operator.mv(x_new) - rhs
+            iterations += 1
+            size = norm(r_new)
+            slow = None
+            if self.give_up_after and iterations % self.give_up_after == 0:
+                # Stop the problems whose residual did not halve over the window (NaN
+                # included).
+                slow = active & ~(size <= 0.5 * reference)
+                reference = size
+                slow = slow if bool(slow.any()) else None
+            if slow is None and every and all_running(size, target, size.max()):
+                x, r = x_new, r_new
+                if shifted:
+                    q = q_new
+                continue
+            every = False
+            # A problem whose residual turned infinite or NaN keeps its last finite x.
+            step = active & (size < math.inf)
+            take = row_selector(step, x.shape[1])
+            x, r = take(x_new, x), take(r_new, r)
+            if shifted:
+                q = take(q_new, torch.zeros_like(q_new) if q is None else q)
+            done = step & (size <= target)
+            # (step is a subset of active and done of step: ^ removes the subset.)
+            codes = torch.where(done, CONVERGED, torch.where(active ^ step, NONFINITE, codes))
+            active = step ^ done
+            if slow is not None:
+                active = active & ~slow  # status stays "max_iter"
+        return Progress(x, codes, iterations, r)

@@ -1,0 +1,140 @@
+"""The Neumann iteration (implicit/linear/neumann.py), plain and on shifted operators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+from systems import (
+    F64,
+    check_solution,
+    contraction,
+    generator,
+    operator,
+    reports_true_residual,
+    rhs_of,
+    run,
+)
+
+from implicit import linear
+from implicit._operators import GraphJacobian
+from implicit.linear import JacobianOperator
+from implicit.linear.base import CONVERGED, MAX_ITER, NONFINITE
+
+
+class TestNeumann:
+    def test_damping_converges_where_the_plain_series_diverges(self):
+        # F = −1.5 I: x ← F x − rhs diverges; with damping ½ the iteration matrix is
+        # ½ I + ½ F = −¼ I.
+        n = 4
+        matrix = (-2.5 * torch.eye(n, dtype=F64)).unsqueeze(0)
+        rhs = rhs_of(1, n, 0)
+        plain = run(linear.Neumann(), operator(matrix), rhs, tol=1e-10, max_iter=60)
+        damped = run(linear.Neumann(damping=0.5), operator(matrix), rhs, tol=1e-10, max_iter=60)
+        assert plain.codes.tolist() == [MAX_ITER]
+        check_solution(damped, matrix, rhs, 1e-10)
+        assert damped.iterations <= 20
+
+    def test_overflow_stops_at_the_last_finite_iterate(self):
+        matrix = (-5 * torch.eye(3, dtype=F64)).unsqueeze(0)
+        result = run(linear.Neumann(), operator(matrix), rhs_of(1, 3, 0), tol=1e-10, max_iter=5000)
+        assert result.codes.tolist() == [NONFINITE]
+        assert result.iterations < 1000
+        # The returned iterate is the last one whose residual was finite.
+        assert bool(torch.isfinite(result.x).all() and torch.isfinite(result.residual).all())
+
+    def test_is_the_classic_deq_backward(self):
+        # x_k = −Σ_{i<k} (Fᵀ)^i rhs: the truncated Neumann series, k = iterations.
+        f = contraction(1, 5, 0.5, 0)
+        rhs = rhs_of(1, 5, 0)
+        result = run(
+            linear.Neumann(max_iter=8),
+            operator(f.mT - torch.eye(5, dtype=F64)),
+            rhs,
+            tol=1e-10,
+            max_iter=8,
+        )
+        series = torch.zeros_like(rhs)
+        term = rhs
+        for _ in range(result.iterations):
+            series = series - term
+            term = term @ f[0]
+        assert result.codes.tolist() == [MAX_ITER] and result.iterations == 8
+        assert rel_err(result.x, series) <= 1e-13
+
+    @pytest.mark.parametrize("shifted", [True, False])
+    def test_rows_stop_on_their_own(self, shifted):
+        # Per row F = 0.1 I (done in a few steps), −5 I (overflows after that) and
+        # 0.7 I (slow): each row ends as it would alone, the overflowing one at its last
+        # finite iterate. shifted: the classic DEQ path, products of F from a recorded
+        # graph of f; otherwise products of A = F − I.
+        n = 3
+        scales = torch.tensor([0.1, -5.0, 0.7], dtype=F64)
+        rhs = rhs_of(3, n, 0)
+
+        def solve(rows):
+            f = scales[rows].reshape(-1, 1, 1) * torch.eye(n, dtype=F64)
+            if shifted:
+                op = JacobianOperator.of_fixed_point(
+                    lambda z: torch.einsum("bij,bj->bi", f.mT, z), torch.zeros_like(rhs[rows])
+                )
+                assert op.shifted
+            else:
+                op = operator(f - torch.eye(n, dtype=F64))
+            return run(linear.Neumann(), op, rhs[rows], tol=1e-12, max_iter=5000)
+
+        together = solve(slice(None))
+        assert together.codes.tolist() == [CONVERGED, NONFINITE, CONVERGED]
+        assert bool(torch.isfinite(together.x).all())
+        for b in range(3):
+            alone = solve(slice(b, b + 1))
+            assert torch.equal(together.x[b], alone.x[0])
+            assert alone.codes.tolist() == together.codes[b : b + 1].tolist()
+
+
+class TestShiftedNeumann:
+    """Neumann on a fixed point's adjoint, with products of ∂f/∂z (one pass per step)."""
+
+    @staticmethod
+    def operators(batch, n, norms, seed):
+        """``A = Fᵀ − I`` per sample as a shifted graph (products of ``Fᵀ``) and as a
+        plain one (products of ``A``); ``‖F_b‖₂ = norms[b]``."""
+        gen = generator(seed)
+        f = torch.randn(batch, n, n, generator=gen, dtype=F64)
+        f = f * (torch.tensor(norms, dtype=F64) / torch.linalg.matrix_norm(f, ord=2))[:, None, None]
+
+        def fixed_point_map(z):  # ∂/∂z = F (batched): its VJP is Fᵀ w
+            return torch.einsum("bij,bj->bi", f, z)
+
+        z = torch.zeros(batch, n, dtype=F64)
+        shifted = JacobianOperator.of_fixed_point(fixed_point_map, z)
+        plain = JacobianOperator(
+            GraphJacobian.record(lambda z: fixed_point_map(z) - z, z), transposed=True
+        )
+        return shifted, plain, f.mT - torch.eye(n, dtype=F64)
+
+    @pytest.mark.parametrize("x0", [None, "tensor"])
+    def test_matches_the_plain_iteration(self, x0):
+        # Contractions of different strengths: the samples converge at different steps.
+        shifted, plain, matrix = self.operators(4, 6, [0.1, 0.5, 0.8, 0.95], seed=0)
+        rhs = rhs_of(4, 6, 0)
+        start = None if x0 is None else 0.3 * rhs_of(4, 6, 1)
+        results = [
+            run(linear.Neumann(x0=start), op, rhs, tol=1e-12, max_iter=1000)
+            for op in (shifted, plain)
+        ]
+        assert shifted.shifted and not plain.shifted
+        fast, slow = results
+        assert fast.iterations == slow.iterations
+        assert torch.equal(fast.codes, slow.codes) and bool((fast.codes == CONVERGED).all())
+        assert rel_err(fast.x, slow.x) <= 1e-13
+        check_solution(fast, matrix, rhs, 1e-12)
+        assert reports_true_residual(fast, matrix, rhs)
+        # One product per iteration (and one for a warm start's initial residual).
+        assert shifted.products == fast.iterations + (x0 is not None)
+
+    def test_a_damped_iteration_uses_the_plain_products(self):
+        shifted, _, matrix = self.operators(2, 4, [0.5, 0.5], seed=1)
+        rhs = rhs_of(2, 4, 2)
+        result = run(linear.Neumann(damping=0.7), shifted, rhs, tol=1e-10, max_iter=500)
+        check_solution(result, matrix, rhs, 1e-10)
