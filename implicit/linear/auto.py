@@ -127,6 +127,8 @@ class Auto(LinearSolver):
         return _Chosen(state.solver, state.solver.transpose(state.state))
 
     def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
+        if isinstance(state, JacobianOperator):
+            state = self.init(state)
         chosen: LinearSolver = state.solver
         result = chosen.solve(
             state.state, rhs, tol=tol, max_iter=max_iter, x0=x0, preconditioner=preconditioner

@@ -266,7 +266,8 @@ class LinearSolver(abc.ABC):
         ``state`` was made from (by [`init`][implicit.linear.LinearSolver.init]).
 
         Args:
-            state: from [`init`][implicit.linear.LinearSolver.init].
+            state: from [`init`][implicit.linear.LinearSolver.init], or the operator
+                itself (then every solver calls ``init`` on it first).
             rhs: the right-hand sides, one row per problem.
             tol: relative tolerance per problem.
             max_iter: iteration cap.

@@ -154,6 +154,8 @@ class Dense(LinearSolver):
         return dataclasses.replace(state, adjoint=not state.adjoint)
 
     def solve(self, state, rhs, *, tol, max_iter=1, x0=None, preconditioner=None):
+        if isinstance(state, JacobianOperator):
+            state = self.init(state)
         if isinstance(state, _Refining):
             refined = _refine(state.operator, state.nearby, rhs, tol)
             if refined is not None:

@@ -62,14 +62,13 @@ class Explodes(Solver):
         raise RuntimeError("boom")
 
 
+@dataclasses.dataclass(frozen=True)
 class Skewed(linear.LinearSolver):
     """The dense adjoint solution times ``factor`` (or NaN), reported as converged."""
 
     name = "skewed"
 
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
+    factor: float = 1.0
 
     def solve(self, op, rhs, *, tol, max_iter):
         result = linear.Dense().solve(op, rhs, tol=tol, max_iter=max_iter)
