@@ -189,7 +189,8 @@ class CheckAnswer(Solver):
         super().__init__()
         self.who = who
 
-    def solve(self, fn: Residual, z0, r0, *, tol, max_iter):
+    def solve(self, fn: Residual, z0, r0, *, tol, max_iter, callback=None):
+        # No iteration: a callback is never called.
         r = fn(z0) if r0 is None else r0
         norms = residual_norms(z0, r)
         bound = thresholds(tol, fn.scale(z0, r))
@@ -219,5 +220,7 @@ class CheckAnswer(Solver):
             status=status_name(codes),
             solver=self.name,
             message=message,
+            iterations_per_problem=torch.zeros_like(codes),
+            status_codes=codes,
         )
         return z0, info

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from implicit import _torch
+from implicit import _progress, _tolerance, _torch
 from implicit._operators import GraphJacobian, Jacobian, Repeated, Residual
 from implicit._precision import attainable, is_half, upcast
 from implicit._problem import Problem
@@ -59,21 +59,25 @@ class _Settings:
     """Tolerances, failure policy and linear solver shared by a solve and its linear solves.
 
     Args:
+        tol: a number, or a ``(B,)`` tensor of per-problem tolerances (see
+            :mod:`implicit._tolerance`).
         rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
             ``jacrev``, ... stack several blocks of ``B`` rows; an initial guess and a
             preconditioner are written for one block.
         backward_x0: the initial guess of the backward's adjoint solve (a layer's warm
             start), or ``None``.
+        callback: the user's per-iteration callback of the forward solve, or ``None``.
     """
 
     def __init__(
         self,
-        tol: float,
+        tol: _tolerance.Tol,
         max_iter: int,
         on_failure: str,
         linear: LinearSolver,
         rows: int,
         backward_x0: torch.Tensor | None = None,
+        callback: _progress.Callback | None = None,
     ):
         self.tol = tol
         self.max_iter = max_iter
@@ -81,6 +85,7 @@ class _Settings:
         self.linear = linear
         self.rows = rows
         self.backward_x0 = backward_x0
+        self.callback = callback
 
     def linear_solve(
         self,
@@ -93,7 +98,7 @@ class _Settings:
         x0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BackwardInfo]:
         linear = self.linear
-        tol = linear.tol if linear.tol is not None else self.tol
+        tol = linear.tol if linear.tol is not None else _tolerance.for_backward(self.tol)
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         x0, preconditioner = self._per_call(rhs.shape, x0)
         dtype = rhs.dtype
@@ -195,12 +200,18 @@ class _RootProblem:
         settings = self.settings
         fn = self.problem.solver_view(inputs)
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
-        z, info = self.solver.solve(fn, z0, r0, tol=settings.tol, max_iter=settings.max_iter)
+        z, info = self.solver.solve(
+            fn,
+            z0,
+            r0,
+            tol=_tolerance.for_rows(settings.tol, z0.shape[0]),
+            max_iter=settings.max_iter,
+            callback=_progress.watch(settings.callback, self.problem, self.report_shape),
+        )
         # Kept (Newton's: B·n² numbers, until the backward) only where it will be used.
         hint, info.hint = info.hint, None
         self.hint = hint if hint is not None and settings.linear.uses(hint, z.shape) else None
-        info.converged = _reported(info.converged, self.report_shape)
-        info.residual = _reported(info.residual, self.report_shape)
+        _progress.shape_report(info, self.report_shape)
         problem: _RootProblem | None = self
         while problem is not None:
             problem.info, problem = info, problem._unfolded
@@ -579,13 +590,16 @@ def solve(
     solver: Solver,
     backward: LinearSolver | Unroll,
     *,
-    tol: float,
+    tol: _tolerance.Tol,
     max_iter: int,
     on_failure: str,
     backward_x0: torch.Tensor | None = None,
+    callback: _progress.Callback | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve ``problem`` from its packed initial state; differentiable in its inputs.
 
+    ``tol`` is a number or a ``(B,)`` tensor (:func:`implicit._tolerance.per_problem`);
+    ``callback`` is the user's, called after each iteration of the forward solve.
     Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
     ``backward_x0``: an initial guess for the backward's adjoint solve (a layer's warm
     start: an earlier ``BackwardInfo.solution``).
@@ -593,8 +607,10 @@ def solve(
     z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
     report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
-        return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape)
-    settings = _Settings(tol, max_iter, on_failure, backward, problem.batch_size, backward_x0)
+        return _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape, callback)
+    settings = _Settings(
+        tol, max_iter, on_failure, backward, problem.batch_size, backward_x0, callback
+    )
     transforming = _torch.transforms_active(z0, *problem.explicit)
     derivatives_possible = torch.is_grad_enabled() or transforming or _torch.dual_level_open()
     r0 = None
@@ -618,8 +634,9 @@ def solve(
     return z, root.info
 
 
-def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
-    """The reference mode: autograd records every iteration of the solver.
+def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape, callback):
+    """The reference mode: autograd records every iteration of the solver (a callback
+    receives the iterates detached).
 
     A problem that meets its tolerance at ``z0`` takes no iteration, and the unrolled
     derivative of no iteration is zero, not the derivative of the solution: those
@@ -628,7 +645,8 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
     fn = problem.solver_view(problem.inputs)
     try:
         r0 = fn(z0)
-        z, info = solver.solve(fn, z0, r0, tol=tol, max_iter=max_iter)
+        watch = _progress.watch(callback, problem, report_shape)
+        z, info = solver.solve(fn, z0, r0, tol=tol, max_iter=max_iter, callback=watch)
     except RuntimeError as error:
         innermost = traceback.extract_tb(error.__traceback__)[-1].filename
         if "data-dependent control flow" not in str(error) or not innermost.startswith(_PACKAGE):
@@ -639,8 +657,7 @@ def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape):
             "Use an implicit backward ('auto', 'dense', 'gmres', ...), which supports vmap."
         ) from error
     info.hint = None  # no linear solve to hand it to
-    info.converged = _reported(info.converged, report_shape)
-    info.residual = _reported(info.residual, report_shape)
+    _progress.shape_report(info, report_shape)
     report_failure(info, on_failure, "forward solve")
     at_start = residual_norms(z0, r0) <= thresholds(tol, fn.scale(z0, r0))
     derivatives_possible = (
@@ -699,7 +716,7 @@ class _Given(Solver):
 
     name = "given"
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         converged = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
         residual = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
         info = SolveInfo(converged, residual, 0, 0, [], "converged", self.name)

@@ -40,6 +40,8 @@ class OptimizationProblem(Problem):
         batched: whether dim 0 of the state indexes independent problems.
         least_squares: whether ``fun`` is a residual vector whose ``½‖·‖²`` is minimised.
         bounds: ``(lower, upper)`` as flat ``(B, n)`` tensors, or ``None``.
+        tol_mode: ``"relative"`` (default: the test is scaled by ``|fun(z0)|``) or
+            ``"absolute"``.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class OptimizationProblem(Problem):
         batched: bool,
         least_squares: bool,
         bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tol_mode: str = "relative",
     ):
         if not callable(fun):
             name = "residual" if least_squares else "fun"
@@ -59,7 +62,9 @@ class OptimizationProblem(Problem):
         self.least_squares = least_squares
         self.bounded = bounds is not None
         full_args = (*args, *bounds) if bounds is not None else tuple(args)
-        super().__init__(self._gradient, z0, full_args, batched=batched, form="root")
+        super().__init__(
+            self._gradient, z0, full_args, batched=batched, form="root", tol_mode=tol_mode
+        )
         self.name = "residual" if least_squares else "fun"
 
     # -- functions of the unpacked state ----------------------------------------------
@@ -120,7 +125,10 @@ class OptimizationProblem(Problem):
         raise ValueError(f"unknown per-row function {name!r}")
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        """``|fun(z0)|``: a problem has converged when ``‖g(z)‖₂ ≤ tol · (1 + |fun(z0)|)``."""
+        """``|fun(z0)|``: a problem has converged when ``‖g(z)‖₂ ≤ tol · (1 + |fun(z0)|)``
+        (0 with ``tol_mode="absolute"``)."""
+        if not self.relative:
+            return super().scale(z0, r0, *inputs)
         return self.per_row("value_and_grad", z0, *inputs)[:, 0].abs()
 
     def solver_view(self, inputs: Sequence[torch.Tensor], source: Any = None) -> Objective:
@@ -148,7 +156,14 @@ class Objective(Residual):
         self._per_row = lambda name, z: source.per_row(name, z, *inputs)
         self.least_squares = problem.least_squares
         self.bounded = problem.bounded
+        self.relative = problem.relative
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def scale_of_value(self, f: torch.Tensor) -> torch.Tensor:
+        """The stopping test's scale from the objective ``f`` ``(B,)`` at the initial
+        guess (the problem's :meth:`~OptimizationProblem.scale` without evaluating it
+        again): ``|f|``, or 0 with ``tol_mode="absolute"``."""
+        return f.abs() if self.relative else torch.zeros_like(f)
 
     def value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective ``(B,)`` and its gradient ``(B, n)`` at ``z``."""

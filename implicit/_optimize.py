@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 
-from implicit import _aux, _bounds, _core, linear, solvers
-from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit import _aux, _bounds, _core, _tolerance, linear, solvers
+from implicit._checks import check_max_iter, check_on_failure
 from implicit._compile import eager
 from implicit._objective import OptimizationProblem
 from implicit._precision import is_half
 from implicit._problem import State
+from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
+from implicit._tolerance import Tol
 
 Backward = str | linear.LinearSolver | linear.Unroll
 Bounds = tuple[Any, Any] | None
@@ -32,11 +34,13 @@ def minimize(
     solver: str | solvers.Solver = "lbfgs",
     backward: Backward = "auto",
     bounds: Bounds = None,
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
+    tol_mode: str = "relative",
     max_iter: int = 100,
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    callback: Callback | None = None,
     has_aux: bool = False,
     **solver_options: Any,
 ) -> Any:
@@ -67,15 +71,21 @@ def minimize(
             bound. The solution then satisfies ``z* = clip(z* − ∇fun(z*), l, u)``: a
             coordinate held at a bound has derivative 0 with respect to ``args`` and 1
             with respect to that bound, which may require grad.
-        tol: problem ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)``,
-            with ``g = ∇fun`` (``z − clip(z − ∇fun, l, u)`` with bounds) and ``z0``
-            clipped into the bounds.
+        tol: the stopping tolerance, a number or a tensor of one per problem: problem
+            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol_b · (1 + s_b)``, with ``g = ∇fun``
+            (``z − clip(z − ∇fun, l, u)`` with bounds).
+        tol_mode: ``"relative"`` (default): ``s = |fun(z0)_b|``, with ``z0`` clipped
+            into the bounds; ``"absolute"``: ``s = 0``.
         max_iter: the cap on iterations; every evaluation of ``fun`` along a line
             search counts as one.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        callback: ``callback(iteration, residual, z)``, called after each iteration
+            with the norms of ``g`` per problem and a copy of the iterate (see
+            [the options every front door takes][front-door-options]); once, at the
+            end, for ``solver="scipy"``.
         has_aux: ``fun`` returns ``(objective, aux)``; ``aux`` at the solution is
             returned after ``z`` (see the guide for its gradient).
         **solver_options: options of the named solver's constructor.
@@ -108,11 +118,13 @@ def least_squares(
     solver: str | solvers.Solver = "levenberg_marquardt",
     backward: Backward = "auto",
     bounds: Bounds = None,
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
+    tol_mode: str = "relative",
     max_iter: int = 100,
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    callback: Callback | None = None,
     has_aux: bool = False,
     **solver_options: Any,
 ) -> Any:
@@ -136,12 +148,16 @@ def least_squares(
             [`LEAST_SQUARES`][implicit.solvers.LEAST_SQUARES]).
         backward: a name from ``implicit.linear.NAMES`` or an instance.
         bounds: as for [`minimize`][implicit.minimize].
-        tol: problem ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + ½‖r(z0)_b‖²)``
-            with ``g = Jᵀr`` (projected with bounds, as for ``minimize``).
+        tol: the stopping tolerance, a number or a tensor of one per problem: problem
+            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol_b · (1 + s_b)`` with ``g = Jᵀr``
+            (projected with bounds, as for ``minimize``).
+        tol_mode: ``"relative"`` (default): ``s = ½‖r(z0)_b‖²``; ``"absolute"``:
+            ``s = 0``.
         max_iter: the cap on iterations; every evaluation of the residual counts.
         batched: dim 0 of ``z`` and of the residual indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        callback: as for [`minimize`][implicit.minimize].
         has_aux: ``residual`` returns ``(r, aux)``; ``aux`` at the solution is
             returned after ``z``.
         **solver_options: options of the named solver's constructor.
@@ -173,14 +189,22 @@ def _solve(
     solver, backward, bounds = settings["solver"], settings["backward"], settings["bounds"]
     tol, max_iter, batched = settings["tol"], settings["max_iter"], settings["batched"]
     on_failure, return_info = settings["on_failure"], settings["return_info"]
-    check_tol(tol)
+    callback = settings["callback"]
+    _tolerance.check_tol(tol)
     check_max_iter(max_iter)
     check_on_failure(on_failure)
+    check_callback(callback)
     name = "residual" if least_squares else "fun"
     fun, aux = _aux.split(fun, settings["has_aux"], name)
     z0, packed = _bounds.prepare(bounds, z0, batched)
     problem = OptimizationProblem(
-        fun, z0, args, batched=batched, least_squares=least_squares, bounds=packed
+        fun,
+        z0,
+        args,
+        batched=batched,
+        least_squares=least_squares,
+        bounds=packed,
+        tol_mode=settings["tol_mode"],
     )
     names = solvers.LEAST_SQUARES if least_squares else solvers.MINIMIZERS
     front_door = "least_squares" if least_squares else "minimize"
@@ -198,7 +222,16 @@ def _solve(
             f"gradient may converge to a maximum or a saddle"
         )
     mode = linear.resolve(backward)
-    z, info = _core.solve(problem, method, mode, tol=tol, max_iter=max_iter, on_failure=on_failure)
+    tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
+    z, info = _core.solve(
+        problem,
+        method,
+        mode,
+        tol=tol,
+        max_iter=max_iter,
+        on_failure=on_failure,
+        callback=callback,
+    )
     out = problem.unpack(z)
     result: State | tuple[State, SolveInfo] = (out, info) if return_info else out
     return _aux.attach(result, aux, args, return_info)

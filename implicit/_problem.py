@@ -23,6 +23,8 @@ from implicit._precision import norms, working_dtype
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
 State = torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | dict[Any, Any]
 Form = Literal["root", "fixed_point", "inverse"]
+#: How the stopping test is scaled: not at all, or by the form's scale.
+TOL_MODES = ("absolute", "relative")
 
 
 class Problem:
@@ -30,15 +32,15 @@ class Problem:
 
     The three forms differ only in how the user's function becomes a residual and in
     how the stopping tolerance is scaled (problem ``b`` has converged when
-    ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``):
+    ``‖g(z)_b‖₂ ≤ tol_b · (1 + scale_b)``; with ``tol_mode="absolute"`` the scale is 0):
 
-    ============  ========================  ==============================
-    form          residual                  scale
-    ============  ========================  ==============================
-    root          ``fn(z, *args)``          0 (absolute tolerance)
-    fixed_point   ``fn(z, *args) − z``      ``max(‖z0_b‖₂, ‖f(z0)_b‖₂)``
-    inverse       ``fn(z, *args[1:]) − y``  ``‖y_b‖₂`` with ``y = args[0]``
-    ============  ========================  ==============================
+    ============  ========================  ==================================  ===========
+    form          residual                  relative scale                      default
+    ============  ========================  ==================================  ===========
+    root          ``fn(z, *args)``          ``‖g(z0)_b‖₂``                      absolute
+    fixed_point   ``fn(z, *args) − z``      ``max(‖z0_b‖₂, ‖f(z0)_b‖₂)``        relative
+    inverse       ``fn(z, *args[1:]) − y``  ``‖y_b‖₂`` with ``y = args[0]``     relative
+    ============  ========================  ==================================  ===========
 
     In the inverse form ``fn`` returns a tensor shaped like ``y`` (which may differ
     from the shape of ``z`` as long as each problem has as many equations as unknowns).
@@ -53,6 +55,8 @@ class Problem:
         batched: whether dim 0 of every state tensor indexes independent problems.
         form: ``"root"``, ``"fixed_point"`` or ``"inverse"``.
         initial: what error messages call ``z0`` (e.g. a black box's answer).
+        tol_mode: ``"absolute"`` or ``"relative"`` (see above); ``None``: the form's
+            default.
     """
 
     def __init__(
@@ -64,7 +68,12 @@ class Problem:
         batched: bool,
         form: Form = "root",
         initial: str = "z0",
+        tol_mode: str | None = None,
     ):
+        if tol_mode is not None and tol_mode not in TOL_MODES:
+            raise ValueError(f"tol_mode must be one of {TOL_MODES}, got {tol_mode!r}")
+        #: Whether the stopping test is scaled (``tol_mode="relative"``).
+        self.relative = form != "root" if tol_mode is None else tol_mode == "relative"
         self.name = "g" if form == "root" else "f"
         if not callable(fn):
             raise TypeError(f"{self.name} must be callable, got {type(fn).__name__}")
@@ -208,12 +217,14 @@ class Problem:
         """Per-problem scale of the stopping tolerance, from the initial guess ``z0``, its
         residual ``r0`` and the problem's ``inputs`` (see the class docstring)."""
         # (Norms in float32 for half precision, where they would overflow from 256 on.)
+        if not self.relative:
+            return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
         if self.form == "fixed_point":
             return torch.maximum(norms(z0), norms(z0 + r0))
         if self.form == "inverse":
             # The target y is the first input, possibly a stand-in (e.g. a vmapped slice).
             return norms(inputs[0].reshape(self.batch_size, -1))
-        return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
+        return norms(r0)
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
         """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives.

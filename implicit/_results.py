@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ STATUS_NAMES = {
     FAILED: "failed",
     NONFINITE: "nonfinite",
 }
+STATUS_CODES = {name: code for code, name in STATUS_NAMES.items()}
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -111,10 +112,22 @@ class BackwardInfo:
 class SolveInfo:
     """How a forward solve ended.
 
+    The batch summaries (``iterations``, ``status``) sit beside their per-problem
+    counterparts (``iterations_per_problem``, ``status_codes`` and ``statuses``); every
+    per-problem field has the shape of ``converged``.
+
     Attributes:
         converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
         residual: final residual norm ``‖g(z)‖₂`` per problem, same shape.
-        iterations: iterations taken (the maximum over samples).
+        iterations: iterations taken: the maximum over the problems.
+        iterations_per_problem: int64 tensor shaped like ``converged``: the iterations
+            each problem took (a problem stops iterating once it has converged or
+            turned non-finite). Their maximum is ``iterations``.
+        status_codes: int64 tensor shaped like ``converged``, each problem's status
+            as a code ordered by severity: 0 ``"converged"``, 1 ``"max_iter"``, 2
+            ``"breakdown"``, 3 ``"failed"``, 4 ``"nonfinite"``. Select problems by it
+            on the device without reading it (``z[info.status_codes == 1]``); the
+            names are [`statuses`][implicit.SolveInfo.statuses].
         f_evals: evaluations of ``g`` (or ``f``) in the forward; one call on the whole
             batch counts once. Where derivatives may be asked for, this includes the
             evaluation at ``z0`` that finds the tensors ``g`` captures (the solver
@@ -122,7 +135,8 @@ class SolveInfo:
         history: the worst residual norm over the batch after each iteration,
             starting with the initial guess.
         status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or
-            ``"failed"``: the worst over the batch.
+            ``"failed"``: the worst over the batch (the name of the largest status
+            code).
         solver: name of the forward solver.
         message: extra detail from the solver (e.g. scipy's message), or ``""``.
         jac_evals: dense Jacobians built by the solver (Newton).
@@ -145,6 +159,21 @@ class SolveInfo:
     jac_evals: int = 0
     backward: BackwardInfo | None = None
     hint: Hint | None = dataclasses.field(default=None, repr=False, compare=False)
+    iterations_per_problem: torch.Tensor | None = None
+    status_codes: torch.Tensor | None = None
+
+    @property
+    def statuses(self) -> str | list[Any]:
+        """Each problem's status name, nested as ``converged.tolist()`` is: a list of
+        ``B`` names when batched, one name otherwise. Reading it copies the codes to
+        the host."""
+        if self.status_codes is None:
+            return self.status
+
+        def name(code: Any) -> Any:
+            return STATUS_NAMES[code] if isinstance(code, int) else [name(c) for c in code]
+
+        return name(self.status_codes.tolist())
 
     def __repr__(self) -> str:
         worst = float(self.residual.max()) if self.residual.numel() else 0.0

@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from implicit import _aux, _blackbox, _core, linear, solvers
-from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit import _aux, _blackbox, _core, _tolerance, linear, solvers
+from implicit._checks import check_max_iter, check_on_failure
 from implicit._compile import eager
 from implicit._operators import Jacobian
-from implicit._precision import attainable
 from implicit._problem import Problem, State, check_storage
+from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
+from implicit._tolerance import Tol
 
 Backward = str | linear.LinearSolver | linear.Unroll
 
@@ -29,13 +30,16 @@ def _run(
     return_info: bool,
     solver_options: dict[str, Any],
     backward_x0: torch.Tensor | None = None,
+    callback: Callback | None = None,
 ) -> State | tuple[State, SolveInfo]:
-    check_tol(tol)
+    _tolerance.check_tol(tol)
     check_max_iter(max_iter)
     check_on_failure(on_failure)
+    check_callback(callback)
     method = solvers.resolve(solver, solver_options)
     mode = linear.resolve(backward)
-    tol = attainable(tol, problem.dtype)  # a few units of rounding in half precision
+    # Per problem where a tensor; a few units of rounding at least in half precision.
+    tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
     z, info = _core.solve(
         problem,
         method,
@@ -44,6 +48,7 @@ def _run(
         max_iter=max_iter,
         on_failure=on_failure,
         backward_x0=backward_x0,
+        callback=callback,
     )
     out = problem.unpack(z)
     return (out, info) if return_info else out
@@ -56,11 +61,13 @@ def fixed_point(
     *args: Any,
     solver: str | solvers.Solver = "anderson",
     backward: Backward = "auto",
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
+    tol_mode: str = "relative",
     max_iter: int = 100,
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    callback: Callback | None = None,
     has_aux: bool = False,
     **solver_options: Any,
 ) -> Any:
@@ -79,13 +86,18 @@ def fixed_point(
             [`Solver`][implicit.solvers.Solver] instance.
         backward: a name from ``implicit.linear.NAMES`` or an instance from
             [`implicit.linear`][implicit.linear].
-        tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each problem, with the scale
-            ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` fixed at the initial guess.
+        tol: the stopping tolerance, a number or a tensor of one per problem: problem
+            ``b`` stops when ``‖f(z) − z‖₂ ≤ tol_b · (1 + s_b)``.
+        tol_mode: ``"relative"`` (default): ``s = max(‖z0‖₂, ‖f(z0)‖₂)``, fixed at the
+            initial guess; ``"absolute"``: ``s = 0``.
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        callback: ``callback(iteration, residual, z)``, called after each iteration
+            with the residual norms per problem and a copy of the iterate (see
+            [the options every front door takes][front-door-options]).
         has_aux: ``f`` returns ``(z_next, aux)``; the solve sees ``z_next`` and ``aux``
             is returned at the solution, ``f(z*, *args)[1]``, differentiable as a
             function of ``(z*, args)`` (``z*`` by the implicit function theorem).
@@ -106,8 +118,18 @@ def fixed_point(
         tensor([0.2205, 0.2205])
     """
     f, aux = _aux.split(f, has_aux, "f")
-    problem = Problem(f, z0, args, batched=batched, form="fixed_point")
-    result = _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    problem = Problem(f, z0, args, batched=batched, form="fixed_point", tol_mode=tol_mode)
+    result = _run(
+        problem,
+        solver,
+        backward,
+        tol,
+        max_iter,
+        on_failure,
+        return_info,
+        solver_options,
+        callback=callback,
+    )
     return _aux.attach(result, aux, args, return_info)
 
 
@@ -120,15 +142,28 @@ def warm_fixed_point(
     batched: bool,
     solver: str | solvers.Solver,
     backward: Backward,
-    tol: float,
+    tol: Tol,
+    tol_mode: str,
     max_iter: int,
     on_failure: str,
     return_info: bool,
+    callback: Callback | None,
 ) -> State | tuple[State, SolveInfo]:
     """:func:`fixed_point` whose backward starts its adjoint solve from ``backward_x0``
     where that fits: a layer's warm start, an earlier ``BackwardInfo.solution``."""
-    problem = Problem(f, z0, args, batched=batched, form="fixed_point")
-    return _run(problem, solver, backward, tol, max_iter, on_failure, return_info, {}, backward_x0)
+    problem = Problem(f, z0, args, batched=batched, form="fixed_point", tol_mode=tol_mode)
+    return _run(
+        problem,
+        solver,
+        backward,
+        tol,
+        max_iter,
+        on_failure,
+        return_info,
+        {},
+        backward_x0,
+        callback=callback,
+    )
 
 
 @eager
@@ -138,11 +173,13 @@ def root_solve(
     *args: Any,
     solver: str | solvers.Solver = "newton",
     backward: Backward = "auto",
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
+    tol_mode: str = "absolute",
     max_iter: int = 50,
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    callback: Callback | None = None,
     has_aux: bool = False,
     **solver_options: Any,
 ) -> Any:
@@ -156,11 +193,17 @@ def root_solve(
         solver: a name from ``implicit.solvers.NAMES`` or ``BRACKETING`` (with
             ``lower=`` and ``upper=``), or a solver instance.
         backward: a name from ``implicit.linear.NAMES`` or an instance.
-        tol: stop when ``‖g(z)‖₂ ≤ tol`` for each problem (absolute).
+        tol: the stopping tolerance, a number or a tensor of one per problem: problem
+            ``b`` stops when ``‖g(z)_b‖₂ ≤ tol_b · (1 + s_b)``.
+        tol_mode: ``"absolute"`` (default): ``s = 0``; ``"relative"``: ``s = ‖g(z0)_b‖₂``,
+            the residual at the initial guess (for a bracketing solver, at ``lower``).
         max_iter: the iteration cap.
         batched: dim 0 of ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        callback: ``callback(iteration, residual, z)``, called after each iteration
+            with the residual norms per problem and a copy of the iterate (see
+            [the options every front door takes][front-door-options]).
         has_aux: ``g`` returns ``(residual, aux)``; ``aux`` at the solution is
             returned after ``z`` (as for [`fixed_point`][implicit.fixed_point]).
         **solver_options: options of the named solver's constructor.
@@ -177,8 +220,18 @@ def root_solve(
         tensor([0.3536, 0.2887])
     """
     g, aux = _aux.split(g, has_aux, "g")
-    problem = Problem(g, z0, args, batched=batched, form="root")
-    result = _run(problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options)
+    problem = Problem(g, z0, args, batched=batched, form="root", tol_mode=tol_mode)
+    result = _run(
+        problem,
+        solver,
+        backward,
+        tol,
+        max_iter,
+        on_failure,
+        return_info,
+        solver_options,
+        callback=callback,
+    )
     return _aux.attach(result, aux, args, return_info)
 
 
@@ -191,11 +244,13 @@ def invert(
     z0: State | None = None,
     solver: str | solvers.Solver = "newton",
     backward: Backward = "auto",
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
+    tol_mode: str = "relative",
     max_iter: int = 50,
     batched: bool = False,
     on_failure: str = "warn",
     return_info: bool = False,
+    callback: Callback | None = None,
     has_aux: bool = False,
     **solver_options: Any,
 ) -> Any:
@@ -223,13 +278,19 @@ def invert(
             with ``inverse=``.
         backward: a name from ``implicit.linear.NAMES`` or an instance (``"unroll"``
             has no iterations to unroll with ``inverse=``).
-        tol: stop when ``‖f(z) − y‖₂ ≤ tol · (1 + ‖y‖₂)`` for each problem; with
-            ``inverse=``, the test the black box's answer must pass.
+        tol: the stopping tolerance, a number or a tensor of one per problem: problem
+            ``b`` stops when ``‖f(z) − y‖₂ ≤ tol_b · (1 + s_b)``; with ``inverse=``, the
+            test the black box's answer must pass.
+        tol_mode: ``"relative"`` (default): ``s = ‖y_b‖₂``; ``"absolute"``: ``s = 0``.
         max_iter: the iteration cap.
         batched: dim 0 of ``y`` and ``z`` indexes independent problems.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solve (forward or
             backward) does not converge, or when the black box's answer is not a root.
         return_info: also return the [`SolveInfo`][implicit.SolveInfo].
+        callback: ``callback(iteration, residual, z)``, called after each iteration
+            with the residual norms per problem and a copy of the iterate (see
+            [the options every front door takes][front-door-options]); never called
+            with ``inverse=``, whose black box takes no iteration here.
         has_aux: ``f`` returns ``(f(z), aux)``; ``aux`` at the solution is returned
             after ``z`` (as for [`fixed_point`][implicit.fixed_point]).
         **solver_options: options of the named solver's constructor.
@@ -254,9 +315,18 @@ def invert(
         raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
     f, aux = _aux.split(f, has_aux, "f")
     if inverse is None:
-        problem = Problem(f, y if z0 is None else z0, (y, *args), batched=batched, form="inverse")
+        initial = y if z0 is None else z0
+        problem = Problem(f, initial, (y, *args), batched=batched, form="inverse", tol_mode=tol_mode)
         result = _run(
-            problem, solver, backward, tol, max_iter, on_failure, return_info, solver_options
+            problem,
+            solver,
+            backward,
+            tol,
+            max_iter,
+            on_failure,
+            return_info,
+            solver_options,
+            callback=callback,
         )
         return _aux.attach(result, aux, args, return_info)
     if not callable(inverse):
@@ -278,8 +348,15 @@ def invert(
         shapes=[_shape_of(part, "z0") for part in parts],
     )
     problem = Problem(
-        f, answer, (y, *args), batched=batched, form="inverse", initial=f"the answer of {who}"
+        f,
+        answer,
+        (y, *args),
+        batched=batched,
+        form="inverse",
+        initial=f"the answer of {who}",
+        tol_mode=tol_mode,
     )
+    check_callback(callback)  # never called: the black box takes no iteration
     result = _run(
         problem,
         _blackbox.CheckAnswer(who),
@@ -318,7 +395,7 @@ def custom_root(
     g: Callable[..., Any],
     backward: Backward = "auto",
     batched: bool = False,
-    tol: float = 1e-6,
+    tol: Tol = 1e-6,
     max_iter: int = 100,
     on_failure: str = "warn",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -331,15 +408,17 @@ def custom_root(
     there is none), checked (finite; ``g(z, *args)`` shaped like ``z``; ``‖g(z)‖₂ ≤
     tol``, else ``on_failure``), and differentiated by the implicit function theorem
     with respect to every tensor argument and every tensor ``g`` captures. The latest
-    call's [`SolveInfo`][implicit.SolveInfo] is kept in ``solve.last_info``.
+    call's [`SolveInfo`][implicit.SolveInfo] is kept in ``solve.last_info``. There is no
+    ``callback``: the iterations, if any, are the decorated solver's own (give it a
+    callback of its own).
 
     Args:
         g: the optimality condition; ``g(z, *args)`` returns a tensor shaped like ``z``.
         backward: a name from ``implicit.linear.NAMES`` or an instance (not
             ``"unroll"``: a black box has no iterations to unroll).
         batched: dim 0 of ``z`` indexes independent problems.
-        tol: the residual test of the answer (absolute, per problem) and the backward
-            solve's tolerance.
+        tol: the residual test of the answer, ``‖g(z)_b‖₂ ≤ tol_b`` (absolute; a number
+            or a tensor of one per problem), and the backward solve's tolerance.
         max_iter: the backward solve's iteration cap.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when the answer is not a
             root or the backward solve does not converge.
@@ -362,7 +441,7 @@ def custom_root(
     """
     if not callable(g):
         raise TypeError(f"g must be callable, got {type(g).__name__}")
-    check_tol(tol)
+    _tolerance.check_tol(tol)
     check_max_iter(max_iter)
     check_on_failure(on_failure)
     mode = linear.resolve(backward)

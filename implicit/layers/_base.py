@@ -9,8 +9,11 @@ from typing import Any
 from torch import nn
 
 from implicit import linear, solvers
-from implicit._checks import check_max_iter, check_on_failure, check_tol
+from implicit._checks import check_max_iter, check_on_failure
+from implicit._problem import TOL_MODES
+from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
+from implicit._tolerance import Tol, check_tol
 
 
 class SolverLayer(nn.Module):
@@ -43,10 +46,17 @@ class SolverLayer(nn.Module):
         check_tol(settings["tol"])
         check_max_iter(settings["max_iter"])
         check_on_failure(settings["on_failure"])
+        check_callback(settings["callback"])
+        if settings["tol_mode"] not in TOL_MODES:
+            raise ValueError(f"tol_mode must be one of {TOL_MODES}, got {settings['tol_mode']!r}")
         self.backward_mode = linear.resolve(settings.pop("backward"))
-        self.tol: float = settings.pop("tol")
+        self.tol: Tol = settings.pop("tol")
+        self.tol_mode: str = settings.pop("tol_mode")
         self.max_iter: int = settings.pop("max_iter")
         self.on_failure: str = settings.pop("on_failure")
+        #: Called after each iteration of every forward's solve, as
+        #: ``callback(iteration, residual, z)`` (``None``: not at all); may be replaced.
+        self.callback: Callback | None = settings.pop("callback")
         self.layer_options = settings
         #: The [`SolveInfo`][implicit.SolveInfo] of the latest forward (``None`` before it).
         self.last_info: SolveInfo | None = None
@@ -57,9 +67,11 @@ class SolverLayer(nn.Module):
             "solver": self.solver,
             "backward": self.backward_mode,
             "tol": self.tol,
+            "tol_mode": self.tol_mode,
             "max_iter": self.max_iter,
             "on_failure": self.on_failure,
             "return_info": True,
+            "callback": self.callback,
         }
 
     def extra_repr(self) -> str:
@@ -70,7 +82,7 @@ class SolverLayer(nn.Module):
 
 
 #: The solve settings every layer takes, as its front door names them.
-SOLVE_SETTINGS = ("solver", "backward", "tol", "max_iter", "on_failure")
+SOLVE_SETTINGS = ("solver", "backward", "tol", "tol_mode", "max_iter", "on_failure", "callback")
 
 
 def front_door_defaults(front_door: Callable[..., Any]) -> dict[str, Any]:

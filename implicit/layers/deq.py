@@ -36,7 +36,9 @@ class DEQ(SolverLayer):
         backward: a backward mode name from ``implicit.linear.NAMES`` or an instance,
             e.g. ``"phantom"`` or ``implicit.linear.Phantom(steps=5, damping=0.5)``.
         tol: stop when ``‖f(z) − z‖₂ ≤ tol · (1 + s)`` for each sample, with the
-            sample's scale ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` measured at the initial state.
+            sample's scale ``s = max(‖z0‖₂, ‖f(z0)‖₂)`` measured at the initial state
+            (``s = 0`` with ``tol_mode="absolute"``); a number, or a tensor of one per
+            sample.
         max_iter: the forward iteration cap (and the backward's, unless its instance
             sets one).
         batched: dim 0 of the state indexes independent samples (per-sample
@@ -48,7 +50,10 @@ class DEQ(SolverLayer):
             ``"auto"`` above its dense size) then needs fewer iterations. The layer
             keeps that solution (one tensor the size of the state).
         **opts: ``on_failure`` (``"warn"``, ``"raise"`` or ``"ignore"``, default
-            ``"warn"``); ``jac_reg`` (number of Hutchinson samples for
+            ``"warn"``); ``tol_mode`` (``"relative"`` or ``"absolute"``); ``callback``
+            (``callback(iteration, residual, z)`` after each iteration of every
+            forward's solve, see [`fixed_point`][implicit.fixed_point]; the layer's
+            ``callback`` attribute, which may be replaced); ``jac_reg`` (number of Hutchinson samples for
             ``last_jac_loss``, default 0: off; ``True`` means 1); and the
             options of the named solver (e.g. ``damping=0.5``). Anything else raises.
 
@@ -96,6 +101,8 @@ class DEQ(SolverLayer):
             "tol": tol,
             "max_iter": max_iter,
             "on_failure": "warn",
+            "tol_mode": "relative",
+            "callback": None,
             "jac_reg": 0,
         }
         super().__init__("DEQ", dict(opts), defaults)

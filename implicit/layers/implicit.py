@@ -24,8 +24,10 @@ class ImplicitLayer(SolverLayer):
         g: the residual, ``g(z, *args)`` shaped like ``z`` (tensor or tuple).
         batched: dim 0 of the state indexes independent problems.
         **opts: ``solver`` (default ``"newton"``), ``backward`` (``"auto"``), ``tol``
-            (``1e-6``, absolute: ``‖g(z)‖₂ ≤ tol`` per problem), ``max_iter`` (50),
-            ``on_failure`` (``"warn"``), and the options of the named solver.
+            (``1e-6``: ``‖g(z)‖₂ ≤ tol`` per problem), ``tol_mode`` (``"absolute"``, or
+            ``"relative"``: ``‖g(z)‖₂ ≤ tol · (1 + ‖g(z0)‖₂)``), ``max_iter`` (50),
+            ``on_failure`` (``"warn"``), ``callback`` (``None``; see
+            [`root_solve`][implicit.root_solve]), and the options of the named solver.
             Anything else raises.
 
     Attributes:

@@ -13,7 +13,7 @@ from implicit.api import invert
 from implicit.layers._base import SolverLayer, front_door_defaults
 
 #: The options that still apply when a black box replaces the solver.
-_BLACK_BOX_OPTIONS = ("backward", "tol", "max_iter", "on_failure")
+_BLACK_BOX_OPTIONS = ("backward", "tol", "tol_mode", "max_iter", "on_failure", "callback")
 
 
 class InverseLayer(SolverLayer):
@@ -32,10 +32,12 @@ class InverseLayer(SolverLayer):
             differentiated like a solver's answer.
         batched: dim 0 of ``y`` indexes independent problems.
         **opts: ``solver`` (default ``"newton"``), ``backward`` (``"auto"``), ``tol``
-            (``1e-6``: ``‖f(z) − y‖₂ ≤ tol · (1 + ‖y‖₂)`` per problem), ``max_iter``
-            (50), ``on_failure`` (``"warn"``) and the options of the named solver. With
-            ``inverse``, only ``backward``, ``tol``, ``max_iter`` and ``on_failure``
-            apply. Anything else raises.
+            (``1e-6``: ``‖f(z) − y‖₂ ≤ tol · (1 + ‖y‖₂)`` per problem), ``tol_mode``
+            (``"relative"``, or ``"absolute"``: ``‖f(z) − y‖₂ ≤ tol``), ``max_iter``
+            (50), ``on_failure`` (``"warn"``), ``callback`` (``None``; see
+            [`invert`][implicit.invert]) and the options of the named solver. With
+            ``inverse``, only ``backward``, ``tol``, ``tol_mode``, ``max_iter``,
+            ``on_failure`` and ``callback`` (never called) apply. Anything else raises.
 
     Attributes:
         last_info: the [`SolveInfo`][implicit.SolveInfo] of the latest forward.

@@ -58,7 +58,10 @@ class Bracketing(Solver):
         ``width`` (the bracket's length)."""
         raise NotImplementedError
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
+        """Shrink the brackets (the arguments are those of
+        [`Solver.solve`][implicit.solvers.Solver.solve]; the iterate a callback
+        receives is each problem's end with the smaller ``|g|``)."""
         if z0.shape[1] != 1:
             raise ValueError(
                 f"{type(self).__name__} solves problems of one unknown each (z0 0-d, or of "
@@ -85,9 +88,12 @@ class Bracketing(Solver):
         if bool((codes == FAILED).any()):
             notes.append(_not_bracketing(codes == FAILED, a, fa, b, fb))
         history = [float(torch.where(running, state.f_best.abs().squeeze(1), 0).max())]
+        iterations = torch.zeros_like(codes)
         k = 0
         while True:
             x, state = self.advance(state, x, fx)
+            if callback is not None and k > 0:  # the state now holds iteration k's point
+                callback(k, state.f_best.abs().squeeze(1), state.best)
             met = running & (state.f_best.abs().squeeze(1) <= threshold)
             codes = torch.where(met, CONVERGED, codes)
             stalled = running & ~met & (state.width.squeeze(1) <= _resolution(state.best))
@@ -100,6 +106,7 @@ class Bracketing(Solver):
             x = torch.where(running.unsqueeze(1), x, state.best)
             fx = fn(x)
             k += 1
+            iterations = torch.where(running, k, iterations)
             history.append(float(torch.where(running, fx.abs().squeeze(1), 0).max()))
         residual = torch.linalg.vector_norm(state.f_best, dim=1)
         info = SolveInfo(
@@ -111,6 +118,8 @@ class Bracketing(Solver):
             status=status_name(codes),
             solver=self.name,
             message=" ".join(dict.fromkeys(notes)),
+            iterations_per_problem=iterations,
+            status_codes=codes,
         )
         return state.best, info
 

@@ -87,8 +87,10 @@ class Minimizer(Solver):
         """The state with ``rows`` started afresh at ``(z, f, grad)`` (after an escape)."""
         return state
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
-        """Minimise from ``z0`` (see the module for the stopping rules)."""
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
+        """Minimise from ``z0`` (see the module for the stopping rules); the arguments
+        are those of [`Solver.solve`][implicit.solvers.Solver.solve]. The callback is
+        called after each evaluation of the objective, an escape's trials included."""
         check_objective(fn, self)
         z = fn.project(z0)
         f, grad, state = self.init(fn, z)
@@ -98,7 +100,7 @@ class Minimizer(Solver):
                 f"{type(self).__name__}'s line search and curvature test are not "
                 f"differentiable: use an implicit backward ('auto', 'dense', 'cg', ...)"
             )
-        threshold = thresholds(tol, f.abs())
+        threshold = thresholds(tol, fn.scale_of_value(f))
         norms = residual_norms(fn, z, grad)
         codes = torch.full_like(f, MAX_ITER, dtype=torch.long)
         codes = torch.where(torch.isfinite(f) & torch.isfinite(norms), codes, NONFINITE)
@@ -117,7 +119,8 @@ class Minimizer(Solver):
                 saddle, leave = self._saddles(fn, z, grad, pending)
                 codes = torch.where(pending & ~saddle, CONVERGED, codes)
                 if bool(saddle.any()):
-                    escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k)
+                    report = _escape_report(callback, fn, k, norms)
+                    escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
                     z, f, grad, escaped, used = escape
                     k += used
                     iterations = torch.where(saddle, k, iterations)
@@ -148,6 +151,8 @@ class Minimizer(Solver):
             codes = torch.where(broken, NONFINITE, codes)
             running = running & ~broken
             history.append(norms.max())
+            if callback is not None:
+                callback(k, norms, z)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
@@ -158,6 +163,8 @@ class Minimizer(Solver):
             solver=self.name,
             message=" ".join(dict.fromkeys(notes)),
             jac_evals=fn.jac_evals,
+            iterations_per_problem=iterations,
+            status_codes=codes,
         )
         return z, info
 
@@ -169,12 +176,15 @@ class Minimizer(Solver):
         negative, direction, curvature = negative_curvature(fn, z, grad, self.max_dense)
         return rows & negative, (direction, curvature)
 
-    def _escape(self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int):
+    def _escape(
+        self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int, report=None
+    ):
         """Leave the saddles of ``rows`` along their negative-curvature directions.
 
         Steps ``t = 1 + ‖z‖∞, t/2, …`` (downhill along the eigenvector, whose sign is
         free) until ``fun(P(z + t v)) ≤ fun(z) + c₁ (∇funᵀs + ½ λ ‖s‖²)`` with the step
         ``s`` actually taken and ``λ < 0`` the curvature: a decrease the saddle owes.
+        ``report(trials, z, grad, escaped)`` (if given) is called after each trial.
         """
         direction, curvature = leave
         sign = torch.where((grad * direction).sum(dim=1) > 0, -1.0, 1.0).to(z.dtype)
@@ -195,6 +205,8 @@ class Minimizer(Solver):
             grad = torch.where(ok.unsqueeze(1), g_trial, grad)
             escaped, done = escaped | ok, done | ok
             t = t / 2
+            if report is not None:
+                report(used, z, grad, escaped)
             if bool(done.all()):
                 break
         return z, f, grad, escaped, used
@@ -209,6 +221,18 @@ _STALLED = (
     "up): tol may be below what the precision of the objective allows (loosen tol, or use "
     "float64), or the objective is not smooth there."
 )
+
+
+def _escape_report(callback, fn: Objective, k: int, norms: torch.Tensor):
+    """The callback of an escape from iteration ``k``: each trial is an iteration, with
+    the stopping test's norms of the rows that have left their saddle."""
+    if callback is None:
+        return None
+
+    def report(trials: int, z: torch.Tensor, grad: torch.Tensor, escaped: torch.Tensor) -> None:
+        callback(k + trials, torch.where(escaped, residual_norms(fn, z, grad), norms), z)
+
+    return report
 
 
 def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

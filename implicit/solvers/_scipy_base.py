@@ -7,7 +7,9 @@ by torch on the problem's device. Whatever scipy reports, the front door's test
 decides: a problem has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)`` (``g`` the
 gradient, projected with bounds), else its status is ``"failed"``; and a converged
 problem must pass the second-order test of [`Minimizer`][implicit.solvers.Minimizer] (a
-saddle is left once and scipy run again from there).
+saddle is left once and scipy run again from there). A front door's ``callback`` is
+called once, at the end: scipy's own callbacks give no gradient, which the residual of
+the test needs.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class ScipyBase(Minimizer):
         self.options = dict(options or {})
         self.strategy = strategy
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         check_objective(fn, self)
         z = fn.project(z0)
         f, grad = fn.value_and_grad(z)
@@ -58,9 +60,9 @@ class ScipyBase(Minimizer):
             raise ValueError(
                 f"bounds: method {self.method!r} takes no bounds; use one of {self._with_bounds()}"
             )
-        threshold = thresholds(tol, f.abs())
+        threshold = thresholds(tol, fn.scale_of_value(f))
         verdicts: list[str] = []
-        iterations = 0
+        iterations = torch.zeros_like(f, dtype=torch.long)
         rows = torch.ones_like(f, dtype=torch.bool)
         for attempt in range(2):  # a second run for the problems that left a saddle
             z, its = self._run_all(fn, z, rows, threshold, tol, max_iter, verdicts)
@@ -72,7 +74,7 @@ class ScipyBase(Minimizer):
             if attempt == 1 or not bool(saddle.any()):
                 break
             z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
-            iterations += used
+            iterations += torch.where(saddle, used, 0)
         codes = torch.where(passed & ~saddle, CONVERGED, FAILED)
         codes = torch.where(torch.isfinite(norms) & torch.isfinite(threshold), codes, NONFINITE)
         message = f"scipy.optimize.{self.front}(method={self.method!r}): " + "; ".join(
@@ -80,32 +82,40 @@ class ScipyBase(Minimizer):
         )
         if bool(saddle.any()):
             message += ". A stationary point with negative curvature (a saddle or maximum)"
+        iterations_taken = int(iterations.max())
+        if callback is not None and iterations_taken:
+            callback(iterations_taken, norms, z)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
-            iterations=iterations,
+            iterations=iterations_taken,
             f_evals=fn.f_evals,
             history=[float(norms.max())],
             status=status_name(codes),
             solver=self.name,
             message=message + ".",
             jac_evals=fn.jac_evals,
+            iterations_per_problem=iterations,
+            status_codes=codes,
         )
         return z, info
 
     def _run_all(self, fn, z, rows, threshold, tol, max_iter, verdicts):
+        """Run scipy on the ``rows``; the iterate and each problem's iterations."""
         batch, n = z.shape
+        iterations = torch.zeros(batch, dtype=torch.long, device=z.device)
         chosen = [int(b) for b in rows.nonzero().squeeze(1)]
         if not chosen:
-            return z, 0
+            return z, iterations
         block = self.strategy == "block" or (
             self.strategy == "auto" and self._blocks() and batch * n <= MAX_BLOCK_UNKNOWNS
         )
         groups = [chosen] if block else [[b] for b in chosen]
-        iterations = 0
         for group in groups:
-            z, its, verdict = self._run(fn, z, group, threshold[group], tol, max_iter)
-            iterations = max(iterations, its)
+            # scipy's step tolerances take one number: the smallest of the group's.
+            group_tol = float(tol[group].min()) if isinstance(tol, torch.Tensor) else tol
+            z, its, verdict = self._run(fn, z, group, threshold[group], group_tol, max_iter)
+            iterations[group] = its
             verdicts.append(verdict)
         return z, iterations
 

@@ -7,16 +7,17 @@ A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)`
 * ``Solver.step`` proposes the next iterate and its residual.
 
 ``Solver.solve`` owns everything else, once for all methods: per-problem stopping
-(``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``, the scale fixed at the initial guess), freezing of
-finished problems, non-finite detection, the residual history and the counters of
-``SolveInfo``. A method that is not iterative (scipy, a black box) overrides
-``Solver.solve``.
+(``‖g(z)_b‖₂ ≤ tol_b · (1 + scale_b)``, the scale fixed at the initial guess), freezing
+of finished problems, non-finite detection, the residual history, the counters of
+``SolveInfo`` and the per-iteration callback. A method that is not iterative (scipy, a
+black box) overrides ``Solver.solve``.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -87,11 +88,28 @@ class Solver(abc.ABC):
         z0: torch.Tensor,
         r0: torch.Tensor | None,
         *,
-        tol: float,
+        tol: float | torch.Tensor,
         max_iter: int,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
         """Iterate from ``z0`` (whose residual ``r0`` may be known) until every problem
-        has converged, turned non-finite, or ``max_iter`` iterations have passed."""
+        has converged, turned non-finite, or ``max_iter`` iterations have passed.
+
+        Args:
+            fn: the residual on ``(B, n)`` rows.
+            z0: the initial iterate, ``(B, n)``.
+            r0: ``fn(z0)`` when already known, else ``None``.
+            tol: the tolerance: a number, or a ``(B,)`` tensor (one per problem) in the
+                dtype of the norms; problem ``b`` stops at
+                ``‖g(z)_b‖₂ ≤ tol_b · (1 + fn.scale(z0, r0)_b)``.
+            max_iter: the iteration cap.
+            callback: called after each iteration as ``callback(k, norms, z)``: the
+                iteration number ``k`` (from 1), the ``(B,)`` residual norms and the
+                ``(B, n)`` iterate, the driver's own tensors (a front door hands the
+                user copies). A finished problem keeps its final values. The end is
+                tested every ``check_every`` iterations, so up to ``check_every − 1``
+                calls can follow the last counted iteration, in which nothing changes.
+        """
         z = z0
         r = fn(z) if r0 is None else r0
         check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
@@ -123,6 +141,8 @@ class Solver(abc.ABC):
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
+                    if callback is not None:
+                        callback(k + 1, norms, z)
                     continue
             new_norms = finite_rows_only(z_new, new_norms)
             # The running problems take the step, except those whose residual turned
@@ -134,6 +154,8 @@ class Solver(abc.ABC):
             norms = torch.where(stepped, new_norms, norms)
             stopped_at = torch.where(running, k + 1, stopped_at)
             running = stepped & (new_norms > threshold)
+            if callback is not None:
+                callback(k + 1, norms, z)
         else:
             k = max_iter
         # A problem that is neither converged nor running ended non-finite: at the start,
@@ -155,6 +177,8 @@ class Solver(abc.ABC):
             solver=self.name,
             jac_evals=fn.jac_evals,
             hint=self.hint(state),
+            iterations_per_problem=iterations,
+            status_codes=codes,
         )
         return z, info
 
@@ -184,8 +208,9 @@ def finite_rows_only(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.add(z.sum(dim=1, dtype=working_dtype(z.dtype)), alpha=0)
 
 
-def thresholds(tol: float, scale: torch.Tensor) -> torch.Tensor:
-    """The stopping thresholds ``tol · (1 + scale_b)``, NaN where the scale is not
+def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The stopping thresholds ``tol_b · (1 + scale_b)`` (``tol`` a number or one per
+    row, in the dtype of ``scale``), NaN where the scale is not
     finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
     a problem neither runs nor converges; it stops at once with status
     ``"nonfinite"``."""

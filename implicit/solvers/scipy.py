@@ -39,6 +39,8 @@ _WITH_JACOBIAN = ("hybr", "lm")
 #: scipy's ``nonlin`` family: stops on a residual norm we set (``tol_norm``), counts
 #: iterations (``maxiter``) and calls back after each.
 _NONLIN = METHODS[2:9]
+#: The methods that call back after each iteration.
+_CALLS_BACK = (*_NONLIN, "df-sane")
 
 #: Diagonal methods whose step length is global: coupled samples need several times the
 #: iterations in a block (measured 3-6x), so ``"auto"`` solves them per sample.
@@ -75,6 +77,10 @@ class Scipy(Solver):
     callbacks) for the ``nonlin`` methods and ``df-sane``, and its function evaluations
     for ``hybr`` and ``lm``, which report no iterations; ``info.history`` holds the worst
     residual after each iteration where scipy calls back, else the first and the last.
+    A front door's ``callback`` is called from scipy's own callback, after each of its
+    iterations, where scipy has one (the ``nonlin`` methods and ``df-sane``; a problem
+    solved alone, ``strategy="per_sample"``, counts its iterations from 1, and the
+    others keep their values meanwhile), and once at the end for ``hybr`` and ``lm``.
 
     ``max_iter`` becomes ``maxiter`` for the ``nonlin`` methods and
     ``maxfev = max_iter · (n + 1)`` for ``hybr``, ``lm`` and ``df-sane``, which only
@@ -140,7 +146,7 @@ class Scipy(Solver):
         self.strategy = strategy
         self.jacobian = method in _WITH_JACOBIAN if jacobian is None else bool(jacobian)
 
-    def solve(self, fn: Residual, z0, r0, *, tol, max_iter):
+    def solve(self, fn: Residual, z0, r0, *, tol, max_iter, callback=None):
         r0 = fn(z0) if r0 is None else r0
         if r0.requires_grad:
             raise ValueError(
@@ -160,10 +166,14 @@ class Scipy(Solver):
             groups = [[b] for b in startable]
         z = z0
         runs = []
+        # The norms a callback sees: each problem's latest (its initial ones until run).
+        latest = residual_norms(z0, r0) if callback is not None else None
         for rows in groups:
-            run = _Run(self, fn, z, rows, tol, bound[rows], max_iter)
+            run = _Run(self, fn, z, rows, tol, bound[rows], max_iter, callback, latest)
             z = run.solve(r0[rows])
             runs.append(run)
+            if latest is not None:
+                latest = run.latest
         r = fn(z)
         norms = residual_norms(z, r)
         codes = torch.where(norms <= bound, CONVERGED, FAILED)
@@ -178,16 +188,24 @@ class Scipy(Solver):
         histories = [run.history for run in runs] or [[float(norms.max())]]
         length = max(len(h) for h in histories)
         history = [max(h[min(k, len(h) - 1)] for h in histories) for k in range(length)]
+        iterations = torch.zeros_like(codes)
+        for run in runs:
+            iterations[run.rows] = run.iterations
+        iterations_taken = max((run.iterations for run in runs), default=0)
+        if callback is not None and runs and self.method not in _CALLS_BACK:
+            callback(iterations_taken, norms, z)  # scipy has no callback: once, at the end
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
-            iterations=max((run.iterations for run in runs), default=0),
+            iterations=iterations_taken,
             f_evals=fn.f_evals,
             history=[*history, float(norms.max())] if length == 1 else history,
             status=status_name(codes),
             solver=self.name,
             message=self._message(runs, codes),
             jac_evals=fn.jac_evals,
+            iterations_per_problem=iterations,
+            status_codes=codes,
         )
         return z, info
 
@@ -236,15 +254,21 @@ class _Run:
         fn: Residual,
         z: torch.Tensor,
         rows: list[int],
-        tol: float,
+        tol: float | torch.Tensor,
         bound: torch.Tensor,
         max_iter: int,
+        callback=None,
+        latest: torch.Tensor | None = None,
     ):
         self.solver = solver
         self.fn = fn
         self.z = z
         self.rows = rows
-        self.tol = tol
+        # hybr's and lm's step test takes one number: the smallest of the rows'.
+        self.tol = float(tol[rows].min()) if isinstance(tol, torch.Tensor) else tol
+        # The front door's callback, and the norms of every problem that it is given.
+        self.user_callback = callback
+        self.latest = latest
         self.bound = bound.detach().cpu().double().numpy()
         self.max_iter = max_iter
         self.n = z.shape[1]
@@ -297,6 +321,16 @@ class _Run:
     def callback(self, x: np.ndarray, f: np.ndarray) -> None:
         per_row = np.linalg.norm(np.reshape(f, (len(self.rows), self.n)), axis=1)
         self.history.append(float(per_row.max()))
+        if self.user_callback is None:
+            return
+        latest = self.latest.clone()
+        latest[self.rows] = torch.as_tensor(per_row, dtype=latest.dtype, device=latest.device)
+        self.latest = latest
+        try:
+            self.user_callback(len(self.history) - 1, latest, self._state(x))
+        except Exception as error:
+            self.user_error = error  # the callback's own error: raised as is
+            raise
 
     # -- the solve -------------------------------------------------------------------
     def solve(self, r0: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class Returns(Solver):
         super().__init__()
         self.z, self.status = z, status
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         z = self.z.to(z0.dtype)
         norms = torch.linalg.vector_norm(fn(z), dim=1)
         converged = torch.full(norms.shape, self.status == "converged")
@@ -50,7 +50,7 @@ class Returns(Solver):
 class Stuck(Solver):
     name = "stuck"
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         while True:
             pass
 
@@ -58,7 +58,7 @@ class Stuck(Solver):
 class Explodes(Solver):
     name = "explodes"
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         raise RuntimeError("boom")
 
 
