@@ -315,8 +315,8 @@ def invert(
         raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
     f, aux = _aux.split(f, has_aux, "f")
     if inverse is None:
-        initial = y if z0 is None else z0
-        problem = Problem(f, initial, (y, *args), batched=batched, form="inverse", tol_mode=tol_mode)
+        start = y if z0 is None else z0
+        problem = Problem(f, start, (y, *args), batched=batched, form="inverse", tol_mode=tol_mode)
         result = _run(
             problem,
             solver,

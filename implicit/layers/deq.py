@@ -53,9 +53,10 @@ class DEQ(SolverLayer):
             ``"warn"``); ``tol_mode`` (``"relative"`` or ``"absolute"``); ``callback``
             (``callback(iteration, residual, z)`` after each iteration of every
             forward's solve, see [`fixed_point`][implicit.fixed_point]; the layer's
-            ``callback`` attribute, which may be replaced); ``jac_reg`` (number of Hutchinson samples for
-            ``last_jac_loss``, default 0: off; ``True`` means 1); and the
-            options of the named solver (e.g. ``damping=0.5``). Anything else raises.
+            ``callback`` attribute, which may be replaced); ``jac_reg`` (number of
+            Hutchinson samples for ``last_jac_loss``, default 0: off; ``True`` means 1);
+            and the options of the named solver (e.g. ``damping=0.5``). Anything else
+            raises.
 
     Attributes:
         last_info: the [`SolveInfo`][implicit.SolveInfo] of the latest forward; after
