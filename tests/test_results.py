@@ -132,3 +132,38 @@ def test_solve_info_repr():
     assert "BackwardInfo(" in text and "method='gmres'" in text
     scalar = solve_info(True, 1e-9, "converged")
     assert "converged=1/1" in repr(scalar)
+
+
+def test_statuses_name_each_problem_nested_like_converged():
+    info = solve_info([True, False], [0.0, 1.0])
+    assert info.statuses == "max_iter"  # a report without codes: its batch status
+    info.status_codes = torch.tensor([CONVERGED, NONFINITE])
+    assert info.statuses == ["converged", "nonfinite"]
+    info.status_codes = torch.tensor(MAX_ITER)
+    assert info.statuses == "max_iter"
+    info.status_codes = torch.tensor([[CONVERGED, BREAKDOWN], [MAX_ITER, CONVERGED]])
+    assert info.statuses == [["converged", "breakdown"], ["max_iter", "converged"]]
+
+
+def test_a_solver_that_reports_no_per_problem_fields_gets_them_from_its_summary():
+    class Summary(implicit.solvers.Solver):
+        """Reports only the batch's summary (as a solver written before the per-problem
+        fields would)."""
+
+        name = "summary"
+
+        def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
+            converged = torch.tensor([True, False, True])
+            residual = torch.linalg.vector_norm(fn(z0), dim=1)
+            return z0, implicit.SolveInfo(converged, residual, 5, 6, [1.0], "max_iter", "x")
+
+    _, info = implicit.fixed_point(
+        torch.sin,
+        torch.zeros(3, 2),
+        solver=Summary(),
+        batched=True,
+        on_failure="ignore",
+        return_info=True,
+    )
+    assert info.iterations_per_problem.tolist() == [5, 5, 5]
+    assert info.statuses == ["converged", "max_iter", "converged"]

@@ -92,9 +92,10 @@ class Bracketing(Solver):
         k = 0
         while True:
             x, state = self.advance(state, x, fx)
+            best_residual = state.f_best.abs().squeeze(1)
             if callback is not None and k > 0:  # the state now holds iteration k's point
-                callback(k, state.f_best.abs().squeeze(1), state.best)
-            met = running & (state.f_best.abs().squeeze(1) <= threshold)
+                callback(k, best_residual, state.best)
+            met = running & (best_residual <= threshold)
             codes = torch.where(met, CONVERGED, codes)
             stalled = running & ~met & (state.width.squeeze(1) <= _resolution(state.best))
             if bool(stalled.any()):
