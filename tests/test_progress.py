@@ -228,7 +228,7 @@ def test_an_exception_in_the_callback_propagates_unchanged(case):
 
     with pytest.raises(Stop, match="stopped at"):
         ALL[case](stop)
-    z, info = ALL[case]()  # nothing was left behind
+    _z, info = ALL[case]()  # nothing was left behind
     assert info.status == "converged"
 
 

@@ -71,7 +71,7 @@ def test_minimize_and_least_squares_stop_each_problem_at_its_own_threshold():
     assert info.iterations_per_problem[0] < info.iterations_per_problem[2]
     t = torch.linspace(0, 1, 5, dtype=D)
     data = torch.exp(0.5 * t).expand(3, 5)
-    ab, info = implicit.least_squares(
+    _ab, info = implicit.least_squares(
         lambda ab: ab[:, :1] * torch.exp(ab[:, 1:] * t) - data,
         torch.ones(3, 2, dtype=D),
         solver="gauss_newton",
@@ -106,7 +106,7 @@ def test_a_large_scale_stops_early_relative_and_late_absolute(solver):
 def test_relative_root_solve_is_scaled_by_the_residual_at_the_start():
     g = lambda z: z**3 - 2e6  # noqa: E731
     for mode, bound in (("absolute", 1e-6), ("relative", 1e-6 * (1 + 2e6))):
-        z, info = implicit.root_solve(
+        z, _info = implicit.root_solve(
             g,
             torch.tensor(0.0, dtype=D),
             solver="bisection",
@@ -132,7 +132,7 @@ def test_absolute_minimize_and_invert():
     )
     assert float(torch.linalg.vector_norm(4e6 * (z - 1) ** 3)) <= 1e-6
     y = torch.tensor([1e6, 2e6], dtype=D)
-    z, info = implicit.invert(lambda z: z + z**3, y, tol_mode="absolute", return_info=True)
+    z, _info = implicit.invert(lambda z: z + z**3, y, tol_mode="absolute", return_info=True)
     assert float(torch.linalg.vector_norm(z + z**3 - y)) <= 1e-6
 
 
@@ -211,7 +211,7 @@ def test_layers_check_tol_and_tol_mode_when_built():
 def test_the_tolerance_tensor_is_not_modified_and_may_require_grad():
     tol = torch.tensor([1e-2, 1e-8], requires_grad=True)  # float32, for a float64 problem
     before = tol.detach().clone()
-    z, info = implicit.fixed_point(
+    _z, info = implicit.fixed_point(
         lambda z: 0.5 * z + 1, torch.zeros(2, 1, dtype=D), tol=tol, batched=True, return_info=True
     )
     assert torch.equal(tol.detach(), before) and info.status == "converged"
@@ -257,7 +257,7 @@ def test_per_problem_tolerances_under_vmap_repeat_for_every_slice():
 
 
 def test_half_precision_floors_every_entry_at_what_the_dtype_can_reach():
-    z, info = implicit.fixed_point(
+    _z, info = implicit.fixed_point(
         lambda z: 0.5 * torch.tanh(z) + 0.25,
         torch.zeros(2, 8, dtype=torch.float16),
         tol=torch.tensor([1e-9, 1e-2]),
