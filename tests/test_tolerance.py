@@ -121,18 +121,25 @@ def test_relative_root_solve_is_scaled_by_the_residual_at_the_start():
             assert float(g(z).abs()) > 1e-6  # it did not go on to the absolute test
 
 
-def test_absolute_minimize_and_invert():
-    z, info = implicit.minimize(
-        lambda z: 1e6 * ((z - 1) ** 4).sum(),
-        torch.zeros(2, dtype=D),
-        tol=1e-6,
-        tol_mode="absolute",
-        max_iter=500,
-        return_info=True,
-    )
-    assert float(torch.linalg.vector_norm(4e6 * (z - 1) ** 3)) <= 1e-6
+def test_absolute_minimize_and_invert_go_on_where_relative_stops():
+    iterations = {}
+    for mode in ("relative", "absolute"):
+        z, info = implicit.minimize(
+            lambda z: 1e6 * ((z - 1) ** 4).sum(),  # |fun(z0)| = 2e6
+            torch.zeros(2, dtype=D),
+            tol=1e-6,
+            tol_mode=mode,
+            max_iter=500,
+            return_info=True,
+        )
+        gradient = float(torch.linalg.vector_norm(4e6 * (z - 1) ** 3))
+        assert info.status == "converged"
+        assert gradient <= (1e-6 if mode == "absolute" else 1e-6 * (1 + 2e6))
+        iterations[mode] = info.iterations
+    assert iterations["relative"] < iterations["absolute"]
     y = torch.tensor([1e6, 2e6], dtype=D)
-    z, _info = implicit.invert(lambda z: z + z**3, y, tol_mode="absolute", return_info=True)
+    z, info = implicit.invert(lambda z: z + z**3, y, tol_mode="absolute", return_info=True)
+    assert info.status == "converged"
     assert float(torch.linalg.vector_norm(z + z**3 - y)) <= 1e-6
 
 
