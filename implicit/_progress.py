@@ -19,7 +19,7 @@ import torch
 
 from implicit import _tree
 from implicit._problem import Problem
-from implicit._results import STATUS_CODES, SolveInfo
+from implicit._results import CONVERGED, FAILED, STATUS_CODES, SolveInfo
 
 #: The user's callback: ``callback(iteration, residual, z)``.
 Callback = Callable[[int, torch.Tensor, Any], Any]
@@ -82,7 +82,8 @@ def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
 
     A solver that does not report per-problem iterations or statuses (one written
     before they existed) gets ``info.iterations`` for every problem, and its batch
-    status for every problem that did not converge.
+    status for every problem that did not converge (``"failed"`` where that status
+    says ``"converged"`` or is unknown).
     """
     rows = info.converged.shape
     if info.iterations_per_problem is None:
@@ -90,8 +91,9 @@ def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
             rows, info.iterations, dtype=torch.long, device=info.converged.device
         )
     if info.status_codes is None:
-        worst = STATUS_CODES.get(info.status, max(STATUS_CODES.values()))
-        info.status_codes = torch.where(info.converged, STATUS_CODES["converged"], worst)
+        worst = STATUS_CODES.get(info.status, FAILED)
+        unconverged = FAILED if worst == CONVERGED else worst
+        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
     for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
         value = getattr(info, name)
         if value.shape != report_shape:
