@@ -118,6 +118,9 @@ class _Settings:
             status=status_name(result.codes),
             method=result.method or linear.name,
             solution=result.x.detach(),
+            condition=None
+            if result.condition is None
+            else _reported(result.condition, report_shape),
         )
         report_failure(info, self.on_failure, what)
         return (result.x.to(dtype) if is_half(dtype) else result.x), info

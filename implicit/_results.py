@@ -28,18 +28,57 @@ OnFailure = Literal["warn", "raise", "ignore"]
 
 # Per-sample status codes, ordered by severity: the status of a batch is its worst sample's.
 CONVERGED = 0
-MAX_ITER = 1
-BREAKDOWN = 2
-FAILED = 3
-NONFINITE = 4
+ILL_CONDITIONED = 1
+MAX_ITER = 2
+BREAKDOWN = 3
+DIVERGED = 4
+FAILED = 5
+NONFINITE = 6
 STATUS_NAMES = {
     CONVERGED: "converged",
+    ILL_CONDITIONED: "ill_conditioned",
     MAX_ITER: "max_iter",
     BREAKDOWN: "breakdown",
+    DIVERGED: "diverged",
     FAILED: "failed",
     NONFINITE: "nonfinite",
 }
 STATUS_CODES = {name: code for code, name in STATUS_NAMES.items()}
+
+# What to do about a linear solve (the backward's, or forward mode's) that ended so.
+_LINEAR_ADVICE = {
+    "ill_conditioned": (
+        "The solve met its tolerance, but an error of the solution z* or of rounding is "
+        "amplified up to that much in the derivatives: check that the root is isolated "
+        "(a nearly singular Jacobian means a nearly non-unique solution), rescale the "
+        "unknowns or the equations, or damp the solve with implicit.linear.Dense(ridge=...)."
+    ),
+    "max_iter": (
+        "Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a preconditioner."
+    ),
+    "breakdown": (
+        "The system is singular, or not what the method needs (cg: a symmetric definite "
+        "Jacobian and preconditioner): use backward='gmres' or 'dense', check the "
+        "preconditioner, or damp a nearly singular Jacobian with "
+        "implicit.linear.Dense(ridge=...)."
+    ),
+    "diverged": (
+        "The Neumann series diverges: ∂f/∂z is not contractive at the solution (spectral "
+        "radius at least 1). Use backward='auto' or 'gmres', which need no contraction."
+    ),
+    "nonfinite": (
+        "The Jacobian's products overflowed or are NaN at the solution: check the inputs "
+        "and that g is differentiable there."
+    ),
+}
+
+
+def condition_limit(dtype: torch.dtype) -> float:
+    """The condition estimate above which a converged linear solve in ``dtype`` is
+    reported ``"ill_conditioned"``: ``1/√eps`` (``6.7e7`` in float64, ``2.9e3`` in
+    float32, and in half precision, whose linear algebra runs in float32). The
+    derivative then has about half of the dtype's digits left at best."""
+    return 1 / math.sqrt(torch.finfo(dtype).eps)
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -89,14 +128,28 @@ class BackwardInfo:
         iterations: iterations of the linear solver (the maximum over samples).
         matvecs: vector-Jacobian products the solve used (a dense solve counts the
             ``n`` products that build the Jacobian).
-        status: ``"converged"``, ``"max_iter"``, ``"breakdown"`` or ``"nonfinite"``:
-            the worst over the batch.
+        status: the worst over the batch: ``"converged"``; ``"ill_conditioned"`` (the
+            solve met its tolerance but ``condition`` exceeds ``1/√eps`` of the
+            dtype, ``6.7e7`` in float64, ``2.9e3`` in float32 and half precision: the
+            derivatives may have lost half of their digits or more); ``"max_iter"``; ``"breakdown"`` (a singular
+            system, or one the method cannot solve, e.g. an indefinite one for
+            ``cg``); ``"diverged"`` (the Neumann series grew instead of converging);
+            ``"nonfinite"``. ``converged`` is ``True`` only where the status is
+            ``"converged"``.
         method: name of the linear solver, or of how it ran: ``"neumann+gmres"``
             (``auto`` switched), ``"dense+refine"`` (``dense`` refined Newton's last
             factorisation instead of building the Jacobian).
         solution: the adjoint solution ``w`` in the flat ``(rows, n)`` view the solver
             saw (detached): the warm start of a next backward
             (``DEQ(warm_start_backward=True)`` passes it on).
+        condition: an estimate of the condition number of ``∂g/∂z`` at the solution,
+            per problem (same shape as ``converged``; NaN where the mode does not
+            estimate it): the factor by which the derivatives may amplify an error
+            of ``z*`` or of rounding. ``dense`` estimates ``κ₁ = ‖A‖₁‖A⁻¹‖₁`` from
+            its LU factors (as LAPACK's ``?gecon``, usually within a factor 3); an
+            iterative method reports the amplification its solve saw,
+            ``‖A p‖/‖p‖ · ‖w‖/‖v‖`` for its first product ``A p``, a lower bound of
+            ``κ₂``.
     """
 
     converged: torch.Tensor
@@ -106,6 +159,7 @@ class BackwardInfo:
     status: str
     method: str
     solution: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    condition: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass
@@ -136,7 +190,8 @@ class SolveInfo:
             starting with the initial guess.
         status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or
             ``"failed"``: the worst over the batch (the name of the largest status
-            code).
+            code; the linear solves' statuses ``"ill_conditioned"`` and ``"diverged"``
+            are [`BackwardInfo`][implicit.BackwardInfo]'s).
         solver: name of the forward solver.
         message: extra detail from the solver (e.g. scipy's message), or ``""``.
         jac_evals: dense Jacobians built by the solver (Newton).
@@ -194,10 +249,18 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
     # NaN is the worst (and prints as nan; inf as inf).
     residual = info.residual
     worst = math.nan if bool(residual.isnan().any()) else float(residual.max())
-    message = (
-        f"{what} did not converge: status {info.status!r} for {failed} of {total} "
-        f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."
-    )
+    if info.status == "ill_conditioned":
+        condition = info.condition
+        message = (
+            f"{what} is ill-conditioned: condition estimate {float(condition.max()):.1e} "
+            f"for {failed} of {total} problem(s), above {condition_limit(condition.dtype):.1e} "
+            f"(1/√eps of {str(condition.dtype).removeprefix('torch.')})."
+        )
+    else:
+        message = (
+            f"{what} did not converge: status {info.status!r} for {failed} of {total} "
+            f"problem(s), worst residual {worst:.3e} after {info.iterations} iteration(s)."
+        )
     if isinstance(info, SolveInfo):
         # A solver that explains its failure (scipy, a black box) also says what to do.
         message += (
@@ -206,10 +269,7 @@ def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -
             else " Raise max_iter, loosen tol, or try another solver."
         )
     else:
-        message += (
-            " Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a "
-            "preconditioner."
-        )
+        message += " " + _LINEAR_ADVICE.get(info.status, _LINEAR_ADVICE["max_iter"])
     if on_failure == "raise":
         raise ConvergenceError(message, info)
     warnings.warn(message, ConvergenceWarning, stacklevel=_caller_stacklevel())

@@ -52,7 +52,7 @@ def test_status_is_the_worst_over_the_batch():
     assert status_name(torch.tensor([], dtype=torch.long)) == "converged"
     # Codes are ordered by severity.
     assert sorted(STATUS_NAMES) == list(STATUS_NAMES)
-    assert list(STATUS_NAMES.values())[:2] == ["converged", "max_iter"]
+    assert list(STATUS_NAMES.values())[:3] == ["converged", "ill_conditioned", "max_iter"]
 
 
 class TestOnFailure:

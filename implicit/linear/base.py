@@ -11,8 +11,8 @@ calls, threads and ``torch.func`` transforms. A solve has two steps, as in linea
 * [`solve`][implicit.linear.LinearSolver.solve] solves for one right-hand side, with
   the per-call data (tolerance, cap, initial guess, preconditioner) passed per call.
 
-A method reports per-problem status codes: ``CONVERGED``, ``MAX_ITER``, ``BREAKDOWN``
-and ``NONFINITE`` from this module. An iterative method subclasses
+A method reports per-problem status codes: ``CONVERGED``, ``ILL_CONDITIONED``,
+``MAX_ITER``, ``BREAKDOWN``, ``DIVERGED`` and ``NONFINITE`` from this module. An iterative method subclasses
 [`IterativeSolver`][implicit.linear.IterativeSolver] (``implicit/linear/iterative.py``).
 """
 
@@ -28,11 +28,20 @@ import torch
 from implicit._checks import check_max_iter, check_tol
 from implicit._operators import GraphJacobian, Jacobian, Repeated
 from implicit._precision import upcast
-from implicit._results import BREAKDOWN, CONVERGED, MAX_ITER, NONFINITE
+from implicit._results import (
+    BREAKDOWN,
+    CONVERGED,
+    DIVERGED,
+    ILL_CONDITIONED,
+    MAX_ITER,
+    NONFINITE,
+)
 
 __all__ = [
     "BREAKDOWN",
     "CONVERGED",
+    "DIVERGED",
+    "ILL_CONDITIONED",
     "MAX_ITER",
     "NONFINITE",
     "Hint",
@@ -205,6 +214,10 @@ class LinearResult:
         iterations: iterations taken (the maximum over problems).
         method: how the solver ran, where it chooses among several ways (``"auto"``'s
             choice, ``"dense+refine"``); ``None`` means the solver's own name.
+        condition: an estimate of the condition number of ``A`` per problem (NaN where
+            the method makes none); a problem that converged with an estimate above
+            ``1/√eps`` of the dtype has the code ``ILL_CONDITIONED``
+            (``implicit/linear/_condition.py``).
     """
 
     x: torch.Tensor
@@ -212,6 +225,7 @@ class LinearResult:
     codes: torch.Tensor
     iterations: int
     method: str | None = None
+    condition: torch.Tensor | None = None
 
 
 class Hint:

@@ -1,4 +1,4 @@
-"""Preconditioned conjugate gradients, for symmetric positive definite systems."""
+"""Preconditioned conjugate gradients, for symmetric definite systems."""
 
 from __future__ import annotations
 
@@ -22,13 +22,18 @@ from implicit.linear.iterative import (
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CG(IterativeSolver):
-    """Preconditioned conjugate gradients, for symmetric positive definite ``A``.
+    """Preconditioned conjugate gradients, for symmetric definite ``A``.
 
-    Right for ``∂g/∂z`` that is the Hessian of a convex energy (``g = ∇E``). A
-    problem whose curvature ``pᵀAp`` (or ``rᵀMr``) is not positive, so that ``A`` (or
-    ``M``) is not SPD, stops with status ``"breakdown"`` instead of returning a
+    Right for ``∂g/∂z`` that is the Hessian of a convex energy (``g = ∇E``), and for
+    the adjoint of a fixed point ``z = f(z)`` whose ``∂f/∂z`` is symmetric with norm
+    below 1: ``A = ∂f/∂z − I`` is then negative definite. CG's iterates are the same
+    for ``A x = b`` and ``−A x = −b``, so a negative definite ``A`` is solved as
+    ``−A``: what must not change is the sign of the curvature ``pᵀAp`` (and of
+    ``rᵀMr`` for the preconditioner ``M``), which the first iteration fixes per
+    problem. A problem whose curvature vanishes or changes sign, so that ``A`` (or
+    ``M``) is indefinite, stops with status ``"breakdown"`` instead of returning a
     silently wrong answer; a non-symmetric ``A`` that escapes this test is caught by
-    the true-residual check.
+    the true-residual check (status ``"max_iter"``).
 
     Takes the options of every [`IterativeSolver`][implicit.linear.IterativeSolver]
     (``tol``, ``max_iter``, ``x0``, ``preconditioner``).
@@ -44,12 +49,17 @@ class CG(IterativeSolver):
         z = precondition(r)
         p = z
         rz = dot(r, z)
+        # The signs of A and M, per problem (CG is invariant under A → −A and M → −M).
+        sign_m = torch.sign(rz)
+        sign_a = None
         iterations = 0
         while iterations < max_iter and bool(active.any()):
             ap = operator.mv(p)
             iterations += 1
             curvature = dot(p, ap)
-            broken = active & ~((curvature > 0) & (rz > 0))
+            if sign_a is None:
+                sign_a = torch.sign(curvature)
+            broken = active & ~((sign_a * curvature > 0) & (sign_m * rz > 0))
             codes = torch.where(broken, BREAKDOWN, codes)
             active = active & ~broken
             alpha = row_mask(safe_div(rz, curvature))

@@ -11,6 +11,7 @@ import torch
 from implicit._batch import known_all
 from implicit._blocks import Factorization, lu_factor, lu_solve
 from implicit._checks import check_number
+from implicit.linear import _condition
 from implicit.linear.base import (
     BREAKDOWN,
     CONVERGED,
@@ -173,6 +174,9 @@ class Dense(LinearSolver):
         system = state.system.mT if state.adjoint else state.system
         damped = _relative_residual(system, x, right) if self.ridge else residual
         solved = (state.info == 0) & (damped <= accept)
+        condition = _condition.from_factors(
+            system, state.lu, state.pivots, x, right, adjoint=state.adjoint
+        )
         if not known_all(solved):
             # A non-finite matrix has no least-squares answer (and would make the SVD fail).
             fallback = ~solved & torch.isfinite(system).flatten(1).all(dim=1)
@@ -182,7 +186,7 @@ class Dense(LinearSolver):
         x = x.squeeze(-1)
         finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
         codes = torch.where(finite, torch.where(solved, CONVERGED, BREAKDOWN), NONFINITE)
-        return LinearResult(x, residual, codes, 1)
+        return LinearResult(x, residual, _condition.flag(codes, condition), 1, condition=condition)
 
 
 def _refine(
@@ -222,7 +226,21 @@ def _refine(
     if not bool((best <= max(tol, rounding)).all()):
         return None
     codes = torch.full_like(best, CONVERGED, dtype=torch.long)
-    return LinearResult(x_best, best, codes, products, "dense+refine")
+    # The nearby matrix stands in for A: its factors are those of (∂g/∂z)ᵀ, A's own
+    # (transposed) or its transpose.
+    factors = nearby.factorization
+    permutation, lower, upper = torch.lu_unpack(factors.lu, factors.pivots)
+    matrix = permutation @ lower @ upper
+    condition = _condition.from_factors(
+        matrix if transposed else matrix.mT,
+        factors.lu,
+        factors.pivots,
+        x_best.unsqueeze(-1),
+        rhs.unsqueeze(-1),
+        adjoint=not transposed,
+    )
+    codes = _condition.flag(codes, condition)
+    return LinearResult(x_best, best, codes, products, "dense+refine", condition)
 
 
 def _relative_residual(matrix: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import ClassVar, NamedTuple
 
 import torch
 
+from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
     MAX_ITER,
@@ -107,7 +109,8 @@ class IterativeSolver(LinearSolver):
                 )
 
     def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
-        operator: JacobianOperator = state
+        # Its first product samples ‖A‖ for the condition estimate.
+        operator = _condition.FirstProduct(state)
         preconditioner = self.preconditioner if preconditioner is None else preconditioner
         if preconditioner is not None and not self.preconditioned:
             raise TypeError(f"{type(self).__name__} takes no preconditioner")
@@ -150,7 +153,11 @@ class IterativeSolver(LinearSolver):
                 break
         # Relative, and 0 for a zero right-hand side (whose x is 0).
         relative = safe_div(residual, rhs_norm)
-        return LinearResult(x, relative, codes, iterations, "+".join(methods) or None)
+        gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
+        condition = _condition.seen(gain, x, rhs)
+        codes = _condition.flag(codes, condition)
+        method = "+".join(methods) or None
+        return LinearResult(x, relative, codes, iterations, method, condition)
 
     @abc.abstractmethod
     def iterate(

@@ -29,9 +29,15 @@ from implicit.linear.base import BREAKDOWN, CONVERGED, MAX_ITER
 
 class TestProperties:
     @PROPERTY
-    @given(**sizes, condition=st.floats(1.0, 1e3), transpose=st.booleans())
-    def test_cg_on_random_spd(self, batch, n, seed, condition, transpose):
-        matrix, rhs = spd(batch, n, condition, seed), rhs_of(batch, n, seed)
+    @given(
+        **sizes,
+        condition=st.floats(1.0, 1e3),
+        transpose=st.booleans(),
+        sign=st.sampled_from([-1, 1]),
+    )
+    def test_cg_on_random_definite(self, batch, n, seed, condition, transpose, sign):
+        # SPD, or negative definite (the adjoint of a symmetric contractive fixed point).
+        matrix, rhs = sign * spd(batch, n, condition, seed), rhs_of(batch, n, seed)
         result = run(linear.CG(), operator(matrix, transpose), rhs, tol=1e-10, max_iter=200)
         check_solution(result, matrix, rhs, 1e-10)
 
