@@ -36,7 +36,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import implicit  # noqa: E402
-
 from implicit._results import condition_limit  # noqa: E402
 
 SKIP_FAMILIES = {"nan_root", "exp_overflow", "nan_fixed_point"}
@@ -134,17 +133,11 @@ def sweep(trials: int) -> None:
             if name != "dense":
                 backward = dataclasses.replace(backward, tol=tol, max_iter=20 * n)
             b = torch.zeros(n, dtype=dtype, requires_grad=True)
+            solve = implicit.custom_root(
+                lambda z, b, A=A: z @ A.T - b, backward=backward, on_failure="ignore", tol=1.0
+            )(lambda b, n=n: np.zeros(n))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                z, info = (
-                    implicit.custom_root(
-                        lambda z, b: z @ A.T - b, backward=backward, on_failure="ignore", tol=1.0
-                    )(lambda b: np.zeros(n)),
-                    None,
-                )
-                solve = implicit.custom_root(
-                    lambda z, b: z @ A.T - b, backward=backward, on_failure="ignore", tol=1.0
-                )(lambda b: np.zeros(n))
                 z = solve(b)
                 (grad,) = torch.autograd.grad((c * z).sum(), [b])
             report = solve.last_info.backward
@@ -162,7 +155,7 @@ def sweep(trials: int) -> None:
     print("dtype    mode   κ₂ decade  problems  median error  worst error  estimate/κ₂  statuses")
     by = collections.defaultdict(list)
     for row in rows:
-        decade = int(math.floor(math.log10(max(row["cond"], 1.0))))
+        decade = math.floor(math.log10(max(row["cond"], 1.0)))
         by[(row["dtype"], row["mode"], decade)].append(row)
     for (dtype, mode, decade), group in sorted(by.items()):
         errors = np.array([r["error"] for r in group])
@@ -189,7 +182,7 @@ def main() -> None:
             rows.append(row)
     by = collections.defaultdict(list)
     for row in rows:
-        decade = int(math.floor(math.log10(max(row["cond"], 1.0))))
+        decade = math.floor(math.log10(max(row["cond"], 1.0)))
         by[(row["dtype"], min(decade, 12))].append(row)
     print(f"{len(rows)} converged problems with a backward (of {count} drawn)")
     print("dtype    κ₂ decade  problems  median error  worst error  estimate/κ₂  flagged")

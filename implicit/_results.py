@@ -131,11 +131,11 @@ class BackwardInfo:
         status: the worst over the batch: ``"converged"``; ``"ill_conditioned"`` (the
             solve met its tolerance but ``condition`` exceeds ``1/√eps`` of the
             dtype, ``6.7e7`` in float64, ``2.9e3`` in float32 and half precision: the
-            derivatives may have lost half of their digits or more); ``"max_iter"``; ``"breakdown"`` (a singular
-            system, or one the method cannot solve, e.g. an indefinite one for
-            ``cg``); ``"diverged"`` (the Neumann series grew instead of converging);
-            ``"nonfinite"``. ``converged`` is ``True`` only where the status is
-            ``"converged"``.
+            derivatives may have lost half of their digits or more); ``"max_iter"``;
+            ``"breakdown"`` (a singular system, or one the method cannot solve, e.g.
+            an indefinite one for ``cg``); ``"diverged"`` (the Neumann series grew
+            instead of converging); ``"nonfinite"``. ``converged`` is ``True`` only
+            where the status is ``"converged"``.
         method: name of the linear solver, or of how it ran: ``"neumann+gmres"``
             (``auto`` switched), ``"dense+refine"`` (``dense`` refined Newton's last
             factorisation instead of building the Jacobian).

@@ -12,8 +12,9 @@ calls, threads and ``torch.func`` transforms. A solve has two steps, as in linea
   the per-call data (tolerance, cap, initial guess, preconditioner) passed per call.
 
 A method reports per-problem status codes: ``CONVERGED``, ``ILL_CONDITIONED``,
-``MAX_ITER``, ``BREAKDOWN``, ``DIVERGED`` and ``NONFINITE`` from this module. An iterative method subclasses
-[`IterativeSolver`][implicit.linear.IterativeSolver] (``implicit/linear/iterative.py``).
+``MAX_ITER``, ``BREAKDOWN``, ``DIVERGED`` and ``NONFINITE`` from this module. An
+iterative method subclasses [`IterativeSolver`][implicit.linear.IterativeSolver]
+(``implicit/linear/iterative.py``).
 """
 
 from __future__ import annotations
