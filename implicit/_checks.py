@@ -20,6 +20,7 @@ NUMBER_RULES = {
     "in (0, 1]": (0, True, 1, False, False),
     "a finite number >= 0": (0, False, math.inf, True, False),
     "a number > 0": (0, True, math.inf, False, False),
+    "a number > 1": (1, True, math.inf, False, False),
     "a positive finite number": (0, True, math.inf, True, False),
 }
 

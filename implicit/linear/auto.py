@@ -8,7 +8,7 @@ import functools
 import torch
 
 from implicit._checks import check_number
-from implicit.linear.base import MAX_ITER, Hint, JacobianOperator, LinearSolver
+from implicit.linear.base import DIVERGED, MAX_ITER, Hint, JacobianOperator, LinearSolver
 from implicit.linear.cg import CG
 from implicit.linear.dense import Dense
 from implicit.linear.gmres import GMRES
@@ -43,7 +43,7 @@ class NeumannThenGMRES(IterativeSolver):
             x, codes, used, r, _ = neumann.iterate(
                 operator, rhs, x, target=target, max_iter=max_iter, allowed=allowed
             )
-            allowed = allowed & (codes == MAX_ITER)
+            allowed = allowed & ((codes == MAX_ITER) | (codes == DIVERGED))
             if used >= max_iter or not bool(allowed.any()):
                 return Progress(x, codes, used, r, "+".join(ran))
             grew = allowed & ~(norm(r) <= norm(rhs))

@@ -9,8 +9,12 @@ import torch
 
 from implicit._batch import all_running, known_all, row_selector
 from implicit._checks import check_number
-from implicit.linear.base import CONVERGED, MAX_ITER, NONFINITE
+from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
+
+
+#: Iterations between two checks for divergence.
+_DIVERGENCE_WINDOW = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,9 +27,15 @@ class Neumann(IterativeSolver):
     ``−(I − ∂f/∂z)⁻ᵀ rhs``. It converges when ``f`` is contractive; ``damping < 1``
     converges whenever the eigenvalues of ``∂f/∂z`` have real part below 1 and are
     small enough, more slowly. For general root problems use
-    [`GMRES`][implicit.linear.GMRES]. One product per iteration, no extra memory. A
-    problem whose iterate overflows stops at its last finite iterate with status
-    ``"nonfinite"``.
+    [`GMRES`][implicit.linear.GMRES]. One product per iteration, no extra memory.
+
+    A series that diverges (``f`` not contractive at the solution) is stopped early: a
+    problem whose residual exceeds ``divergence`` times its initial residual (checked
+    every 4 iterations) stops with status ``"diverged"``, and one whose iterate
+    overflows stops at its last finite iterate with status ``"nonfinite"``. (A
+    contractive but far from normal ``∂f/∂z`` can make the residual grow for a while
+    before it decreases; by much less than a factor 1000 for the Jacobians of usual
+    maps, and a hump that size costs as many digits anyway.)
 
     Takes the options of every [`IterativeSolver`][implicit.linear.IterativeSolver]
     but ``preconditioner`` (``tol``, ``max_iter``, ``x0``).
@@ -36,6 +46,8 @@ class Neumann(IterativeSolver):
             iterations (status ``"max_iter"``), so that a caller can hand it to a
             method that does not need a contraction ([`Auto`][implicit.linear.Auto]
             does, after 4); ``None``: never.
+        divergence: the growth of a problem's residual over its initial one at which it
+            has diverged; ``None``: never stop for growth.
     """
 
     name = "neumann"
@@ -43,12 +55,15 @@ class Neumann(IterativeSolver):
 
     damping: float = 1.0
     give_up_after: int | None = None
+    divergence: float | None = 1000.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self.damping, "damping", "in (0, 1]")
         if self.give_up_after is not None:
             check_number(self.give_up_after, "give_up_after", "an integer >= 1")
+        if self.divergence is not None:
+            check_number(self.divergence, "divergence", "a number > 1")
         object.__setattr__(self, "damping", float(self.damping))
 
     def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner=None):
@@ -65,7 +80,7 @@ class Neumann(IterativeSolver):
             q = operator.shifted_mv(x)
             r = q - x - rhs
         x = torch.zeros_like(rhs) if x is None else x
-        reference = norm(r)
+        reference = initial = norm(r)
         active = allowed & (reference > target)
         codes = where_codes(active, MAX_ITER, CONVERGED)
         iterations = 0
@@ -83,14 +98,22 @@ class Neumann(IterativeSolver):
                 r_new = operator.mv(x_new) - rhs
             iterations += 1
             size = norm(r_new)
-            slow = None
+            slow = diverged = None
             if self.give_up_after and iterations % self.give_up_after == 0:
                 # Stop the problems whose residual did not halve over the window (NaN
                 # included).
                 slow = active & ~(size <= 0.5 * reference)
                 reference = size
                 slow = slow if bool(slow.any()) else None
-            if slow is None and every and all_running(size, target, size.max()):
+            if self.divergence and iterations % _DIVERGENCE_WINDOW == 0:
+                diverged = active & (size > self.divergence * initial) & (size < math.inf)
+                diverged = diverged if bool(diverged.any()) else None
+            if (
+                slow is None
+                and diverged is None
+                and every
+                and all_running(size, target, size.max())
+            ):
                 x, r = x_new, r_new
                 if shifted:
                     q = q_new
@@ -108,4 +131,7 @@ class Neumann(IterativeSolver):
             active = step ^ done
             if slow is not None:
                 active = active & ~slow  # status stays "max_iter"
+            if diverged is not None:
+                codes = torch.where(diverged, DIVERGED, codes)
+                active = active & ~diverged
         return Progress(x, codes, iterations, r)

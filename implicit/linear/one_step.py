@@ -62,7 +62,7 @@ class Phantom(LinearSolver):
 
     def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
         # tol=0: never stop early, so the result is always the k-term series.
-        series = Neumann(damping=self.damping)
+        series = Neumann(damping=self.damping, divergence=None)
         result = series.solve(state, rhs, tol=0.0, max_iter=self.steps)
         codes = torch.where(result.codes == NONFINITE, NONFINITE, CONVERGED)
         return dataclasses.replace(result, codes=codes)

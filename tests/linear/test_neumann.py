@@ -16,10 +16,11 @@ from systems import (
     run,
 )
 
+import implicit
 from implicit import linear
 from implicit._operators import GraphJacobian
 from implicit.linear import JacobianOperator
-from implicit.linear.base import CONVERGED, MAX_ITER, NONFINITE
+from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE
 
 
 class TestNeumann:
@@ -31,13 +32,46 @@ class TestNeumann:
         rhs = rhs_of(1, n, 0)
         plain = run(linear.Neumann(), operator(matrix), rhs, tol=1e-10, max_iter=60)
         damped = run(linear.Neumann(damping=0.5), operator(matrix), rhs, tol=1e-10, max_iter=60)
-        assert plain.codes.tolist() == [MAX_ITER]
+        # The residual grows like 1.5^k: 1000-fold at k = 18, seen at the check of k = 20.
+        assert plain.codes.tolist() == [DIVERGED] and plain.iterations == 20
         check_solution(damped, matrix, rhs, 1e-10)
         assert damped.iterations <= 20
 
+    @pytest.mark.parametrize("shifted", [True, False])
+    def test_divergence_stops_early(self, shifted):
+        # F = W with ‖W‖₂ = ρ(W) = 3 (symmetric): the series grows like 3^k. It ran to
+        # max_iter and returned a gradient of 1e29 under a max_iter warning.
+        gen = generator(2)
+        w = torch.randn(2, 6, 6, generator=gen, dtype=F64)
+        w = w + w.mT
+        w = 3 * w / torch.linalg.matrix_norm(w, ord=2).reshape(2, 1, 1)
+        rhs = rhs_of(2, 6, 2)
+        if shifted:
+            op = JacobianOperator.of_fixed_point(
+                lambda z: torch.einsum("bij,bj->bi", w, z), torch.zeros_like(rhs)
+            )
+        else:
+            op = operator(w.mT - torch.eye(6, dtype=F64))
+        result = run(linear.Neumann(), op, rhs, tol=1e-10, max_iter=100)
+        assert result.codes.tolist() == [DIVERGED, DIVERGED]
+        assert result.iterations == 8  # 3^7 > 1000: seen at the second check
+        assert bool((result.residual > 1000).all() & (result.residual < 1e5).all())
+        assert reports_true_residual(result, w.mT - torch.eye(6, dtype=F64), rhs)
+        never = run(linear.Neumann(divergence=None), op, rhs, tol=1e-10, max_iter=100)
+        assert never.codes.tolist() == [MAX_ITER, MAX_ITER] and never.iterations == 100
+
+    def test_a_transient_hump_is_not_divergence(self):
+        # F = [[0.5, 40], [0, 0.5]]: ρ = 0.5 but ‖F^k‖ grows to ~20 first.
+        f = torch.tensor([[[0.5, 40.0], [0.0, 0.5]]], dtype=F64)
+        matrix = f.mT - torch.eye(2, dtype=F64)
+        rhs = torch.tensor([[0.0, 1.0]], dtype=F64)
+        result = run(linear.Neumann(), operator(matrix), rhs, tol=1e-12, max_iter=200)
+        check_solution(result, matrix, rhs, 1e-12)
+
     def test_overflow_stops_at_the_last_finite_iterate(self):
         matrix = (-5 * torch.eye(3, dtype=F64)).unsqueeze(0)
-        result = run(linear.Neumann(), operator(matrix), rhs_of(1, 3, 0), tol=1e-10, max_iter=5000)
+        never = linear.Neumann(divergence=None)
+        result = run(never, operator(matrix), rhs_of(1, 3, 0), tol=1e-10, max_iter=5000)
         assert result.codes.tolist() == [NONFINITE]
         assert result.iterations < 1000
         # The returned iterate is the last one whose residual was finite.
@@ -64,9 +98,8 @@ class TestNeumann:
 
     @pytest.mark.parametrize("shifted", [True, False])
     def test_rows_stop_on_their_own(self, shifted):
-        # Per row F = 0.1 I (done in a few steps), −5 I (overflows after that) and
-        # 0.7 I (slow): each row ends as it would alone, the overflowing one at its last
-        # finite iterate. shifted: the classic DEQ path, products of F from a recorded
+        # Per row F = 0.1 I (done in a few steps), −5 I (diverges after that) and
+        # 0.7 I (slow): each row ends as it would alone. shifted: the classic DEQ path, products of F from a recorded
         # graph of f; otherwise products of A = F − I.
         n = 3
         scales = torch.tensor([0.1, -5.0, 0.7], dtype=F64)
@@ -84,7 +117,7 @@ class TestNeumann:
             return run(linear.Neumann(), op, rhs[rows], tol=1e-12, max_iter=5000)
 
         together = solve(slice(None))
-        assert together.codes.tolist() == [CONVERGED, NONFINITE, CONVERGED]
+        assert together.codes.tolist() == [CONVERGED, DIVERGED, CONVERGED]
         assert bool(torch.isfinite(together.x).all())
         for b in range(3):
             alone = solve(slice(b, b + 1))
@@ -138,3 +171,42 @@ class TestShiftedNeumann:
         rhs = rhs_of(2, 4, 2)
         result = run(linear.Neumann(damping=0.7), shifted, rhs, tol=1e-10, max_iter=500)
         check_solution(result, matrix, rhs, 1e-10)
+
+
+class TestDivergenceThroughTheBackward:
+    """A fixed point whose map is not contractive, found by Newton: Neumann's series
+    diverges; it ran all its iterations and returned a gradient of about 3^max_iter."""
+
+    @staticmethod
+    def problem():
+        gen = generator(4)
+        w = torch.randn(6, 6, generator=gen, dtype=F64)
+        w = 3 * (w + w.T) / torch.linalg.matrix_norm(w + w.T, ord=2)
+        b = torch.randn(6, generator=gen, dtype=F64, requires_grad=True)
+        reference = torch.linalg.solve(torch.eye(6, dtype=F64) - w.T, torch.ones(6, dtype=F64))
+        return (lambda z, b: w @ z + b), b, reference
+
+    def solve(self, backward, on_failure="warn"):
+        f, b, reference = self.problem()
+        z, info = implicit.fixed_point(
+            f, torch.zeros(6, dtype=F64), b, solver="newton", backward=backward, tol=1e-12,
+            on_failure=on_failure, return_info=True,
+        )  # fmt: skip
+        assert info.status == "converged"
+        return z, b, info, reference
+
+    def test_stops_early_and_says_so(self):
+        z, b, info, _ = self.solve("neumann")
+        with pytest.warns(implicit.ConvergenceWarning, match="'diverged'.*not contractive"):
+            z.sum().backward()
+        assert info.backward.status == "diverged" and info.backward.iterations <= 8
+        z, b, info, _ = self.solve("neumann", on_failure="raise")
+        with pytest.raises(implicit.ConvergenceError) as caught:
+            z.sum().backward()
+        assert caught.value.info.status == "diverged"
+
+    def test_auto_hands_it_to_gmres(self):
+        z, b, info, reference = self.solve(linear.Auto(max_dense=0), on_failure="raise")
+        z.sum().backward()
+        assert info.backward.method == "neumann+gmres"
+        assert rel_err(b.grad, reference) <= 1e-10
