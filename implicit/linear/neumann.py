@@ -12,7 +12,6 @@ from implicit._checks import check_number
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
 
-
 #: Iterations between two checks for divergence.
 _DIVERGENCE_WINDOW = 4
 

@@ -99,8 +99,8 @@ class TestNeumann:
     @pytest.mark.parametrize("shifted", [True, False])
     def test_rows_stop_on_their_own(self, shifted):
         # Per row F = 0.1 I (done in a few steps), −5 I (diverges after that) and
-        # 0.7 I (slow): each row ends as it would alone. shifted: the classic DEQ path, products of F from a recorded
-        # graph of f; otherwise products of A = F − I.
+        # 0.7 I (slow): each row ends as it would alone. shifted: the classic DEQ
+        # path, products of F from a recorded graph of f; otherwise products of A = F − I.
         n = 3
         scales = torch.tensor([0.1, -5.0, 0.7], dtype=F64)
         rhs = rhs_of(3, n, 0)
@@ -196,11 +196,11 @@ class TestDivergenceThroughTheBackward:
         return z, b, info, reference
 
     def test_stops_early_and_says_so(self):
-        z, b, info, _ = self.solve("neumann")
+        z, _, info, _ = self.solve("neumann")
         with pytest.warns(implicit.ConvergenceWarning, match="'diverged'.*not contractive"):
             z.sum().backward()
         assert info.backward.status == "diverged" and info.backward.iterations <= 8
-        z, b, info, _ = self.solve("neumann", on_failure="raise")
+        z, _, info, _ = self.solve("neumann", on_failure="raise")
         with pytest.raises(implicit.ConvergenceError) as caught:
             z.sum().backward()
         assert caught.value.info.status == "diverged"
