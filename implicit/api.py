@@ -16,6 +16,7 @@ from implicit._problem import Problem, State, check_storage
 from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
 from implicit._tolerance import Tol
+from implicit.linear.diagonal import DiagonalFirst, resolution
 
 Backward = str | linear.LinearSolver | linear.Unroll
 
@@ -378,8 +379,12 @@ def implicit_inverse_layer(
     For a function whose inverse you can compute but not differentiate: ``g`` is any
     inverse of ``forward_func`` computed without autograd (e.g. ``numpy.arcsin`` for
     ``torch.sin``); the result is differentiable in ``data`` through the implicit
-    function theorem, ``dz/dy = (∂f/∂z)⁻¹``. Exactly
-    ``invert(forward_func, data, inverse=g)``.
+    function theorem, ``dz/dy = (∂f/∂z)⁻¹``. It is
+    ``invert(forward_func, data, inverse=g)`` with derivatives accurate to the dtype:
+    its backward solves to a relative residual of ``8·eps`` (``1.8e-15`` in float64),
+    for an elementwise ``forward_func`` (a diagonal Jacobian) by one division, checked
+    by one more product, and otherwise with ``backward="auto"`` (a ``ConvergenceWarning``
+    says when that tolerance is out of reach).
 
     Example:
         >>> data = torch.tensor([0.1, 0.5], requires_grad=True)
@@ -388,7 +393,10 @@ def implicit_inverse_layer(
         >>> data.grad  # 1 / sqrt(1 − data²)
         tensor([1.0050, 1.1547])
     """
-    return invert(forward_func, data, inverse=g)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+    accurate = DiagonalFirst(tol=resolution(data.dtype))
+    return invert(forward_func, data, inverse=g, backward=accurate)
 
 
 def custom_root(
