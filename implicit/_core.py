@@ -218,7 +218,8 @@ class _RootProblem:
         problem: _RootProblem | None = self
         while problem is not None:
             problem.info, problem = info, problem._unfolded
-        report_failure(info, settings.on_failure, "forward solve")
+        if not isinstance(self.solver, _Given):  # (a given answer's report was made)
+            report_failure(info, settings.on_failure, "forward solve")
         return z
 
     def record_backward(self, info: BackwardInfo) -> None:
@@ -634,7 +635,28 @@ def solve(
             z = _not_a_view_of(z0, root.solve(z0, problem.inputs))
     if r0 is not None:
         root.info.f_evals += 1  # capture discovery's evaluation of g at z0
+    if derivatives_possible and root.info.iterations > 0:
+        z = _recaptured(root, z, z0)
     return z, root.info
+
+
+def _recaptured(root: _RootProblem, z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """``z``, wired also to the tensors that ``g`` reads at the solution but did not
+    read at ``z0`` (a branch taken only near the solution), which would otherwise get
+    no derivative.
+
+    Costs one evaluation of ``g`` at ``z``, counted in ``f_evals``. The solution does
+    not change (``g`` read those tensors while it was solved): the solved problem is
+    wired again, with every captured tensor as an input, by a solve that takes no step
+    and keeps the forward's report (:class:`_Given`).
+    """
+    problem = root.problem
+    added = problem.rediscover(z)
+    root.info.f_evals += 1
+    if not added:
+        return z
+    again = _RootProblem(problem, _Given(root.info), root.settings, None, root.report_shape)
+    return _implicit(again, z.detach(), *problem.inputs)
 
 
 def _unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape, callback):
@@ -715,11 +737,21 @@ class _Pinned:
 
 
 class _Given(Solver):
-    """The forward of a solve whose answer is known: its start, without an evaluation."""
+    """The forward of a solve whose answer is known: its start, without an evaluation.
+
+    Args:
+        info: the report of the solve that found it (already reported), or ``None``
+            for a report of convergence.
+    """
 
     name = "given"
 
+    def __init__(self, info: SolveInfo | None = None):
+        self.info = info
+
     def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
+        if self.info is not None:
+            return z0, self.info
         converged = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
         residual = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
         info = SolveInfo(converged, residual, 0, 0, [], "converged", self.name)

@@ -239,6 +239,19 @@ class Problem:
         self.captured = list(recorder.captured.values())
         return r0.detach()
 
+    def rediscover(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Evaluate ``g`` at ``z`` (the solution) once more, recording the captured
+        tensors that carry derivatives, and add those that :meth:`discover` did not see
+        at ``z0``: ``g`` reads them only on a branch it did not take there. Returns the
+        added tensors."""
+        z = z.detach()
+        with torch.enable_grad(), Recorder([z, *self.explicit]) as recorder:
+            self.residual(z, *self.explicit)
+        seen = {id(t) for t in self.captured}
+        added = [t for key, t in recorder.captured.items() if key not in seen]
+        self.captured = [*self.captured, *added]
+        return added
+
     def carries_derivatives(self) -> bool:
         """Whether derivatives may be asked for with respect to any input."""
         return any(carries_derivative(t) for t in self.inputs)

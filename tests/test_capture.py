@@ -104,3 +104,93 @@ def test_a_solve_inside_f_of_another_solve():
     assert rel_err(z, unrolled) <= 1e-11
     for got, want in zip(grads, torch.autograd.grad(unrolled.square().sum(), (w, x))):
         assert rel_err(got, want) <= 1e-10
+
+
+class TestBranchNotTakenAtZ0:
+    """``f`` reads ``W`` only away from ``z = 0``, the initial guess: discovery at ``z0``
+    missed it, and ``W`` silently got no gradient. Found again at the solution."""
+
+    n = 5
+
+    def setup_method(self):
+        gen = torch.Generator().manual_seed(0)
+        n = self.n
+        self.W = 0.5 * torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
+        self.W.requires_grad_()
+        self.x = torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True)
+        self.c = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def f(self, z, x):
+        if not bool(z.any()):  # a shortcut at zero: f(0) = x, without W
+            return x
+        return torch.tanh(self.W @ z + x)
+
+    def reference(self, z):
+        """dL/dx and dL/dW of L = c·z by the implicit function theorem, densely:
+        dz = (I − D W)⁻¹ D (dW z + dx), D = diag(1 − z²)."""
+        z = z.detach()
+        d = 1 - z**2
+        w = torch.linalg.solve((torch.eye(self.n, dtype=z.dtype) - d[:, None] * self.W).T, self.c)
+        u = d * w
+        return u, torch.outer(u, z)
+
+    def solve(self, x=None, **options):
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        x = self.x if x is None else x
+        return implicit.fixed_point(self.f, z0, x, tol=1e-12, return_info=True, **options)
+
+    @pytest.mark.parametrize("backward", ["dense", "gmres", "neumann"])
+    def test_reverse_mode(self, backward):
+        z, info = self.solve(backward=backward)
+        grad_x, grad_w = torch.autograd.grad((self.c * z).sum(), [self.x, self.W])
+        ref_x, ref_w = self.reference(z)
+        assert rel_err(grad_x, ref_x) <= 1e-10 and rel_err(grad_w, ref_w) <= 1e-10
+        # The backward reports to the forward's info; discovery at z* is one evaluation.
+        assert info.backward is not None and info.backward.status == "converged"
+        assert info.f_evals == info.iterations + 2  # discovery at z0 and at z*
+
+    def test_only_the_captured_tensor_carries_derivatives(self):
+        # Nothing at z0 needed a graph at all.
+        self.x.requires_grad_(False)
+        z, _ = self.solve()
+        (grad_w,) = torch.autograd.grad((self.c * z).sum(), [self.W])
+        assert rel_err(grad_w, self.reference(z)[1]) <= 1e-10
+
+    def test_under_jacrev(self):
+        # (vmap refuses the Python branch on a value of z: the user's function's.)
+        z, _ = self.solve()
+        jacobian = torch.func.jacrev(lambda x: self.solve(x)[0])(self.x.detach())
+        d = 1 - z.detach() ** 2
+        inverse = torch.linalg.inv(torch.eye(self.n, dtype=torch.float64) - d[:, None] * self.W)
+        assert rel_err(jacobian, inverse * d) <= 1e-10
+        # The tensors W reaches are wired: the Jacobian differentiates with respect to W.
+        (grad_w,) = torch.autograd.grad(jacobian.trace(), [self.W])
+        eps = 1e-6
+        bumped = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                self.W += sign * eps * torch.ones_like(self.W)
+            bumped.append(
+                torch.func.jacrev(lambda x: self.solve(x)[0])(self.x.detach()).trace().detach()
+            )
+            with torch.no_grad():
+                self.W -= sign * eps * torch.ones_like(self.W)
+        directional = (bumped[0] - bumped[1]) / (2 * eps)
+        assert abs(float(grad_w.sum() - directional)) <= 1e-6 * abs(float(directional))
+
+    def test_forward_mode(self):
+        tangent = torch.randn(self.n, dtype=torch.float64)
+        z, dz = torch.func.jvp(lambda x: self.solve(x)[0], (self.x.detach(),), (tangent,))
+        d = 1 - z**2
+        expected = torch.linalg.solve(
+            torch.eye(self.n, dtype=torch.float64) - d[:, None] * self.W, d * tangent
+        )
+        assert rel_err(dz, expected.detach()) <= 1e-10
+
+    def test_no_second_evaluation_without_iterations(self):
+        # A black box's answer is z0: discovery already ran at the solution.
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        solved = self.solve()[0].detach()
+        _, info = implicit.fixed_point(self.f, solved, self.x, tol=1e-8, return_info=True)
+        assert info.iterations == 0 and info.f_evals == 1
+        assert z0.sum() == 0

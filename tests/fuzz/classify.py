@@ -14,7 +14,9 @@ Acceptable outcomes:
   only checked for finiteness;
 * ``OK-NONCONVERGED``: a non-converged status (forward or backward) that was reported
   by ``on_failure``: a ``ConvergenceWarning`` under ``"warn"``, a ``ConvergenceError``
-  under ``"raise"``;
+  under ``"raise"``. Any status but ``"converged"`` is one, the backward's
+  ``"ill_conditioned"`` (solved, but the condition estimate exceeds ``1/√eps``) and
+  ``"diverged"`` (Neumann's series grew) included;
 * ``OK-REFUSED``: a clear error (``ValueError`` / ``TypeError`` /
   ``NotImplementedError`` raised by ``implicit`` itself), only for inputs the library
   may reject: half precision, an infinite ``z0``, one unbatched sample given to a

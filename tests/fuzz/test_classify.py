@@ -217,3 +217,26 @@ def test_exceptions_are_crashes_unless_a_clear_refusal_is_allowed():
     assert _run(mismatched).outcome == "CRASH"
     refused = _run(dataclasses.replace(mismatched, may_refuse=True))
     assert refused.outcome == "OK-REFUSED" and "TypeError" in refused.reason, refused
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_a_diverging_backward_needs_a_report(policy):
+    # Neumann on the adjoint of a root problem whose Jacobian is far from −I: the
+    # series diverges and stops early with status "diverged".
+    inst = families.make("linear_nonsymmetric", 12, small=True)
+    inst = dataclasses.replace(inst, tol=1e-12, on_failure=policy)
+    case = Case("linear_nonsymmetric", 12, "newton_dense", "neumann", "root_solve", small=True)
+    result = _run(inst, case)
+    assert result.backward_status == "diverged", result
+    assert result.outcome == ("UNREPORTED" if policy == "ignore" else "OK-NONCONVERGED"), result
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_an_ill_conditioned_backward_needs_a_report(policy):
+    # κ₂ = 5.2e7 (κ₁ above the float64 limit 6.7e7): solved, but reported.
+    inst = dataclasses.replace(families.make("linear_spd", 176, small=True), on_failure=policy)
+    assert "cond=5.2e+07" in inst.note and inst.dtype == torch.float64
+    case = Case("linear_spd", 176, "newton_dense", "dense", "root_solve", small=True)
+    result = _run(dataclasses.replace(inst, tol=1e-6), case)
+    assert result.backward_status == "ill_conditioned", result
+    assert result.outcome == ("UNREPORTED" if policy == "ignore" else "OK-NONCONVERGED"), result
