@@ -286,6 +286,51 @@ def test_backward_warm_start_fits_its_rows():
     assert counts[0] > 0 and counts[1] == 0  # the same cotangents: solved at the start
 
 
+def test_backward_warm_start_and_preconditioner_under_vmap_and_jacrev():
+    # The per-call initial guess (the layer's warm start) and the solver's
+    # preconditioner are both used, written for one block of rows, under vmap (one
+    # system per slice, stacked) and jacrev (one per cotangent).
+    cell = Cell()
+    seen = []
+
+    def jacobi(r):  # ≈ ((∂f/∂z)ᵀ − I)⁻¹ ≈ −I for a weak contraction
+        seen.append(r.shape)
+        return -r
+
+    backward = implicit.linear.GMRES(preconditioner=jacobi)
+    options = {"solver": "fixed_point", "backward": backward, **TIGHT}
+    deq = implicit.DEQ(cell, warm_start_backward=True, **options)
+    x = make_input()
+    xs = torch.stack([x, -x, 0.5 * x]).detach()
+
+    def loss(x):
+        return deq(x).square().sum()
+
+    def unrolled_loss(x):
+        return unrolled_fixed_point(cell, torch.zeros_like(x), x).square().sum()
+
+    def unrolled(x):
+        return unrolled_fixed_point(cell, torch.zeros_like(x), x)
+
+    cases = (
+        (
+            torch.func.vmap(torch.func.grad(loss)),
+            torch.func.vmap(torch.func.grad(unrolled_loss)),
+            xs,
+        ),
+        (torch.func.jacrev(deq), torch.func.jacrev(unrolled), x.detach()),
+    )
+    for transform, reference, arg in cases:
+        counts = []
+        for _ in range(2):
+            got = transform(arg)
+            counts.append(deq.last_info.backward.iterations)
+        assert rel_err(got, reference(arg)) <= 1e-9
+        # The same systems again: solved at the start, from the last solution.
+        assert counts[0] > 0 and counts[1] == 0
+    assert seen and set(seen) == {x.shape}
+
+
 class TestJacobianRegulariser:
     def setup_method(self):
         self.cell = Cell(n=4)
