@@ -184,8 +184,9 @@ class SolveInfo:
             names are [`statuses`][implicit.SolveInfo.statuses].
         f_evals: evaluations of ``g`` (or ``f``) in the forward; one call on the whole
             batch counts once. Where derivatives may be asked for, this includes the
-            evaluation at ``z0`` that finds the tensors ``g`` captures (the solver
-            reuses its residual as its first).
+            evaluations that find the tensors ``g`` captures: at ``z0`` (the solver
+            reuses its residual as its first) and, where the solver moved, at the
+            solution.
         history: the worst residual norm over the batch after each iteration,
             starting with the initial guess.
         status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or

@@ -17,8 +17,8 @@ Instances are immutable configuration, safe to reuse; an instance's ``tol`` /
 [`CG`][implicit.linear.CG], [`Neumann`][implicit.linear.Neumann]) are those of
 [`IterativeSolver`][implicit.linear.IterativeSolver]: ``tol``, ``max_iter``, ``x0`` and
 ``preconditioner`` (not Neumann). GMRES and BiCGStab apply the preconditioner on the
-right (they minimise or reduce the true residual); CG needs it symmetric positive
-definite. A warm start across calls belongs to whoever owns them:
+right (they minimise or reduce the true residual); CG needs it symmetric definite
+(positive or negative). A warm start across calls belongs to whoever owns them:
 ``DEQ(..., warm_start_backward=True)`` starts each backward from the last one's
 solution.
 

@@ -73,7 +73,8 @@ class JacobianOperator:
             a fixed point ``g = f(z) − z``, whose ``S = (∂f/∂z)ᵀ``.
         symmetric: ``A = Aᵀ`` is known (e.g. a Hessian).
         positive_definite: ``A`` is known symmetric positive definite (the Hessian at a
-            strict minimum); only then is [`CG`][implicit.linear.CG] right for it.
+            strict minimum): [`Auto`][implicit.linear.Auto] chooses
+            [`CG`][implicit.linear.CG] for it.
 
     Args:
         jacobian: the products of ``∂g/∂z`` (built by the core; see
