@@ -26,23 +26,36 @@ _INTERNAL_DIRS = (
 
 OnFailure = Literal["warn", "raise", "ignore"]
 
-# Per-sample status codes, ordered by severity: the status of a batch is its worst sample's.
+# Per-sample status codes. Those of a forward solve (SolveInfo.status_codes) are ordered by
+# severity; the linear solves' own statuses (BackwardInfo) come after them, and rank as
+# SEVERITY says: the status of a batch is its worst sample's.
 CONVERGED = 0
-ILL_CONDITIONED = 1
-MAX_ITER = 2
-BREAKDOWN = 3
-DIVERGED = 4
-FAILED = 5
-NONFINITE = 6
+MAX_ITER = 1
+BREAKDOWN = 2
+FAILED = 3
+NONFINITE = 4
+ILL_CONDITIONED = 5
+DIVERGED = 6
 STATUS_NAMES = {
     CONVERGED: "converged",
-    ILL_CONDITIONED: "ill_conditioned",
     MAX_ITER: "max_iter",
     BREAKDOWN: "breakdown",
-    DIVERGED: "diverged",
     FAILED: "failed",
     NONFINITE: "nonfinite",
+    ILL_CONDITIONED: "ill_conditioned",
+    DIVERGED: "diverged",
 }
+#: The statuses from the mildest to the worst.
+SEVERITY = (
+    "converged",
+    "ill_conditioned",
+    "max_iter",
+    "breakdown",
+    "diverged",
+    "failed",
+    "nonfinite",
+)
+_RANK = torch.tensor([SEVERITY.index(STATUS_NAMES[code]) for code in sorted(STATUS_NAMES)])
 STATUS_CODES = {name: code for code, name in STATUS_NAMES.items()}
 
 # What to do about a linear solve (the backward's, or forward mode's) that ended so.
@@ -113,8 +126,13 @@ class ConvergenceError(RuntimeError):
 
 
 def status_name(codes: torch.Tensor) -> str:
-    """The name of the worst status in a tensor of per-sample codes."""
-    return STATUS_NAMES[int(codes.max())] if codes.numel() else "converged"
+    """The name of the worst status (by ``SEVERITY``) in a tensor of per-sample codes."""
+    if not codes.numel():
+        return "converged"
+    top = int(codes.max())
+    if top < ILL_CONDITIONED:  # a forward's codes, ordered by severity
+        return STATUS_NAMES[top]
+    return SEVERITY[int(_RANK.to(codes.device)[codes].max())]
 
 
 @dataclasses.dataclass

@@ -13,8 +13,12 @@ import implicit
 from implicit._results import (
     BREAKDOWN,
     CONVERGED,
+    DIVERGED,
+    ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
+    SEVERITY,
+    STATUS_CODES,
     STATUS_NAMES,
     report_failure,
     status_name,
@@ -50,9 +54,16 @@ def test_status_is_the_worst_over_the_batch():
     assert status_name(torch.tensor([BREAKDOWN, NONFINITE, MAX_ITER])) == "nonfinite"
     assert status_name(torch.tensor([CONVERGED])) == "converged"
     assert status_name(torch.tensor([], dtype=torch.long)) == "converged"
-    # Codes are ordered by severity.
-    assert sorted(STATUS_NAMES) == list(STATUS_NAMES)
-    assert list(STATUS_NAMES.values())[:3] == ["converged", "ill_conditioned", "max_iter"]
+    # A forward's codes are ordered by severity (SolveInfo.status_codes documents them).
+    forward = [name for name in SEVERITY if STATUS_CODES[name] < ILL_CONDITIONED]
+    assert forward == [STATUS_NAMES[code] for code in range(ILL_CONDITIONED)]
+    assert list(STATUS_NAMES.values())[:2] == ["converged", "max_iter"]
+    # The linear solves' own statuses rank among the others.
+    assert status_name(torch.tensor([ILL_CONDITIONED, CONVERGED])) == "ill_conditioned"
+    assert status_name(torch.tensor([ILL_CONDITIONED, MAX_ITER])) == "max_iter"
+    assert status_name(torch.tensor([DIVERGED, BREAKDOWN, MAX_ITER])) == "diverged"
+    assert status_name(torch.tensor([DIVERGED, NONFINITE])) == "nonfinite"
+    assert SEVERITY[0] == "converged" and set(SEVERITY) == set(STATUS_NAMES.values())
 
 
 class TestOnFailure:
