@@ -173,7 +173,11 @@ class IterativeSolver(LinearSolver):
     ) -> Progress:
         """Iterate from ``x`` (``None``: zero) on the ``allowed`` problems (a ``(B,)``
         mask) until ``‖A x − rhs‖ ≤ target`` (per problem), for at most ``max_iter``
-        iterations, preconditioned by ``preconditioner`` where the method takes one."""
+        iterations, preconditioned by ``preconditioner`` where the method takes one.
+
+        ``operator`` has the methods and attributes of a
+        [`JacobianOperator`][implicit.linear.JacobianOperator] (it is one seen through
+        a wrapper that records its first product for the condition estimate)."""
 
 
 def _initial(x0: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor | None:

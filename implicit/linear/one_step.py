@@ -18,7 +18,7 @@ class OneStep(LinearSolver):
 
     For a fixed point this is ``(I − ∂f/∂z)⁻¹ ≈ I``: the "phantom" / Jacobian-free
     gradient of Fung et al. (2022). Inexact by design and free: no products at all,
-    so its residual is not measured (NaN) and it never warns.
+    so its residual and condition are not measured (NaN) and it never warns.
     """
 
     name = "one_step"
@@ -27,7 +27,7 @@ class OneStep(LinearSolver):
     def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
         residual = torch.full_like(rhs[:, 0], math.nan)
         codes = torch.full_like(rhs[:, 0], CONVERGED, dtype=torch.long)
-        return LinearResult(-rhs, residual, codes, 0)
+        return LinearResult(-rhs, residual, codes, 0, condition=residual)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,4 +65,6 @@ class Phantom(LinearSolver):
         series = Neumann(damping=self.damping, divergence=None)
         result = series.solve(state, rhs, tol=0.0, max_iter=self.steps)
         codes = torch.where(result.codes == NONFINITE, NONFINITE, CONVERGED)
-        return dataclasses.replace(result, codes=codes)
+        # A truncated series is not A⁻¹ rhs: it says nothing of the condition.
+        unmeasured = torch.full_like(result.residual, math.nan)
+        return dataclasses.replace(result, codes=codes, condition=unmeasured)
