@@ -1,7 +1,7 @@
 """Black boxes: answers computed outside autograd (numpy, scipy, C) made differentiable.
 
 A black box ``h(*args)`` returns a root of ``g(·, *args)`` by any means. It only
-replaces the forward solve (step 1 of :mod:`implicit._core`); the derivatives come from
+replaces the forward solve (step 1 of :mod:`implicit.adjoint`); the derivatives come from
 the one implicit backward, like every other front door's:
 
 1. :func:`call` runs ``h`` inside :class:`_Call`, an autograd function without
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from implicit._capture import tree_map_tensors
-from implicit._operators import Residual
+from implicit._problem import Residual
 from implicit._results import (
     CONVERGED,
     FAILED,

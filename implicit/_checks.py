@@ -8,6 +8,10 @@ the same bad values with the same message: a bool is never a number here
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
 
@@ -58,4 +62,52 @@ def check_options(owner: str, options: dict, allowed: dict) -> None:
     if unknown:
         raise TypeError(
             f"{owner} got unknown option(s) {unknown}; valid options are {sorted(allowed)}"
+        )
+
+
+def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
+    if not states:
+        raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
+    first = labels[0]
+    for state, label in zip(states, labels):
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
+        check_storage(state, label)
+        if not state.is_floating_point():
+            raise TypeError(f"{label} must be a floating-point tensor, got {state.dtype}")
+        if state.numel() == 0:
+            raise ValueError(f"{label} is empty: there is nothing to solve for")
+        if batched and state.dim() == 0:
+            raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
+        if state.dtype != states[0].dtype:
+            raise TypeError(f"{label} has dtype {state.dtype}, {first} has {states[0].dtype}")
+        if state.device != states[0].device:
+            raise ValueError(f"{label} is on {state.device}, {first} is on {states[0].device}")
+        if batched and state.shape[0] != states[0].shape[0]:
+            raise ValueError(
+                f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
+            )
+
+
+def check_storage(tensor: torch.Tensor, label: str) -> None:
+    """A state must hold values in dense (strided) storage: not a sparse tensor (the
+    solvers reshape and combine states densely), not a meta tensor (no values)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{label} is on the meta device, which holds no values to solve for: create "
+            f"it on a real device (cpu, cuda, ...)"
+        )
+
+
+def check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:
+    if arg.device != device:
+        raise ValueError(f"{label} is on {arg.device} but {name} is on {device}")
+    if arg.is_floating_point() and arg.dtype != dtype:
+        raise TypeError(
+            f"{label} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
+            f"floating-point dtype"
         )

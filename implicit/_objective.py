@@ -12,7 +12,7 @@ that bound and 1 with respect to it, and the free coordinates have the gradient'
 The bounds are explicit inputs of the problem, so they receive gradients in every mode.
 
 The forward solvers of these problems also need the objective itself: they see an
-:class:`Objective`, a :class:`~implicit._operators.Residual` that also evaluates the
+:class:`Objective`, a [`Residual`][implicit.solvers.Residual] that also evaluates the
 objective, its gradient, its Hessian and (least squares) the residual vector.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from implicit._batch import traced
-from implicit._operators import GraphJacobian, Jacobian, Residual
-from implicit._problem import Problem, State
+from implicit._problem import Problem, Residual, State
+from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
 
 
 class OptimizationProblem(Problem):
@@ -137,7 +137,7 @@ class OptimizationProblem(Problem):
 
 class Objective(Residual):
     """What a minimisation solver sees: the optimality residual (as every solver's
-    :class:`~implicit._operators.Residual`), the objective, its gradient and Hessian,
+    [`Residual`][implicit.solvers.Residual]), the objective, its gradient and Hessian,
     the bounds and, for least squares, the residual vector.
 
     Every evaluation of the user's function counts in ``f_evals``.
@@ -171,10 +171,12 @@ class Objective(Residual):
         out = self._per_row("value_and_grad", z)
         return out[:, 0], out[:, 1:]
 
-    def gradient_linearization(self, z: torch.Tensor) -> Jacobian:
-        """The Hessian at ``z`` as products (``.rmatvec``) or blocks (``.dense()``)."""
+    def hessian(self, z: torch.Tensor) -> JacobianOperator:
+        """The Hessian at ``z``, a symmetric operator: products (``.mv``) or blocks
+        (``.dense()``)."""
         self.f_evals += 1
-        return _linearize(lambda point: self._per_row("value_and_grad", point)[:, 1:], z)
+        gradient = _linearize(lambda point: self._per_row("value_and_grad", point)[:, 1:], z)
+        return JacobianOperator(gradient, symmetric=True)
 
     def residuals(self, z: torch.Tensor) -> torch.Tensor:
         """The residual vector ``(B, m)`` at ``z`` (least squares only)."""
@@ -220,7 +222,8 @@ class Objective(Residual):
 
 
 def _linearize(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> Jacobian:
-    """As ``Residual.linearize``: one recorded graph unless the operations are traced."""
+    """As [`Residual.linearize`][implicit.solvers.Residual.linearize]: one recorded graph
+    unless the operations are traced."""
     if traced(z):
         return Jacobian(fn, z)
     return GraphJacobian.record(fn, z)

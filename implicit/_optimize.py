@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from implicit import _aux, _bounds, _core, _tolerance, linear, solvers
+from implicit import _aux, _bounds, _tolerance, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure
 from implicit._compile import eager
 from implicit._objective import OptimizationProblem
@@ -21,6 +21,7 @@ from implicit._problem import State
 from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
 from implicit._tolerance import Tol
+from implicit.adjoint.solve import solve
 
 Backward = str | linear.LinearSolver | linear.Unroll
 Bounds = tuple[Any, Any] | None
@@ -223,7 +224,7 @@ def _solve(
         )
     mode = linear.resolve(backward)
     tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
-    z, info = _core.solve(
+    z, info = solve(
         problem,
         method,
         mode,

@@ -1,10 +1,11 @@
 """Normalising user input into one flat, batched root problem.
 
 Every front door hands the core a :class:`Problem`: a residual ``g(z, *args)``
-whose state may be a tensor or a tuple of tensors, viewed by the solvers as one
+whose state may be a tensor or a tree of tensors, viewed by the solvers as one
 flat ``(B, n)`` tensor (``B`` independent problems when batched, ``B = 1``
 otherwise). The explicit tensor arguments and the captured tensors are the
-problem's *inputs*: the tensors gradients flow to.
+problem's *inputs*: the tensors gradients flow to. A forward solver sees the
+problem at its inputs as a [`Residual`][implicit.solvers.Residual].
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Literal
 import torch
 
 from implicit import _tree
+from implicit._batch import traced
 from implicit._capture import Recorder, Substitute, carries_derivative
-from implicit._operators import Residual
+from implicit._checks import check_arg, check_states
 from implicit._precision import norms, working_dtype
+from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
 State = torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | dict[Any, Any]
@@ -83,7 +86,7 @@ class Problem:
         self.initial = z0
         states, self.spec, labels = _tree.flatten(z0, initial)
         self.initial_name = initial
-        _check_states(states, labels, self.batched, initial)
+        check_states(states, labels, self.batched, initial)
         self.dtype = states[0].dtype
         self.device = states[0].device
         self.shapes = [s.shape for s in states]
@@ -93,7 +96,7 @@ class Problem:
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
         for i in self.tensor_positions:
-            _check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
+            check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
         # The structure fn returns: that of z, or of y in the inverse form.
         self.out_shapes, self.out_spec = self.shapes, self.spec
         if form == "inverse":
@@ -293,6 +296,77 @@ class Problem:
         return _flatten(parts, self.batch_size)
 
 
+class Residual:
+    """The residual ``g`` on a flat batch ``(B, n)``, as a forward solver receives it.
+
+    Row ``b`` of ``g(z)`` depends only on row ``b`` of ``z`` (``B`` independent
+    problems). Every evaluation is counted, so that ``SolveInfo.f_evals`` reports what
+    the solver spent.
+
+    Args:
+        fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
+        scale: ``scale(z0, g(z0)) -> (B,)``, the scale of the stopping test (problem
+            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``); ``None``:
+            zero, an absolute test.
+
+    Attributes:
+        f_evals: evaluations of ``g`` so far (one call on the whole batch counts once;
+            a linearisation counts one).
+        jac_evals: dense Jacobians built so far (the solver counts those it builds).
+
+    Example:
+        >>> fn = implicit.solvers.Residual(lambda z: z**3 - 8)
+        >>> z = torch.full((2, 1), 3.0)
+        >>> r, jacobian = fn.linearize(z)  # g(z) and ∂g/∂z at z, as products
+        >>> r.flatten(), jacobian.mv(torch.ones(2, 1)).flatten()  # 3z², per row
+        (tensor([19., 19.]), tensor([27., 27.]))
+        >>> fn.f_evals
+        1
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.fn = fn
+        self._scale = scale
+        self.f_evals = 0
+        self.jac_evals = 0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """``g(z)``."""
+        self.f_evals += 1
+        return self.fn(z)
+
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+        """The ``(B,)`` scale of the stopping test, from the initial guess ``z0`` and its
+        residual ``r0`` (see [`Solver.solve`][implicit.solvers.Solver.solve])."""
+        if self._scale is None:
+            return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
+        return self._scale(z0, r0)
+
+    def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
+        """``g(z)`` and ``∂g/∂z`` at ``z`` as a
+        [`JacobianOperator`][implicit.linear.JacobianOperator] (one evaluation of ``g``).
+
+        The operator's products are one pass each through a graph of ``g`` recorded
+        with plain autograd, unless the solver's operations are recorded themselves
+        (``backward="unroll"``) or a ``torch.func`` transform sees them: then they are
+        ``torch.func`` products, which can be differentiated.
+        """
+        self.f_evals += 1
+        jacobian = Jacobian(self.fn, z) if traced(z) else GraphJacobian.record(self.fn, z)
+        return jacobian.value, JacobianOperator(jacobian)
+
+    def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(z)`` and the dense per-problem Jacobian ``(B, n, n)`` at ``z`` (``n``
+        products; counts one evaluation and one Jacobian)."""
+        value, operator = self.linearize(z)
+        self.jac_evals += 1
+        return value, operator.dense()
+
+
 def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
     flat = [p.reshape(batch_size, -1) for p in parts]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
@@ -304,51 +378,3 @@ def _describe_value(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         return f"a {type(out).__name__} of {len(out)} item(s)"
     return f"a {type(out).__name__}"
-
-
-def _check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
-    if not states:
-        raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
-    first = labels[0]
-    for state, label in zip(states, labels):
-        if not isinstance(state, torch.Tensor):
-            raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
-        check_storage(state, label)
-        if not state.is_floating_point():
-            raise TypeError(f"{label} must be a floating-point tensor, got {state.dtype}")
-        if state.numel() == 0:
-            raise ValueError(f"{label} is empty: there is nothing to solve for")
-        if batched and state.dim() == 0:
-            raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
-        if state.dtype != states[0].dtype:
-            raise TypeError(f"{label} has dtype {state.dtype}, {first} has {states[0].dtype}")
-        if state.device != states[0].device:
-            raise ValueError(f"{label} is on {state.device}, {first} is on {states[0].device}")
-        if batched and state.shape[0] != states[0].shape[0]:
-            raise ValueError(
-                f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
-            )
-
-
-def check_storage(tensor: torch.Tensor, label: str) -> None:
-    """A state must hold values in dense (strided) storage: not a sparse tensor (the
-    solvers reshape and combine states densely), not a meta tensor (no values)."""
-    if tensor.layout != torch.strided:
-        raise TypeError(
-            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
-        )
-    if tensor.is_meta:
-        raise ValueError(
-            f"{label} is on the meta device, which holds no values to solve for: create "
-            f"it on a real device (cpu, cuda, ...)"
-        )
-
-
-def _check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:
-    if arg.device != device:
-        raise ValueError(f"{label} is on {arg.device} but {name} is on {device}")
-    if arg.is_floating_point() and arg.dtype != dtype:
-        raise TypeError(
-            f"{label} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
-            f"floating-point dtype"
-        )

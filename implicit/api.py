@@ -1,4 +1,5 @@
-"""The front doors: every one reduces to a root problem for ``implicit._core.solve``."""
+"""The front doors: every one reduces to a root problem for the differentiable solve
+(:func:`implicit.adjoint.solve.solve`)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from typing import Any
 
 import torch
 
-from implicit import _aux, _blackbox, _core, _tolerance, linear, solvers
-from implicit._checks import check_max_iter, check_on_failure
+from implicit import _aux, _blackbox, _tolerance, linear, solvers
+from implicit._checks import check_max_iter, check_on_failure, check_storage
 from implicit._compile import eager
-from implicit._operators import Jacobian
-from implicit._problem import Problem, State, check_storage
+from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
 from implicit._results import SolveInfo
 from implicit._tolerance import Tol
+from implicit.adjoint.solve import solve
 from implicit.linear.diagonal import DiagonalFirst, resolution
+from implicit.linear.operator import Jacobian
 
 Backward = str | linear.LinearSolver | linear.Unroll
 
@@ -41,7 +43,7 @@ def _run(
     mode = linear.resolve(backward)
     # Per problem where a tensor; a few units of rounding at least in half precision.
     tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
-    z, info = _core.solve(
+    z, info = solve(
         problem,
         method,
         mode,

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from implicit._operators import GraphJacobian
 from implicit._problem import Problem, State
 from implicit._tree import flatten, tree_map
 from implicit.api import warm_fixed_point
 from implicit.layers._base import SolverLayer
+from implicit.linear.operator import GraphJacobian
 
 
 class DEQ(SolverLayer):

@@ -1,5 +1,5 @@
-"""The interface of the linear solvers: the operator they see, what they return, the
-hints they may take, and the solver itself.
+"""The interface of the linear solvers: what they return, the hints they may take, and
+the solver itself; the operator they see is in ``implicit/linear/operator.py``.
 
 A linear solver is configuration only: an immutable dataclass, safe to reuse across
 calls, threads and ``torch.func`` transforms. A solve has two steps, as in lineax:
@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import torch
 
 from implicit._checks import check_max_iter, check_tol
-from implicit._operators import GraphJacobian, Jacobian, Repeated
 from implicit._precision import upcast
 from implicit._results import (
     BREAKDOWN,
@@ -37,6 +36,7 @@ from implicit._results import (
     MAX_ITER,
     NONFINITE,
 )
+from implicit.linear.operator import JacobianOperator
 
 __all__ = [
     "BREAKDOWN",
@@ -54,120 +54,6 @@ __all__ = [
 
 #: ``M(r) ≈ A⁻¹ r`` for a ``(B, n)`` batch of rows.
 Preconditioner = Callable[[torch.Tensor], torch.Tensor]
-
-
-class JacobianOperator:
-    """``A = ∂g/∂z`` of a batched flat residual ``g: (B, n) -> (B, n)`` at one point, or
-    its transpose, as products: what a linear solver receives.
-
-    Row ``b`` of ``g`` depends only on row ``b`` of ``z`` (``B`` independent problems),
-    so ``A`` is block diagonal, one ``n × n`` block per problem, and every product acts
-    row by row. The operator also says what it is known to be, so that solvers dispatch
-    on structure rather than guess:
-
-    Attributes:
-        transposed: whether the operator is ``(∂g/∂z)ᵀ`` (the backward's adjoint
-            system) rather than ``∂g/∂z`` (forward mode, Newton's steps).
-        shifted: ``A = S − I`` with the products of ``S`` at hand
-            ([`shifted_mv`][implicit.linear.JacobianOperator.shifted_mv]): the adjoint of
-            a fixed point ``g = f(z) − z``, whose ``S = (∂f/∂z)ᵀ``.
-        symmetric: ``A = Aᵀ`` is known (e.g. a Hessian).
-        positive_definite: ``A`` is known symmetric positive definite (the Hessian at a
-            strict minimum): [`Auto`][implicit.linear.Auto] chooses
-            [`CG`][implicit.linear.CG] for it.
-
-    Args:
-        jacobian: the products of ``∂g/∂z`` (built by the core; see
-            [`of`][implicit.linear.JacobianOperator.of]).
-        transposed: as above.
-        symmetric: as above.
-        positive_definite: as above (implies ``symmetric``).
-    """
-
-    def __init__(
-        self,
-        jacobian: Jacobian | Repeated,
-        *,
-        transposed: bool = False,
-        symmetric: bool = False,
-        positive_definite: bool = False,
-    ):
-        self.jacobian = jacobian
-        #: ``(B, n)``: the shape of the vectors the operator acts on.
-        self.shape: torch.Size = jacobian.shape
-        self.transposed = transposed
-        self.symmetric = symmetric or positive_definite
-        self.positive_definite = positive_definite
-        # Only the transposed products of S are recorded (the first-order backward).
-        self.shifted = transposed and jacobian.shifted
-
-    @classmethod
-    def of(
-        cls,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        z: torch.Tensor,
-        *,
-        transposed: bool = False,
-        symmetric: bool = False,
-        positive_definite: bool = False,
-    ) -> JacobianOperator:
-        """The operator of ``∂fn/∂z`` at ``z`` (shape ``(B, n)``; row ``b`` of ``fn``
-        depending on row ``b`` of ``z`` only), e.g. to test a linear solver."""
-        return cls(
-            Jacobian(fn, z),
-            transposed=transposed,
-            symmetric=symmetric,
-            positive_definite=positive_definite,
-        )
-
-    @classmethod
-    def of_fixed_point(
-        cls, f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
-    ) -> JacobianOperator:
-        """The adjoint operator ``(∂f/∂z − I)ᵀ`` of the fixed point ``z = f(z)`` at ``z``,
-        shifted (its products of ``(∂f/∂z)ᵀ`` are one pass through ``f``'s graph)."""
-        return cls(GraphJacobian.record(f, z, shifted=True), transposed=True)
-
-    @property
-    def products(self) -> int:
-        """The vector-Jacobian products used so far (a dense matrix counts ``n``)."""
-        return self.jacobian.vjps
-
-    def mv(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x`` per row (one vector-Jacobian product)."""
-        return self.jacobian.rmatvec(x) if self.transposed else self.jacobian.matvec(x)
-
-    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(A + I) x = S x``, one product without the identity's pass (only where
-        ``shifted``)."""
-        if not self.shifted:
-            raise TypeError("shifted_mv needs a shifted operator (A = S − I with S at hand)")
-        return self.jacobian.shifted_rmatvec(x)
-
-    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
-        """The ``(B, n, n)`` blocks of ``A`` (``n`` products, ``chunk_size`` rows at a
-        time when given)."""
-        blocks = self.jacobian.dense(chunk_size)
-        return blocks.transpose(1, 2) if self.transposed else blocks
-
-    def transpose(self) -> JacobianOperator:
-        """``Aᵀ``: the same Jacobian, the other way round."""
-        return JacobianOperator(
-            self.jacobian,
-            transposed=not self.transposed,
-            symmetric=self.symmetric,
-            positive_definite=self.positive_definite,
-        )
-
-    def __repr__(self) -> str:
-        flags = {
-            "transposed": self.transposed,
-            "shifted": self.shifted,
-            "symmetric": self.symmetric,
-            "positive_definite": self.positive_definite,
-        }
-        known = [name for name, value in flags.items() if value]
-        return f"JacobianOperator(shape={tuple(self.shape)}, {', '.join(known) or 'general'})"
 
 
 class WorkingOperator(JacobianOperator):

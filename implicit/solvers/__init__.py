@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from implicit._checks import check_options
+from implicit._problem import Residual
 from implicit.solvers._bracket import Bracketing
 from implicit.solvers._minimizer import Minimizer
 from implicit.solvers.anderson import Anderson
@@ -44,6 +45,7 @@ __all__ = [
     "Minimizer",
     "ModifiedNewton",
     "Newton",
+    "Residual",
     "Scipy",
     "ScipyLeastSquares",
     "ScipyMinimize",

@@ -32,7 +32,7 @@ def negative_curvature(
     caller picks the rows it needs.
     """
     free = fn.free(z, grad).to(z.dtype)
-    hessian = fn.gradient_linearization(z)
+    hessian = fn.hessian(z)
     if z.shape[1] <= max_dense:
         blocks = hessian.dense()
         blocks = 0.5 * (blocks + blocks.transpose(1, 2))
@@ -42,7 +42,7 @@ def negative_curvature(
         largest = values.abs().amax(dim=1)
     else:
         smallest, direction, largest = _lanczos(
-            lambda v: free * hessian.rmatvec(free * v), free, min(LANCZOS_STEPS, z.shape[1])
+            lambda v: free * hessian.mv(free * v), free, min(LANCZOS_STEPS, z.shape[1])
         )
     eps = torch.finfo(z.dtype).eps
     negative = smallest < -math.sqrt(eps) * torch.clamp(largest, min=1.0)

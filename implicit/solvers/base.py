@@ -24,9 +24,9 @@ import torch
 
 from implicit._batch import all_running, cheap_host_reads, row_selector
 from implicit._checks import check_number
-from implicit._operators import Residual
 from implicit._precision import norms as norms_of
 from implicit._precision import working_dtype
+from implicit._problem import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
 
 if TYPE_CHECKING:

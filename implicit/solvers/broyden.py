@@ -199,7 +199,7 @@ class Broyden(Solver):
     @staticmethod
     def _restart(fn, z, r, state, restart):
         """Forget the updates of ``restart`` samples and rescale their ``H₀`` at ``z``."""
-        jr = fn.linearize(z).matvec(r)
+        jr = fn.linearize(z)[1].mv(r)
         # Guarded divisions: a NaN in the branch torch.where discards would still
         # poison the derivative under backward="unroll" (here at r = 0).
         squared = _dot(r, r)

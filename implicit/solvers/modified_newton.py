@@ -114,7 +114,7 @@ class ModifiedNewton(Minimizer):
         return step.z, step.f, step.grad, state, step.failed & steepest
 
     def _direction(self, fn, z, free, descent):
-        hessian = fn.gradient_linearization(z)
+        hessian = fn.hessian(z)
         dense = self.linear == "dense" or (self.linear == "auto" and z.shape[1] <= self.max_dense)
         if dense:
             fn.jac_evals += 1
@@ -129,7 +129,7 @@ class ModifiedNewton(Minimizer):
             coefficients = (vectors.transpose(1, 2) @ descent.unsqueeze(2)).squeeze(2)
             return free * (vectors @ (coefficients / modified).unsqueeze(2)).squeeze(2)
         return free * _truncated_cg(
-            lambda v: free * hessian.rmatvec(free * v), descent, self.cg_max_iter or CG_MAX_ITER
+            lambda v: free * hessian.mv(free * v), descent, self.cg_max_iter or CG_MAX_ITER
         )
 
 

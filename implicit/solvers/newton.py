@@ -10,7 +10,6 @@ import torch
 from implicit._batch import known_all
 from implicit._blocks import Factorization, solve
 from implicit._checks import check_number
-from implicit._operators import Jacobian
 from implicit._precision import is_half, norms, upcast
 from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
 from implicit.linear.base import WorkingOperator
@@ -47,7 +46,7 @@ class _NewtonState:
         reusable: whether the next step may reuse ``factors`` (``jacobian_reuse``).
     """
 
-    linearization: Jacobian | None
+    linearization: JacobianOperator | None
     frozen: torch.Tensor
     initial_norm: torch.Tensor
     proposed: torch.Tensor | None = None
@@ -179,7 +178,7 @@ class Newton(Solver):
             # but those still searching from theirs.
             jacobian = state.linearization
             if jacobian is None:
-                jacobian = fn.linearize(z)
+                _, jacobian = fn.linearize(z)
             waiting = frozen if pending is None else frozen | pending
             if state.reusable:
                 reused, direction, slope = True, -factors.solve(r), None
@@ -191,18 +190,15 @@ class Newton(Solver):
             search = fresh if pending is None else search.merged(pending, fresh)
         if self.line_search:
             z_trial = search.trial(z)
-            linearization = fn.linearize(z_trial)
-            verdict = search.judge(
-                z, r, z_trial, linearization.value, skip=frozen, halvings=HALVINGS
-            )
+            r_trial, linearization = fn.linearize(z_trial)
+            verdict = search.judge(z, r, z_trial, r_trial, skip=frozen, halvings=HALVINGS)
             if records_rejected_trials(verdict):
-                linearization = fn.linearize(verdict.z)
-                verdict.r = linearization.value
+                verdict.r, linearization = fn.linearize(verdict.z)
             z_new, r_new, pending, search = verdict.z, verdict.r, verdict.pending, verdict.search
         else:
             z_new = z + search.direction
-            linearization = fn.linearize(z_new)
-            r_new, pending, search = linearization.value, None, None
+            r_new, linearization = fn.linearize(z_new)
+            pending, search = None, None
         state = dataclasses.replace(
             state,
             linearization=linearization,
@@ -290,9 +286,7 @@ class Newton(Solver):
             ratio = float(ratio.max().detach())
             tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
-        op = JacobianOperator(jacobian)
-        if is_half(r.dtype):
-            op = WorkingOperator(op, r.dtype)
+        op = WorkingOperator(jacobian, r.dtype) if is_half(r.dtype) else jacobian
         result = krylov.solve(krylov.init(op), upcast(-r), tol=tol, max_iter=max_iter)
         finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)
         direction = torch.where(finite.unsqueeze(1), result.x, 0).to(r.dtype)

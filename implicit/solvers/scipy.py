@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from implicit._checks import check_options
-from implicit._operators import Residual
 from implicit._precision import upcast
+from implicit._problem import Residual
 from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers.base import Solver, residual_norms, thresholds
 

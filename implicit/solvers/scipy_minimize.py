@@ -106,11 +106,11 @@ class ScipyMinimize(ScipyBase):
                 full = torch.zeros_like(z)
                 block = torch.as_tensor(p, dtype=z.dtype, device=z.device)
                 full[rows] = block.reshape(-1, z.shape[1])
-                return view.vector(fn.gradient_linearization(view.state(x)).rmatvec(full))
+                return view.vector(fn.hessian(view.state(x)).mv(full))
 
             kwargs["hessp"] = hessp
         if method in _HESS:
-            kwargs["hess"] = lambda x: view.blocks(fn.gradient_linearization(view.state(x)).dense())
+            kwargs["hess"] = lambda x: view.blocks(fn.hessian(view.state(x)).dense())
         bounds = fn.bounds(z)
         if bounds is not None:
             kwargs["bounds"] = scipy.optimize.Bounds(view.vector(bounds[0]), view.vector(bounds[1]))

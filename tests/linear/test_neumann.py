@@ -18,9 +18,9 @@ from systems import (
 
 import implicit
 from implicit import linear
-from implicit._operators import GraphJacobian
 from implicit.linear import JacobianOperator
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE
+from implicit.linear.operator import GraphJacobian
 
 
 class TestNeumann:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import contractive_matrix, rel_err
 
-from implicit._operators import GraphJacobian
 from implicit.linear import JacobianOperator
+from implicit.linear.operator import GraphJacobian
 
 F64 = torch.float64
 

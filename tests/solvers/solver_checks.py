@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import implicit
 from implicit import solvers
-from implicit._operators import Residual
+from implicit.solvers import Residual
 
 
 def loss_of(z: torch.Tensor) -> torch.Tensor:

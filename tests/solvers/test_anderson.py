@@ -15,8 +15,7 @@ from solver_checks import (
 )
 
 import implicit
-from implicit._operators import Residual
-from implicit.solvers import Anderson
+from implicit.solvers import Anderson, Residual
 
 test_converges_on_tanh_problem = tanh_test("anderson")
 test_history_longer_than_the_problem = tanh_test("anderson", m=12)  # n = 6: singular Gram

@@ -11,7 +11,7 @@ from solver_checks import counting_test
 
 import implicit
 from implicit._blocks import Factorization
-from implicit._operators import Residual
+from implicit.solvers import Residual
 
 test_picard_counts_every_evaluation = counting_test("fixed_point")
 test_scipy_counts_every_evaluation = counting_test("scipy")
@@ -197,7 +197,7 @@ class _PicardWithHint(implicit.solvers.FixedPoint):
         return z_new, r_new, {"fn": fn, "z": z_new}
 
     def hint(self, state):
-        blocks = state["fn"].linearize(state["z"]).dense()
+        blocks = state["fn"].linearize(state["z"])[1].dense()
         return implicit.linear.NearbyFactorization(Factorization.of(blocks))
 
 

@@ -21,8 +21,7 @@ from solver_checks import (
 )
 
 import implicit
-from implicit._operators import Residual
-from implicit.solvers import Broyden
+from implicit.solvers import Broyden, Residual
 from implicit.solvers.broyden import HALVINGS
 
 test_converges_on_tanh_problem = tanh_test("broyden")

@@ -1,10 +1,15 @@
-"""Jacobians of a flat batched residual, as products.
+"""The operator a linear solver sees, and the two ways its products are computed.
 
-The solvers and the linear solves never see a user function directly: they see a
-:class:`Jacobian` (``∂g/∂z`` at one point, as vector-Jacobian products, Jacobian-vector
-products, or a dense per-sample matrix) and a :class:`Residual` (``g`` itself, with
-evaluation counters). Everything is built on ``torch.func``, so it composes with
-autograd (double backward) and with the ``torch.func`` transforms.
+[`JacobianOperator`][implicit.linear.JacobianOperator] is ``A = ∂g/∂z`` of a batched
+flat residual at one point, or its transpose, with what is known of its structure. Its
+products come from one of two linearisations of ``g``, which give the same numbers:
+
+* :class:`Jacobian`: ``torch.func.vjp``, whose products are themselves differentiable
+  and compose with every ``torch.func`` transform (double backward, ``jacrev``,
+  ``vmap``, forward mode, ``backward="unroll"``);
+* :class:`GraphJacobian`: one graph of ``g`` recorded with plain autograd, every product
+  one backward pass through it: cheaper, where nothing differentiates the products and
+  no transform is active (a first-order backward, a forward solve).
 """
 
 from __future__ import annotations
@@ -14,8 +19,124 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from implicit._batch import traced
 from implicit._torch import autograd_grad, vmap_call
+
+
+class JacobianOperator:
+    """``A = ∂g/∂z`` of a batched flat residual ``g: (B, n) -> (B, n)`` at one point, or
+    its transpose, as products: what a linear solver receives.
+
+    Row ``b`` of ``g`` depends only on row ``b`` of ``z`` (``B`` independent problems),
+    so ``A`` is block diagonal, one ``n × n`` block per problem, and every product acts
+    row by row. The operator also says what it is known to be, so that solvers dispatch
+    on structure rather than guess:
+
+    Attributes:
+        transposed: whether the operator is ``(∂g/∂z)ᵀ`` (the backward's adjoint
+            system) rather than ``∂g/∂z`` (forward mode, Newton's steps).
+        shifted: ``A = S − I`` with the products of ``S`` at hand
+            ([`shifted_mv`][implicit.linear.JacobianOperator.shifted_mv]): the adjoint of
+            a fixed point ``g = f(z) − z``, whose ``S = (∂f/∂z)ᵀ``.
+        symmetric: ``A = Aᵀ`` is known (e.g. a Hessian).
+        positive_definite: ``A`` is known symmetric positive definite (the Hessian at a
+            strict minimum): [`Auto`][implicit.linear.Auto] chooses
+            [`CG`][implicit.linear.CG] for it.
+
+    Args:
+        jacobian: the products of ``∂g/∂z`` (made by the library: see
+            [`of`][implicit.linear.JacobianOperator.of] to make one).
+        transposed: as above.
+        symmetric: as above.
+        positive_definite: as above (implies ``symmetric``).
+    """
+
+    def __init__(
+        self,
+        jacobian: Jacobian,
+        *,
+        transposed: bool = False,
+        symmetric: bool = False,
+        positive_definite: bool = False,
+    ):
+        self.jacobian = jacobian
+        #: ``(B, n)``: the shape of the vectors the operator acts on.
+        self.shape: torch.Size = jacobian.shape
+        self.transposed = transposed
+        self.symmetric = symmetric or positive_definite
+        self.positive_definite = positive_definite
+        # Only the transposed products of S are recorded (the first-order backward).
+        self.shifted = transposed and jacobian.shifted
+
+    @classmethod
+    def of(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        z: torch.Tensor,
+        *,
+        transposed: bool = False,
+        symmetric: bool = False,
+        positive_definite: bool = False,
+    ) -> JacobianOperator:
+        """The operator of ``∂fn/∂z`` at ``z`` (shape ``(B, n)``; row ``b`` of ``fn``
+        depending on row ``b`` of ``z`` only), e.g. to test a linear solver."""
+        return cls(
+            Jacobian(fn, z),
+            transposed=transposed,
+            symmetric=symmetric,
+            positive_definite=positive_definite,
+        )
+
+    @classmethod
+    def of_fixed_point(
+        cls, f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+    ) -> JacobianOperator:
+        """The adjoint operator ``(∂f/∂z − I)ᵀ`` of the fixed point ``z = f(z)`` at ``z``,
+        shifted (its products of ``(∂f/∂z)ᵀ`` are one pass through ``f``'s graph)."""
+        return cls(GraphJacobian.record(f, z, shifted=True), transposed=True)
+
+    @property
+    def products(self) -> int:
+        """The vector-Jacobian products used so far (a dense matrix counts ``n``)."""
+        return self.jacobian.vjps
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` per row: one vector-Jacobian product (``Aᵀ``'s products are those, and
+        so are a symmetric ``A``'s); ``A``'s own take reverse mode over one."""
+        if self.transposed or self.symmetric:
+            return self.jacobian.rmatvec(x)
+        return self.jacobian.matvec(x)
+
+    def shifted_mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(A + I) x = S x``, one product without the identity's pass (only where
+        ``shifted``)."""
+        if not self.shifted:
+            raise TypeError("shifted_mv needs a shifted operator (A = S − I with S at hand)")
+        return self.jacobian.shifted_rmatvec(x)
+
+    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
+        """The ``(B, n, n)`` blocks of ``A`` (``n`` products, ``chunk_size`` rows at a
+        time when given)."""
+        blocks = self.jacobian.dense(chunk_size)
+        return blocks.transpose(1, 2) if self.transposed else blocks
+
+    def transpose(self) -> JacobianOperator:
+        """``Aᵀ``: the same Jacobian, the other way round."""
+        return JacobianOperator(
+            self.jacobian,
+            transposed=not self.transposed,
+            symmetric=self.symmetric,
+            positive_definite=self.positive_definite,
+        )
+
+    def __repr__(self) -> str:
+        flags = {
+            "transposed": self.transposed,
+            "shifted": self.shifted,
+            "symmetric": self.symmetric,
+            "positive_definite": self.positive_definite,
+        }
+        known = [name for name, value in flags.items() if value]
+        return f"JacobianOperator(shape={tuple(self.shape)}, {', '.join(known) or 'general'})"
 
 
 class Jacobian:
@@ -183,96 +304,7 @@ class GraphJacobian(Jacobian):
     def partials(
         self, cotangent: torch.Tensor, inputs: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """``(∂out/∂x)ᵀ cotangent`` for each ``x`` in ``inputs`` (tensors ``out`` was
+        """``(∂out/∂x)ᵀ cotangent`` for each ``x`` in ``inputs`` (leaves ``out`` was
         recorded from), zero for those it does not depend on; the graph's last use: it
         is freed."""
         return autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
-
-
-class Repeated:
-    """The block-diagonal operator of ``copies`` copies of one :class:`Jacobian`.
-
-    A linear system with many right-hand sides and one matrix (the rows of a Jacobian
-    computed under ``vmap``, e.g. by ``torch.func.jacrev``) acts on ``(copies·B, n)``
-    rows: the Jacobian is linearised once and its products are applied to every copy
-    at once, under ``vmap``; ``g`` itself is not evaluated again.
-
-    Args:
-        jacobian: the shared ``(B, n)`` Jacobian.
-        copies: the number of copies; row block ``k`` of a vector is copy ``k``.
-    """
-
-    shifted = False
-
-    def __init__(self, jacobian: Jacobian, copies: int):
-        self.jacobian = jacobian
-        self.copies = copies
-
-    @property
-    def shape(self) -> torch.Size:
-        batch, n = self.jacobian.shape
-        return torch.Size((self.copies * batch, n))
-
-    @property
-    def vjps(self) -> int:
-        return self.jacobian.vjps
-
-    def _each(self, product: Callable, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(self.copies, *self.jacobian.shape)
-        return vmap_call(product, self.copies, (rows,), (0,)).reshape(x.shape)
-
-    def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
-        """``Aᵀ w`` for every copy."""
-        return self._each(self.jacobian.rmatvec, w)
-
-    def matvec(self, u: torch.Tensor) -> torch.Tensor:
-        """``A u`` for every copy."""
-        self.jacobian._linear_vjp()  # built outside vmap, where it is reused
-        return self._each(self.jacobian.matvec, u)
-
-    def dense(self, chunk_size: int | None = None) -> torch.Tensor:
-        """The ``(copies·B, n, n)`` blocks (one Jacobian, expanded)."""
-        blocks = self.jacobian.dense(chunk_size)
-        return blocks.expand(self.copies, *blocks.shape).reshape(-1, *blocks.shape[1:])
-
-
-class Residual:
-    """A flat batched residual with evaluation counters, as the forward solvers see it.
-
-    Args:
-        fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
-        scale: ``scale(z0, g(z0)) -> (B,)``, evaluated once at the initial guess;
-            sample ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ):
-        self.fn = fn
-        self.scale = scale
-        self.f_evals = 0
-        self.jac_evals = 0
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        self.f_evals += 1
-        return self.fn(z)
-
-    def linearize(self, z: torch.Tensor) -> Jacobian:
-        """``∂g/∂z`` at ``z`` as products (costs one evaluation of ``g``).
-
-        Plain autograd on one recorded graph (:class:`GraphJacobian`) unless the
-        solver's operations are :func:`~implicit._batch.traced` (``backward="unroll"``,
-        a ``torch.func`` transform): then the products must themselves be differentiable.
-        """
-        self.f_evals += 1
-        if traced(z):
-            return Jacobian(self.fn, z)
-        return GraphJacobian.record(self.fn, z)
-
-    def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``g(z)`` and the dense per-sample Jacobian ``(B, n, n)`` at ``z``."""
-        jac = self.linearize(z)
-        self.jac_evals += 1
-        return jac.value, jac.dense()

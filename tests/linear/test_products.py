@@ -1,4 +1,5 @@
-"""Jacobian products: one recorded graph (plain autograd) against torch.func."""
+"""Jacobian products (implicit/linear/operator.py): one recorded graph (plain autograd)
+against torch.func."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from conftest import contractive_matrix, rel_err
 from torch.overrides import TorchFunctionMode
 
-from implicit._operators import GraphJacobian, Jacobian, Residual
+from implicit.linear.operator import GraphJacobian, Jacobian
+from implicit.solvers import Residual
 
 F64 = torch.float64
 
@@ -120,9 +122,11 @@ def test_linearize_records_plainly_only_where_nothing_differentiates_it():
     f, z = fixed_point_map()
     fn = Residual(lambda z: f(z) - z, lambda z, r: z.new_zeros(z.shape[0]))
     with torch.no_grad():
-        assert isinstance(fn.linearize(z), GraphJacobian)
+        value, operator = fn.linearize(z)
+        assert isinstance(operator.jacobian, GraphJacobian)
+        assert torch.equal(value, f(z) - z)
     # Grad mode on (autograd records the solver: backward="unroll"): torch.func, whose
     # products are differentiable.
     with torch.enable_grad():
-        assert type(fn.linearize(z)) is Jacobian
+        assert type(fn.linearize(z)[1].jacobian) is Jacobian
     assert fn.f_evals == 2

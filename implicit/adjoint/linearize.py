@@ -1,0 +1,144 @@
+"""``g`` linearised at a solution: what every derivative of a solve is made of.
+
+With ``A = ∂g/∂z`` at ``(z*, θ)``, reverse mode solves ``Aᵀ w = v`` and pulls ``−w`` back
+through ``∂g/∂θ``; forward mode pushes ``dθ`` through ``∂g/∂θ`` and solves ``A dz = −b``.
+A :class:`Linearization` offers the three pieces: the products of ``A`` (its
+``jacobian``, which the linear solver sees as a
+[`JacobianOperator`][implicit.linear.JacobianOperator]), the pullback and the push.
+There are two, which give the same numbers:
+
+* :class:`Functional` (``torch.func``): every piece is itself differentiable and
+  composes with the ``torch.func`` transforms: for double backward, ``jacrev``,
+  ``vmap``, forward mode;
+* :class:`Recorded`: one graph of ``g`` recorded with plain autograd, every product and
+  the pullback one pass through it: cheaper, and chosen where nothing differentiates
+  the backward and no transform is active (a first-order backward).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from implicit._problem import Problem
+from implicit.linear.operator import GraphJacobian, Jacobian
+
+
+class Linearization:
+    """``g`` linearised at ``(z, inputs)``, with the partial derivatives in the inputs at
+    the positions ``moving``.
+
+    Attributes:
+        jacobian: the products of ``A = ∂g/∂z`` (``rmatvec``, ``matvec``, ``dense``).
+    """
+
+    jacobian: Jacobian
+
+    def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
+        """``(∂g/∂θ_i)ᵀ cotangent`` for each moving input ``θ_i``."""
+        raise NotImplementedError
+
+    def push(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ_i (∂g/∂θ_i) dθ_i`` for the tangents of the moving inputs."""
+        raise NotImplementedError
+
+
+class Functional(Linearization):
+    """``g``'s linearisation by ``torch.func``: differentiable, composable.
+
+    Args:
+        residual: ``g(z, *inputs)``.
+        z: the point.
+        inputs: the inputs ``θ``.
+        moving: the positions of the inputs to differentiate with respect to.
+    """
+
+    def __init__(
+        self,
+        residual: Callable[..., torch.Tensor],
+        z: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        moving: Sequence[int],
+    ):
+        self._residual = residual
+        self._z = z
+        self._inputs = inputs
+        self._moving = moving
+        self._partials: tuple[torch.Tensor, Callable] | None = None
+
+    @functools.cached_property
+    def jacobian(self) -> Jacobian:
+        inputs = self._inputs
+        return Jacobian(lambda state: self._residual(state, *inputs), self._z)
+
+    def _vjp(self) -> tuple[torch.Tensor, Callable]:
+        """``g`` and its pullback as a function of the moving inputs (built once, when
+        first needed: the backward solves for its cotangent first)."""
+        if self._partials is None:
+            inputs, moving = self._inputs, self._moving
+
+            def residual_of(*moved: torch.Tensor) -> torch.Tensor:
+                tensors = list(inputs)
+                for i, tensor in zip(moving, moved):
+                    tensors[i] = tensor
+                return self._residual(self._z, *tensors)
+
+            self._partials = torch.func.vjp(residual_of, *(inputs[i] for i in moving))
+        return self._partials
+
+    def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
+        return self._vjp()[1](cotangent)
+
+    def push(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        # Reverse over reverse (the pullback is linear in the cotangent): forward mode
+        # cannot nest inside the forward-mode rule that asks for this.
+        value, pullback = self._vjp()
+        _, linear = torch.func.vjp(pullback, torch.zeros_like(value))
+        (pushed,) = linear(tuple(tangents))
+        return pushed
+
+
+class Recorded(Linearization):
+    """``g``'s linearisation from one graph recorded with plain autograd.
+
+    ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
+    detached leaves, and the captured tensors as themselves where they are leaves (a
+    leaf cannot depend on another input, so its partial derivative is the total one; a
+    captured non-leaf is swapped for a detached leaf). For a fixed point ``g = f(z) −
+    z`` the graph is ``f``'s: ``A = ∂f/∂z − I`` is then shifted, and the partials are
+    ``f``'s, the same.
+
+    Args:
+        problem: the user's problem.
+        z: the point.
+        inputs: the problem's inputs.
+        moving: the positions of the inputs to differentiate with respect to.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        z: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        moving: Sequence[int],
+    ):
+        explicit = len(problem.tensor_positions)
+        stand_ins = [
+            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
+            for i, t in enumerate(inputs)
+        ]
+        if problem.form == "fixed_point":
+            self.jacobian = GraphJacobian.record(
+                lambda point: problem.map(point, *stand_ins), z, shifted=True
+            )
+        else:
+            self.jacobian = GraphJacobian.record(
+                lambda point: problem.residual(point, *stand_ins), z
+            )
+        self._moving = [stand_ins[i] for i in moving]
+
+    def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
+        # The graph's last use: it is freed.
+        return self.jacobian.partials(cotangent, self._moving)
