@@ -19,6 +19,7 @@ the one implicit backward, like every other front door's:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,6 +171,7 @@ def _as_tensor(
     return out.detach().to(dtype=dtype, device=out.device if device is None else device)
 
 
+@dataclasses.dataclass(frozen=True)
 class CheckAnswer(Solver):
     """The forward "solver" of a black box: it checks the answer it is started from.
 
@@ -185,9 +187,7 @@ class CheckAnswer(Solver):
 
     name = "black_box"
 
-    def __init__(self, who: str):
-        super().__init__()
-        self.who = who
+    who: str
 
     def solve(self, fn: Residual, z0, r0, *, tol, max_iter, callback=None):
         # No iteration: a callback is never called.

@@ -322,6 +322,7 @@ class LinearProblem:
         return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
+@dataclasses.dataclass(frozen=True)
 class Given(Solver):
     """The forward of a solve whose answer is known: its start, without an evaluation.
 
@@ -332,8 +333,7 @@ class Given(Solver):
 
     name = "given"
 
-    def __init__(self, info: SolveInfo | None = None):
-        self.info = info
+    info: SolveInfo | None = None
 
     def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         if self.info is not None:

@@ -6,6 +6,7 @@ front door) or pass an instance (``solver=implicit.solvers.Anderson(m=8)``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -127,6 +128,14 @@ def resolve(
             f"implicit.solvers.Solver"
         )
     cls = names[solver]
-    if options:  # (introspection costs more than a small solve's iteration)
-        check_options(f"solver {solver!r}", options, inspect.signature(cls).parameters)
+    if not options:
+        return _default(cls)
+    check_options(f"solver {solver!r}", options, inspect.signature(cls).parameters)
     return cls(**options)
+
+
+@functools.cache
+def _default(cls: type[Solver]) -> Solver:
+    """The instance of a solver with its default options, made once: instances are
+    immutable, so one serves every call."""
+    return cls()

@@ -12,6 +12,7 @@ report. A method implements ``init`` (its state from the bracket) and ``advance`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from implicit.solvers.base import Solver, thresholds
 Bound = float | torch.Tensor | None
 
 
+@dataclasses.dataclass(frozen=True)
 class Bracketing(Solver):
     """A method for problems of one unknown each, given a bracket ``[lower, upper]``.
 
@@ -34,9 +36,14 @@ class Bracketing(Solver):
             ``upper``.
     """
 
-    def __init__(self, lower: Bound = None, upper: Bound = None):
-        super().__init__()
-        for name, end in (("lower", lower), ("upper", upper)):
+    lower: Bound = dataclasses.field(default=None, compare=False)
+    upper: Bound = dataclasses.field(default=None, compare=False)
+    # The bracket's loop tests every iteration: its host reads are cheap beside g.
+    check_every: int | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, end in (("lower", self.lower), ("upper", self.upper)):
             if end is None:
                 raise TypeError(
                     f"{type(self).__name__} needs a bracket: pass lower= and upper= (numbers, "
@@ -45,8 +52,6 @@ class Bracketing(Solver):
             is_number = isinstance(end, (int, float)) and not isinstance(end, bool)
             if not is_number and not isinstance(end, torch.Tensor):
                 raise TypeError(f"{name} must be a number or a tensor, got {type(end).__name__}")
-        self.lower = lower
-        self.upper = upper
 
     def init(self, a, fa, b, fb) -> Any:
         raise NotImplementedError

@@ -25,11 +25,13 @@ damping, its own history and its own stop. A method implements ``init`` and ``st
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 
 from implicit._batch import cheap_host_reads
+from implicit._checks import check_number
 from implicit._objective import Objective
 from implicit._precision import norms
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
@@ -41,6 +43,7 @@ from implicit.solvers.base import Solver, finite_rows_only, thresholds
 ESCAPE_TRIALS = 40
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Minimizer(Solver):
     """A method that minimises an objective (for ``minimize`` and ``least_squares``).
 
@@ -55,20 +58,15 @@ class Minimizer(Solver):
     """
 
     #: Whether the method needs the residual vector of a least-squares problem.
-    least_squares_only = False
+    least_squares_only: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        *,
-        curvature_check: bool = True,
-        max_dense: int = 64,
-        check_every: int | None = None,
-    ):
-        super().__init__(check_every=check_every)
-        if isinstance(max_dense, bool) or not isinstance(max_dense, int) or max_dense < 0:
-            raise ValueError(f"max_dense must be an integer >= 0, got {max_dense!r}")
-        self.curvature_check = bool(curvature_check)
-        self.max_dense = max_dense
+    curvature_check: bool = True
+    max_dense: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.max_dense, "max_dense", "an integer >= 0")
+        object.__setattr__(self, "curvature_check", bool(self.curvature_check))
 
     def init(self, fn: Objective, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The objective ``(B,)``, its gradient ``(B, n)`` and the method's state at ``z``."""

@@ -14,7 +14,8 @@ the test needs.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,23 +29,34 @@ from implicit.solvers.base import thresholds
 MAX_BLOCK_UNKNOWNS = 256
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScipyBase(Minimizer):
     """What the two wrappers share: the batch strategy, the runs and the report."""
 
-    methods: tuple[str, ...]
-    front: str
+    methods: ClassVar[tuple[str, ...]]
+    front: ClassVar[str]
 
-    def __init__(self, method: str, options: dict[str, Any] | None, strategy: str):
-        super().__init__()
-        if method not in self.methods:
-            raise ValueError(f"unknown scipy method {method!r}: use one of {list(self.methods)}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"options must be a dict, got {type(options).__name__}")
-        if strategy not in ("auto", "block", "per_sample"):
-            raise ValueError(f"strategy must be 'auto', 'block' or 'per_sample', got {strategy!r}")
-        self.method = method
-        self.options = dict(options or {})
-        self.strategy = strategy
+    method: str
+    options: dict[str, Any] | None = None
+    strategy: str = "auto"
+    # scipy runs its own loop; the curvature test runs with its defaults.
+    curvature_check: bool = dataclasses.field(default=True, init=False, repr=False)
+    max_dense: int = dataclasses.field(default=64, init=False, repr=False)
+    check_every: int | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in self.methods:
+            raise ValueError(
+                f"unknown scipy method {self.method!r}: use one of {list(self.methods)}"
+            )
+        if self.options is not None and not isinstance(self.options, dict):
+            raise TypeError(f"options must be a dict, got {type(self.options).__name__}")
+        if self.strategy not in ("auto", "block", "per_sample"):
+            raise ValueError(
+                f"strategy must be 'auto', 'block' or 'per_sample', got {self.strategy!r}"
+            )
+        object.__setattr__(self, "options", dict(self.options or {}))
 
     def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         check_objective(fn, self)

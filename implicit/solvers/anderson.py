@@ -40,6 +40,7 @@ class _History:
         return self.gram.diagonal(dim1=1, dim2=2) > 0
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Anderson(Solver):
     """Anderson acceleration: the default solver of [`fixed_point`][implicit.fixed_point].
 
@@ -79,24 +80,20 @@ class Anderson(Solver):
 
     name = "anderson"
 
-    def __init__(
-        self,
-        *,
-        m: int = 5,
-        mixing: float = 1.0,
-        regularization: float = 1e-8,
-        max_coefficient: float = 1e4,
-        check_every: int | None = None,
-    ):
-        super().__init__(check_every=check_every)
-        check_number(m, "m", "an integer >= 1")
-        check_number(mixing, "mixing", "in (0, 1]")
-        check_number(regularization, "regularization", "a finite number >= 0")
-        check_number(max_coefficient, "max_coefficient", "a number > 0")
-        self.m = m
-        self.mixing = float(mixing)
-        self.regularization = float(regularization)
-        self.max_coefficient = float(max_coefficient)
+    m: int = 5
+    mixing: float = 1.0
+    regularization: float = 1e-8
+    max_coefficient: float = 1e4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.m, "m", "an integer >= 1")
+        check_number(self.mixing, "mixing", "in (0, 1]")
+        check_number(self.regularization, "regularization", "a finite number >= 0")
+        check_number(self.max_coefficient, "max_coefficient", "a number > 0")
+        object.__setattr__(self, "mixing", float(self.mixing))
+        object.__setattr__(self, "regularization", float(self.regularization))
+        object.__setattr__(self, "max_coefficient", float(self.max_coefficient))
 
     def init(self, fn, z, r):
         batch, n = z.shape

@@ -16,6 +16,7 @@ black box) overrides ``Solver.solve``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,19 +34,24 @@ if TYPE_CHECKING:
     from implicit.linear import Hint
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Solver(abc.ABC):
     """A method for ``g(z) = 0`` on a flat batch ``(B, n)``.
 
-    A method sets ``name`` and implements [`init`][implicit.solvers.Solver.init] and
+    A solver is configuration only: an immutable dataclass, safe to reuse across calls,
+    threads and ``torch.func`` transforms; what a solve needs per call (``tol``,
+    ``max_iter``, the callback) is passed to [`solve`][implicit.solvers.Solver.solve],
+    and what it learns lives in the state its methods pass along. A method sets
+    ``name`` and implements [`init`][implicit.solvers.Solver.init] and
     [`step`][implicit.solvers.Solver.step]; [`solve`][implicit.solvers.Solver.solve]
-    runs the loop. The residual ``fn`` they receive evaluates ``g`` on ``(B, n)``
-    tensors (``fn(z)``, counted in ``SolveInfo.f_evals``) and linearises it:
-    ``fn.linearize(z)`` is ``∂g/∂z`` at ``z``, with ``.rmatvec(w)`` (``Aᵀ w``, a
-    vector-Jacobian product), ``.matvec(u)`` (``A u``) and ``.dense()`` (the
-    ``(B, n, n)`` blocks); ``fn.jacobian(z)`` returns ``g(z)`` and those blocks. A
-    step must stay differentiable (no in-place update of a tensor that may require
-    grad, no ``.detach()`` of an iterate), so that ``backward="unroll"`` can run
-    through it.
+    runs the loop. They receive the problem as a
+    [`Residual`][implicit.solvers.Residual] ``fn``: ``fn(z)`` evaluates ``g`` on
+    ``(B, n)`` tensors (counted in ``SolveInfo.f_evals``), ``fn.linearize(z)`` returns
+    ``g(z)`` and ``∂g/∂z`` as a [`JacobianOperator`][implicit.linear.JacobianOperator]
+    (products ``.mv(x)``, blocks ``.dense()``), ``fn.jacobian(z)`` ``g(z)`` and the
+    ``(B, n, n)`` blocks. A step must stay differentiable (no in-place update of a
+    tensor that may require grad, no ``.detach()`` of an iterate), so that
+    ``backward="unroll"`` can run through it.
 
     Args:
         check_every: test for the end of the loop (a host synchronisation) every this
@@ -56,10 +62,11 @@ class Solver(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, *, check_every: int | None = None):
-        if check_every is not None:
-            check_number(check_every, "check_every", "an integer >= 1")
-        self.check_every = check_every
+    check_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.check_every is not None:
+            check_number(self.check_every, "check_every", "an integer >= 1")
 
     def init(self, fn: Residual, z: torch.Tensor, r: torch.Tensor) -> Any:
         """The method's state at the first iterate ``z`` with residual ``r = g(z)``."""
@@ -181,12 +188,6 @@ class Solver(abc.ABC):
             status_codes=codes,
         )
         return z, info
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_")
-        )
-        return f"{type(self).__name__}({fields})"
 
 
 def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from implicit.solvers._bracket import Bound, Bracketing
+from implicit.solvers._bracket import Bracketing
 
 
 @dataclasses.dataclass
@@ -31,6 +31,7 @@ class _Bracket:
         return (self.b - self.a).abs()
 
 
+@dataclasses.dataclass(frozen=True)
 class Bisection(Bracketing):
     """Bisection on a bracket ``[lower, upper]``, per problem: ``solver="bisection"``.
 
@@ -57,9 +58,6 @@ class Bisection(Bracketing):
     """
 
     name = "bisection"
-
-    def __init__(self, lower: Bound = None, upper: Bound = None):
-        super().__init__(lower, upper)
 
     def init(self, a, fa, b, fb):
         return _Bracket(a, fa, b, fb)

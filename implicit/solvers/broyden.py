@@ -75,6 +75,7 @@ class _BroydenState:
         return scaled + combine(left[:, filled], project(right[:, filled], x))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Broyden(Solver):
     """Limited-memory Broyden's method ("good" update of the inverse Jacobian).
 
@@ -112,13 +113,13 @@ class Broyden(Solver):
 
     name = "broyden"
 
-    def __init__(
-        self, *, memory: int = 20, line_search: bool = True, check_every: int | None = None
-    ):
-        super().__init__(check_every=check_every)
-        check_number(memory, "memory", "an integer >= 1")
-        self.memory = memory
-        self.line_search = bool(line_search)
+    memory: int = 20
+    line_search: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.memory, "memory", "an integer >= 1")
+        object.__setattr__(self, "line_search", bool(self.line_search))
 
     def init(self, fn, z, r):
         batch, n = z.shape

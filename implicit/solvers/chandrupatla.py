@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from implicit.solvers._bracket import Bound, Bracketing
+from implicit.solvers._bracket import Bracketing
 
 
 @dataclasses.dataclass
@@ -36,6 +36,7 @@ class _State:
         return (self.x2 - self.x1).abs()
 
 
+@dataclasses.dataclass(frozen=True)
 class Chandrupatla(Bracketing):
     """Chandrupatla's bracketing method, per problem: ``solver="chandrupatla"``.
 
@@ -54,9 +55,6 @@ class Chandrupatla(Bracketing):
     """
 
     name = "chandrupatla"
-
-    def __init__(self, lower: Bound = None, upper: Bound = None):
-        super().__init__(lower, upper)
 
     def init(self, a, fa, b, fb):
         return _State(x1=a, f1=fa, x2=b, f2=fb, x3=a, f3=fa, t=torch.full_like(a, 0.5))

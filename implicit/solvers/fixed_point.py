@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from implicit._checks import check_number
 from implicit.solvers.base import Solver
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FixedPoint(Solver):
     """Picard iteration ``z ← z + damping · g(z)``.
 
@@ -23,10 +26,12 @@ class FixedPoint(Solver):
 
     name = "fixed_point"
 
-    def __init__(self, *, damping: float = 1.0, check_every: int | None = None):
-        super().__init__(check_every=check_every)
-        check_number(damping, "damping", "in (0, 1]")
-        self.damping = float(damping)
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.damping, "damping", "in (0, 1]")
+        object.__setattr__(self, "damping", float(self.damping))
 
     def step(self, fn, z, r, state):
         z = torch.add(z, r, alpha=self.damping)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
 from implicit.solvers.modified_newton import ModifiedNewton
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GaussNewton(ModifiedNewton):
     """Gauss–Newton for [`least_squares`][implicit.least_squares]: ``solver="gauss_newton"``.
 
@@ -29,18 +32,11 @@ class GaussNewton(ModifiedNewton):
     """
 
     name = "gauss_newton"
-    least_squares_only = True
+    least_squares_only: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        curvature_check: bool = True,
-        max_dense: int = 64,
-        check_every: int | None = None,
-    ):
-        super().__init__(
-            curvature_check=curvature_check, max_dense=max_dense, check_every=check_every
-        )
+    # Its steps solve the normal equations, not the Hessian's: no options for those.
+    linear: str = dataclasses.field(default="auto", init=False, repr=False)
+    cg_max_iter: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def _direction(self, fn, z, free, descent):
         jacobian = jacobian_at(fn, z)

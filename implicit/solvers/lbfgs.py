@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
 
@@ -30,6 +31,7 @@ class _LBFGSState:
     steepest: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LBFGS(Minimizer):
     """L-BFGS with a strong-Wolfe line search, per problem: the default of
     [`minimize`][implicit.minimize].
@@ -60,20 +62,11 @@ class LBFGS(Minimizer):
 
     name = "lbfgs"
 
-    def __init__(
-        self,
-        *,
-        memory: int = 10,
-        curvature_check: bool = True,
-        max_dense: int = 64,
-        check_every: int | None = None,
-    ):
-        super().__init__(
-            curvature_check=curvature_check, max_dense=max_dense, check_every=check_every
-        )
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
-        self.memory = memory
+    memory: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.memory, "memory", "an integer >= 1")
 
     def init(self, fn, z):
         f, grad = fn.value_and_grad(z)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
+from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import FLAT_ULPS
 from implicit.solvers.gauss_newton import damped_step
@@ -27,6 +29,7 @@ class _LMState:
     rejections: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LevenbergMarquardt(Minimizer):
     """Levenberg–Marquardt for [`least_squares`][implicit.least_squares]: its default.
 
@@ -52,22 +55,14 @@ class LevenbergMarquardt(Minimizer):
     """
 
     name = "levenberg_marquardt"
-    least_squares_only = True
+    least_squares_only: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        damping: float = 1e-3,
-        curvature_check: bool = True,
-        max_dense: int = 64,
-        check_every: int | None = None,
-    ):
-        super().__init__(
-            curvature_check=curvature_check, max_dense=max_dense, check_every=check_every
-        )
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-            raise ValueError(f"damping must be a positive number, got {damping!r}")
-        self.damping = float(damping)
+    damping: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.damping, "damping", "a number > 0")
+        object.__setattr__(self, "damping", float(self.damping))
 
     def init(self, fn, z):
         jacobian, f, grad = _linearized(fn, z)

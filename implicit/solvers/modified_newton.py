@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
 
@@ -24,6 +25,7 @@ class _NewtonState:
     retry: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModifiedNewton(Minimizer):
     """Newton's method on the objective, globalised so that it always descends:
     ``solver="newton"`` of [`minimize`][implicit.minimize].
@@ -59,26 +61,15 @@ class ModifiedNewton(Minimizer):
 
     name = "newton"
 
-    def __init__(
-        self,
-        *,
-        linear: str = "auto",
-        cg_max_iter: int | None = None,
-        curvature_check: bool = True,
-        max_dense: int = 64,
-        check_every: int | None = None,
-    ):
-        super().__init__(
-            curvature_check=curvature_check, max_dense=max_dense, check_every=check_every
-        )
-        if linear not in ("auto", "dense", "cg"):
-            raise ValueError(f"linear must be 'auto', 'dense' or 'cg', got {linear!r}")
-        if cg_max_iter is not None and (
-            isinstance(cg_max_iter, bool) or not isinstance(cg_max_iter, int) or cg_max_iter < 1
-        ):
-            raise ValueError(f"cg_max_iter must be an integer >= 1 or None, got {cg_max_iter!r}")
-        self.linear = linear
-        self.cg_max_iter = cg_max_iter
+    linear: str = "auto"
+    cg_max_iter: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.linear not in ("auto", "dense", "cg"):
+            raise ValueError(f"linear must be 'auto', 'dense' or 'cg', got {self.linear!r}")
+        if self.cg_max_iter is not None:
+            check_number(self.cg_max_iter, "cg_max_iter", "an integer >= 1")
 
     def init(self, fn, z):
         f, grad = fn.value_and_grad(z)

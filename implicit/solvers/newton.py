@@ -57,6 +57,7 @@ class _NewtonState:
     reusable: bool = False
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Newton(Solver):
     """Newton's method with a backtracking line search: the default of
     [`root_solve`][implicit.root_solve].
@@ -125,38 +126,28 @@ class Newton(Solver):
 
     name = "newton"
 
-    def __init__(
-        self,
-        *,
-        linear: str = "auto",
-        krylov: GMRES | None = None,
-        line_search: bool = True,
-        max_dense: int = 64,
-        jacobian_reuse: float | None = None,
-        check_every: int | None = None,
-    ):
-        super().__init__(check_every=check_every)
-        if linear not in ("auto", "dense", "krylov"):
-            raise ValueError(f"linear must be 'auto', 'dense' or 'krylov', got {linear!r}")
-        if krylov is not None and not isinstance(krylov, GMRES):
+    linear: str = "auto"
+    krylov: GMRES | None = None
+    line_search: bool = True
+    max_dense: int = 64
+    jacobian_reuse: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.linear not in ("auto", "dense", "krylov"):
+            raise ValueError(f"linear must be 'auto', 'dense' or 'krylov', got {self.linear!r}")
+        if self.krylov is not None and not isinstance(self.krylov, GMRES):
             raise TypeError(
                 f"krylov must be an implicit.linear.GMRES instance or None, "
-                f"got {type(krylov).__name__}"
+                f"got {type(self.krylov).__name__}"
             )
-        check_number(max_dense, "max_dense", "an integer >= 0")
-        if jacobian_reuse is not None and not (
-            isinstance(jacobian_reuse, (int, float))
-            and not isinstance(jacobian_reuse, bool)
-            and 0 < jacobian_reuse < 1
+        check_number(self.max_dense, "max_dense", "an integer >= 0")
+        reuse = self.jacobian_reuse
+        if reuse is not None and not (
+            isinstance(reuse, (int, float)) and not isinstance(reuse, bool) and 0 < reuse < 1
         ):
-            raise ValueError(
-                f"jacobian_reuse must be a number in (0, 1) or None, got {jacobian_reuse!r}"
-            )
-        self.linear = linear
-        self.krylov = krylov
-        self.line_search = bool(line_search)
-        self.max_dense = max_dense
-        self.jacobian_reuse = jacobian_reuse
+            raise ValueError(f"jacobian_reuse must be a number in (0, 1) or None, got {reuse!r}")
+        object.__setattr__(self, "line_search", bool(self.line_search))
 
     def init(self, fn, z, r):
         return _NewtonState(

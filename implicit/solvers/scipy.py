@@ -8,9 +8,10 @@ scipy's function copies ``z`` to the device and the residual back to the host.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ see [`Scipy`][implicit.solvers.Scipy])."""
 Strategy = Literal["auto", "block", "per_sample"]
 
 
+@dataclasses.dataclass(frozen=True)
 class Scipy(Solver):
     """``scipy.optimize.root(method=...)`` on each problem of the batch.
 
@@ -118,33 +120,35 @@ class Scipy(Solver):
             the other methods, which take no Jacobian.
     """
 
-    name: ClassVar[str] = "scipy"
+    name = "scipy"
 
-    def __init__(
-        self,
-        method: str = "hybr",
-        options: dict[str, Any] | None = None,
-        *,
-        strategy: Strategy = "auto",
-        jacobian: bool | None = None,
-    ):
-        super().__init__()
+    method: str = "hybr"
+    options: dict[str, Any] | None = None
+    strategy: Strategy = dataclasses.field(default="auto", kw_only=True)
+    jacobian: bool | None = dataclasses.field(default=None, kw_only=True)
+    # scipy runs its own loop.
+    check_every: int | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        method = self.method
         if method not in METHODS:
             raise ValueError(f"unknown scipy method {method!r}: use one of {list(METHODS)}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"options must be a dict, got {type(options).__name__}")
-        options = dict(options or {})
+        if self.options is not None and not isinstance(self.options, dict):
+            raise TypeError(f"options must be a dict, got {type(self.options).__name__}")
+        options = dict(self.options or {})
         check_options(f"Scipy(method={method!r})", options, _option_names(method))
-        if strategy not in ("auto", "block", "per_sample"):
-            raise ValueError(f"strategy must be 'auto', 'block' or 'per_sample', got {strategy!r}")
-        if jacobian and method not in _WITH_JACOBIAN:
+        if self.strategy not in ("auto", "block", "per_sample"):
+            raise ValueError(
+                f"strategy must be 'auto', 'block' or 'per_sample', got {self.strategy!r}"
+            )
+        if self.jacobian and method not in _WITH_JACOBIAN:
             raise ValueError(
                 f"jacobian=True: method {method!r} takes no Jacobian; only {_WITH_JACOBIAN} do"
             )
-        self.method = method
-        self.options = options
-        self.strategy = strategy
-        self.jacobian = method in _WITH_JACOBIAN if jacobian is None else bool(jacobian)
+        jacobian = method in _WITH_JACOBIAN if self.jacobian is None else bool(self.jacobian)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "jacobian", jacobian)
 
     def solve(self, fn: Residual, z0, r0, *, tol, max_iter, callback=None):
         r0 = fn(z0) if r0 is None else r0

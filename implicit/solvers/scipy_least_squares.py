@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any
@@ -15,6 +16,7 @@ LEAST_SQUARES_METHODS = ("trf", "dogbox", "lm")
 [`ScipyLeastSquares`][implicit.solvers.ScipyLeastSquares]."""
 
 
+@dataclasses.dataclass(frozen=True)
 class ScipyLeastSquares(ScipyBase):
     """``scipy.optimize.least_squares(method=...)``: ``solver="scipy"`` of
     [`least_squares`][implicit.least_squares].
@@ -41,14 +43,12 @@ class ScipyLeastSquares(ScipyBase):
     methods = LEAST_SQUARES_METHODS
     front = "least_squares"
 
-    def __init__(
-        self,
-        method: str = "trf",
-        options: dict[str, Any] | None = None,
-        *,
-        strategy: str = "auto",
-    ):
-        super().__init__(method, options, strategy)
+    method: str = "trf"
+    options: dict[str, Any] | None = None
+    strategy: str = dataclasses.field(default="auto", kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         import scipy.optimize
 
         allowed = set(inspect.signature(scipy.optimize.least_squares).parameters)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -38,6 +39,7 @@ _HESS = ("dogleg", "trust-exact")
 _BOUNDED = ("Nelder-Mead", "Powell", "L-BFGS-B", "TNC", "COBYLA", "COBYQA", "SLSQP", "trust-constr")
 
 
+@dataclasses.dataclass(frozen=True)
 class ScipyMinimize(ScipyBase):
     """``scipy.optimize.minimize(method=...)``: ``solver="scipy"`` of
     [`minimize`][implicit.minimize].
@@ -68,14 +70,9 @@ class ScipyMinimize(ScipyBase):
     methods = MINIMIZE_METHODS
     front = "minimize"
 
-    def __init__(
-        self,
-        method: str = "L-BFGS-B",
-        options: dict[str, Any] | None = None,
-        *,
-        strategy: str = "auto",
-    ):
-        super().__init__(method, options, strategy)
+    method: str = "L-BFGS-B"
+    options: dict[str, Any] | None = None
+    strategy: str = dataclasses.field(default="auto", kw_only=True)
 
     def _blocks(self) -> bool:
         return self.method not in _DERIVATIVE_FREE

@@ -209,7 +209,7 @@ def test_bad_input_names_the_argument():
         LBFGS(memory=0)
     with pytest.raises(ValueError, match="linear must be"):
         ModifiedNewton(linear="lu")
-    with pytest.raises(ValueError, match="damping must be a positive number"):
+    with pytest.raises(ValueError, match="damping must be a number > 0"):
         LevenbergMarquardt(damping=0)
     with pytest.raises(TypeError, match="unknown option"):
         implicit.minimize(lambda z: (z**2).sum(), z0, memroy=5)
