@@ -66,6 +66,8 @@ class OptimizationProblem(Problem):
             self._gradient, z0, full_args, batched=batched, form="root", tol_mode=tol_mode
         )
         self.name = "residual" if least_squares else "fun"
+        # The Hessian; the projected gradient's Jacobian mixes its rows with the identity's.
+        self.symmetric = not self.bounded
 
     # -- functions of the unpacked state ----------------------------------------------
     def _user_args(self, args: Sequence[Any]) -> Sequence[Any]:

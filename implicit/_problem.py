@@ -62,6 +62,9 @@ class Problem:
             default.
     """
 
+    #: Whether ``∂g/∂z`` is symmetric whatever the point (the Hessian of an objective).
+    symmetric = False
+
     def __init__(
         self,
         fn: Callable[..., Any],

@@ -23,7 +23,13 @@ from implicit._problem import Problem
 from implicit._results import CONVERGED, BackwardInfo, SolveInfo, report_failure, status_name
 from implicit.adjoint.linearize import Functional, Linearization, Recorded
 from implicit.adjoint.vmap import Folded, Repeated, rows
-from implicit.linear import Hint, IterativeSolver, JacobianOperator, LinearSolver
+from implicit.linear import (
+    Hint,
+    IterativeSolver,
+    JacobianOperator,
+    LinearSolver,
+    PositiveDefinite,
+)
 from implicit.linear.base import WorkingOperator
 from implicit.linear.operator import Jacobian
 from implicit.solvers.base import Solver
@@ -160,6 +166,10 @@ class RootProblem:
         self.backward_x0 = settings.backward_x0
         # What the forward solver knew of ∂g/∂z, where the backward's solver uses it.
         self.hint: Hint | None = None
+        # ∂g/∂z is symmetric (the problem's structure), and positive definite at the
+        # solution (where the forward solver verified it).
+        self.symmetric = problem.symmetric
+        self.positive_definite = False
         # The problem this one folds (under vmap): it reports through the same info.
         self._unfolded: RootProblem | None = None
 
@@ -180,6 +190,7 @@ class RootProblem:
         )
         # Kept (Newton's: B·n² numbers, until the backward) only where it will be used.
         hint, info.hint = info.hint, None
+        self.positive_definite = self.symmetric and isinstance(hint, PositiveDefinite)
         self.hint = hint if hint is not None and settings.linear.uses(hint, z.shape) else None
         _progress.shape_report(info, self.report_shape)
         problem: RootProblem | None = self
@@ -258,6 +269,9 @@ class LinearProblem:
         self.transpose = transpose
         self.copies = copies
         self.settings = parent.settings
+        # Its Jacobian is A or Aᵀ: the parent's structure.
+        self.symmetric = parent.symmetric
+        self.positive_definite = parent.positive_definite
         self.report_shape = (copies, *parent.report_shape) if copies > 1 else parent.report_shape
         self.jacobian = jacobian
         self.hint = hint
@@ -276,7 +290,12 @@ class LinearProblem:
     def solve(self, x0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         rhs, z, *theta = inputs
         jacobian = self.jacobian or self._jacobian(z, theta)
-        operator = JacobianOperator(jacobian, transposed=self.transpose)
+        operator = JacobianOperator(
+            jacobian,
+            transposed=self.transpose,
+            symmetric=self.symmetric,
+            positive_definite=self.positive_definite,
+        )
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
         guess = self.parent.backward_x0 if self.transpose else None
         x, info = self.settings.linear_solve(

@@ -85,4 +85,7 @@ def _recaptured(root: RootProblem, z: torch.Tensor) -> torch.Tensor:
     if not added:
         return z
     again = RootProblem(problem, Given(root.info), root.settings, None, root.report_shape)
-    return implicit_solve(again, z.detach(), *problem.inputs)
+    z = implicit_solve(again, z.detach(), *problem.inputs)
+    # The same problem at the same solution: what its solve learned of ∂g/∂z holds.
+    again.hint, again.positive_definite = root.hint, root.positive_definite
+    return z

@@ -90,6 +90,9 @@ class Pinned:
     of inputs ``(rows, anchor, *problem's inputs)``, ``rows`` of shape ``(B, 1)``
     (inputs rather than attributes, so that ``torch.func`` transforms see them)."""
 
+    #: Its Jacobian mixes rows of the problem's with rows of the identity.
+    symmetric = False
+
     def __init__(self, problem: Problem):
         self.problem = problem
 

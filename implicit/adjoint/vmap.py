@@ -48,6 +48,14 @@ class Folded:
     def backward_x0(self) -> torch.Tensor | None:
         return self.inner.backward_x0
 
+    @property
+    def symmetric(self) -> bool:
+        return self.inner.symmetric
+
+    #: What the inner problem's solve verified holds at its own solution, not at the
+    #: points of other slices.
+    positive_definite = False
+
     def _per_slice(self, fn, rows: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
         slices = [row.reshape(self.size, -1, *row.shape[1:]) for row in rows]
         in_dims = (*(0 for _ in rows), *self.in_dims)

@@ -32,7 +32,13 @@ import functools
 from collections.abc import Callable
 
 from implicit.linear.auto import Auto
-from implicit.linear.base import Hint, JacobianOperator, LinearResult, LinearSolver
+from implicit.linear.base import (
+    Hint,
+    JacobianOperator,
+    LinearResult,
+    LinearSolver,
+    PositiveDefinite,
+)
 from implicit.linear.bicgstab import BiCGStab
 from implicit.linear.cg import CG
 from implicit.linear.dense import Dense, NearbyFactorization
@@ -58,6 +64,7 @@ __all__ = [
     "Neumann",
     "OneStep",
     "Phantom",
+    "PositiveDefinite",
     "Progress",
     "Unroll",
     "resolve",

@@ -8,7 +8,14 @@ import functools
 import torch
 
 from implicit._checks import check_number
-from implicit.linear.base import DIVERGED, MAX_ITER, Hint, JacobianOperator, LinearSolver
+from implicit.linear.base import (
+    BREAKDOWN,
+    DIVERGED,
+    MAX_ITER,
+    Hint,
+    JacobianOperator,
+    LinearSolver,
+)
 from implicit.linear.cg import CG
 from implicit.linear.dense import Dense
 from implicit.linear.gmres import GMRES
@@ -62,6 +69,48 @@ class NeumannThenGMRES(IterativeSolver):
         return Progress(x, codes, used + more, r, "+".join(ran))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CGThenGMRES(IterativeSolver):
+    """CG for an operator known symmetric positive definite; GMRES for the problems on
+    which CG breaks down.
+
+    A positive-definite claim may be wrong (a Lanczos estimate of the smallest
+    eigenvalue, a Hessian that is not quite symmetric in floating point): CG then meets
+    a curvature ``pᵀAp ≤ 0`` and stops that problem with status ``"breakdown"``, which
+    goes on with GMRES from zero within the same iteration budget; the others keep
+    CG's answer. ``LinearResult.method`` says which ran (``"cg"`` or ``"cg+gmres"``).
+    """
+
+    name = "cg"
+
+    def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner):
+        x, codes, used, _, _ = CG().iterate(
+            operator,
+            rhs,
+            x,
+            target=target,
+            max_iter=max_iter,
+            allowed=allowed,
+            preconditioner=preconditioner,
+        )
+        broken = allowed & (codes == BREAKDOWN)
+        if used >= max_iter or not bool(broken.any()):
+            return Progress(x, codes, used, None, "cg")
+        # Along a direction of non-positive curvature CG's iterate may be far off.
+        x = torch.where(row_mask(broken), 0, x)
+        x, gmres_codes, more, r, _ = GMRES().iterate(
+            operator,
+            rhs,
+            x,
+            target=target,
+            max_iter=max_iter - used,
+            allowed=broken,
+            preconditioner=preconditioner,
+        )
+        codes = torch.where(broken, gmres_codes, codes)
+        return Progress(x, codes, used + more, r, "cg+gmres")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Chosen:
     """Auto's state: the method it chose and that method's state."""
@@ -77,7 +126,11 @@ class Auto(LinearSolver):
 
     * [`Dense`][implicit.linear.Dense] up to ``max_dense`` unknowns per problem;
     * above, [`CG`][implicit.linear.CG] where the operator is known symmetric positive
-      definite;
+      definite (the Hessian of [`minimize`][implicit.minimize] or
+      [`least_squares`][implicit.least_squares] where the forward verified a strict
+      minimum: see [`PositiveDefinite`][implicit.linear.PositiveDefinite]), with
+      [`GMRES`][implicit.linear.GMRES] for the problems on which CG breaks down (the
+      claim was wrong);
     * for the adjoint of a fixed point ``z = f(z)`` (a shifted operator, in the
       first-order backward), [`Neumann`][implicit.linear.Neumann] while it contracts
       well and [`GMRES`][implicit.linear.GMRES] from where it got for the problems
@@ -85,8 +138,8 @@ class Auto(LinearSolver):
     * [`GMRES`][implicit.linear.GMRES] for every other system.
 
     ``info.backward.method`` says which ran (``"dense"``, ``"dense+refine"`` after
-    Newton as for `Dense`, ``"cg"``, ``"neumann"``, ``"neumann+gmres"`` or
-    ``"gmres"``). A per-call initial guess and preconditioner go to the chosen method.
+    Newton as for `Dense`, ``"cg"``, ``"cg+gmres"``, ``"neumann"``, ``"neumann+gmres"``
+    or ``"gmres"``). A per-call initial guess and preconditioner go to the chosen method.
 
     Args:
         max_dense: largest number of unknowns per problem solved densely.
@@ -108,7 +161,7 @@ class Auto(LinearSolver):
         if operator.shape[1] <= self.max_dense:
             method = Dense
         elif operator.positive_definite:
-            method = CG
+            method = CGThenGMRES
         elif operator.shifted:
             method = NeumannThenGMRES
         else:

@@ -49,6 +49,7 @@ __all__ = [
     "JacobianOperator",
     "LinearResult",
     "LinearSolver",
+    "PositiveDefinite",
     "Preconditioner",
 ]
 
@@ -122,6 +123,22 @@ class Hint:
     ([`uses`][implicit.linear.LinearSolver.uses]). A forward solver returns one in
     ``SolveInfo.hint``; subclasses say what it is (e.g.
     [`NearbyFactorization`][implicit.linear.NearbyFactorization])."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PositiveDefinite(Hint):
+    """The forward solver verified that ``∂g/∂z`` is positive definite at its solution:
+    the second-order condition of a strict minimum, which the minimisation solvers test
+    where the gradient vanishes.
+
+    Not for a linear solver to use: it is structure. For a problem whose Jacobian is
+    symmetric (the Hessian of [`minimize`][implicit.minimize] and
+    [`least_squares`][implicit.least_squares] without bounds) the backward's operator
+    is then known symmetric positive definite, and [`Auto`][implicit.linear.Auto]
+    solves it with [`CG`][implicit.linear.CG] above its dense size. Above the dense
+    size of the test the smallest eigenvalue is a Lanczos estimate: a claim CG finds
+    wrong (a curvature that is not positive) is handed to GMRES.
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -23,13 +23,17 @@ LANCZOS_STEPS = 20
 
 def negative_curvature(
     fn: Objective, z: torch.Tensor, grad: torch.Tensor, max_dense: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(negative, direction, curvature)`` for every row of ``z``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(negative, direction, curvature, positive)`` for every row of ``z``.
 
     ``negative`` ``(B,)``: the Hessian has a clearly negative eigenvalue on the free
     coordinates; ``direction`` ``(B, n)``: its unit eigenvector (zero on the fixed
-    coordinates); ``curvature`` ``(B,)``: that eigenvalue. Each row is tested; the
-    caller picks the rows it needs.
+    coordinates); ``curvature`` ``(B,)``: that eigenvalue; ``positive`` ``(B,)``: it is
+    clearly positive (a strict minimum, by the same margin). Each row is tested; the
+    caller picks the rows it needs. Above ``max_dense`` unknowns the smallest eigenvalue
+    is Lanczos' estimate (an upper bound of it), so ``positive`` is a strong indication,
+    not a proof: whoever relies on it must detect a wrong claim (CG does, by its
+    breakdown).
     """
     free = fn.free(z, grad).to(z.dtype)
     hessian = fn.hessian(z)
@@ -44,9 +48,8 @@ def negative_curvature(
         smallest, direction, largest = _lanczos(
             lambda v: free * hessian.mv(free * v), free, min(LANCZOS_STEPS, z.shape[1])
         )
-    eps = torch.finfo(z.dtype).eps
-    negative = smallest < -math.sqrt(eps) * torch.clamp(largest, min=1.0)
-    return negative, direction * free, smallest
+    margin = math.sqrt(torch.finfo(z.dtype).eps) * torch.clamp(largest, min=1.0)
+    return smallest < -margin, direction * free, smallest, smallest > margin
 
 
 def _lanczos(product, free: torch.Tensor, steps: int):

@@ -35,6 +35,7 @@ from implicit._checks import check_number
 from implicit._objective import Objective
 from implicit._precision import norms
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
+from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature
 from implicit.solvers._search import C1
 from implicit.solvers.base import Solver, finite_rows_only, thresholds
@@ -104,6 +105,7 @@ class Minimizer(Solver):
         codes = torch.where(torch.isfinite(f) & torch.isfinite(norms), codes, NONFINITE)
         running = codes == MAX_ITER
         pending = torch.zeros_like(running)  # passed the gradient test, awaiting the Hessian's
+        strict = torch.zeros_like(running)  # at a strict minimum when last tested
         iterations = torch.zeros_like(codes)
         history = [norms.max()]
         check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
@@ -114,8 +116,9 @@ class Minimizer(Solver):
             running, pending = running & ~passed, pending | passed
             at_end = k >= max_iter
             if (k % check_every == 0 or at_end) and bool(pending.any()):
-                saddle, leave = self._saddles(fn, z, grad, pending)
+                saddle, leave, positive = self._saddles(fn, z, grad, pending)
                 codes = torch.where(pending & ~saddle, CONVERGED, codes)
+                strict = torch.where(pending, positive, strict)
                 if bool(saddle.any()):
                     report = _escape_report(callback, fn, k, norms)
                     escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
@@ -163,16 +166,18 @@ class Minimizer(Solver):
             jac_evals=fn.jac_evals,
             iterations_per_problem=iterations,
             status_codes=codes,
+            hint=verified_minimum(codes, strict),
         )
         return z, info
 
     def _saddles(self, fn: Objective, z, grad, rows: torch.Tensor):
-        """The ``rows`` at a saddle or maximum, and for each its negative-curvature
-        direction and curvature."""
+        """The ``rows`` at a saddle or maximum, for each its negative-curvature direction
+        and curvature, and the ``rows`` at a strict minimum (positive curvature)."""
         if not self.curvature_check:
-            return torch.zeros_like(rows), None
-        negative, direction, curvature = negative_curvature(fn, z, grad, self.max_dense)
-        return rows & negative, (direction, curvature)
+            none = torch.zeros_like(rows)
+            return none, None, none
+        negative, direction, curvature, positive = negative_curvature(fn, z, grad, self.max_dense)
+        return rows & negative, (direction, curvature), rows & positive
 
     def _escape(
         self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int, report=None
@@ -231,6 +236,13 @@ def _escape_report(callback, fn: Objective, k: int, norms: torch.Tensor):
         callback(k + trials, torch.where(escaped, residual_norms(fn, z, grad), norms), z)
 
     return report
+
+
+def verified_minimum(codes: torch.Tensor, strict: torch.Tensor) -> PositiveDefinite | None:
+    """What the second-order test established for the backward: the Hessian is
+    positive definite at every solution, where every problem converged to a strict
+    minimum."""
+    return PositiveDefinite() if bool(((codes == CONVERGED) & strict).all()) else None
 
 
 def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers._minimizer import Minimizer, check_objective, residual_norms
+from implicit.solvers._minimizer import (
+    Minimizer,
+    check_objective,
+    residual_norms,
+    verified_minimum,
+)
 from implicit.solvers.base import thresholds
 
 #: Above this many unknowns in all, a batch is solved problem by problem (scipy's dense
@@ -82,7 +87,7 @@ class ScipyBase(Minimizer):
             f, grad = fn.value_and_grad(z)
             norms = residual_norms(fn, z, grad)
             passed = norms <= threshold
-            saddle, leave = self._saddles(fn, z, grad, passed)
+            saddle, leave, strict = self._saddles(fn, z, grad, passed)
             if attempt == 1 or not bool(saddle.any()):
                 break
             z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
@@ -109,6 +114,7 @@ class ScipyBase(Minimizer):
             jac_evals=fn.jac_evals,
             iterations_per_problem=iterations,
             status_codes=codes,
+            hint=verified_minimum(codes, strict),
         )
         return z, info
 

@@ -8,16 +8,19 @@ from conftest import rel_err
 from systems import (
     F64,
     check_solution,
+    generator,
     nonsymmetric,
     operator,
     rhs_of,
     run,
+    spd,
 )
 
 import implicit
 from implicit import linear
 from implicit.linear import JacobianOperator
-from implicit.linear.auto import NeumannThenGMRES
+from implicit.linear.auto import CGThenGMRES, NeumannThenGMRES
+from implicit.linear.base import BREAKDOWN, CONVERGED
 
 
 class TestAuto:
@@ -33,7 +36,7 @@ class TestAuto:
             linear.Dense,
             linear.GMRES,
             NeumannThenGMRES,
-            linear.CG,
+            CGThenGMRES,
         ]
         assert all((c.tol, c.max_iter) == (1e-9, 7) for c in chosen)
         # Symmetric is not enough for CG: it needs positive definite.
@@ -121,6 +124,37 @@ class TestAuto:
         assert info.backward.method == "gmres"
         d = 1 + 0.3 / torch.cosh(z.detach()) ** 2
         assert rel_err(x.grad, 1 / d) <= 1e-10
+
+    def test_a_positive_definite_operator_is_solved_by_cg(self):
+        matrix, rhs = spd(3, 10, 50.0, 0), rhs_of(3, 10, 0)
+        op = operator(matrix)
+        spd_op = JacobianOperator(op.jacobian, transposed=True, positive_definite=True)
+        result = run(linear.Auto(max_dense=3), spd_op, rhs, tol=1e-10, max_iter=50)
+        assert result.method == "cg"
+        check_solution(result, matrix, rhs, 1e-10)
+        # The same iterates as CG alone.
+        alone = run(linear.CG(), spd_op, rhs, tol=1e-10, max_iter=50)
+        assert torch.equal(result.x, alone.x)
+
+    def test_a_wrong_positive_definite_claim_goes_on_with_gmres(self):
+        # Rows 0 and 2 are SPD; row 1 is symmetric indefinite (eigenvalues of both signs),
+        # claimed positive definite all the same: CG breaks down on it (a curvature
+        # pᵀAp ≤ 0) and GMRES solves it; the others keep CG's answer.
+        n = 10
+        matrix = spd(3, n, 20.0, 1)
+        signs = torch.ones(n, dtype=F64)
+        signs[::2] = -1
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator(5), dtype=F64))
+        matrix[1] = q @ torch.diag(signs * torch.linspace(1, 5, n, dtype=F64)) @ q.T
+        rhs = rhs_of(3, n, 1)
+        op = operator(matrix)
+        claimed = JacobianOperator(op.jacobian, transposed=True, positive_definite=True)
+        result = run(linear.Auto(max_dense=3), claimed, rhs, tol=1e-10, max_iter=60)
+        assert result.method == "cg+gmres"
+        check_solution(result, matrix, rhs, 1e-10)
+        cg = run(linear.CG(), claimed, rhs, tol=1e-10, max_iter=60)
+        assert cg.codes.tolist() == [CONVERGED, BREAKDOWN, CONVERGED]
+        assert torch.equal(result.x[0], cg.x[0]) and torch.equal(result.x[2], cg.x[2])
 
     def test_solve_delegates(self):
         matrix, rhs = nonsymmetric(2, 6, 0.5, 0), rhs_of(2, 6, 0)
