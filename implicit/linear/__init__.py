@@ -33,10 +33,12 @@ from collections.abc import Callable
 
 from implicit.linear.auto import Auto
 from implicit.linear.base import (
+    ApproximateInverse,
     Hint,
     JacobianOperator,
     LinearResult,
     LinearSolver,
+    LowRankInverse,
     PositiveDefinite,
 )
 from implicit.linear.bicgstab import BiCGStab
@@ -52,6 +54,7 @@ __all__ = [
     "CG",
     "GMRES",
     "NAMES",
+    "ApproximateInverse",
     "Auto",
     "BiCGStab",
     "Dense",
@@ -60,6 +63,7 @@ __all__ = [
     "JacobianOperator",
     "LinearResult",
     "LinearSolver",
+    "LowRankInverse",
     "NearbyFactorization",
     "Neumann",
     "OneStep",

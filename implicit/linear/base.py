@@ -45,10 +45,12 @@ __all__ = [
     "ILL_CONDITIONED",
     "MAX_ITER",
     "NONFINITE",
+    "ApproximateInverse",
     "Hint",
     "JacobianOperator",
     "LinearResult",
     "LinearSolver",
+    "LowRankInverse",
     "PositiveDefinite",
     "Preconditioner",
 ]
@@ -123,6 +125,61 @@ class Hint:
     ([`uses`][implicit.linear.LinearSolver.uses]). A forward solver returns one in
     ``SolveInfo.hint``; subclasses say what it is (e.g.
     [`NearbyFactorization`][implicit.linear.NearbyFactorization])."""
+
+
+class ApproximateInverse(Hint):
+    """A hint that is an estimate ``M ≈ (∂g/∂z)⁻¹`` near the solution, one per problem:
+    a preconditioner for an iterative method that takes any (see
+    [`IterativeSolver`][implicit.linear.IterativeSolver]'s ``use_hints``), or the start
+    of a refinement ([`NearbyFactorization`][implicit.linear.NearbyFactorization] for
+    [`Dense`][implicit.linear.Dense]). A subclass implements
+    [`solve`][implicit.linear.ApproximateInverse.solve]."""
+
+    @property
+    def rows(self) -> int:
+        """The number of problems ``B`` the estimate is for."""
+        raise NotImplementedError
+
+    def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+        """``M rhs`` per row of ``rhs`` ``(B, n)`` (``transposed``: ``Mᵀ rhs``, an
+        estimate of the adjoint's inverse)."""
+        raise NotImplementedError
+
+
+class LowRankInverse(ApproximateInverse):
+    """``M = s I + Σ_j u_j v_jᵀ ≈ (∂g/∂z)⁻¹`` per problem: the quasi-Newton methods'
+    estimate of the inverse Jacobian, built from their secant steps.
+
+    [`Broyden`][implicit.solvers.Broyden]'s inverse estimate is of this form, and so is
+    [`Anderson`][implicit.solvers.Anderson]'s: its mixing step ``z − M g(z)`` with
+    ``M = −β I + (ΔZ + βΔR)(ΔRᵀΔR + ridge)⁻¹ΔRᵀ`` satisfies the secant equations
+    ``M Δr_j = Δz_j`` of its history (up to the ridge). Each is returned as the solver's
+    hint; a GMRES or BiCGStab backward with ``use_hints=True`` preconditions the
+    adjoint system with ``Mᵀ`` (an exact solve, in fewer products where the estimate is
+    good).
+
+    Args:
+        scale: ``s``, shape ``(B,)``.
+        left: the ``u_j``, shape ``(B, k, n)``.
+        right: the ``v_j``, shape ``(B, k, n)``.
+    """
+
+    def __init__(self, scale: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+        self.scale = scale
+        self.left = left
+        self.right = right
+
+    @property
+    def rows(self) -> int:
+        return self.scale.shape[0]
+
+    def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+        left, right = (self.right, self.left) if transposed else (self.left, self.right)
+        if left.dtype != rhs.dtype:  # half-precision factors, float32 iterates
+            left, right = left.to(rhs.dtype), right.to(rhs.dtype)
+        coefficients = torch.bmm(rhs.unsqueeze(1), right.transpose(1, 2))
+        correction = torch.bmm(coefficients, left).squeeze(1)
+        return self.scale.to(rhs.dtype).unsqueeze(1) * rhs + correction
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ class BiCGStab(IterativeSolver):
     """
 
     name = "bicgstab"
+    any_preconditioner = True
 
     def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner):
         precondition = identity if preconditioner is None else preconditioner

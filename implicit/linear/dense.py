@@ -16,6 +16,7 @@ from implicit.linear.base import (
     BREAKDOWN,
     CONVERGED,
     NONFINITE,
+    ApproximateInverse,
     Hint,
     JacobianOperator,
     LinearResult,
@@ -32,7 +33,7 @@ REFINE_MIN_WORK = 2**16
 
 
 @dataclasses.dataclass(frozen=True)
-class NearbyFactorization(Hint):
+class NearbyFactorization(ApproximateInverse):
     """The LU factorisation of ``∂g/∂z`` at a point near the solution (Newton's last
     step), which [`Dense`][implicit.linear.Dense] refines instead of building the
     Jacobian at the solution.
@@ -42,6 +43,10 @@ class NearbyFactorization(Hint):
     """
 
     factorization: Factorization
+
+    @property
+    def rows(self) -> int:
+        return self.factorization.lu.shape[0]
 
     def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
         """``M rhs`` per row, ``M`` the inverse of the nearby ``∂g/∂z`` (transposed: of

@@ -34,6 +34,7 @@ class GMRES(IterativeSolver):
     """
 
     name = "gmres"
+    any_preconditioner = True
 
     restart: int = 20
 

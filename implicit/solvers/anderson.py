@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -11,6 +12,7 @@ from implicit._batch import combine, known_all, project, store, traced
 from implicit._blocks import solve
 from implicit._checks import check_number
 from implicit._precision import upcast, working_dtype
+from implicit.linear.base import LowRankInverse
 from implicit.solvers.base import Solver
 
 
@@ -38,6 +40,35 @@ class _History:
     def valid(self) -> torch.Tensor:
         """``(B, m)``: the slots in use."""
         return self.gram.diagonal(dim1=1, dim2=2) > 0
+
+
+class _Multisecant(LowRankInverse):
+    """Anderson's estimate ``M = −β I + (ΔZ + βΔR) C ΔRᵀ ≈ (∂g/∂z)⁻¹``, with ``C`` the
+    inverse of the regularised ``ΔRᵀΔR`` of its last step (whose step is ``z − M g(z)``):
+    it maps each residual difference of the history to its step, ``M Δr_j ≈ Δz_j``.
+    Computed from the history when first applied: a solve whose backward does not use
+    it pays nothing for it."""
+
+    def __init__(self, solver: Anderson, history: _History):
+        self._solver = solver
+        self._history = history
+        self.left = history.dz_mixed
+
+    @property
+    def rows(self) -> int:
+        return self._history.z.shape[0]
+
+    @functools.cached_property
+    def scale(self) -> torch.Tensor:
+        return torch.full_like(self._history.z[:, 0], -self._solver.mixing)
+
+    @functools.cached_property
+    def right(self) -> torch.Tensor:
+        history = self._history
+        system, inverse_norms = self._solver._system(history.gram)
+        coefficients = inverse_norms.unsqueeze(2) * torch.linalg.inv(system)
+        coefficients = coefficients * inverse_norms.unsqueeze(1)
+        return torch.bmm(coefficients.to(history.dr.dtype), history.dr)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,19 +147,7 @@ class Anderson(Solver):
         in_place = not traced(z, r)
         state = self._remember(z, r, state, in_place)
         rhs = state.rhs
-        # The normalised least-squares system: the columns of ΔR scaled to unit norm
-        # (so that the method does not care about the scale of g) and a ridge on the
-        # unit diagonal. Unused slots (zero rows, zero right-hand side) are uncoupled:
-        # their coefficient solves to exactly zero, whatever their (finite) scale.
-        # An unused slot's scale is 1, not rsqrt(0): any finite value leaves it uncoupled,
-        # and clamping to a tiny square instead gave a derivative of about tiny^-1.5,
-        # infinite, whose product with the zero tangent there is NaN (forward mode,
-        # Hessians under backward="unroll").
-        squares = state.gram.diagonal(dim1=1, dim2=2)
-        inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
-        system = state.gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
-        ridge = max(self.regularization, torch.finfo(system.dtype).eps)
-        system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
+        system, inverse_norms = self._system(state.gram)
         scaled, _ = solve(system, inverse_norms * rhs)
         gamma = inverse_norms * scaled  # in this order: a contiguous (B, m) result
         # NaN and ∞ fail the test too; an infinite bound still needs a finite size.
@@ -167,6 +186,28 @@ class Anderson(Solver):
         else:
             z_next = z_next - combine(state.dz_mixed, gamma)
         return z_next, fn(z_next), state
+
+    def hint(self, state: _History) -> LowRankInverse:
+        """The multisecant estimate of ``(∂g/∂z)⁻¹`` the mixing step applies (computed
+        where a linear solver uses it)."""
+        return _Multisecant(self, state)
+
+    def _system(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised least-squares system of the step and the inverse norms of the
+        columns of ``ΔR`` that normalise it."""
+        # The columns of ΔR scaled to unit norm (so that the method does not care about
+        # the scale of g) and a ridge on the unit diagonal. Unused slots (zero rows, zero
+        # right-hand side) are uncoupled: their coefficient solves to exactly zero,
+        # whatever their (finite) scale. An unused slot's scale is 1, not rsqrt(0): any
+        # finite value leaves it uncoupled, and clamping to a tiny square instead gave a
+        # derivative of about tiny^-1.5, infinite, whose product with the zero tangent
+        # there is NaN (forward mode, Hessians under backward="unroll").
+        squares = gram.diagonal(dim1=1, dim2=2)
+        inverse_norms = torch.rsqrt(torch.where(squares > 0, squares, 1))
+        system = gram * (inverse_norms.unsqueeze(2) * inverse_norms.unsqueeze(1))
+        ridge = max(self.regularization, torch.finfo(system.dtype).eps)
+        system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
+        return system, inverse_norms
 
     def _remember(self, z, r, state, in_place):
         """The history with the step that led to ``z`` in the next slot (the oldest goes)

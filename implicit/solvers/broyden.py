@@ -10,6 +10,7 @@ import torch
 from implicit._batch import combine, known_all, project, store
 from implicit._checks import check_number
 from implicit._precision import norms, upcast
+from implicit.linear.base import LowRankInverse
 from implicit.solvers._line_search import (
     Search,
     frozen_rows,
@@ -196,6 +197,11 @@ class Broyden(Solver):
             search=search,
         )
         return z_new, r_new, state
+
+    def hint(self, state: _BroydenState) -> LowRankInverse:
+        """The estimate ``H = h₀ I + Σ_j u_j v_jᵀ ≈ (∂g/∂z)⁻¹`` the last step updated."""
+        filled = slice(None, state.filled)
+        return LowRankInverse(state.h0, state.u[:, filled], state.v[:, filled])
 
     @staticmethod
     def _restart(fn, z, r, state, restart):
