@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from implicit._capture import tree_map_tensors
-from implicit._problem import Residual
 from implicit._results import (
     CONVERGED,
     FAILED,
@@ -36,7 +35,7 @@ from implicit._results import (
     SolveInfo,
     status_name,
 )
-from implicit.solvers.base import Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
 
 def describe(h: Callable[..., Any], role: str) -> str:

@@ -1,7 +1,7 @@
 """The optimisation front doors: ``minimize`` and ``least_squares``.
 
 Both reduce to the root problem of their optimality condition
-(:class:`~implicit._objective.OptimizationProblem`) and call the one differentiable
+(:class:`~implicit._optimization.OptimizationProblem`) and call the one differentiable
 core, like every other front door.
 """
 
@@ -15,7 +15,7 @@ import torch
 from implicit import _aux, _bounds, _tolerance, linear, solvers
 from implicit._checks import check_max_iter, check_on_failure
 from implicit._compile import eager
-from implicit._objective import OptimizationProblem
+from implicit._optimization import OptimizationProblem
 from implicit._precision import is_half
 from implicit._problem import State
 from implicit._progress import Callback, check_callback

@@ -17,11 +17,10 @@ from typing import Any, Literal
 import torch
 
 from implicit import _tree
-from implicit._batch import traced
 from implicit._capture import Recorder, Substitute, carries_derivative
 from implicit._checks import check_arg, check_states
 from implicit._precision import norms, working_dtype
-from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
+from implicit.solvers.base import Residual
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
 State = torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | dict[Any, Any]
@@ -176,7 +175,7 @@ class Problem:
 
         ``source`` evaluates the problem's functions in its place (the rows of the
         problem under ``vmap``); a problem type whose solvers need more than the
-        residual (an objective, :mod:`implicit._objective`) returns a richer view.
+        residual (an objective: :mod:`implicit._optimization`) returns a richer view.
         """
         source = self if source is None else source
         return Residual(
@@ -297,77 +296,6 @@ class Problem:
                     f"{self.dtype}: cast the inputs or z0 so that they agree"
                 )
         return _flatten(parts, self.batch_size)
-
-
-class Residual:
-    """The residual ``g`` on a flat batch ``(B, n)``, as a forward solver receives it.
-
-    Row ``b`` of ``g(z)`` depends only on row ``b`` of ``z`` (``B`` independent
-    problems). Every evaluation is counted, so that ``SolveInfo.f_evals`` reports what
-    the solver spent.
-
-    Args:
-        fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
-        scale: ``scale(z0, g(z0)) -> (B,)``, the scale of the stopping test (problem
-            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``); ``None``:
-            zero, an absolute test.
-
-    Attributes:
-        f_evals: evaluations of ``g`` so far (one call on the whole batch counts once;
-            a linearisation counts one).
-        jac_evals: dense Jacobians built so far (the solver counts those it builds).
-
-    Example:
-        >>> fn = implicit.solvers.Residual(lambda z: z**3 - 8)
-        >>> z = torch.full((2, 1), 3.0)
-        >>> r, jacobian = fn.linearize(z)  # g(z) and ∂g/∂z at z, as products
-        >>> r.flatten(), jacobian.mv(torch.ones(2, 1)).flatten()  # 3z², per row
-        (tensor([19., 19.]), tensor([27., 27.]))
-        >>> fn.f_evals
-        1
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    ):
-        self.fn = fn
-        self._scale = scale
-        self.f_evals = 0
-        self.jac_evals = 0
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """``g(z)``."""
-        self.f_evals += 1
-        return self.fn(z)
-
-    def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
-        """The ``(B,)`` scale of the stopping test, from the initial guess ``z0`` and its
-        residual ``r0`` (see [`Solver.solve`][implicit.solvers.Solver.solve])."""
-        if self._scale is None:
-            return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
-        return self._scale(z0, r0)
-
-    def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
-        """``g(z)`` and ``∂g/∂z`` at ``z`` as a
-        [`JacobianOperator`][implicit.linear.JacobianOperator] (one evaluation of ``g``).
-
-        The operator's products are one pass each through a graph of ``g`` recorded
-        with plain autograd, unless the solver's operations are recorded themselves
-        (``backward="unroll"``) or a ``torch.func`` transform sees them: then they are
-        ``torch.func`` products, which can be differentiated.
-        """
-        self.f_evals += 1
-        jacobian = Jacobian(self.fn, z) if traced(z) else GraphJacobian.record(self.fn, z)
-        return jacobian.value, JacobianOperator(jacobian)
-
-    def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``g(z)`` and the dense per-problem Jacobian ``(B, n, n)`` at ``z`` (``n``
-        products; counts one evaluation and one Jacobian)."""
-        value, operator = self.linearize(z)
-        self.jac_evals += 1
-        return value, operator.dense()
 
 
 def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:

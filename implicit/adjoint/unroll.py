@@ -15,12 +15,12 @@ from collections.abc import Sequence
 import torch
 
 from implicit import _progress, _tolerance, _torch
-from implicit._problem import Problem, Residual
+from implicit._problem import Problem
 from implicit._results import SolveInfo, report_failure
 from implicit.adjoint.function import implicit_solve, not_a_view_of
 from implicit.adjoint.problems import Given, RootProblem, Settings
 from implicit.linear import resolve as resolve_linear
-from implicit.solvers.base import Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 

@@ -28,9 +28,6 @@ A new method is one file: subclass [`IterativeSolver`][implicit.linear.Iterative
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 from implicit.linear.auto import Auto
 from implicit.linear.base import (
     ApproximateInverse,
@@ -48,6 +45,7 @@ from implicit.linear.gmres import GMRES
 from implicit.linear.iterative import IterativeSolver, Progress
 from implicit.linear.neumann import Neumann
 from implicit.linear.one_step import OneStep, Phantom
+from implicit.linear.registry import NAMES, resolve
 from implicit.linear.unroll import Unroll
 
 __all__ = [
@@ -73,34 +71,3 @@ __all__ = [
     "Unroll",
     "resolve",
 ]
-
-NAMES: dict[str, Callable[[], LinearSolver | Unroll]] = {
-    "auto": Auto,
-    "dense": Dense,
-    "cg": CG,
-    "gmres": GMRES,
-    "bicgstab": BiCGStab,
-    "neumann": Neumann,
-    "one_step": OneStep,
-    "phantom": Phantom,
-    "unroll": Unroll,
-}
-"""The backward modes by the names ``backward=`` accepts (each with its default options)."""
-
-
-def resolve(backward: str | LinearSolver | Unroll) -> LinearSolver | Unroll:
-    """A backward mode given by name or instance, as an instance."""
-    if isinstance(backward, (LinearSolver, Unroll)):
-        return backward
-    if isinstance(backward, str) and backward in NAMES:
-        return _default(backward)
-    raise ValueError(
-        f"unknown backward {backward!r}: use one of {sorted(NAMES)} or an instance "
-        f"from implicit.linear"
-    )
-
-
-@functools.cache
-def _default(name: str) -> LinearSolver | Unroll:
-    """The instance of a name, made once: instances are immutable, so one serves all."""
-    return NAMES[name]()

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from implicit._objective import Objective
+from implicit.solvers._objective import Objective
 
 #: Lanczos steps for problems with more unknowns than the dense limit.
 LANCZOS_STEPS = 20

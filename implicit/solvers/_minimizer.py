@@ -32,11 +32,11 @@ import torch
 
 from implicit._batch import cheap_host_reads
 from implicit._checks import check_number
-from implicit._objective import Objective
 from implicit._precision import norms
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
 from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature
+from implicit.solvers._objective import Objective
 from implicit.solvers._search import C1
 from implicit.solvers.base import Solver, finite_rows_only, thresholds
 

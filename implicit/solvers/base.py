@@ -1,4 +1,5 @@
-"""The interface every forward solver implements, and the loop that drives it.
+"""The interface every forward solver implements, the residual it receives, and the loop
+that drives it.
 
 A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)``
 (row ``b`` is problem ``b``). It implements two small methods:
@@ -23,12 +24,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import all_running, cheap_host_reads, row_selector
+from implicit._batch import all_running, cheap_host_reads, row_selector, traced
 from implicit._checks import check_number
 from implicit._precision import norms as norms_of
 from implicit._precision import working_dtype
-from implicit._problem import Residual
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
+from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
 
 if TYPE_CHECKING:
     from implicit.linear import Hint
@@ -188,6 +189,77 @@ class Solver(abc.ABC):
             status_codes=codes,
         )
         return z, info
+
+
+class Residual:
+    """The residual ``g`` on a flat batch ``(B, n)``, as a forward solver receives it.
+
+    Row ``b`` of ``g(z)`` depends only on row ``b`` of ``z`` (``B`` independent
+    problems). Every evaluation is counted, so that ``SolveInfo.f_evals`` reports what
+    the solver spent.
+
+    Args:
+        fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
+        scale: ``scale(z0, g(z0)) -> (B,)``, the scale of the stopping test (problem
+            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``); ``None``:
+            zero, an absolute test.
+
+    Attributes:
+        f_evals: evaluations of ``g`` so far (one call on the whole batch counts once;
+            a linearisation counts one).
+        jac_evals: dense Jacobians built so far (the solver counts those it builds).
+
+    Example:
+        >>> fn = implicit.solvers.Residual(lambda z: z**3 - 8)
+        >>> z = torch.full((2, 1), 3.0)
+        >>> r, jacobian = fn.linearize(z)  # g(z) and ∂g/∂z at z, as products
+        >>> r.flatten(), jacobian.mv(torch.ones(2, 1)).flatten()  # 3z², per row
+        (tensor([19., 19.]), tensor([27., 27.]))
+        >>> fn.f_evals
+        1
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.fn = fn
+        self._scale = scale
+        self.f_evals = 0
+        self.jac_evals = 0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """``g(z)``."""
+        self.f_evals += 1
+        return self.fn(z)
+
+    def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+        """The ``(B,)`` scale of the stopping test, from the initial guess ``z0`` and its
+        residual ``r0`` (see [`Solver.solve`][implicit.solvers.Solver.solve])."""
+        if self._scale is None:
+            return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
+        return self._scale(z0, r0)
+
+    def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
+        """``g(z)`` and ``∂g/∂z`` at ``z`` as a
+        [`JacobianOperator`][implicit.linear.JacobianOperator] (one evaluation of ``g``).
+
+        The operator's products are one pass each through a graph of ``g`` recorded
+        with plain autograd, unless the solver's operations are recorded themselves
+        (``backward="unroll"``) or a ``torch.func`` transform sees them: then they are
+        ``torch.func`` products, which can be differentiated.
+        """
+        self.f_evals += 1
+        jacobian = Jacobian(self.fn, z) if traced(z) else GraphJacobian.record(self.fn, z)
+        return jacobian.value, JacobianOperator(jacobian)
+
+    def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(z)`` and the dense per-problem Jacobian ``(B, n, n)`` at ``z`` (``n``
+        products; counts one evaluation and one Jacobian)."""
+        value, operator = self.linearize(z)
+        self.jac_evals += 1
+        return value, operator.dense()
 
 
 def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,8 @@ import torch
 
 from implicit._checks import check_options
 from implicit._precision import upcast
-from implicit._problem import Residual
 from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers.base import Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
 METHODS = (
     "hybr",
