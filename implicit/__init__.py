@@ -1,16 +1,11 @@
 """implicit: differentiable fixed points, roots and inverses for PyTorch."""
 
 from implicit import layers, linear, solvers
+from implicit._batch_jacobian import batch_jacobian
+from implicit._custom import custom_root, implicit_inverse_layer
 from implicit._optimize import least_squares, minimize
 from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
-from implicit.api import (
-    batch_jacobian,
-    custom_root,
-    fixed_point,
-    implicit_inverse_layer,
-    invert,
-    root_solve,
-)
+from implicit.api import fixed_point, invert, root_solve
 from implicit.layers import DEQ, ImplicitLayer, InverseLayer
 
 __version__ = "0.1.0"

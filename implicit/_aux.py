@@ -12,13 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def split(
-    fn: Callable[..., Any], has_aux: bool, name: str
-) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
-    """``fn`` without its auxiliary output, and the function returning that output
-    (``None`` when ``has_aux`` is false)."""
-    if not has_aux:
-        return fn, None
+def split(fn: Callable[..., Any], name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``fn`` (``has_aux=True``: it returns ``(output, aux)``) without its auxiliary
+    output, and the function returning that output."""
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
 
@@ -30,19 +26,3 @@ def split(
         return out
 
     return (lambda *args: pair(*args)[0]), (lambda *args: pair(*args)[1])
-
-
-def attach(result: Any, aux: Callable[..., Any] | None, args: tuple, return_info: bool) -> Any:
-    """A front door's result with the auxiliary output: ``z, aux`` or ``z, aux, info``.
-
-    Args:
-        result: ``z`` or ``(z, info)``.
-        aux: the auxiliary function from :func:`split`, or ``None``.
-        args: the arguments after ``z`` to call it with.
-        return_info: whether ``result`` carries the info.
-    """
-    if aux is None:
-        return result
-    z, info = result if return_info else (result, None)
-    value = aux(z, *args)
-    return (z, value, info) if return_info else (z, value)

@@ -35,6 +35,7 @@ from implicit._results import (
     SolveInfo,
     status_name,
 )
+from implicit.linear.unroll import Unroll
 from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
 
@@ -223,3 +224,21 @@ class CheckAnswer(Solver):
             status_codes=codes,
         )
         return z0, info
+
+
+def shape_of(value: Any, name: str) -> torch.Size:
+    """The shape of a tensor the caller gave to say what shape an answer must have."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value.shape
+
+
+def no_unroll(backward: Any, who: str) -> Any:
+    """``backward``, which must not be ``"unroll"``: a black box has no iterations to
+    differentiate through."""
+    if isinstance(backward, Unroll) or backward == "unroll":
+        raise ValueError(
+            f"backward='unroll' differentiates through a solver's iterations, but {who} is "
+            f"a black box: use an implicit backward ('auto', 'dense', 'gmres', ...)"
+        )
+    return backward

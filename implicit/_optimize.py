@@ -12,16 +12,14 @@ from typing import Any
 
 import torch
 
-from implicit import _aux, _bounds, _tolerance, linear, solvers
-from implicit._checks import check_max_iter, check_on_failure
+from implicit import _aux, _bounds, linear, solvers
 from implicit._compile import eager
 from implicit._optimization import OptimizationProblem
 from implicit._precision import is_half
 from implicit._problem import State
-from implicit._progress import Callback, check_callback
-from implicit._results import SolveInfo
+from implicit._progress import Callback
 from implicit._tolerance import Tol
-from implicit.adjoint.solve import solve
+from implicit.api import run
 
 Backward = str | linear.LinearSolver | linear.Unroll
 Bounds = tuple[Any, Any] | None
@@ -191,12 +189,8 @@ def _solve(
     tol, max_iter, batched = settings["tol"], settings["max_iter"], settings["batched"]
     on_failure, return_info = settings["on_failure"], settings["return_info"]
     callback = settings["callback"]
-    _tolerance.check_tol(tol)
-    check_max_iter(max_iter)
-    check_on_failure(on_failure)
-    check_callback(callback)
     name = "residual" if least_squares else "fun"
-    fun, aux = _aux.split(fun, settings["has_aux"], name)
+    fun, aux = _aux.split(fun, name) if settings["has_aux"] else (fun, None)
     z0, packed = _bounds.prepare(bounds, z0, batched)
     problem = OptimizationProblem(
         fun,
@@ -222,17 +216,15 @@ def _solve(
             f"implicit.solvers.Minimizer), got {type(method).__name__}: a root solver on the "
             f"gradient may converge to a maximum or a saddle"
         )
-    mode = linear.resolve(backward)
-    tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
-    z, info = solve(
+    return run(
         problem,
         method,
-        mode,
+        backward,
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        return_info=return_info,
         callback=callback,
+        aux=aux,
+        args=args,
     )
-    out = problem.unpack(z)
-    result: State | tuple[State, SolveInfo] = (out, info) if return_info else out
-    return _aux.attach(result, aux, args, return_info)

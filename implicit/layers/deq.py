@@ -9,7 +9,7 @@ import torch
 
 from implicit._problem import Problem, State
 from implicit._tree import flatten, tree_map
-from implicit.api import warm_fixed_point
+from implicit.api import run
 from implicit.layers._base import SolverLayer
 from implicit.linear.operator import GraphJacobian
 
@@ -135,13 +135,17 @@ class DEQ(SolverLayer):
             _check_batched(z0, name)
         if self.warm_start_backward and self.last_info is not None and self.last_info.backward:
             self._adjoint = self.last_info.backward.solution
-        z, info = warm_fixed_point(
-            self.f,
-            z0,
-            x,
+        options = self.solve_options()
+        tol_mode = options.pop("tol_mode")
+        problem = Problem(
+            self.f, z0, (x,), batched=self.batched, form="fixed_point", tol_mode=tol_mode
+        )
+        z, info = run(
+            problem,
+            options.pop("solver"),
+            options.pop("backward"),
             backward_x0=self._adjoint if self.warm_start_backward else None,
-            batched=self.batched,
-            **self.solve_options(),
+            **options,
         )
         self.last_info = info
         self.last_jac_loss = None

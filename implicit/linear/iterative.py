@@ -144,13 +144,12 @@ class IterativeSolver(LinearSolver):
         return self.init(state.transpose())
 
     def solve(self, state, rhs, *, tol, max_iter, x0=None, preconditioner=None):
+        hinted = isinstance(state, _Hinted)
         # Its first product samples ‖A‖ for the condition estimate.
-        operator = _condition.FirstProduct(state)
+        operator = _condition.FirstProduct(state.operator if hinted else state)
         preconditioner = self.preconditioner if preconditioner is None else preconditioner
-        if isinstance(state, _Hinted):
-            operator = state.operator
-            if preconditioner is None:
-                preconditioner = state.preconditioner()
+        if hinted and preconditioner is None:
+            preconditioner = state.preconditioner()
         if preconditioner is not None and not self.preconditioned:
             raise TypeError(f"{type(self).__name__} takes no preconditioner")
         rhs_norm = norm(rhs)
