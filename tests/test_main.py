@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from implicit import __main__ as tour
-from implicit import _tour_deq
+from implicit import _tour_deq, _tour_deq_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,12 +120,14 @@ def test_output_dir_creates_the_folder_or_says_why_it_cannot(tmp_path):
 
 def test_the_section_explains_its_numbers():
     for backward in ("auto", "neumann", "gmres"):
-        text = _tour_deq.legend(backward)
+        text = _tour_deq_report.legend(backward)
         for column in ("test accuracy:", "fwd iters:", "bwd iters:", "ms/step:", "peak MiB:"):
             assert column in text
         assert ("Neumann" in text) == (backward != "gmres")
         assert all(len(line) <= 88 for line in text.splitlines())
-    note = _tour_deq.unconverged_note({"model": "unroll", "unconverged steps": 7, "steps": 88})
+    note = _tour_deq_report.unconverged_note(
+        {"model": "unroll", "unconverged steps": 7, "steps": 88}, _tour_deq.MAX_ITER
+    )
     assert "in 7 of 88 training steps" in note and f"max_iter = {_tour_deq.MAX_ITER}" in note
     assert "on_failure='ignore'" in note
     assert all(len(line) <= 88 for line in note.splitlines())
