@@ -8,7 +8,7 @@ the same bad values with the same message: a bool is never a number here
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -103,11 +103,15 @@ def check_storage(tensor: torch.Tensor, label: str) -> None:
         )
 
 
-def check_arg(arg: torch.Tensor, label: str, dtype: torch.dtype, device, name: str) -> None:
+def check_arg(
+    arg: torch.Tensor, label: Callable[[], str], dtype: torch.dtype, device, name: str
+) -> None:
+    """A tensor argument on the state's device, floating point only in its dtype;
+    ``label()`` names it in the error (made only for an error)."""
     if arg.device != device:
-        raise ValueError(f"{label} is on {arg.device} but {name} is on {device}")
+        raise ValueError(f"{label()} is on {arg.device} but {name} is on {device}")
     if arg.is_floating_point() and arg.dtype != dtype:
         raise TypeError(
-            f"{label} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
+            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
             f"floating-point dtype"
         )

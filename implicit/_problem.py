@@ -10,6 +10,7 @@ problem at its inputs as a [`Residual`][implicit.solvers.Residual].
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -98,12 +99,18 @@ class Problem:
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
         for i in self.tensor_positions:
-            check_arg(self.args[i], self._arg_label(i), self.dtype, self.device, initial)
+            label = functools.partial(self._arg_label, i)
+            check_arg(self.args[i], label, self.dtype, self.device, initial)
         # The structure fn returns: that of z, or of y in the inverse form.
         self.out_shapes, self.out_spec = self.shapes, self.spec
         if form == "inverse":
             self.out_shapes, self.out_spec = [self._check_target()], _tree.LEAF
+        #: The tensors among the explicit arguments.
+        self.explicit = [self.args[i] for i in self.tensor_positions]
+        #: The tensors ``fn`` captures that carry derivatives (see :meth:`discover`).
         self.captured: list[torch.Tensor] = []
+        #: Explicit tensor arguments followed by captured tensors.
+        self.inputs = self.explicit
 
     def _arg_label(self, position: int) -> str:
         if self.form != "inverse":
@@ -132,7 +139,7 @@ class Problem:
     def pack(self, states: State) -> torch.Tensor:
         """A state (tensor or tree) as one ``(B, n)`` tensor."""
         if self.spec.is_leaf:
-            return _flatten((states,), self.batch_size)
+            return states.reshape(self.batch_size, -1)
         return _flatten(_tree.leaves_like(self.spec, states, "the state", "z"), self.batch_size)
 
     def unpack(self, flat: torch.Tensor) -> State:
@@ -147,27 +154,18 @@ class Problem:
         )
 
     # -- inputs -------------------------------------------------------------------
-    @property
-    def explicit(self) -> list[torch.Tensor]:
-        """The tensors among the explicit arguments."""
-        return [self.args[i] for i in self.tensor_positions]
-
-    @property
-    def inputs(self) -> list[torch.Tensor]:
-        """Explicit tensor arguments followed by captured tensors."""
-        return self.explicit + self.captured
-
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """``g`` on the flat view, with ``inputs`` standing in for the problem's inputs.
 
         The stand-ins may be detached copies or transform-owned versions of the
         original inputs: captured tensors are swapped in by identity.
         """
-        out, target = self._evaluate(z, inputs)
+        out = self._pack_output(self.call(self.fn, z, inputs))
         if self.form == "fixed_point":
             return out - z
         if self.form == "inverse":
-            return out - target.reshape(self.batch_size, -1)
+            # y, the inverse form's first argument, is its first input (or its stand-in).
+            return out - inputs[0].reshape(self.batch_size, -1)
         return out
 
     def solver_view(self, inputs: Sequence[torch.Tensor], source: Any = None) -> Residual:
@@ -178,9 +176,7 @@ class Problem:
         residual (an objective: :mod:`implicit._optimization`) returns a richer view.
         """
         source = self if source is None else source
-        return Residual(
-            lambda z: source.residual(z, *inputs), lambda z, r: source.scale(z, r, *inputs)
-        )
+        return Residual(source.residual, source.scale, inputs)
 
     def map(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """``f`` on the flat view, for the fixed-point form: ``residual = map(z) − z``.
@@ -190,15 +186,7 @@ class Problem:
         """
         if self.form != "fixed_point":
             raise ValueError(f"map() is the fixed-point form's, this problem is {self.form!r}")
-        return self._evaluate(z, inputs)[0]
-
-    def _evaluate(
-        self, z: torch.Tensor, inputs: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The user function's packed output and, in the inverse form, the target."""
-        # y, the inverse form's first argument, is its first input (or its stand-in).
-        target = inputs[0] if self.form == "inverse" else None
-        return self._pack_output(self.call(self.fn, z, inputs)), target
+        return self._pack_output(self.call(self.fn, z, inputs))
 
     def call(self, function: Callable[..., Any], z: torch.Tensor, inputs: Sequence[torch.Tensor]):
         """``function(state, *args)`` at the flat ``z``, with ``inputs`` standing in for
@@ -242,6 +230,7 @@ class Problem:
         with torch.enable_grad(), Recorder(known) as recorder:
             r0 = self.residual(z0, *self.explicit)
         self.captured = list(recorder.captured.values())
+        self.inputs = self.explicit + self.captured
         return r0.detach()
 
     def rediscover(self, z: torch.Tensor) -> list[torch.Tensor]:
@@ -255,6 +244,7 @@ class Problem:
         seen = {id(t) for t in self.captured}
         added = [t for key, t in recorder.captured.items() if key not in seen]
         self.captured = [*self.captured, *added]
+        self.inputs = self.explicit + self.captured
         return added
 
     def carries_derivatives(self) -> bool:

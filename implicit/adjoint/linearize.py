@@ -70,8 +70,7 @@ class Functional(Linearization):
 
     @functools.cached_property
     def jacobian(self) -> Jacobian:
-        inputs = self._inputs
-        return Jacobian(lambda state: self._residual(state, *inputs), self._z)
+        return Jacobian(self._residual, self._z, *self._inputs)
 
     def _vjp(self) -> tuple[torch.Tensor, Callable]:
         """``g`` and its pullback as a function of the moving inputs (built once, when
@@ -130,13 +129,9 @@ class Recorded(Linearization):
             for i, t in enumerate(inputs)
         ]
         if problem.form == "fixed_point":
-            self.jacobian = GraphJacobian.record(
-                lambda point: problem.map(point, *stand_ins), z, shifted=True
-            )
+            self.jacobian = GraphJacobian.record(problem.map, z, *stand_ins, shifted=True)
         else:
-            self.jacobian = GraphJacobian.record(
-                lambda point: problem.residual(point, *stand_ins), z
-            )
+            self.jacobian = GraphJacobian.record(problem.residual, z, *stand_ins)
         self._moving = [stand_ins[i] for i in moving]
 
     def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:

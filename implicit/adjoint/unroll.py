@@ -104,6 +104,4 @@ class Pinned:
 
     def solver_view(self, inputs: Sequence[torch.Tensor], source=None) -> Residual:
         source = self if source is None else source
-        return Residual(
-            lambda z: source.residual(z, *inputs), lambda z, r: source.scale(z, r, *inputs)
-        )
+        return Residual(source.residual, source.scale, inputs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -148,21 +149,21 @@ class Jacobian:
     rectangular maps ``(B, n_in) -> (B, n_out)`` (``implicit.batch_jacobian``).
 
     Args:
-        fn: the residual as a function of ``z`` alone.
+        fn: the residual, ``fn(z, *args)``.
         z: the point, shape ``(B, n)``.
+        args: the further arguments of ``fn``, constants here.
     """
 
     #: Whether products of ``∂g/∂z + I`` are at hand (see :class:`GraphJacobian`).
     shifted = False
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
+    def __init__(self, fn: Callable[..., torch.Tensor], z: torch.Tensor, *args: Any):
+        if args:
+            fn = functools.partial(_trailing, fn, args)
         self.value, self._vjp = torch.func.vjp(fn, z)
         self._jvp: Callable | None = None
         self.vjps = 0
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.value.shape
+        self.shape, self.dtype, self.device = self.value.shape, z.dtype, z.device
 
     def rmatvec(self, w: torch.Tensor) -> torch.Tensor:
         """``Aᵀ w`` per sample (one vector-Jacobian product)."""
@@ -189,11 +190,14 @@ class Jacobian:
         shape ``(B, n_out, n_in)``."""
         batch, n = self.shape
         # Row i of every block at once: a cotangent that is e_i in every sample.
-        basis = torch.eye(n, dtype=self.value.dtype, device=self.value.device)
+        basis = torch.eye(n, dtype=self.dtype, device=self.device)
         basis = basis.unsqueeze(1).expand(n, batch, n)
         self.vjps += n
         try:
-            rows = self._batched_vjp(basis, chunk_size)
+            if chunk_size is None:
+                rows = vmap_call(self._vjp_one, n, (basis,), (0,))
+            else:
+                rows = torch.func.vmap(self._vjp_one, chunk_size=chunk_size)(basis)
         except RuntimeError as error:
             if "vmap" not in str(error) and "Batching rule" not in str(error):
                 raise
@@ -203,11 +207,6 @@ class Jacobian:
 
     def _vjp_one(self, w: torch.Tensor) -> torch.Tensor:
         return self._vjp(w)[0]
-
-    def _batched_vjp(self, cotangents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-        if chunk_size is not None:
-            return torch.func.vmap(self._vjp_one, chunk_size=chunk_size)(cotangents)
-        return vmap_call(self._vjp_one, cotangents.shape[0], (cotangents,), (0,))
 
 
 class GraphJacobian(Jacobian):
@@ -238,26 +237,24 @@ class GraphJacobian(Jacobian):
         self.z = z
         self.shifted = shifted
         self.vjps = 0
+        self.shape, self.dtype, self.device = out.shape, z.dtype, z.device
         self._reverse: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def record(
-        cls, fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, shifted: bool = False
+        cls, fn: Callable[..., torch.Tensor], z: torch.Tensor, *args: Any, shifted: bool = False
     ) -> GraphJacobian:
-        """Evaluate ``fn`` at ``z`` with a graph (see the class for ``shifted``)."""
+        """Evaluate ``fn(z, *args)`` with a graph from a leaf ``z`` (see the class for
+        ``shifted``)."""
         with torch.enable_grad():
             point = z.detach().requires_grad_()
-            return cls(fn(point), point, shifted)
+            return cls(fn(point, *args), point, shifted)
 
     @functools.cached_property
     def value(self) -> torch.Tensor:
         """``g(z)`` (computed once)."""
         out = self.out.detach()
         return out - self.z.detach() if self.shifted else out
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.out.shape
 
     def rmatvec(self, w: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         """``Aᵀ w``; with ``create_graph`` the product is itself differentiable (in the
@@ -268,38 +265,26 @@ class GraphJacobian(Jacobian):
     def shifted_rmatvec(self, w: torch.Tensor) -> torch.Tensor:
         """``(A + I)ᵀ w = (∂f/∂z)ᵀ w`` (``shifted`` graphs only)."""
         self.vjps += 1
-        return self._grad(self.out, w)
+        return autograd_grad(self.out, w, (self.z,))[0]
 
     def matvec(self, u: torch.Tensor) -> torch.Tensor:
         if self._reverse is None:
             # (∂out/∂z)ᵀy as a function of y, recorded once; its VJP with u is ∂out/∂z u.
             with torch.enable_grad():
                 dummy = torch.zeros_like(self.out, requires_grad=True)
-                self._reverse = (dummy, self._grad(self.out, dummy, create_graph=True))
+                (transposed,) = autograd_grad(self.out, dummy, (self.z,), create_graph=True)
+                self._reverse = (dummy, transposed)
         self.vjps += 1
         dummy, transposed = self._reverse
-        product = self._grad(transposed, u, inputs=dummy)
+        product = autograd_grad(transposed, u, (dummy,))[0]
         return product - u if self.shifted else product
 
     def _vjp_one(self, w: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         # Batched by the inherited torch.func.vmap (dense), not by autograd's
         # is_grads_batched, whose batching falls back to a loop for some products
         # (``W @ z`` with a constant W: 14x slower).
-        product = self._grad(self.out, w, create_graph=create_graph)
+        product = autograd_grad(self.out, w, (self.z,), create_graph=create_graph)[0]
         return product - w if self.shifted else product
-
-    def _grad(
-        self,
-        out: torch.Tensor,
-        cotangent: torch.Tensor,
-        *,
-        inputs: torch.Tensor | None = None,
-        create_graph: bool = False,
-    ) -> torch.Tensor:
-        """``(∂out/∂inputs)ᵀ cotangent`` (``inputs`` defaults to ``z``), zero where unused."""
-        inputs = self.z if inputs is None else inputs
-        (grad,) = autograd_grad(out, cotangent, (inputs,), create_graph=create_graph)
-        return grad
 
     def partials(
         self, cotangent: torch.Tensor, inputs: Sequence[torch.Tensor]
@@ -308,3 +293,8 @@ class GraphJacobian(Jacobian):
         recorded from), zero for those it does not depend on; the graph's last use: it
         is freed."""
         return autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
+
+
+def _trailing(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], z: torch.Tensor):
+    """``fn(z, *args)``: ``fn`` as a function of ``z`` alone, for ``torch.func``."""
+    return fn(z, *args)

@@ -33,9 +33,7 @@ class Objective(Residual):
     """
 
     def __init__(self, source: Any, inputs: Sequence[torch.Tensor], problem: Any):
-        super().__init__(
-            lambda z: source.residual(z, *inputs), lambda z, r: source.scale(z, r, *inputs)
-        )
+        super().__init__(source.residual, source.scale, inputs)
         self._per_row = lambda name, z: source.per_row(name, z, *inputs)
         self.least_squares = problem.least_squares
         self.bounded = problem.bounded

@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -199,10 +199,11 @@ class Residual:
     the solver spent.
 
     Args:
-        fn: ``g`` on the flat view, ``(B, n) -> (B, n)``.
-        scale: ``scale(z0, g(z0)) -> (B,)``, the scale of the stopping test (problem
-            ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``); ``None``:
-            zero, an absolute test.
+        fn: ``g`` on the flat view, ``fn(z, *args)``: ``(B, n) -> (B, n)``.
+        scale: ``scale(z0, g(z0), *args) -> (B,)``, the scale of the stopping test
+            (problem ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + scale_b)``);
+            ``None``: zero, an absolute test.
+        args: further arguments of ``fn`` and ``scale`` (the problem's inputs).
 
     Attributes:
         f_evals: evaluations of ``g`` so far (one call on the whole batch counts once;
@@ -221,25 +222,27 @@ class Residual:
 
     def __init__(
         self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        fn: Callable[..., torch.Tensor],
+        scale: Callable[..., torch.Tensor] | None = None,
+        args: Sequence[Any] = (),
     ):
         self.fn = fn
         self._scale = scale
+        self.args = tuple(args)
         self.f_evals = 0
         self.jac_evals = 0
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """``g(z)``."""
         self.f_evals += 1
-        return self.fn(z)
+        return self.fn(z, *self.args)
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
         """The ``(B,)`` scale of the stopping test, from the initial guess ``z0`` and its
         residual ``r0`` (see [`Solver.solve`][implicit.solvers.Solver.solve])."""
         if self._scale is None:
             return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
-        return self._scale(z0, r0)
+        return self._scale(z0, r0, *self.args)
 
     def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
         """``g(z)`` and ``∂g/∂z`` at ``z`` as a
@@ -251,7 +254,10 @@ class Residual:
         ``torch.func`` products, which can be differentiated.
         """
         self.f_evals += 1
-        jacobian = Jacobian(self.fn, z) if traced(z) else GraphJacobian.record(self.fn, z)
+        if traced(z):
+            jacobian = Jacobian(self.fn, z, *self.args)
+        else:
+            jacobian = GraphJacobian.record(self.fn, z, *self.args)
         return jacobian.value, JacobianOperator(jacobian)
 
     def jacobian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,9 @@ def test_partials_match_autograd_and_are_zero_where_unused():
     w = contractive_matrix(5, 0.7).requires_grad_()
     x = vectors(seed=3).requires_grad_()
     unused = torch.ones(2, dtype=F64, requires_grad=True)
-    recorded = GraphJacobian.record(lambda z: torch.tanh(z @ w.T + x), vectors(seed=1), True)
+    recorded = GraphJacobian.record(
+        lambda z: torch.tanh(z @ w.T + x), vectors(seed=1), shifted=True
+    )
     v = vectors(seed=2)
     want = torch.autograd.grad(recorded.out, (w, x), v, retain_graph=True)
     got = recorded.partials(v, [w, x, unused])
