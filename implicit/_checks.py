@@ -43,6 +43,24 @@ def check_number(value: object, name: str, rule: str) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def check_shared_options(
+    tol: object, max_iter: object, on_failure: object, callback: object
+) -> None:
+    """The options every front door takes, checked in one place: the first wrong one
+    raises, naming it. A tolerance tensor's entries are checked with the problem's
+    batch (:func:`implicit._tolerance.per_problem`)."""
+    if not isinstance(tol, torch.Tensor):
+        check_number(tol, "tol", "a positive finite number")
+    check_number(max_iter, "max_iter", "an integer >= 1")
+    if on_failure not in ON_FAILURE_CHOICES:
+        check_on_failure(on_failure)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be callable as callback(iteration, residual, z) or None, got "
+            f"{type(callback).__name__}"
+        )
+
+
 def check_tol(tol: object, name: str = "tol") -> None:
     check_number(tol, name, "a positive finite number")
 

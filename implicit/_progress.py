@@ -19,7 +19,6 @@ import torch
 
 from implicit import _tree
 from implicit._problem import Problem
-from implicit._results import CONVERGED, FAILED, STATUS_CODES, SolveInfo
 
 #: The user's callback: ``callback(iteration, residual, z)``.
 Callback = Callable[[int, torch.Tensor, Any], Any]
@@ -75,26 +74,3 @@ def watch(
 ) -> DriverCallback | None:
     """The drivers' callback for the user's ``callback`` (``None`` for none)."""
     return None if callback is None else Watch(callback, problem, report_shape)
-
-
-def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
-    """Give the per-problem fields of ``info`` the shape of the reports, in place.
-
-    A solver that does not report per-problem iterations or statuses (one written
-    before they existed) gets ``info.iterations`` for every problem, and its batch
-    status for every problem that did not converge (``"failed"`` where that status
-    says ``"converged"`` or is unknown).
-    """
-    rows = info.converged.shape
-    if info.iterations_per_problem is None:
-        info.iterations_per_problem = torch.full(
-            rows, info.iterations, dtype=torch.long, device=info.converged.device
-        )
-    if info.status_codes is None:
-        worst = STATUS_CODES.get(info.status, FAILED)
-        unconverged = FAILED if worst == CONVERGED else worst
-        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
-    for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
-        value = getattr(info, name)
-        if value.shape != report_shape:
-            setattr(info, name, value.reshape(report_shape))

@@ -53,6 +53,7 @@ def per_problem(tol: Tol, batch_size: int, dtype: torch.dtype, device: torch.dev
     """
     if not isinstance(tol, torch.Tensor):
         return attainable(tol, dtype)
+    check_tol(tol)
     if tol.numel() == 1 and tol.dim() <= 1:
         return attainable(float(tol), dtype)
     try:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
-from implicit._checks import check_max_iter, check_on_failure, check_storage
+from implicit._checks import check_shared_options, check_storage
 from implicit._compile import eager
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
@@ -45,12 +45,15 @@ def run(
     their (immutable) instances. ``backward_x0``: the initial guess of the backward's
     adjoint solve (a layer's warm start).
     """
-    _tolerance.check_tol(tol)
-    check_max_iter(max_iter)
-    check_on_failure(on_failure)
-    check_callback(callback)
-    method = solvers.resolve(solver, solver_options or {})
-    mode = linear.resolve(backward)
+    check_shared_options(tol, max_iter, on_failure, callback)
+    # A name without options is the same immutable instance at every call: looked up once.
+    if isinstance(solver, str) and not solver_options:
+        method = solvers.registry.named(solver)
+    else:
+        method = solvers.resolve(solver, solver_options or {})
+    mode = (
+        linear.registry.named(backward) if isinstance(backward, str) else linear.resolve(backward)
+    )
     # Per problem where a tensor; a few units of rounding at least in half precision.
     tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
     z, info = solve(

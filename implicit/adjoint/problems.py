@@ -20,7 +20,15 @@ import torch
 from implicit import _progress, _tolerance
 from implicit._precision import attainable, is_half, upcast
 from implicit._problem import Problem
-from implicit._results import CONVERGED, BackwardInfo, SolveInfo, report_failure, status_name
+from implicit._results import (
+    CONVERGED,
+    FAILED,
+    STATUS_CODES,
+    BackwardInfo,
+    SolveInfo,
+    report_failure,
+    status_name,
+)
 from implicit.adjoint.linearize import Functional, Linearization, Recorded
 from implicit.adjoint.vmap import Folded, Repeated, rows
 from implicit.linear import (
@@ -70,7 +78,9 @@ class Settings:
     ) -> tuple[torch.Tensor, BackwardInfo]:
         """Solve ``operator x = rhs`` with the linear solver, and report how it went."""
         linear = self.linear
-        tol = linear.tol if linear.tol is not None else _tolerance.for_backward(self.tol)
+        tol = linear.tol if linear.tol is not None else self.tol
+        if isinstance(tol, torch.Tensor):  # one number, for every problem
+            tol = _tolerance.for_backward(tol)
         max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
         x0, preconditioner = self._per_call(rhs.shape, x0)
         dtype = rhs.dtype
@@ -135,6 +145,29 @@ def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return tensor if tensor.shape == shape else tensor.reshape(shape)
 
 
+def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
+    """Give the per-problem fields of ``info`` the shape of the reports, in place.
+
+    A solver that does not report per-problem iterations or statuses (one written
+    before they existed) gets ``info.iterations`` for every problem, and its batch
+    status for every problem that did not converge (``"failed"`` where that status
+    says ``"converged"`` or is unknown).
+    """
+    rows = info.converged.shape
+    if info.iterations_per_problem is None:
+        info.iterations_per_problem = torch.full(
+            rows, info.iterations, dtype=torch.long, device=info.converged.device
+        )
+    if info.status_codes is None:
+        worst = STATUS_CODES.get(info.status, FAILED)
+        unconverged = FAILED if worst == CONVERGED else worst
+        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
+    for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
+        value = getattr(info, name)
+        if value.shape != report_shape:
+            setattr(info, name, value.reshape(report_shape))
+
+
 class RootProblem:
     """A user problem solved by a nonlinear solver.
 
@@ -180,19 +213,19 @@ class RootProblem:
         settings = self.settings
         fn = self.problem.solver_view(inputs)
         r0, self.r0 = self.r0, None  # reusable once, and only where it was computed
+        tol, callback = settings.tol, settings.callback
+        if isinstance(tol, torch.Tensor):  # one per row, also of vmap's stacked blocks
+            tol = _tolerance.for_rows(tol, z0.shape[0])
+        if callback is not None:
+            callback = _progress.watch(callback, self.problem, self.report_shape)
         z, info = self.solver.solve(
-            fn,
-            z0,
-            r0,
-            tol=_tolerance.for_rows(settings.tol, z0.shape[0]),
-            max_iter=settings.max_iter,
-            callback=_progress.watch(settings.callback, self.problem, self.report_shape),
+            fn, z0, r0, tol=tol, max_iter=settings.max_iter, callback=callback
         )
         # Kept (Newton's: B·n² numbers, until the backward) only where it will be used.
         hint, info.hint = info.hint, None
         self.positive_definite = self.symmetric and isinstance(hint, PositiveDefinite)
         self.hint = hint if hint is not None and settings.linear.uses(hint, z.shape) else None
-        _progress.shape_report(info, self.report_shape)
+        shape_report(info, self.report_shape)
         problem: RootProblem | None = self
         while problem is not None:
             problem.info, problem = info, problem._unfolded

@@ -18,7 +18,7 @@ from implicit import _progress, _tolerance, _torch
 from implicit._problem import Problem
 from implicit._results import SolveInfo, report_failure
 from implicit.adjoint.function import implicit_solve, not_a_view_of
-from implicit.adjoint.problems import Given, RootProblem, Settings
+from implicit.adjoint.problems import Given, RootProblem, Settings, shape_report
 from implicit.linear import resolve as resolve_linear
 from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
@@ -52,7 +52,7 @@ def unrolled(
             "Use an implicit backward ('auto', 'dense', 'gmres', ...), which supports vmap."
         ) from error
     info.hint = None  # no linear solve to hand it to
-    _progress.shape_report(info, report_shape)
+    shape_report(info, report_shape)
     report_failure(info, on_failure, "forward solve")
     at_start = residual_norms(z0, r0) <= thresholds(tol, fn.scale(z0, r0))
     derivatives_possible = (

@@ -169,7 +169,8 @@ class Auto(LinearSolver):
         return _configured(method, self.tol, self.max_iter)
 
     def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
-        return shape[1] <= self.max_dense and Dense().uses(hint, shape)
+        dense = _configured(Dense, self.tol, self.max_iter)
+        return shape[1] <= self.max_dense and dense.uses(hint, shape)
 
     def init(self, operator: JacobianOperator, hint: Hint | None = None) -> _Chosen:
         chosen = self.choose(operator)

@@ -15,7 +15,7 @@ from implicit.linear.neumann import Neumann
 from implicit.linear.one_step import OneStep, Phantom
 from implicit.linear.unroll import Unroll
 
-__all__ = ["NAMES", "resolve"]
+__all__ = ["NAMES", "named", "resolve"]
 
 NAMES: dict[str, Callable[[], LinearSolver | Unroll]] = {
     "auto": Auto,
@@ -47,3 +47,10 @@ def resolve(backward: str | LinearSolver | Unroll) -> LinearSolver | Unroll:
 def _default(name: str) -> LinearSolver | Unroll:
     """The instance of a name, made once: instances are immutable, so one serves all."""
     return NAMES[name]()
+
+
+@functools.cache
+def named(name: str) -> LinearSolver | Unroll:
+    """The backward mode ``name`` (as :func:`resolve`), looked up once per name: the front
+    doors ask for it at every call."""
+    return resolve(name)

@@ -26,7 +26,7 @@ from implicit.solvers.scipy import Scipy
 from implicit.solvers.scipy_least_squares import ScipyLeastSquares
 from implicit.solvers.scipy_minimize import ScipyMinimize
 
-__all__ = ["BRACKETING", "LEAST_SQUARES", "MINIMIZERS", "NAMES", "resolve"]
+__all__ = ["BRACKETING", "LEAST_SQUARES", "MINIMIZERS", "NAMES", "named", "resolve"]
 
 NAMES: dict[str, type[Solver]] = {
     FixedPoint.name: FixedPoint,
@@ -113,3 +113,10 @@ def _default(cls: type[Solver]) -> Solver:
     """The instance of a solver with its default options, made once: instances are
     immutable, so one serves every call."""
     return cls()
+
+
+@functools.cache
+def named(name: str) -> Solver:
+    """The root solver ``name`` with its default options (as :func:`resolve`), looked up
+    once per name: the front doors ask for it at every call."""
+    return resolve(name, {})
