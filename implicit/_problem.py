@@ -87,7 +87,10 @@ class Problem:
         self.form = form
         self.batched = bool(batched)
         self.initial = z0
-        states, self.spec, labels = _tree.flatten(z0, initial)
+        if isinstance(z0, torch.Tensor):  # the common case: a leaf, no tree to walk
+            states, self.spec, labels = [z0], _tree.LEAF, [initial]
+        else:
+            states, self.spec, labels = _tree.flatten(z0, initial)
         self.initial_name = initial
         check_states(states, labels, self.batched, initial)
         self.dtype = states[0].dtype
@@ -138,13 +141,13 @@ class Problem:
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
         """A state (tensor or tree) as one ``(B, n)`` tensor."""
-        if self.spec.is_leaf:
+        if self.spec is _tree.LEAF:
             return states.reshape(self.batch_size, -1)
         return _flatten(_tree.leaves_like(self.spec, states, "the state", "z"), self.batch_size)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """The inverse of :meth:`pack`."""
-        if self.spec.is_leaf:
+        if self.spec is _tree.LEAF:
             # Already the state's shape (a batch of vectors): no view, so that neither the
             # user's function nor a graph recorded through it sees an extra operation.
             return flat if flat.shape == self.shapes[0] else flat.reshape(self.shapes[0])
@@ -254,14 +257,14 @@ class Problem:
     def _pack_output(self, out: Any) -> torch.Tensor:
         if (
             type(out) is torch.Tensor
-            and self.out_spec.is_leaf
+            and self.out_spec is _tree.LEAF
             and out.shape == self.out_shapes[0]
             and out.dtype == self.dtype
         ):  # the common case, checked in full below
             return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
         like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
         like = "y" if self.form == "inverse" else like
-        if self.out_spec.is_leaf and not isinstance(out, torch.Tensor):
+        if self.out_spec is _tree.LEAF and not isinstance(out, torch.Tensor):
             raise ValueError(
                 f"{self.name} must return the same structure as {like}: expected "
                 f"a tensor of shape {tuple(self.out_shapes[0])}, got {_describe_value(out)}"

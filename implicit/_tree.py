@@ -49,6 +49,8 @@ class Spec:
         return f"a {self.kind.__name__} of {len(self.children)} item(s)"
 
 
+#: The spec of every leaf (:func:`flatten` returns this one object for a leaf, so that a
+#: leaf state is recognised by identity).
 LEAF = Spec(None)
 
 

@@ -11,6 +11,7 @@ import torch
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
 from implicit._checks import check_shared_options, check_storage
 from implicit._compile import eager
+from implicit._precision import is_half
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
 from implicit._tolerance import Tol
@@ -54,8 +55,9 @@ def run(
     mode = (
         linear.registry.named(backward) if isinstance(backward, str) else linear.resolve(backward)
     )
-    # Per problem where a tensor; a few units of rounding at least in half precision.
-    tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
+    if isinstance(tol, torch.Tensor) or is_half(problem.dtype):
+        # Per problem where a tensor; a few units of rounding at least in half precision.
+        tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
     z, info = solve(
         problem,
         method,
