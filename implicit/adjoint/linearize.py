@@ -10,9 +10,10 @@ There are two, which give the same numbers:
 * :class:`Functional` (``torch.func``): every piece is itself differentiable and
   composes with the ``torch.func`` transforms: for double backward, ``jacrev``,
   ``vmap``, forward mode;
-* :class:`Recorded`: one graph of ``g`` recorded with plain autograd, every product and
-  the pullback one pass through it: cheaper, and chosen where nothing differentiates
-  the backward and no transform is active (a first-order backward).
+* :class:`~implicit.adjoint.problems.Recorded`: one graph of ``g`` recorded with plain
+  autograd, every product and the pullback one pass through it: cheaper, and chosen
+  where nothing differentiates the backward and no transform is active (a first-order
+  backward).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from implicit._problem import Problem
-from implicit.linear.operator import GraphJacobian, Jacobian
+from implicit.linear.operator import Jacobian
 
 
 class Linearization:
@@ -97,43 +97,3 @@ class Functional(Linearization):
         _, linear = torch.func.vjp(pullback, torch.zeros_like(value))
         (pushed,) = linear(tuple(tangents))
         return pushed
-
-
-class Recorded(Linearization):
-    """``g``'s linearisation from one graph recorded with plain autograd.
-
-    ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
-    detached leaves, and the captured tensors as themselves where they are leaves (a
-    leaf cannot depend on another input, so its partial derivative is the total one; a
-    captured non-leaf is swapped for a detached leaf). For a fixed point ``g = f(z) −
-    z`` the graph is ``f``'s: ``A = ∂f/∂z − I`` is then shifted, and the partials are
-    ``f``'s, the same.
-
-    Args:
-        problem: the user's problem.
-        z: the point.
-        inputs: the problem's inputs.
-        moving: the positions of the inputs to differentiate with respect to.
-    """
-
-    def __init__(
-        self,
-        problem: Problem,
-        z: torch.Tensor,
-        inputs: Sequence[torch.Tensor],
-        moving: Sequence[int],
-    ):
-        explicit = len(problem.tensor_positions)
-        stand_ins = [
-            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
-            for i, t in enumerate(inputs)
-        ]
-        if problem.form == "fixed_point":
-            self.jacobian = GraphJacobian.record(problem.map, z, *stand_ins, shifted=True)
-        else:
-            self.jacobian = GraphJacobian.record(problem.residual, z, *stand_ins)
-        self._moving = [stand_ins[i] for i in moving]
-
-    def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
-        # The graph's last use: it is freed.
-        return self.jacobian.partials(cotangent, self._moving)

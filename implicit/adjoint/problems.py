@@ -1,171 +1,38 @@
 """The problems the differentiable solve solves: a user's root problem, and the linear
 systems of its derivatives.
 
-Each has ``residual(z, *inputs)`` (the root problem it is), ``solve(z0, inputs)`` (its
-forward), ``linearize(z, inputs, moving, recorded)`` (its
-:class:`~implicit.adjoint.linearize.Linearization`) and ``fold(size, in_dims, inputs)``
-(the same problem for the slices of ``vmap``, :mod:`implicit.adjoint.vmap`). They are
-solved by one :class:`~implicit.adjoint.function.ImplicitFunction`, so the derivatives
-of a linear system (second order), its batching under ``vmap`` and its forward mode
-come from the same machinery as the user problem's.
+Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward),
+``linearize(z, inputs, moving, recorded)``, ``system(transpose)`` (the linear system of
+its derivatives) and ``fold(size, in_dims, inputs)`` (the slices of ``vmap``). One
+:class:`~implicit.adjoint.function.ImplicitFunction` solves them all, so the
+derivatives of a linear system (second order), its batching under ``vmap`` and its
+forward mode come from the same machinery as the user problem's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from implicit import _progress, _tolerance
-from implicit._precision import attainable, is_half, upcast
 from implicit._problem import Problem
 from implicit._results import (
-    CONVERGED,
-    FAILED,
-    STATUS_CODES,
     BackwardInfo,
     SolveInfo,
     report_failure,
-    status_name,
 )
-from implicit.adjoint.linearize import Functional, Linearization, Recorded
+from implicit.adjoint.function import Settings, shape_report
+from implicit.adjoint.linearize import Functional, Linearization
 from implicit.adjoint.vmap import Folded, Repeated, rows
 from implicit.linear import (
     Hint,
-    IterativeSolver,
     JacobianOperator,
-    LinearSolver,
     PositiveDefinite,
 )
-from implicit.linear.base import WorkingOperator
-from implicit.linear.operator import Jacobian
+from implicit.linear.operator import GraphJacobian, Jacobian
 from implicit.solvers.base import Solver
-
-
-@dataclasses.dataclass
-class Settings:
-    """Tolerances, failure policy and linear solver shared by a solve and its linear solves.
-
-    Attributes:
-        tol: a number, or a ``(B,)`` tensor of per-problem tolerances (see
-            :mod:`implicit._tolerance`).
-        rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
-            ``jacrev``, ... stack several blocks of ``B`` rows; an initial guess and a
-            preconditioner are written for one block.
-        backward_x0: the initial guess of the backward's adjoint solve (a layer's warm
-            start), or ``None``.
-        callback: the user's per-iteration callback of the forward solve, or ``None``.
-    """
-
-    tol: _tolerance.Tol
-    max_iter: int
-    on_failure: str
-    linear: LinearSolver
-    rows: int
-    backward_x0: torch.Tensor | None = None
-    callback: _progress.Callback | None = None
-
-    def linear_solve(
-        self,
-        operator: JacobianOperator,
-        rhs: torch.Tensor,
-        what: str,
-        report_shape: tuple[int, ...],
-        *,
-        hint: Hint | None = None,
-        x0: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, BackwardInfo]:
-        """Solve ``operator x = rhs`` with the linear solver, and report how it went."""
-        linear = self.linear
-        tol = linear.tol if linear.tol is not None else self.tol
-        if isinstance(tol, torch.Tensor):  # one number, for every problem
-            tol = _tolerance.for_backward(tol)
-        max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
-        x0, preconditioner = self._per_call(rhs.shape, x0)
-        dtype = rhs.dtype
-        if is_half(dtype):  # solved in float32 around products in half precision
-            operator, rhs = WorkingOperator(operator, dtype), upcast(rhs)
-            tol, x0 = attainable(tol, dtype), None if x0 is None else upcast(x0)
-        # Passed only when set: a method that takes neither may leave them out.
-        options = {"x0": x0} if x0 is not None else {}
-        if preconditioner is not None:
-            options["preconditioner"] = preconditioner
-        state = linear.init(operator, hint)
-        result = linear.solve(state, rhs, tol=tol, max_iter=max_iter, **options)
-        info = BackwardInfo(
-            converged=_reported(result.codes == CONVERGED, report_shape),
-            residual=_reported(result.residual.detach(), report_shape),
-            iterations=result.iterations,
-            matvecs=operator.products,
-            status=status_name(result.codes),
-            method=result.method or linear.name,
-            solution=result.x.detach(),
-            condition=None
-            if result.condition is None
-            else _reported(result.condition, report_shape),
-        )
-        report_failure(info, self.on_failure, what)
-        return (result.x.to(dtype) if is_half(dtype) else result.x), info
-
-    def _per_call(
-        self, shape: torch.Size, x0: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, Callable | None]:
-        """The initial guess and preconditioner of one linear solve, fitted to its rows.
-
-        The one place where they meet ``vmap``: the user wrote them for one block of
-        ``B`` rows, a system of ``jacrev``, ``vmap``, ... stacks several blocks, so a
-        one-block guess is repeated for each block and the preconditioner is applied
-        block by block. ``x0`` (a layer's warm start, the solution of an earlier
-        system) takes precedence over the solver's own and is dropped (a cold start)
-        where it fits neither the system nor one block; the solver's own must fit.
-        """
-        linear = self.linear
-        own = isinstance(linear, IterativeSolver)
-        preconditioner = linear.preconditioner if own else None
-        blocks = shape[0] // self.rows
-        block = self.rows * shape[1]
-        if x0 is not None and x0.numel() not in (block, blocks * block):
-            x0 = None
-        if x0 is None and own:
-            x0 = linear.x0
-        if blocks > 1 and x0 is not None and x0.numel() == block:
-            x0 = x0.reshape(self.rows, shape[1]).repeat(blocks, 1)
-        if blocks > 1 and preconditioner is not None:
-            one_block = preconditioner
-
-            def preconditioner(r: torch.Tensor) -> torch.Tensor:
-                return torch.cat([one_block(part) for part in r.chunk(blocks)])
-
-        return x0, preconditioner
-
-
-def _reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A per-problem field in the shape of the reports (reshaped only where it differs)."""
-    return tensor if tensor.shape == shape else tensor.reshape(shape)
-
-
-def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
-    """Give the per-problem fields of ``info`` the shape of the reports, in place.
-
-    A solver that does not report per-problem iterations or statuses (one written
-    before they existed) gets ``info.iterations`` for every problem, and its batch
-    status for every problem that did not converge (``"failed"`` where that status
-    says ``"converged"`` or is unknown).
-    """
-    rows = info.converged.shape
-    if info.iterations_per_problem is None:
-        info.iterations_per_problem = torch.full(
-            rows, info.iterations, dtype=torch.long, device=info.converged.device
-        )
-    if info.status_codes is None:
-        worst = STATUS_CODES.get(info.status, FAILED)
-        unconverged = FAILED if worst == CONVERGED else worst
-        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
-    for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
-        value = getattr(info, name)
-        if value.shape != report_shape:
-            setattr(info, name, value.reshape(report_shape))
 
 
 class RootProblem:
@@ -233,6 +100,12 @@ class RootProblem:
             report_failure(info, settings.on_failure, "forward solve")
         return z
 
+    def system(self, transpose: bool, jacobian: Jacobian | None = None) -> LinearProblem:
+        """The linear system of a derivative: the adjoint (``transpose``) or the tangent
+        one, with what the forward solver knew of ``∂g/∂z``; ``jacobian``: its products
+        at hand at the point of the system (a recorded graph), or ``None``."""
+        return LinearProblem(self, transpose, jacobian=jacobian, hint=self.hint)
+
     def linearize(
         self,
         z: torch.Tensor,
@@ -281,9 +154,8 @@ class LinearProblem:
         transpose: which of the two systems.
         copies: the number of right-hand sides per row of the parent: ``x`` and ``v``
             (or ``b``) have ``copies·B`` rows, copy-major, all with the same ``A``.
-        jacobian: the products of ``A`` already at hand at exactly the ``(z, θ)`` this
-            system is solved at (a recorded graph, see :func:`solve`), or ``None``:
-            they are linearised where the system is solved.
+        jacobian: the products of ``A`` at hand at the ``(z, θ)`` of the system (the
+            recorded graph of a first-order backward), or ``None``: linearised there.
         hint: what the forward solver knew of ``A``, for the linear solver to use.
     """
 
@@ -338,6 +210,10 @@ class LinearProblem:
             self.parent.record_backward(info)
         return x
 
+    def system(self, transpose: bool, jacobian: Jacobian | None = None) -> LinearProblem:
+        """The linear system of a derivative of this system (second order)."""
+        return LinearProblem(self, transpose, jacobian=jacobian)
+
     def linearize(
         self,
         z: torch.Tensor,
@@ -355,12 +231,9 @@ class LinearProblem:
         self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
     ) -> tuple[LinearProblem, Sequence[torch.Tensor]] | None:
         """This system for ``size`` vmapped slices at once, or ``None`` when no single
-        system covers them.
-
-        Where only the right-hand sides differ between slices (``jacrev``, ``jacfwd``:
-        one matrix, many vectors), the slices are more copies of the same system and
-        ``g`` is not evaluated under ``vmap`` at all. Where the matrices differ, the
-        slices are rows of the system of the folded parent.
+        system covers them: more copies of it where only the right-hand sides differ
+        (``jacrev``, ``jacfwd``: ``g`` is not evaluated under ``vmap`` at all), else
+        the rows of the system of the folded parent.
         """
         rhs, z, *theta = inputs
         rhs_dim, z_dim, *theta_dims = in_dims
@@ -394,3 +267,43 @@ class Given(Solver):
         residual = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
         info = SolveInfo(converged, residual, 0, 0, [], "converged", self.name)
         return z0, info
+
+
+class Recorded(Linearization):
+    """``g``'s linearisation from one graph recorded with plain autograd.
+
+    ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
+    detached leaves, and the captured tensors as themselves where they are leaves (a
+    leaf cannot depend on another input, so its partial derivative is the total one; a
+    captured non-leaf is swapped for a detached leaf). For a fixed point ``g = f(z) −
+    z`` the graph is ``f``'s: ``A = ∂f/∂z − I`` is then shifted, and the partials are
+    ``f``'s, the same.
+
+    Args:
+        problem: the user's problem.
+        z: the point.
+        inputs: the problem's inputs.
+        moving: the positions of the inputs to differentiate with respect to.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        z: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        moving: Sequence[int],
+    ):
+        explicit = len(problem.tensor_positions)
+        stand_ins = [
+            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
+            for i, t in enumerate(inputs)
+        ]
+        if problem.form == "fixed_point":
+            self.jacobian = GraphJacobian.record(problem.map, z, *stand_ins, shifted=True)
+        else:
+            self.jacobian = GraphJacobian.record(problem.residual, z, *stand_ins)
+        self._moving = [stand_ins[i] for i in moving]
+
+    def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
+        # The graph's last use: it is freed.
+        return self.jacobian.partials(cotangent, self._moving)
