@@ -3,6 +3,7 @@ and products with a set of rows per problem (``(B, k, n)``: histories, Krylov ba
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -71,8 +72,8 @@ def row_selector(
 
 
 def _where(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    mask = rows.unsqueeze(1)
-    return lambda new, old: torch.where(mask, new, old)
+    """``torch.where(mask, new, old)`` bound to the rows' mask (no Python call per pair)."""
+    return functools.partial(torch.where, rows.unsqueeze(1))
 
 
 def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
