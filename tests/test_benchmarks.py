@@ -18,7 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import deq_step
 import scalar_batch
 import seed_newton
+import walk
 from _common import Row
+
+import implicit
 
 
 def test_deq_reference_gradient_matches_unrolled_autograd():
@@ -190,3 +193,16 @@ def test_the_page_carries_the_generators_current_text(runner):
         prose.append(module.__doc__.split("\n\n", 1)[1])
     missing = [text[:60] for text in prose if text not in page]
     assert not missing, f"docs/benchmarks.md lacks the generator's text: {missing}"
+
+
+def test_the_default_solve_walks_a_bounded_part_of_the_library():
+    # One default fixed_point and its backward (benchmarks/walk.py): the functions and
+    # files of the package it runs. The bound is the count when it was set; a change
+    # that adds a layer to the default path must say why, here.
+    functions = walk.walk()
+    files = {path for path, _, _ in functions}
+    # The public fallbacks of torch's private names take a few more calls.
+    limit = 108 if implicit._torch.FALLBACKS else 104
+    listing = "\n".join(f"{path}:{line} {name}" for path, line, name in functions)
+    assert len(functions) <= limit, f"{len(functions)} functions:\n{listing}"
+    assert len(files) <= 19, f"{len(files)} files: {sorted(files)}"
