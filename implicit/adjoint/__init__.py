@@ -12,11 +12,12 @@ calls :func:`implicit.adjoint.solve.solve`. In three steps:
    correctly and every one of them receives a gradient;
 3. **backward**: ``v ↦ −(∂g/∂θ)ᵀ w`` with ``(∂g/∂z)ᵀ w = v``.
 
-The modules: ``function.py`` (the ``torch.autograd.Function``: backward, jvp, vmap),
-``problems.py`` (the problems it solves: the user's root problem and the linear systems
-of its derivatives), ``linearize.py`` (``g`` linearised at a solution, the one thing
-every derivative is built from), ``vmap.py`` (problems folded under ``vmap``),
-``unroll.py`` (``backward="unroll"``) and ``solve.py`` (the entry).
+The modules: ``solve.py`` (the entry: where a solve needs the Function at all),
+``function.py`` (the ``torch.autograd.Function``: backward, jvp, vmap; and the settings
+its solves share), ``problems.py`` (the problems it solves: the user's root problem and
+the linear systems of its derivatives, and the linearisation recorded as one autograd
+graph), ``linearize.py`` (the linearisation by ``torch.func``), ``vmap.py`` (problems
+folded under ``vmap``) and ``unroll.py`` (``backward="unroll"``).
 """
 
 __all__: list[str] = []

@@ -86,8 +86,12 @@ class Solver(abc.ABC):
 
     def hint(self, state: Any) -> Hint | None:
         """What the method learned about ``∂g/∂z`` near its last iterate, from its final
-        ``state``, for the backward's linear solver (``SolveInfo.hint``); ``None`` by
-        default."""
+        ``state``, for the backward (``SolveInfo.hint``): a [`Hint`][implicit.linear.Hint]
+        such as Newton's [`NearbyFactorization`][implicit.linear.NearbyFactorization],
+        Broyden's and Anderson's [`LowRankInverse`][implicit.linear.LowRankInverse], a
+        minimiser's [`PositiveDefinite`][implicit.linear.PositiveDefinite]; ``None`` by
+        default. It is kept until the backward only where its linear solver uses it, so
+        it should be cheap to make (compute what it holds when it is first applied)."""
         return None
 
     def solve(
