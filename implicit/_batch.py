@@ -1,8 +1,30 @@
-"""Per-problem selection on flat ``(B, n)`` batches, without needless passes over the data,
-and products with a set of rows per problem (``(B, k, n)``: histories, Krylov bases)."""
+"""Arithmetic on flat ``(B, n)`` batches, one row per problem: what the solvers' loops
+share.
+
+* **Rows**: selection without needless passes over the data (:func:`row_selector`),
+  host tests only where a host read is cheap (:func:`cheap_host_reads`), products with
+  a set of rows per problem (``(B, k, n)``: histories, Krylov bases).
+* **Small blocks** ``(B, n, n)``, one per problem: ``torch.linalg``'s batched LU calls
+  LAPACK once per block, which for ``1 × 1`` blocks (a batch of scalar equations) is
+  all the cost, orders of magnitude above the division that the factorisation and the
+  solve amount to. :func:`lu_factor`, :func:`lu_solve`, :func:`solve` divide such
+  blocks and hand every other size to ``torch.linalg``, with the same outputs (an
+  exactly zero ``1 × 1`` block is reported singular, as LAPACK does, and divides to
+  ``inf`` or ``nan``).
+* **Half precision** (float16, bfloat16): the small linear algebra in float32. A state
+  in half precision is solved with the user's function evaluated in its dtype, as
+  written; everything the solvers and the backward add runs in float32, the *working*
+  dtype, and the results are cast back: LAPACK has no half precision, and a sum of
+  squares overflows float16 from a norm of 256 on. So the norms of the stopping tests,
+  the line search's merit, the dense solves and the backward's linear solves, whose
+  iterates live in float32 around products evaluated in half precision. A residual
+  evaluated in half precision is only accurate to a few units of rounding of the state,
+  so tolerances are floored at ``RESOLUTION`` units of the dtype (:func:`attainable`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -10,6 +32,41 @@ from collections.abc import Callable
 import torch
 
 from implicit._torch import transforms_active
+
+#: The smallest relative tolerance a half-precision solve is held to, in units of the
+#: dtype's machine epsilon (float16: 3.9e-3; bfloat16: 3.1e-2).
+RESOLUTION = 4
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16 (by identity: solvers ask every step)."""
+    return dtype is torch.float16 or dtype is torch.bfloat16
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the solvers compute in for states of ``dtype``: float32 for half
+    precision, the dtype itself otherwise."""
+    return torch.float32 if is_half(dtype) else dtype
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in its working dtype (itself, unless in half precision)."""
+    # (Tested here: a no-op ``Tensor.to`` still costs a dispatch, on every iteration.)
+    return tensor.float() if is_half(tensor.dtype) else tensor
+
+
+def norms(tensor: torch.Tensor) -> torch.Tensor:
+    """``‖tensor_b‖₂`` per row of a ``(B, n)`` tensor, in the working dtype."""
+    if is_half(tensor.dtype):
+        return torch.linalg.vector_norm(tensor, dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor, dim=1)
+
+
+def attainable(tol: float, dtype: torch.dtype) -> float:
+    """``tol``, at least ``RESOLUTION`` machine epsilons of a half-precision ``dtype``."""
+    if not is_half(dtype):
+        return tol
+    return max(tol, RESOLUTION * torch.finfo(dtype).eps)
 
 
 def cheap_host_reads(tensor: torch.Tensor) -> bool:
@@ -36,8 +93,8 @@ def all_running(norms: torch.Tensor, thresholds: torch.Tensor, worst: torch.Tens
 
 
 #: From this many entries per tensor on, copying the selected rows beats ``torch.where``
-#: on the CPU (measured for two pairs: 4 × 8, 5.7 µs against 17.9 for the copies;
-#: 8 × 1024, 17 against 22; 64 × 256, 30 against 25).
+#: on the CPU (measured for two pairs of tensors: ``torch.where`` costs a third of the
+#: copies at 4 × 8, about the same at 8 × 1024, and more from 64 × 256 on).
 COPY_ROWS_FROM = 12_000
 
 
@@ -51,9 +108,10 @@ def row_selector(
     (every row, no row) hand back ``new`` or ``old`` as they are, and otherwise, in a
     batch of at least ``COPY_ROWS_FROM`` entries, the fewer rows are copied into a copy
     of the other tensor (``torch.where`` over the whole batch costs several copies
-    there: 1.5× the time at 64 × 256, 2–4× at 256 × 512); the check is made once for all
-    the pairs. Smaller batches take one ``torch.where`` per pair (one call against
-    two), and so does every batch where a host check would stall the device.
+    there: 1.5 times the time at 64 × 256, 2 to 4 times at 256 × 512); the check is
+    made once for all the pairs. Smaller batches take one ``torch.where`` per pair (one
+    call against two), and so does every batch where a host check would stall the
+    device.
     """
     if not cheap_host_reads(rows):
         return _where(rows)
@@ -115,3 +173,72 @@ def traced(*tensors: torch.Tensor) -> bool:
     updated in place and products must themselves be differentiable. Otherwise (the
     implicit forward) the solve runs on plain tensors."""
     return torch.is_grad_enabled() or transforms_active(*tensors)
+
+
+def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)`` (float32 factors
+    of half-precision blocks)."""
+    blocks = upcast(blocks)
+    if blocks.shape[-1] != 1:
+        return torch.linalg.lu_factor_ex(blocks)
+    pivots = torch.ones(blocks.shape[:-1], dtype=torch.int32, device=blocks.device)
+    return blocks, pivots, _zero_pivot(blocks)
+
+
+def lu_solve(
+    lu: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, *, adjoint: bool = False
+) -> torch.Tensor:
+    """``torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)`` for a factorisation
+    by :func:`lu_factor` (``adjoint``: solve with the transposed blocks), in the
+    dtype of ``rhs``."""
+    if rhs.dtype != lu.dtype:  # float32 factors of half-precision blocks
+        return lu_solve(lu, pivots, rhs.to(lu.dtype), adjoint=adjoint).to(rhs.dtype)
+    if lu.shape[-1] == 1:
+        return rhs / lu
+    return torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """``(B, n, n)`` blocks ``A`` factorised for solves with ``A`` and ``Aᵀ``.
+
+    LU factors (from :func:`lu_factor`) of ``Aᵀ``, which serve the same solves: cheaper
+    where ``A`` is laid out by rows, as the Jacobians built from vector-Jacobian
+    products are (LAPACK would copy the blocks column by column first).
+    """
+
+    lu: torch.Tensor
+    pivots: torch.Tensor
+
+    @classmethod
+    def of(cls, blocks: torch.Tensor) -> Factorization:
+        """The factorisation of ``blocks``."""
+        lu, pivots, _ = lu_factor(blocks.mT)
+        return cls(lu, pivots)
+
+    def solve(self, rhs: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
+        """``A⁻¹ rhs`` (or ``A⁻ᵀ rhs``) per block for ``rhs`` of shape ``(B, n)``."""
+        # The factors are those of Aᵀ: A's own solve is their adjoint one.
+        solved = lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=not adjoint)
+        return solved.squeeze(-1)
+
+    def diagonal(self) -> torch.Tensor:
+        """The pivots of the factorisation, ``(B, n)`` (the diagonal of ``U``)."""
+        return self.lu.diagonal(dim1=-2, dim2=-1)
+
+
+def solve(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.solve_ex(blocks, rhs)``: ``(x, info)``, for ``rhs`` a batch of
+    vectors ``(..., n)`` or of matrices ``(..., n, k)``; ``x`` in the dtype of ``rhs``."""
+    if upcast(rhs) is not rhs:  # half precision: solved in float32
+        x, info = solve(upcast(blocks), upcast(rhs))
+        return x.to(rhs.dtype), info
+    if blocks.shape[-1] != 1:
+        return torch.linalg.solve_ex(blocks, rhs)
+    divisor = blocks[..., 0] if rhs.dim() < blocks.dim() else blocks
+    return rhs / divisor, _zero_pivot(blocks)
+
+
+def _zero_pivot(blocks: torch.Tensor) -> torch.Tensor:
+    """LAPACK's ``info`` for ``1 × 1`` blocks: 1 where the block is exactly zero."""
+    return (blocks[..., 0, 0] == 0).to(torch.int32)

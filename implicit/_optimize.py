@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from implicit import _aux, _bounds, linear, solvers
+from implicit._batch import is_half
 from implicit._compile import eager
 from implicit._optimization import OptimizationProblem
-from implicit._precision import is_half
 from implicit._problem import State
 from implicit._progress import Callback
 from implicit._tolerance import Tol

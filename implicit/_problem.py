@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 
 from implicit import _tree
+from implicit._batch import norms, working_dtype
 from implicit._capture import Recorder, Substitute, carries_derivative
 from implicit._checks import check_arg, check_states
-from implicit._precision import norms, working_dtype
 from implicit.solvers.base import Residual
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).

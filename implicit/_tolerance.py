@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from implicit._batch import RESOLUTION, attainable, is_half, working_dtype
 from implicit._checks import check_tol as check_number_tol
-from implicit._precision import RESOLUTION, attainable, is_half, working_dtype
 
 Tol = float | torch.Tensor
 
@@ -48,7 +48,7 @@ def per_problem(tol: Tol, batch_size: int, dtype: torch.dtype, device: torch.dev
     A number stays a number; so does a tensor with one entry (the same tolerance for
     every problem, exactly as the number). Otherwise the tensor must broadcast to
     ``(batch_size,)``; it becomes a ``(batch_size,)`` copy in the working dtype of
-    ``dtype`` on ``device``, floored as :func:`implicit._precision.attainable` floors a
+    ``dtype`` on ``device``, floored as :func:`implicit._batch.attainable` floors a
     number.
     """
     if not isinstance(tol, torch.Tensor):

@@ -1,4 +1,4 @@
-"""Solves with per-problem blocks (implicit/_blocks.py): torch.linalg's answers, with
+"""Solves with per-problem blocks (implicit/_batch.py): torch.linalg's answers, with
 1 × 1 blocks divided directly."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from implicit._blocks import Factorization, lu_factor, lu_solve, solve
+from implicit._batch import Factorization, lu_factor, lu_solve, solve
 
 F64 = torch.float64
 

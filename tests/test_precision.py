@@ -1,4 +1,4 @@
-"""Half precision (implicit/_precision.py): float16 and bfloat16 states are solved, with
+"""Half precision (implicit/_batch.py): float16 and bfloat16 states are solved, with
 the small linear algebra in float32, to the accuracy of their dtype.
 
 References: the same problems in float64, from the inputs rounded to the half dtype.
@@ -16,8 +16,7 @@ from conftest import contractive_matrix
 
 import implicit
 from implicit import linear
-from implicit._blocks import Factorization, solve
-from implicit._precision import RESOLUTION
+from implicit._batch import RESOLUTION, Factorization, solve
 
 F64 = torch.float64
 HALF = [torch.float16, torch.bfloat16]

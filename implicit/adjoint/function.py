@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from implicit import _progress, _tolerance, _torch
-from implicit._precision import attainable, is_half, upcast
+from implicit._batch import attainable, is_half, upcast
 from implicit._results import (
     CONVERGED,
     FAILED,

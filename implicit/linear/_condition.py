@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from implicit._blocks import lu_solve
+from implicit._batch import lu_solve
 from implicit._results import CONVERGED, ILL_CONDITIONED, condition_limit
 
 #: A free estimate this far below the limit is not refined: on random matrices (and

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from implicit._batch import upcast
 from implicit._checks import check_max_iter, check_tol
-from implicit._precision import upcast
 from implicit._results import (
     BREAKDOWN,
     CONVERGED,
@@ -63,7 +63,7 @@ class WorkingOperator(JacobianOperator):
     """An operator whose products are evaluated in half precision, seen in float32.
 
     A linear solver then keeps its iterates, bases and small systems in float32
-    (``implicit/_precision.py``); each product casts its argument down and its result
+    (``implicit/_batch.py``); each product casts its argument down and its result
     up. Its structure is the operator's.
 
     Args:

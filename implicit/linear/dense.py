@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from implicit._batch import known_all
-from implicit._blocks import Factorization, lu_factor, lu_solve
+from implicit._batch import Factorization, known_all, lu_factor, lu_solve
 from implicit._checks import check_number
 from implicit.linear import _condition
 from implicit.linear.base import (

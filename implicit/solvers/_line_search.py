@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from implicit._batch import known_all, traced
-from implicit._precision import norms, upcast
+from implicit._batch import known_all, norms, traced, upcast
 
 #: Sufficient decrease: accept ``t`` when ``½‖g(z + t d)‖² ≤ ½‖g(z)‖² + ARMIJO · t · slope``.
 ARMIJO = 1e-4

@@ -30,9 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import cheap_host_reads
+from implicit._batch import cheap_host_reads, norms
 from implicit._checks import check_number
-from implicit._precision import norms
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
 from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature

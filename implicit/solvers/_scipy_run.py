@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from implicit._precision import upcast
+from implicit._batch import upcast
 from implicit.solvers.base import Residual
 
 #: scipy's ``nonlin`` family: stops on a residual norm we set (``tol_norm``), counts

@@ -8,10 +8,8 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, project, store, traced
-from implicit._blocks import solve
+from implicit._batch import combine, known_all, project, solve, store, traced, upcast, working_dtype
 from implicit._checks import check_number
-from implicit._precision import upcast, working_dtype
 from implicit.linear.base import LowRankInverse
 from implicit.solvers.base import Solver
 

@@ -7,9 +7,8 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, project, store
+from implicit._batch import combine, known_all, norms, project, store, upcast
 from implicit._checks import check_number
-from implicit._precision import norms, upcast
 from implicit.linear.base import LowRankInverse
 from implicit.solvers._line_search import (
     Search,

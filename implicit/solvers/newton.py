@@ -7,10 +7,8 @@ import math
 
 import torch
 
-from implicit._batch import known_all
-from implicit._blocks import Factorization, solve
+from implicit._batch import Factorization, is_half, known_all, norms, solve, upcast
 from implicit._checks import check_number
-from implicit._precision import is_half, norms, upcast
 from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
 from implicit.linear.base import WorkingOperator
 from implicit.solvers._line_search import (

@@ -23,7 +23,7 @@ from systems import (
 )
 
 from implicit import linear
-from implicit._blocks import Factorization
+from implicit._batch import Factorization
 from implicit.linear import JacobianOperator, NearbyFactorization
 from implicit.linear.base import BREAKDOWN, CONVERGED, NONFINITE
 from implicit.linear.dense import REFINEMENTS

@@ -10,7 +10,7 @@ from conftest import TanhProblem, contractive_matrix, rel_err
 from solver_checks import counting_test
 
 import implicit
-from implicit._blocks import Factorization
+from implicit._batch import Factorization
 from implicit.solvers import Residual
 
 test_picard_counts_every_evaluation = counting_test("fixed_point")
