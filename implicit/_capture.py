@@ -22,8 +22,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch.overrides import TorchFunctionMode
 
-from implicit._compile import compiler_loaded
-from implicit._torch import is_transformed
+from implicit._torch import compiler_loaded, is_transformed
 
 
 def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:

@@ -15,9 +15,9 @@ import torch
 
 from implicit import _blackbox, _tolerance, linear
 from implicit._checks import check_max_iter, check_on_failure
-from implicit._compile import eager
 from implicit._problem import Problem, State
 from implicit._tolerance import Tol
+from implicit._torch import eager
 from implicit.api import Backward, invert, run
 from implicit.linear.diagonal import DiagonalFirst, resolution
 

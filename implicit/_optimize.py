@@ -14,11 +14,11 @@ import torch
 
 from implicit import _aux, _bounds, linear, solvers
 from implicit._batch import is_half
-from implicit._compile import eager
 from implicit._optimization import OptimizationProblem
 from implicit._problem import State
 from implicit._progress import Callback
 from implicit._tolerance import Tol
+from implicit._torch import eager
 from implicit.api import run
 
 Backward = str | linear.LinearSolver | linear.Unroll

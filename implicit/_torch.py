@@ -1,35 +1,19 @@
-"""Every use of PyTorch's private API in the package, each with a public fallback.
+"""Every use of PyTorch's private API in the package, each with a public fallback, and
+how the solves meet ``torch.compile``.
 
 The private names make the solves cheaper (fewer Python layers per call) or let the
 core see which ``torch.func`` transforms are active. Each is looked up once, at import;
 where one is missing (a torch release that renamed it) its public fallback is used
 instead, and the environment variable ``IMPLICIT_TORCH_FALLBACKS=1`` forces every
 fallback (CI runs the test suite both ways). :data:`FALLBACKS` names the ones in use.
+With the fallbacks the results are the same; what changes (transforms seen through
+tensors, nested forward mode counted by wrapper depths, forward mode inside the
+solve, per-call costs) is listed in the developer notes ("Torch internals").
 
-With the fallbacks the results are the same; what changes:
-
-* **Active transforms are seen through tensors.** Torch has no public query for the
-  ``torch.func`` transforms that are active, so :func:`transforms_active` asks whether
-  one of the tensors the caller names is wrapped by a transform (the public
-  :func:`torch.func.debug_unwrap`). A transform that wraps none of the tensors a solve
-  reads does not see the solve, and the solve is a constant for it; but the core
-  cannot know that before it has evaluated the function once, so every solve records
-  its captured tensors in that first evaluation, which the solver then reuses
-  (:data:`KNOWS_TRANSFORMS` is ``False``).
-* **Forward-mode AD over forward-mode AD** is refused by counting the forward-mode
-  rules that run for one solve at different depths of transform wrappers
-  (:func:`apply`, :func:`nested_forward_mode`) rather than by reading the
-  transform stack.
-* **Forward mode inside the solve.** ``torch.autograd.Function`` switches forward-mode
-  AD off inside ``forward``, and only a private function switches it back on. Outside
-  ``torch.func`` transforms the core then solves before calling the Function (see
-  :data:`FORWARD_GRAD_IN_FUNCTIONS`), so a user function that opens its own
-  ``forward_ad.dual_level`` works as before; under a transform it sees forward mode off.
-* **Per-call costs**: ``Function.apply`` binds its arguments with ``inspect``,
-  ``torch.autograd.grad`` and ``torch.func.vmap`` check and flatten theirs in Python,
-  and ``torch.compile`` traces into the front doors' wrapper before breaking its graph:
-  small solves take longer (run a benchmark with ``IMPLICIT_TORCH_FALLBACKS=1`` to see
-  how much).
+``torch.compile``'s machinery (``torch._dynamo``) takes about as long to import as
+torch itself, and ``torch.compiler.disable`` and ``set_stance`` import it. Until
+something imports it, nothing compiles: the package asks for it only once it is
+loaded (:func:`eager`, :func:`compiler_loaded`).
 """
 
 from __future__ import annotations
@@ -40,7 +24,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -300,3 +284,30 @@ def mark_compiler_disabled(fn: Callable[..., Any]) -> None:
     ``torch.compiler.disable``."""
     if _DYNAMO_MARK is not None:
         setattr(fn, _DYNAMO_MARK, True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def eager(fn: F) -> F:
+    """``torch.compiler.disable(fn)``, without loading the compiler before something
+    else has.
+
+    A compiled caller breaks its graph at ``fn`` (the solves' loops depend on the
+    data), and ``fn`` runs eagerly, with nothing it calls compiled except what the user
+    compiled. The wrapper carries dynamo's own mark of a disabled function, which
+    dynamo reads while it traces a caller.
+    """
+    disabled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def run_eagerly(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if not compiler_loaded():
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    mark_compiler_disabled(run_eagerly)
+    return run_eagerly  # type: ignore[return-value]

@@ -11,10 +11,10 @@ import torch
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
 from implicit._batch import is_half
 from implicit._checks import check_shared_options, check_storage
-from implicit._compile import eager
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
 from implicit._tolerance import Tol
+from implicit._torch import eager
 from implicit.adjoint.solve import solve
 
 Backward = str | linear.LinearSolver | linear.Unroll

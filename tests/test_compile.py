@@ -1,4 +1,4 @@
-"""How the solves meet torch.compile (implicit/_compile.py): the compiler and scipy are
+"""How the solves meet torch.compile (implicit/_torch.py): the compiler and scipy are
 loaded only by programs that use them; a compiled caller breaks its graph at a solve once."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from conftest import TanhProblem, rel_err
 
 import implicit
-from implicit._compile import eager
+from implicit._torch import eager
 
 ROOT = Path(__file__).resolve().parents[1]
 
