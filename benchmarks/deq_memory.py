@@ -72,6 +72,7 @@ def measure(mode: str, max_iter: int, batch: int, width: int, solver: str, devic
         "max_iter": max_iter,
         "iterations": info.iterations,
         "backward iterations": info.backward.iterations if info.backward else None,
+        "backward status": info.backward.status if info.backward else None,
         "alloc MiB": peak / 2**20,
         "rss MiB": max(0, rss_peak - rss_before) / 2**20,
         "seconds": seconds,
@@ -87,9 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--max-iter", type=int, nargs="+", default=[10, 20, 40, 60])
-    parser.add_argument("--modes", nargs="+", default=["neumann", "gmres", "unroll"])
-    parser.add_argument("--solver", default="fixed_point")
+    parser.add_argument("--max-iter", type=int, nargs="+", default=[20, 60, 200])
+    parser.add_argument("--modes", nargs="+", default=["auto", "neumann", "gmres", "unroll"])
+    parser.add_argument("--solver", default="anderson")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODE,MAX_ITER
     options = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
         f"DEQ training step, batch {options.batch} × width {options.width}, float32, "
         f"solver {options.solver!r}, device {options.device}, one process per row\n"
     )
-    header = f"{'mode':<9} {'max_iter':>8} {'iters':>6} {'bwd iters':>9} "
+    header = f"{'mode':<9} {'max_iter':>8} {'iters':>6} {'bwd iters':>9} {'bwd status':>10} "
     header += f"{'alloc MiB':>10} {'rss MiB':>9} {'seconds':>8}"
     print(header)
     print("-" * len(header))
@@ -128,8 +129,10 @@ def main() -> None:
             output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             row = json.loads(output.stdout.strip().splitlines()[-1])
             backward = "-" if row["backward iterations"] is None else row["backward iterations"]
+            status = row["backward status"] or "-"
             print(
                 f"{row['mode']:<9} {row['max_iter']:>8} {row['iterations']:>6} {backward:>9} "
+                f"{status:>10} "
                 f"{row['alloc MiB']:>10.1f} {row['rss MiB']:>9.1f} {row['seconds']:>8.2f}",
                 flush=True,
             )

@@ -77,11 +77,25 @@ def cheap_host_reads(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def known_all(mask: torch.Tensor) -> bool:
+def known_all(mask: torch.Tensor, check_every: int | None = None) -> bool:
     """Whether every entry of ``mask`` is True, where the host reads it cheaply
-    (:func:`cheap_host_reads`); elsewhere ``False``: assume not, and take the general
-    path, rather than stall the device."""
-    return cheap_host_reads(mask) and bool(mask.all())
+    (:func:`cheap_host_reads`) and the loop asking tests its data on the host every
+    iteration (``check_every`` ``None`` or 1, see :func:`check_interval`);
+    elsewhere ``False``: assume not, and take the general path, rather than stall the
+    device."""
+    return check_every in (None, 1) and cheap_host_reads(mask) and bool(mask.all())
+
+
+def check_interval(check_every: int | None, tensor: torch.Tensor) -> int:
+    """The iterations between two host reads of a loop on ``tensor``: ``check_every``,
+    or where ``None``, 1 where reads are cheap (:func:`cheap_host_reads`) and 4
+    elsewhere (an accelerator, where a read stalls the device). A loop that reads every
+    iteration may take the shortcuts that a read allows (:func:`known_all`,
+    :func:`row_selector`); one that reads every ``k > 1`` iterations reads nothing in
+    between."""
+    if check_every is not None:
+        return check_every
+    return 1 if cheap_host_reads(tensor) else 4
 
 
 def all_running(norms: torch.Tensor, thresholds: torch.Tensor, worst: torch.Tensor) -> bool:
@@ -99,7 +113,7 @@ COPY_ROWS_FROM = 12_000
 
 
 def row_selector(
-    rows: torch.Tensor, width: int
+    rows: torch.Tensor, width: int, check_every: int | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
     ``old`` elsewhere, for as many ``(B, width)`` pairs as an iteration updates.
@@ -111,9 +125,9 @@ def row_selector(
     there: 1.5 times the time at 64 × 256, 2 to 4 times at 256 × 512); the check is
     made once for all the pairs. Smaller batches take one ``torch.where`` per pair (one
     call against two), and so does every batch where a host check would stall the
-    device.
+    device, or in a loop that reads the host only every ``check_every > 1`` iterations.
     """
-    if not cheap_host_reads(rows):
+    if check_every not in (None, 1) or not cheap_host_reads(rows):
         return _where(rows)
     selected = int(rows.sum())
     if selected == rows.shape[0]:

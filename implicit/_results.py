@@ -36,6 +36,7 @@ FAILED = 3
 NONFINITE = 4
 ILL_CONDITIONED = 5
 DIVERGED = 6
+STAGNATED = 7
 STATUS_NAMES = {
     CONVERGED: "converged",
     MAX_ITER: "max_iter",
@@ -44,11 +45,13 @@ STATUS_NAMES = {
     NONFINITE: "nonfinite",
     ILL_CONDITIONED: "ill_conditioned",
     DIVERGED: "diverged",
+    STAGNATED: "stagnated",
 }
 #: The statuses from the mildest to the worst.
 SEVERITY = (
     "converged",
     "ill_conditioned",
+    "stagnated",
     "max_iter",
     "breakdown",
     "diverged",
@@ -65,6 +68,11 @@ _LINEAR_ADVICE = {
         "amplified up to that much in the derivatives: check that the root is isolated "
         "(a nearly singular Jacobian means a nearly non-unique solution), rescale the "
         "unknowns or the equations, or damp the solve with implicit.linear.Dense(ridge=...)."
+    ),
+    "stagnated": (
+        "The residual stopped decreasing at the level of the rounding errors of the "
+        "dtype's products, above the tolerance: no iteration can do better in this "
+        "dtype. Loosen the backward's tol, or compute in a wider dtype (float64)."
     ),
     "max_iter": (
         "Raise the backward's max_iter, use backward='dense' or 'gmres', or pass a preconditioner."
@@ -149,7 +157,10 @@ class BackwardInfo:
         status: the worst over the batch: ``"converged"``; ``"ill_conditioned"`` (the
             solve met its tolerance but ``condition`` exceeds ``1/√eps`` of the
             dtype, ``6.7e7`` in float64, ``2.9e3`` in float32 and half precision: the
-            derivatives may have lost half of their digits or more); ``"max_iter"``;
+            derivatives may have lost half of their digits or more); ``"stagnated"``
+            (the residual stopped decreasing at the rounding level of the dtype,
+            above the tolerance: the answer is as good as the dtype allows, a
+            tolerance below that cannot be met); ``"max_iter"``;
             ``"breakdown"`` (a singular system, or one the method cannot solve, e.g.
             an indefinite one for ``cg``); ``"diverged"`` (the Neumann series grew
             instead of converging); ``"nonfinite"``. ``converged`` is ``True`` only

@@ -37,7 +37,10 @@ class NeumannThenGMRES(IterativeSolver):
     trained DEQ), Neumann gets there first. A problem whose residual does not halve
     over four iterations (a weak contraction, or none) goes on with GMRES from its
     current iterate (from zero if its residual grew beyond ``‖rhs‖``), within the same
-    iteration budget. ``LinearResult.method`` says which ran.
+    iteration budget. A problem whose Neumann residual stagnates at rounding level
+    stops there (status ``"stagnated"``): GMRES, working with the same products, could
+    not do better, and would only add its basis to the memory. ``LinearResult.method``
+    says which ran.
     """
 
     name = "neumann+gmres"
@@ -46,7 +49,7 @@ class NeumannThenGMRES(IterativeSolver):
         used, codes, r, ran = 0, None, None, []
         if operator.shifted:
             ran.append("neumann")
-            neumann = Neumann(give_up_after=_NEUMANN_WINDOW)
+            neumann = Neumann(give_up_after=_NEUMANN_WINDOW, check_every=self.check_every)
             x, codes, used, r, _ = neumann.iterate(
                 operator, rhs, x, target=target, max_iter=max_iter, allowed=allowed
             )
@@ -56,7 +59,7 @@ class NeumannThenGMRES(IterativeSolver):
             grew = allowed & ~(norm(r) <= norm(rhs))
             x = torch.where(row_mask(grew), 0, x)
         ran.append("gmres")
-        x, gmres_codes, more, r, _ = GMRES().iterate(
+        x, gmres_codes, more, r, _ = GMRES(check_every=self.check_every).iterate(
             operator,
             rhs,
             x,
@@ -84,7 +87,7 @@ class CGThenGMRES(IterativeSolver):
     name = "cg"
 
     def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner):
-        x, codes, used, _, _ = CG().iterate(
+        x, codes, used, _, _ = CG(check_every=self.check_every).iterate(
             operator,
             rhs,
             x,
@@ -98,7 +101,7 @@ class CGThenGMRES(IterativeSolver):
             return Progress(x, codes, used, None, "cg")
         # Along a direction of non-positive curvature CG's iterate may be far off.
         x = torch.where(row_mask(broken), 0, x)
-        x, gmres_codes, more, r, _ = GMRES().iterate(
+        x, gmres_codes, more, r, _ = GMRES(check_every=self.check_every).iterate(
             operator,
             rhs,
             x,
@@ -134,7 +137,10 @@ class Auto(LinearSolver):
     * for the adjoint of a fixed point ``z = f(z)`` (a shifted operator, in the
       first-order backward), [`Neumann`][implicit.linear.Neumann] while it contracts
       well and [`GMRES`][implicit.linear.GMRES] from where it got for the problems
-      whose residual does not halve over four iterations;
+      whose residual does not halve over four iterations, except those whose residual
+      has stagnated at the rounding level of the dtype (status ``"stagnated"``: no
+      method can do better with these products), so that the memory stays that of
+      Neumann for a tolerance below what the dtype resolves;
     * [`GMRES`][implicit.linear.GMRES] for every other system.
 
     ``info.backward.method`` says which ran (``"dense"``, ``"dense+refine"`` after
@@ -146,15 +152,20 @@ class Auto(LinearSolver):
         tol: handed to the chosen solver (``None``: the front door's ``tol``).
         max_iter: handed to the chosen solver (``None``: the front door's
             ``max_iter``).
+        check_every: handed to the chosen iterative method (see
+            [`IterativeSolver`][implicit.linear.IterativeSolver]).
     """
 
     name = "auto"
 
     max_dense: int = 64
+    check_every: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self.max_dense, "max_dense", "an integer >= 0")
+        if self.check_every is not None:
+            check_number(self.check_every, "check_every", "an integer >= 1")
 
     def choose(self, operator: JacobianOperator) -> LinearSolver:
         """The method for ``operator`` (see above)."""
@@ -166,7 +177,8 @@ class Auto(LinearSolver):
             method = NeumannThenGMRES
         else:
             method = GMRES
-        return _configured(method, self.tol, self.max_iter)
+        check_every = None if method is Dense else self.check_every
+        return _configured(method, self.tol, self.max_iter, check_every)
 
     def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
         dense = _configured(Dense, self.tol, self.max_iter)
@@ -191,6 +203,14 @@ class Auto(LinearSolver):
 
 
 @functools.cache
-def _configured(method: type[LinearSolver], tol: float | None, max_iter: int | None):
-    """``method(tol=tol, max_iter=max_iter)``, made once (instances are immutable)."""
-    return method(tol=tol, max_iter=max_iter)
+def _configured(
+    method: type[LinearSolver],
+    tol: float | None,
+    max_iter: int | None,
+    check_every: int | None = None,
+):
+    """``method(tol=tol, max_iter=max_iter)`` (and ``check_every`` where set), made once
+    (instances are immutable)."""
+    if check_every is None:
+        return method(tol=tol, max_iter=max_iter)
+    return method(tol=tol, max_iter=max_iter, check_every=check_every)

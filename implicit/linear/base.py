@@ -12,9 +12,9 @@ calls, threads and ``torch.func`` transforms. A solve has two steps, as in linea
   the per-call data (tolerance, cap, initial guess, preconditioner) passed per call.
 
 A method reports per-problem status codes: ``CONVERGED``, ``ILL_CONDITIONED``,
-``MAX_ITER``, ``BREAKDOWN``, ``DIVERGED`` and ``NONFINITE`` from this module. An
-iterative method subclasses [`IterativeSolver`][implicit.linear.IterativeSolver]
-(``implicit/linear/iterative.py``).
+``STAGNATED``, ``MAX_ITER``, ``BREAKDOWN``, ``DIVERGED`` and ``NONFINITE`` from this
+module. An iterative method subclasses
+[`IterativeSolver`][implicit.linear.IterativeSolver] (``implicit/linear/iterative.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from implicit._results import (
     ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
+    STAGNATED,
 )
 from implicit.linear.operator import JacobianOperator
 
@@ -45,6 +46,7 @@ __all__ = [
     "ILL_CONDITIONED",
     "MAX_ITER",
     "NONFINITE",
+    "STAGNATED",
     "ApproximateInverse",
     "Hint",
     "JacobianOperator",
@@ -78,7 +80,7 @@ class WorkingOperator(JacobianOperator):
             symmetric=operator.symmetric,
             positive_definite=operator.positive_definite,
         )
-        self.dtype = dtype
+        self.dtype = self.evaluated_in = dtype
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         return upcast(super().mv(x.to(self.dtype)))

@@ -15,6 +15,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from implicit._checks import check_number
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
@@ -93,6 +94,13 @@ class IterativeSolver(LinearSolver):
             estimates save no product (13 of 13), on harder systems 7-17 % of GMRES's
             (``benchmarks/results/hints.txt``); they are kept from the forward to the
             backward (two ``(B, k, n)`` tensors) only where used.
+        check_every: read the host (test which problems have finished, a
+            synchronisation on an accelerator) every this many iterations; ``None``:
+            every iteration on the CPU, every 4 on accelerators. In between, finished
+            problems stop changing all the same, and the methods take their general
+            paths (GMRES orthogonalises twice rather than test whether it must), so
+            that a loop of ``k`` iterations reads the host about ``k / check_every``
+            times, plus a few reads per solve (its end, the true-residual check).
     """
 
     #: Whether the method takes a preconditioner.
@@ -103,10 +111,13 @@ class IterativeSolver(LinearSolver):
     x0: torch.Tensor | None = dataclasses.field(default=None, compare=False)
     preconditioner: Preconditioner | None = None
     use_hints: bool = False
+    check_every: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
+        if self.check_every is not None:
+            check_number(self.check_every, "check_every", "an integer >= 1")
         if self.x0 is not None and not isinstance(self.x0, torch.Tensor):
             message = f"{owner}(x0=...) must be a tensor or None, got {self.x0!r}"
             if isinstance(self.x0, str) and self.x0 == "previous":

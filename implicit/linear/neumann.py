@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 
-from implicit._batch import all_running, known_all, row_selector
+from implicit._batch import all_running, check_interval, known_all, row_selector
 from implicit._checks import check_number
-from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE
+from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE, STAGNATED
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
 
-#: Iterations between two checks for divergence.
-_DIVERGENCE_WINDOW = 4
+#: Iterations between two checks for divergence and stagnation.
+_WINDOW = 4
+#: The residual, in units of the products' machine epsilon times ``‖x‖ + ‖rhs‖``, at
+#: or below which a residual that no longer halves has stagnated at rounding level.
+_ROUNDING = 8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,10 +38,15 @@ class Neumann(IterativeSolver):
     overflows stops at its last finite iterate with status ``"nonfinite"``. (A
     contractive but far from normal ``∂f/∂z`` can make the residual grow for a while
     before it decreases; by much less than a factor 1000 for the Jacobians of usual
-    maps, and a hump that size costs as many digits anyway.)
+    maps, and a hump that size costs as many digits anyway.) A problem whose residual
+    stops decreasing (it does not halve over 4 iterations) at the level of the
+    rounding errors of its evaluation (8 machine epsilons of the products' dtype times
+    ``‖x‖ + ‖rhs‖``) stops with status ``"stagnated"``: a tolerance below what the
+    dtype can resolve, which no more iterations, and no other method using these
+    products, would meet.
 
     Takes the options of every [`IterativeSolver`][implicit.linear.IterativeSolver]
-    but ``preconditioner`` (``tol``, ``max_iter``, ``x0``).
+    but ``preconditioner`` (``tol``, ``max_iter``, ``x0``, ``check_every``).
 
     Args:
         damping: step size in ``(0, 1]``.
@@ -79,14 +88,20 @@ class Neumann(IterativeSolver):
             q = operator.shifted_mv(x)
             r = q - x - rhs
         x = torch.zeros_like(rhs) if x is None else x
-        reference = initial = norm(r)
-        active = allowed & (reference > target)
+        reference = recent = initial = norm(r)
+        # What rounding leaves of A x − rhs: the products run in the operator's dtype.
+        rounding = _ROUNDING * torch.finfo(operator.evaluated_in or rhs.dtype).eps
+        rhs_norm = norm(rhs)
+        active = allowed & (initial > target)
         codes = where_codes(active, MAX_ITER, CONVERGED)
+        check_every = check_interval(self.check_every, rhs)
         iterations = 0
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
-        every = known_all(active)
-        while iterations < max_iter and (every or bool(active.any())):
+        every = known_all(active, check_every)
+        while iterations < max_iter:
+            if not every and iterations % check_every == 0 and not bool(active.any()):
+                break
             if shifted:
                 x_new = r if q is None else q - rhs  # r = −rhs at the start from zero
                 q_new = operator.shifted_mv(x_new)
@@ -97,30 +112,37 @@ class Neumann(IterativeSolver):
                 r_new = operator.mv(x_new) - rhs
             iterations += 1
             size = norm(r_new)
-            slow = diverged = None
+            # The problems stopped early at this iteration, with their status, by
+            # priority: a stagnated or diverged one is not handed on as merely slow.
+            stops = []
+            if iterations % _WINDOW == 0:
+                # Stagnation: the residual did not halve over the window and is at the
+                # level of the rounding errors of its evaluation, which no method
+                # working with these products can go below.
+                flat = ~(size <= 0.5 * recent)
+                stops.append((flat & (size <= rounding * (norm(x_new) + rhs_norm)), STAGNATED))
+                recent = size
+                if self.divergence:
+                    grown = (size > self.divergence * initial) & (size < math.inf)
+                    stops.append((grown, DIVERGED))
             if self.give_up_after and iterations % self.give_up_after == 0:
-                # Stop the problems whose residual did not halve over the window (NaN
-                # included).
-                slow = active & ~(size <= 0.5 * reference)
+                # The residual did not halve over the window (NaN included).
+                stops.append((~(size <= 0.5 * reference), MAX_ITER))
                 reference = size
-                slow = slow if bool(slow.any()) else None
-            if self.divergence and iterations % _DIVERGENCE_WINDOW == 0:
-                diverged = active & (size > self.divergence * initial) & (size < math.inf)
-                diverged = diverged if bool(diverged.any()) else None
-            if (
-                slow is None
-                and diverged is None
-                and every
-                and all_running(size, target, size.max())
-            ):
-                x, r = x_new, r_new
-                if shifted:
-                    q = q_new
-                continue
+            if every:
+                stopping = [mask for mask, _ in stops]
+                if (
+                    not (stopping and bool(functools.reduce(torch.logical_or, stopping).any()))
+                    and all_running(size, target, size.max())
+                ):
+                    x, r = x_new, r_new
+                    if shifted:
+                        q = q_new
+                    continue
             every = False
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (size < math.inf)
-            take = row_selector(step, x.shape[1])
+            take = row_selector(step, x.shape[1], check_every)
             x, r = take(x_new, x), take(r_new, r)
             if shifted:
                 q = take(q_new, torch.zeros_like(q_new) if q is None else q)
@@ -128,9 +150,8 @@ class Neumann(IterativeSolver):
             # (step is a subset of active and done of step: ^ removes the subset.)
             codes = torch.where(done, CONVERGED, torch.where(active ^ step, NONFINITE, codes))
             active = step ^ done
-            if slow is not None:
-                active = active & ~slow  # status stays "max_iter"
-            if diverged is not None:
-                codes = torch.where(diverged, DIVERGED, codes)
-                active = active & ~diverged
+            for mask, code in stops:
+                stopped = active & mask
+                codes = torch.where(stopped, code, codes)
+                active = active & ~stopped
         return Progress(x, codes, iterations, r)

@@ -51,6 +51,10 @@ class JacobianOperator:
         positive_definite: as above (implies ``symmetric``).
     """
 
+    #: The dtype the products are evaluated in where it is narrower than the iterates'
+    #: (half precision, whose products a solver sees in float32); ``None``: theirs.
+    evaluated_in: torch.dtype | None = None
+
     def __init__(
         self,
         jacobian: Jacobian,

@@ -159,7 +159,7 @@ class Solver(abc.ABC):
             # The running problems take the step, except those whose residual turned
             # non-finite: they stop at their last finite iterate.
             stepped = running & (new_norms < math.inf)
-            take = row_selector(stepped, z.shape[1])
+            take = row_selector(stepped, z.shape[1], check_every)
             z, r = take(z_new, z), take(r_new, r)
             history.append(torch.where(running, new_norms, norms).max())
             norms = torch.where(stepped, new_norms, norms)

@@ -210,3 +210,88 @@ class TestDivergenceThroughTheBackward:
         z.sum().backward()
         assert info.backward.method == "neumann+gmres"
         assert rel_err(b.grad, reference) <= 1e-10
+
+
+class TestStagnation:
+    """A tolerance below what the dtype resolves: the residual stagnates at rounding
+    level, and the solve stops there with status "stagnated" rather than iterate to
+    max_iter (or, under auto, hand the problem to a GMRES that cannot do better)."""
+
+    @staticmethod
+    def deq_step(backward, tol, dtype=torch.float32, max_iter=200):
+        """``∇ Σ z`` to ``x`` for ``z = tanh(W z + x)`` (‖W‖₂ = 0.5, 3 × 80), solved
+        in ``dtype``, and the forward's report; the float64 reference by the implicit
+        function theorem in closed form."""
+        gen = generator(5)
+        w = torch.randn(80, 80, generator=gen, dtype=F64)
+        w = 0.5 * w / torch.linalg.matrix_norm(w, ord=2)
+        x64 = torch.randn(3, 80, generator=gen, dtype=F64)
+        x = x64.to(dtype).requires_grad_()
+        z, info = implicit.fixed_point(
+            lambda z, x: torch.tanh(z @ w.to(dtype).T + x), torch.zeros_like(x), x,
+            backward=backward, tol=tol, max_iter=max_iter, batched=True,
+            on_failure="ignore", return_info=True,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(z.sum(), x)
+        z64 = z.detach().double()
+        for _ in range(200):
+            z64 = torch.tanh(z64 @ w.T + x64)
+        d = 1 - torch.tanh(z64 @ w.T + x64) ** 2  # σ'(W z + x), (B, n)
+        eye = torch.eye(80, dtype=F64)
+        # ∇x Σ z = (I − diag(d) W)⁻ᵀ d... per row: (diag(d)(I − W diag(d))⁻¹)ᵀ 1.
+        system = eye - w.mT.unsqueeze(0) * d.unsqueeze(1)  # (I − W diag(d))ᵀ = I − diag(d)Wᵀ
+        reference = d * torch.linalg.solve(system, torch.ones_like(d))
+        return grad, info, reference
+
+    def test_neumann_stops_at_rounding_level(self):
+        grad, info, reference = self.deq_step(linear.Neumann(), tol=1e-12)
+        report = info.backward
+        # (A problem whose recomputed residual happens to round to zero has converged.)
+        assert report.status == "stagnated"
+        assert torch.equal(report.converged, report.residual <= 1e-12)
+        assert report.iterations <= 40  # where it stagnated, not max_iter = 200
+        # As good as float32 allows: the residual a few units of rounding.
+        assert float(report.residual.max()) <= 8 * torch.finfo(torch.float32).eps
+        assert rel_err(grad.double(), reference) <= 1e-5
+
+    def test_auto_keeps_neumann_and_reports_it(self):
+        grad, info, reference = self.deq_step("auto", tol=1e-12)
+        report = info.backward
+        assert report.method == "neumann" and report.status == "stagnated"
+        assert report.iterations <= 40
+        assert rel_err(grad.double(), reference) <= 1e-5
+        # The same problem in float64 (rounding level 5e-9 times lower) converges.
+        grad64, info64, reference = self.deq_step("auto", tol=1e-12, dtype=F64)
+        assert info64.backward.status == "converged"
+        assert rel_err(grad64, reference) <= 1e-10
+
+    def test_reported_through_on_failure(self):
+        gen = generator(6)
+        w = torch.randn(70, 70, generator=gen)
+        w = 0.5 * w / torch.linalg.matrix_norm(w, ord=2)
+        x = torch.randn(2, 70, generator=gen, requires_grad=True)
+        for on_failure in ("warn", "raise"):
+            z = implicit.fixed_point(
+                lambda z, x: torch.tanh(z @ w.T + x), torch.zeros_like(x), x, tol=1e-12,
+                batched=True, on_failure=on_failure, backward=linear.Neumann(max_iter=100),
+            )  # fmt: skip
+            if on_failure == "warn":
+                with pytest.warns(implicit.ConvergenceWarning, match="'stagnated'.*rounding"):
+                    z.sum().backward()
+            else:
+                with pytest.raises(implicit.ConvergenceError) as caught:
+                    z.sum().backward()
+                assert caught.value.info.status == "stagnated"
+
+    def test_a_slow_contraction_is_not_stagnation(self):
+        # S = 0.97 I in float32, tol 1e-5: the residual decreases slowly, far above
+        # rounding level; auto hands it to GMRES, which solves it.
+        s = torch.full((2, 70), 0.97)
+        x = torch.ones(2, 70, requires_grad=True)
+        z, info = implicit.fixed_point(
+            lambda z, x: s * z + x, torch.zeros_like(x), x, solver="newton", tol=1e-5,
+            batched=True, on_failure="raise", return_info=True,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(z.sum(), x)
+        assert info.backward.method == "neumann+gmres" and info.backward.status == "converged"
+        assert rel_err(grad, 1 / (1 - s)) <= 1e-5
