@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from implicit._batch import check_interval
 from implicit.linear.base import BREAKDOWN, CONVERGED, MAX_ITER
 from implicit.linear.iterative import (
     IterativeSolver,
@@ -46,8 +47,11 @@ class BiCGStab(IterativeSolver):
         shadow_norm = norm(shadow)
         rho = alpha = omega = torch.ones_like(shadow_norm)
         v = p = torch.zeros_like(r)
+        check_every = check_interval(self.check_every, rhs)
         iterations = 0
-        while iterations < max_iter and bool(active.any()):
+        # (Finished problems stop changing at once; the host learns of it every
+        # check_every iterations.)
+        while iterations < max_iter and (iterations % check_every or bool(active.any())):
             iterations += 1
             rho_new = dot(shadow, r)
             beta = safe_div(rho_new, rho) * safe_div(alpha, omega)

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from implicit._batch import check_interval
 from implicit.linear.base import BREAKDOWN, CONVERGED, MAX_ITER
 from implicit.linear.iterative import (
     IterativeSolver,
@@ -52,8 +53,11 @@ class CG(IterativeSolver):
         # The signs of A and M, per problem (CG is invariant under A → −A and M → −M).
         sign_m = torch.sign(rz)
         sign_a = None
+        check_every = check_interval(self.check_every, rhs)
         iterations = 0
-        while iterations < max_iter and bool(active.any()):
+        # (Finished problems stop changing at once; the host learns of it every
+        # check_every iterations.)
+        while iterations < max_iter and (iterations % check_every or bool(active.any())):
             ap = operator.mv(p)
             iterations += 1
             curvature = dot(p, ap)

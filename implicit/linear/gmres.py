@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from implicit._batch import combine, known_all, project
+from implicit._batch import check_interval, combine, known_all, project
 from implicit._checks import check_number
 from implicit.linear.base import BREAKDOWN, CONVERGED, MAX_ITER
 from implicit.linear.iterative import IterativeSolver, Progress, identity, norm, row_mask, start
@@ -45,6 +45,7 @@ class GMRES(IterativeSolver):
     def iterate(self, operator, rhs, x, *, target, max_iter, allowed, preconditioner):
         precondition = identity if preconditioner is None else preconditioner
         codes = torch.full_like(target, MAX_ITER, dtype=torch.long)
+        check_every = check_interval(self.check_every, rhs)
         active = allowed
         iterations = 0
         while True:
@@ -55,14 +56,17 @@ class GMRES(IterativeSolver):
             if iterations >= max_iter or not bool(active.any()):
                 return Progress(x, codes, iterations, r)
             steps = min(self.restart, rhs.shape[1], max_iter - iterations)
-            x, broken, used = _cycle(operator, precondition, r, x, active, target, steps)
+            x, broken, used = _cycle(
+                operator, precondition, r, x, active, target, steps, check_every
+            )
             codes = torch.where(broken, BREAKDOWN, codes)
             active = active & ~broken
             iterations += used
 
 
-def _cycle(operator, precondition, r, x, active, target, steps):
-    """One Arnoldi cycle of at most ``steps`` products; returns ``x``, breakdowns, steps."""
+def _cycle(operator, precondition, r, x, active, target, steps, check_every):
+    """One Arnoldi cycle of at most ``steps`` products, testing on the host every
+    ``check_every`` of them; returns ``x``, breakdowns, steps."""
     batch, n = r.shape
     eps = torch.finfo(r.dtype).eps
     beta = norm(r)
@@ -82,7 +86,7 @@ def _cycle(operator, precondition, r, x, active, target, steps):
     used = 0
     # On the CPU the host checks whether every problem still extends its space: then a
     # step needs no per-problem selection (the common case).
-    every = known_all(alive)
+    every = known_all(alive, check_every)
     for j in range(steps):
         w = operator.mv(precondition(basis[:, j]))
         used += 1
@@ -91,13 +95,14 @@ def _cycle(operator, precondition, r, x, active, target, steps):
         # more than 90% of w, the only case in which one pass loses orthogonality (about
         # eps·‖w‖/‖w − Vh‖) beyond a few rounding errors. (The classic DGKS threshold
         # 1/√2 would repeat every step of a fixed point's adjoint, whose A ≈ −I cancels
-        # half of w by design.)
+        # half of w by design.) A loop that does not read the host every step
+        # orthogonalises twice at every step (CGS2) rather than ask.
         before = norm(w)
         h = project(known, w)
         w = w - combine(known, h)
         h_next = norm(w)
         cancelled = h_next < _REORTHOGONALIZE * before
-        if bool((cancelled if every else alive & cancelled).any()):
+        if check_every > 1 or bool((cancelled if every else alive & cancelled).any()):
             again = project(known, w)
             w = w - combine(known, again)
             h = h + again
@@ -135,7 +140,9 @@ def _cycle(operator, precondition, r, x, active, target, steps):
         # |(Q β e₁)[j + 1]|: the residual norm of the least-squares solution so far.
         alive = alive & (beta * pair[:, 1, 0].abs() > target)
         every = every and bool(alive.all())
-        if not (every or bool(alive.any())):
+        # (The cycle's end needs no test: the caller's follows.)
+        last = j + 1 == steps
+        if not (every or last) and (j + 1) % check_every == 0 and not bool(alive.any()):
             break
     k = used
     g = beta.unsqueeze(1) * rotations[:, :k, 0]  # Q β e₁

@@ -106,6 +106,7 @@ class Search:
         *,
         skip: torch.Tensor,
         halvings: int,
+        check_every: int | None = None,
     ) -> Verdict:
         """The Armijo test of the trial ``z_trial`` (residuals ``r_trial``) per sample.
 
@@ -114,13 +115,15 @@ class Search:
         floating point, or after ``halvings`` halvings, it gives up (and would start
         the same search again, as a new step from the same point would), unless its
         trial was not finite: that trial is handed over, so that the driver stops the
-        sample. Samples in ``skip`` (frozen by the driver) stay without a test.
+        sample. Samples in ``skip`` (frozen by the driver) stay without a test. The
+        host is asked whether every sample passed only where the solver reads it every
+        iteration (``check_every``, see :func:`implicit._batch.known_all`).
         """
         squares = squared_norm(r_trial)
         t = 1.0 if self.t is None else self.t
         # NaN compares False: a non-finite trial never passes.
         take = ~skip & (squares <= _threshold(self.base, t, self.slope))
-        if known_all(take):
+        if known_all(take, check_every):
             # Every sample passes (none skipped): the common case near a root.
             return Verdict(z_trial, r_trial, take)
         failed = ~(skip | take)

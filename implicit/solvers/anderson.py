@@ -143,7 +143,7 @@ class Anderson(Solver):
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
         in_place = not traced(z, r)
-        state = self._remember(z, r, state, in_place)
+        state = self._remember(z, r, state, in_place, self.check_every)
         rhs = state.rhs
         system, inverse_norms = self._system(state.gram)
         scaled, _ = solve(system, inverse_norms * rhs)
@@ -153,7 +153,7 @@ class Anderson(Solver):
         accept = (
             size <= self.max_coefficient if self.max_coefficient < math.inf else size < math.inf
         )
-        if not known_all(accept):
+        if not known_all(accept, self.check_every):
             # Fall back to the mixing step and start a new history (of zeros).
             keep = accept.unsqueeze(1)
             if not in_place:
@@ -207,7 +207,7 @@ class Anderson(Solver):
         system.diagonal(dim1=1, dim2=2).fill_(1 + ridge)
         return system, inverse_norms
 
-    def _remember(self, z, r, state, in_place):
+    def _remember(self, z, r, state, in_place, check_every):
         """The history with the step that led to ``z`` in the next slot (the oldest goes)
         and its ``ΔRᵀ r``, the right-hand side of the least-squares problem."""
         slot = state.slot
@@ -233,7 +233,7 @@ class Anderson(Solver):
         # test; an infinite Δr (a problem that blew up, which the driver has stopped)
         # gives non-finite coefficients and a restart.
         usable = square > 0
-        if not known_all(usable):
+        if not known_all(usable, check_every):
             keep = usable.unsqueeze(1)
             dr = store(dr, slot, torch.where(keep, dr_new, 0))
             dz_buffer = store(dz_buffer, slot, torch.where(keep, dz_mixed, 0))

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, norms, project, store, upcast
+from implicit._batch import check_interval, combine, known_all, norms, project, store, upcast
 from implicit._checks import check_number
 from implicit.linear.base import LowRankInverse
 from implicit.solvers._line_search import (
@@ -44,6 +44,8 @@ class _BroydenState:
         pending: ``(B,)`` samples whose line search goes on from their iterate (their
             last trial failed; their ``H`` is left as it is meanwhile), None if none.
         search: the line search of the pending samples.
+        steps: the steps taken so far (where the host is read every few steps only,
+            the samples flagged ``restart`` restart at the steps that read it).
     """
 
     u: torch.Tensor
@@ -57,6 +59,7 @@ class _BroydenState:
     h_r: torch.Tensor | None = None
     pending: torch.Tensor | None = None
     search: Search | None = None
+    steps: int = 0
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``H x`` per sample."""
@@ -101,7 +104,9 @@ class Broyden(Solver):
     others go on; so every trial counts against ``max_iter``.
 
     Cost per iteration: one evaluation of ``g``, plus one evaluation and one
-    Jacobian-vector product when a sample (re)starts. Under ``backward="unroll"``, an
+    Jacobian-vector product when a sample (re)starts (with ``check_every = k > 1``, or
+    on an accelerator, every ``k``-th iteration, which restarts the samples flagged
+    since without reading the host to ask whether there are any). Under ``backward="unroll"``, an
     iteration in which some sample does not take its trial evaluates ``g`` once more,
     at the points kept, so that rejected trials stay out of the recorded graph.
 
@@ -135,9 +140,15 @@ class Broyden(Solver):
         frozen = frozen_rows(z, state.proposed, state.frozen)
         pending, search = state.pending, state.search
         restart = state.restart & ~frozen
-        if bool(restart.any()):
+        interval = check_interval(self.check_every, z)
+        # Where the host is read every few steps only, the flagged samples keep their H
+        # (their update was skipped) until the next of every interval-th step, which
+        # restarts them without asking whether there are any (one evaluation and one
+        # Jacobian-vector product, as a read would stall the device).
+        if state.steps % interval == 0 and (interval > 1 or bool(restart.any())):
             state = self._restart(fn, z, r, state, restart)
-        if pending is None or not known_all(pending):
+            restart = None
+        if pending is None or not known_all(pending, interval):
             # H g(z) is at hand from the last step (where z is not the proposed iterate,
             # the driver has frozen the row, whose step it discards).
             direction = -(state.apply(r) if state.h_r is None else state.h_r)
@@ -147,7 +158,9 @@ class Broyden(Solver):
         direction = search.direction
         if self.line_search:
             z_trial = search.trial(z)
-            verdict = search.judge(z, r, z_trial, fn(z_trial), skip=frozen, halvings=HALVINGS)
+            verdict = search.judge(
+                z, r, z_trial, fn(z_trial), skip=frozen, halvings=HALVINGS, check_every=interval
+            )
             if records_rejected_trials(verdict):
                 verdict.r = fn(verdict.z)
             z_new, r_new, passed = verdict.z, verdict.r, verdict.passed
@@ -156,7 +169,8 @@ class Broyden(Solver):
                 # Every step fraction failed: H does not give a descent direction there,
                 # and these samples restart rather than search along it again.
                 pending = pending & ~verdict.gave_up
-                pending = pending if bool(pending.any()) else None
+                if interval == 1:
+                    pending = pending if bool(pending.any()) else None
         else:
             z_new = z + direction
             r_new = fn(z_new)
@@ -182,11 +196,12 @@ class Broyden(Solver):
         # Into the oldest slot, in place where no graph needs the old terms: copying
         # the whole (B, memory, n) history every step cost a fifth of a DEQ forward.
         waiting = torch.zeros_like(usable) if pending is None else pending
+        restart_next = ~usable & ~waiting
         state = dataclasses.replace(
             state,
             u=store(state.u, state.slot, u),
             v=store(state.v, state.slot, v),
-            restart=~usable & ~waiting,
+            restart=restart_next if restart is None else restart_next | restart,
             frozen=frozen,
             proposed=z_new,
             slot=(state.slot + 1) % self.memory,
@@ -194,6 +209,7 @@ class Broyden(Solver):
             h_r=h_r_new,
             pending=pending,
             search=search,
+            steps=state.steps + 1,
         )
         return z_new, r_new, state
 

@@ -7,7 +7,16 @@ import math
 
 import torch
 
-from implicit._batch import Factorization, is_half, known_all, norms, solve, upcast
+from implicit._batch import (
+    Factorization,
+    check_interval,
+    is_half,
+    known_all,
+    norms,
+    solve,
+    traced,
+    upcast,
+)
 from implicit._checks import check_number
 from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
 from implicit.linear.base import WorkingOperator
@@ -162,7 +171,8 @@ class Newton(Solver):
             # rather than halve a direction that may not descend.
             pending = search = None
         reused, factors = False, state.factors
-        if pending is None or not known_all(pending):
+        interval = check_interval(self.check_every, z)
+        if pending is None or not known_all(pending, interval):
             # A new direction where the linearisation is at the iterate: every sample
             # but those still searching from theirs.
             jacobian = state.linearization
@@ -173,14 +183,16 @@ class Newton(Solver):
                 reused, direction, slope = True, -factors.solve(r), None
             else:
                 direction, slope, factors = self._direction(
-                    fn, jacobian, z, r, state.initial_norm, waiting
+                    fn, jacobian, z, r, state.initial_norm, waiting, interval
                 )
             fresh = Search(direction, slope, base=squared_norm(r))
             search = fresh if pending is None else search.merged(pending, fresh)
         if self.line_search:
             z_trial = search.trial(z)
             r_trial, linearization = fn.linearize(z_trial)
-            verdict = search.judge(z, r, z_trial, r_trial, skip=frozen, halvings=HALVINGS)
+            verdict = search.judge(
+                z, r, z_trial, r_trial, skip=frozen, halvings=HALVINGS, check_every=interval
+            )
             if records_rejected_trials(verdict):
                 verdict.r, linearization = fn.linearize(verdict.z)
             z_new, r_new, pending, search = verdict.z, verdict.r, verdict.pending, verdict.search
@@ -214,13 +226,14 @@ class Newton(Solver):
         contracted = squared_norm(r_new) <= self.jacobian_reuse**2 * squared_norm(r)
         return bool((contracted | frozen).all())
 
-    def _direction(self, fn, jacobian, z, r, initial_norm, waiting):
+    def _direction(self, fn, jacobian, z, r, initial_norm, waiting, interval):
         """The Newton direction of every sample, its slope (None: ``−‖g‖²``) and the
-        factorisation it came from (None for a Krylov or damped step)."""
+        factorisation it came from (None for a Krylov or damped step), reading the
+        host only where the loop does every ``interval == 1`` iteration."""
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            return self._dense_direction(jacobian.dense(), r)
-        return (*self._krylov_direction(jacobian, r, initial_norm, waiting), None)
+            return self._dense_direction(jacobian.dense(), r, interval)
+        return (*self._krylov_direction(jacobian, r, initial_norm, waiting, interval), None)
 
     def _dense(self, z, r):
         if self.linear != "auto":
@@ -229,9 +242,13 @@ class Newton(Solver):
         return z.shape[1] <= self.max_dense or (torch.is_grad_enabled() and r.requires_grad)
 
     @staticmethod
-    def _dense_direction(jacobian, r):
+    def _dense_direction(jacobian, r, interval):
         """The direction, its slope and the factorisation when every block is regular
-        (a dense backward at the root may refine with it, see :meth:`hint`)."""
+        (a dense backward at the root may refine with it, see :meth:`hint`).
+
+        Where the host is not read every iteration (``interval > 1``), the blocks are not
+        known regular: every step takes the general path (the damped direction where a
+        block is singular), with no factorisation to reuse or hand on."""
         factors = Factorization.of(jacobian)
         # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
         # condition number) below n·eps, which an exact zero pivot and NaN also fail.
@@ -241,11 +258,11 @@ class Newton(Solver):
         direction = -factors.solve(r)
         # NaN also fails the comparison with ∞.
         solved = regular & (direction.abs().amax(dim=1) < math.inf)
-        if bool(solved.all()):
+        if known_all(solved, interval):
             # A Newton step: the line search knows its slope.
             return direction, None, factors
         singular, failed = ~regular, ~solved
-        if bool(singular.any()):
+        if traced(r) if interval > 1 else bool(singular.any()):
             # Factorise the identity in their place: the Newton branch stays finite
             # (and so does its derivative, under backward="unroll").
             eye = torch.eye(n, dtype=r.dtype, device=r.device)
@@ -257,14 +274,14 @@ class Newton(Solver):
         slope = (upcast(r) * (upcast(jacobian) @ upcast(direction).unsqueeze(2)).squeeze(2)).sum(1)
         return direction, slope, None
 
-    def _krylov_direction(self, jacobian, r, initial_norm, waiting):
+    def _krylov_direction(self, jacobian, r, initial_norm, waiting, interval):
         if torch.is_grad_enabled() and r.requires_grad:
             raise NotImplementedError(
                 "Newton's Krylov inner solve (implicit.linear.GMRES) cannot be "
                 "differentiated through: with backward='unroll' use "
                 "Newton(linear='dense') or another backward mode"
             )
-        krylov = self.krylov or GMRES()
+        krylov = self.krylov or GMRES(check_every=self.check_every)
         norm = norms(r)
         if krylov.tol is not None:
             tol = krylov.tol
@@ -272,8 +289,9 @@ class Newton(Solver):
             # The least converged running sample sets the pace (frozen rows and rows
             # still searching from their iterate do not).
             ratio = torch.where(waiting, 0, norm / initial_norm).nan_to_num(0.0)
-            ratio = float(ratio.max().detach())
-            tol = min(0.1, max(ratio, math.sqrt(torch.finfo(r.dtype).eps)))
+            # (A tensor where the host is not read every iteration.)
+            ratio = ratio.max().detach().clamp(math.sqrt(torch.finfo(r.dtype).eps), 0.1)
+            tol = float(ratio) if interval == 1 else ratio
         max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
         op = WorkingOperator(jacobian, r.dtype) if is_half(r.dtype) else jacobian
         result = krylov.solve(krylov.init(op), upcast(-r), tol=tol, max_iter=max_iter)
