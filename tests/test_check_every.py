@@ -53,7 +53,7 @@ def forward_reads(solver, max_iter, check_every=4):
     options = {} if check_every is None else {"check_every": check_every}
     with HostReads() as reads, warnings.catch_warnings():
         warnings.simplefilter("ignore", implicit.ConvergenceWarning)
-        z, info = implicit.fixed_point(
+        _, info = implicit.fixed_point(
             f, torch.zeros_like(x), x, solver=solver, tol=1e-300, max_iter=max_iter,
             batched=True, return_info=True, **options,
         )  # fmt: skip
