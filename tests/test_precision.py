@@ -166,3 +166,37 @@ def test_blocks_solve_in_float32_and_answer_in_the_dtype(dtype):
     assert units(factors.solve(rhs), exact) <= UNITS
     transposed = torch.linalg.solve(blocks.double().mT, rhs.double())
     assert units(factors.solve(rhs, adjoint=True), transposed) <= UNITS
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
+@pytest.mark.parametrize("width", [16, 80])  # dense backward, and Neumann (auto above 64)
+def test_a_deq_trains_under_autocast_as_in_float32(dtype, tol, width):
+    # Float32 states and parameters, the cell's matrix product in half precision under
+    # torch.autocast; the solvers' arithmetic and the backward's linear solve in
+    # float32. The gradients are as close to float64's as float32's own at the same
+    # tolerance (bfloat16's products resolve about 1e-3 of the residual: a tolerance
+    # of 1e-3 there).
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(2))
+
+    def step(precision, autocast, tol):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(width, width)
+        with torch.no_grad():
+            layer.weight.mul_(0.7 / torch.linalg.matrix_norm(layer.weight, ord=2))
+        layer = layer.to(precision)
+        inputs = x.to(precision).clone().requires_grad_()
+        deq = implicit.DEQ(lambda z, x: torch.tanh(layer(z) + x), tol=tol, on_failure="raise")
+        with torch.autocast(device_type="cpu", dtype=dtype, enabled=autocast):
+            z = deq(inputs)
+            loss = z.float().square().sum()
+        loss.backward()
+        assert deq.last_info.status == "converged"
+        assert deq.last_info.backward.status == "converged"
+        return z.detach(), inputs.grad, layer.weight.grad
+
+    mixed, single = step(torch.float32, True, tol), step(torch.float32, False, tol)
+    reference = step(F64, False, 1e-12)
+    for got, float32, want in zip(mixed, single, reference):
+        assert got.dtype == torch.float32
+        error = float((got.double() - want).norm() / want.norm())
+        assert error <= 2 * float((float32.double() - want).norm() / want.norm())
