@@ -16,6 +16,7 @@ from conftest import rel_err
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import deq_step
+import mixed_precision
 import scalar_batch
 import seed_newton
 import walk
@@ -34,6 +35,16 @@ def test_deq_reference_gradient_matches_unrolled_autograd():
         z = torch.tanh(z @ W.T + inj)
     grads = torch.autograd.grad(z.square().mean(), (W, U, b))
     assert rel_err(torch.cat([g.flatten() for g in grads]), ref) <= 1e-12
+
+
+@pytest.mark.parametrize("precision", list(mixed_precision.PRECISIONS))
+def test_mixed_precision_rows_at_a_toy_size(precision):
+    # Its float64 reference is the float64 step: the float32 row is float32-accurate,
+    # the others within a few units of their half dtype.
+    row = mixed_precision.measure(precision, 4, 16, 1e-3, repeats=1)
+    assert row["forward"].startswith("converged") and row["backward"].startswith("converged")
+    limit = 1e-2 if precision == "float32" else 0.1
+    assert all(0 <= row[key] <= limit for key in ("z", "dL/dx", "dL/dW")), row
 
 
 def test_deq_section_counts_and_errors():
