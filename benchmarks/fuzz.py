@@ -4,11 +4,16 @@ From the repository root::
 
     python benchmarks/fuzz.py --problems 10000 --workers 1 --timeout 20
     python benchmarks/fuzz.py --quick                     # ~1,000 problems
+    python benchmarks/fuzz.py --suite extended --problems 5000
     python benchmarks/fuzz.py --case tanh_divergent:12:newton_dense:gmres:fixed_point
 
-Problem ``i`` is drawn from family ``i mod F`` with seed ``i div F`` and solved with
-that family's solver × backward × front door combinations in turn (see
-``tests/fuzz/matrix.py``). Every run is classified by ``tests/fuzz/classify.py``
+Suite ``root`` (the default): problem ``i`` is drawn from root family ``i mod F`` with
+seed ``i div F`` and solved with that family's solver × backward × front door
+combinations in turn, its reverse-mode gradient checked. Suite ``extended``: the
+optimisation and bracketing families (``minimize``, ``least_squares``, bracketing
+``root_solve``; reverse mode, forward mode and second order) and the root families'
+forward mode and second order (see ``tests/fuzz/matrix.py``). Every run is classified
+by ``tests/fuzz/classify.py``
 (``OK``, ``OK-NONCONVERGED``, ``OK-REFUSED``; failures ``HANG``,
 ``FALSE-CONVERGENCE``, ``SILENT-NAN``, ``UNREPORTED``, ``CRASH``). A long run can be
 split into chunks (``--offset``, ``--out``) and summarised together (``--merge``).
@@ -51,6 +56,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=10_000)
     parser.add_argument("--offset", type=int, default=0, help="index of the first problem")
     parser.add_argument("--quick", action="store_true", help="1,000 problems")
+    parser.add_argument(
+        "--suite", choices=("root", "extended"), default="root", help="which problems (see above)"
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per problem")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "fuzz.json")
@@ -69,7 +77,7 @@ def main() -> None:
         meta["chunks"] = [p["meta"]["range"] for p in parts]
     else:
         count = 1000 if args.quick else args.problems
-        cases = [case.id for case in matrix.large_run(count, args.offset)]
+        cases = [case.id for case in matrix.large_run(count, args.offset, args.suite)]
         start = time.perf_counter()
         results = []
         for done, result in enumerate(
@@ -82,6 +90,7 @@ def main() -> None:
                 )
         meta = _meta(args, time.perf_counter() - start)
         meta["range"] = [args.offset, args.offset + count]
+        meta["suite"] = args.suite
     summary = summarise(results)
     print(report(summary, meta))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +135,8 @@ def summarise(results: list[dict]) -> dict:
     """Counts per family × outcome, failure kinds, gradient errors, and the failures."""
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     kinds: collections.Counter = collections.Counter()
-    errors: dict[str, list] = {"exact": [], "unroll": []}
+    errors: dict[str, list] = {"exact": [], "unroll": [], "jvp": [], "hvp": []}
+    unchecked: collections.Counter = collections.Counter()
     for r in results:
         family = r["case"].split(":")[0]
         table[family][r["outcome"]] += 1
@@ -134,8 +144,14 @@ def summarise(results: list[dict]) -> dict:
         if r["outcome"] not in classify.OK_OUTCOMES:
             kinds[f"{r['outcome']}: {_kind(r['reason'])}"] += 1
         if r["outcome"] == "OK" and r["grad_error"] is not None:
-            mode = "unroll" if r["case"].split(":")[3] == "unroll" else "exact"
-            errors[mode].append((r["grad_error"], r["case"]))
+            parts = r["case"].split(":")
+            derivative = parts[5] if len(parts) > 5 and parts[5] in ("jvp", "hvp") else "grad"
+            mode = "unroll" if parts[3] == "unroll" else "exact"
+            errors[derivative if derivative != "grad" else mode].append(
+                (r["grad_error"], r["case"])
+            )
+        if r["outcome"] == "OK" and "unchecked" in (r["reason"] or ""):
+            unchecked[_kind(r["reason"])] += 1
     failures = [r for r in results if r["outcome"] not in classify.OK_OUTCOMES]
     failures.sort(key=lambda r: (r["outcome"], r["case"]))
     return {
@@ -143,6 +159,7 @@ def summarise(results: list[dict]) -> dict:
         "table": {family: dict(counts) for family, counts in sorted(table.items())},
         "failure_kinds": dict(kinds.most_common()),
         "gradient_errors": {mode: _spread(found) for mode, found in errors.items()},
+        "unchecked": dict(unchecked.most_common()),
         "failures": [{k: r[k] for k in ("case", "outcome", "reason", "note")} for r in failures],
     }
 
@@ -165,7 +182,8 @@ def _kind(reason: str) -> str:
 
 def report(summary: dict, meta: dict) -> str:
     lines = [
-        f"{summary['problems']} problems in {meta['seconds']:.0f} s on {meta['cpu']} "
+        f"{summary['problems']} problems (suite {meta.get('suite', 'root')}) in "
+        f"{meta['seconds']:.0f} s on {meta['cpu']} "
         f"({meta['workers']} worker(s), {meta['timeout_s']:g} s per problem; "
         f"torch {meta['torch']}, commit {meta['commit']})",
         "",
@@ -178,13 +196,20 @@ def report(summary: dict, meta: dict) -> str:
         lines.append(
             f"{family:<22}" + " ".join(f"{counts.get(o, 0):>{w}}" for o, w in zip(OUTCOMES, widths))
         )
-    lines += ["", "gradients of OK runs against the oracle (float64; relative error, 2-norm):"]
+    lines += [
+        "",
+        "derivatives of OK runs against the oracle (float64; relative error, 2-norm; exact and",
+        "unroll: reverse mode; jvp: forward mode; hvp: Hessian-vector products):",
+    ]
     for mode, spread in summary["gradient_errors"].items():
         if spread["checked"]:
             lines.append(
                 f"  {mode:<7} {spread['checked']:>5} checked, median {spread['median']:.1e}, "
                 f"worst {spread['worst'][0]:.1e} ({spread['worst'][1]})"
             )
+    if summary.get("unchecked"):
+        lines += ["", "OK runs whose derivative the oracle could not check:"]
+        lines += [f"  {count:>5}  {kind}" for kind, count in summary["unchecked"].items()]
     if summary["failure_kinds"]:
         lines += ["", "failures by kind:"]
         lines += [f"  {count:>5}  {kind}" for kind, count in summary["failure_kinds"].items()]

@@ -22,18 +22,29 @@ Acceptable outcomes:
   may reject: half precision, an infinite ``z0``, one unbatched sample given to a
   layer that is batched by default.
 
+The derivative a case checks (``matrix.Case.derivative``): ``grad`` the gradient of
+``L(z) = Σ c·z`` by ``backward()``; ``jvp`` the forward-mode derivative along a random
+tangent on the explicit parameters, against the oracle's ``J·t`` (``GRADIENT_TOL``;
+a forward-mode linear solve that does not converge must be reported by
+``on_failure``, as ``ConvergenceWarning``/``ConvergenceError``, and is then
+``OK-NONCONVERGED``); ``hvp`` a Hessian-vector product of ``Σ c·z + ½‖z‖²`` by double
+backward against an extrapolated central difference of the oracle's gradient (its
+tolerance in :mod:`derivatives`). A minimiser's or a least-squares solver's
+``z`` must also be a local minimum: converged at a saddle or a maximum is a
+``FALSE-CONVERGENCE`` (:func:`stopping.saddle`). Solvers that cannot be unrolled by
+design (minimisers, bracketing) under ``backward="unroll"`` may refuse
+(``OK-REFUSED``), as may a crossed bracket (``lower > upper``).
+
 Failures: ``HANG`` (time limit), ``FALSE-CONVERGENCE`` (converged, but the residual
-fails the test, the gradient is wrong, or ``z`` has no graph to the parameters),
+fails the test, the answer is a saddle, the derivative is wrong, or ``z`` has no graph
+to the parameters),
 ``SILENT-NAN`` (NaN/inf in ``z`` or a gradient with no non-converged status),
 ``UNREPORTED`` (a non-converged status that ``on_failure`` did not report), ``CRASH``
 (any other exception). ``HARNESS-ERROR`` is a bug of this harness, not the library's.
 
-The documented tests (``implicit/api.py``, ``implicit/_problem.py``), per problem:
-``fixed_point`` and ``DEQ``: ``‖f(z) − z‖ ≤ tol·(1 + max(‖z0‖, ‖f(z0)‖))``;
-``root_solve`` and ``custom_root``: ``‖g(z)‖ ≤ tol``; ``invert``: ``‖f(z) − y‖ ≤
-tol·(1 + ‖y‖)``. The residual is recomputed with the user's function in the problem's
-dtype (what the library's test computes); it may differ from the library's by rounding
-(another memory layout of a tuple state), hence the slack of ``RESIDUAL_SLACK``.
+The documented tests are recomputed from ``z`` (:mod:`stopping`); they may differ from
+the library's by rounding (another memory layout of a tuple state), hence the slack of
+``RESIDUAL_SLACK``.
 """
 
 from __future__ import annotations
@@ -45,9 +56,11 @@ import time
 import traceback
 import warnings
 
+import derivatives
 import families
 import matrix
 import numpy as np
+import stopping
 import torch
 
 import implicit
@@ -72,9 +85,13 @@ class Result:
     cond: float | None = None  # κ(∂g/∂z) at the reference root, worst problem
     seconds: float = 0.0
     note: str = ""
+    # The documented test's threshold per problem (not stored with the results).
+    thresholds: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["thresholds"]
+        return out
 
 
 class _Verdict(Exception):
@@ -101,7 +118,7 @@ def run(case: matrix.Case, *, solver=None, backward=None, instance=None) -> Resu
         result.outcome, result.reason = "HARNESS-ERROR", _describe(error)
         return result
     try:
-        solver = solver if solver is not None else matrix.make_solver(case.solver)
+        solver = solver if solver is not None else matrix.make_solver(case, inst)
         backward = backward if backward is not None else matrix.make_backward(case.backward)
         _classify(case, inst, solver, backward, result)
         result.outcome = "OK"
@@ -137,12 +154,19 @@ def run_with_alarm(case: matrix.Case, seconds: float, **overrides) -> Result:
 
 
 def _classify(case, inst: families.Instance, solver, backward, result: Result) -> None:
-    may_refuse = inst.may_refuse or (case.door == "deq" and not inst.batched)
-    # -- forward --------------------------------------------------------------------
+    may_refuse = (
+        inst.may_refuse
+        or (case.door == "deq" and not inst.batched)
+        or matrix.refused_by_design(case.solver, case.backward)
+    )
+    # -- forward (under torch.func.jvp for a forward-mode case) ----------------------
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            z, info = matrix.DOORS[case.door](inst, solver, backward)
+            if case.derivative == "jvp":
+                z, info, dz, tangents = derivatives.forward_mode(case, inst, solver, backward)
+            else:
+                z, info = matrix.DOORS[case.door](inst, solver, backward)
             raised = None
         except implicit.ConvergenceError as error:
             z, info, raised = None, error.info, error
@@ -156,7 +180,7 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
     if raised is not None:
         if inst.on_failure != "raise":
             raise _Verdict("CRASH", f"ConvergenceError under on_failure={inst.on_failure!r}")
-        if info.status == "converged":
+        if info.status == "converged" and not _tangent_failure([raised]):
             raise _Verdict("CRASH", "ConvergenceError whose info says converged")
         raise _Verdict("OK-NONCONVERGED", f"forward {info.status}, raised")
     converged = info.status == "converged"
@@ -166,11 +190,27 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
         raise _Verdict("UNREPORTED", f"forward {info.status} without a warning or an error")
     if converged:
         _check_forward(case, inst, z, result)
-    # -- backward -------------------------------------------------------------------
-    grads, no_graph, bwd_raised, bwd_warned = _backward(inst, z)
+    if case.derivative == "jvp":
+        if not converged:
+            raise _Verdict("OK-NONCONVERGED", f"forward {info.status}, reported")
+        if _tangent_failure(w.message for w in caught):
+            raise _Verdict("OK-NONCONVERGED", "forward-mode linear solve, reported")
+        _check_tangent(case, inst, z, dz, tangents, result)
+        return
+    # -- backward (first or second order) -------------------------------------------
+    compute = (
+        (lambda: derivatives.hessian_vector(case, inst, z))
+        if case.derivative == "hvp"
+        else (lambda: _gradients(inst, z))
+    )
+    grads, no_graph, bwd_raised, bwd_warned = _backward(compute)
     bwd = bwd_raised.info if bwd_raised is not None else info.backward
     result.backward_status = bwd.status if bwd is not None else None
     bwd_failed = bwd is not None and bwd.status != "converged"
+    if case.derivative == "hvp" and bwd_warned and bwd_raised is None:
+        # Several adjoint solves ran: info.backward holds the last one's report, and a
+        # ConvergenceWarning an earlier one's.
+        bwd_failed = True
     if bwd_raised is not None and (not bwd_failed or inst.on_failure != "raise"):
         raise _Verdict(
             "CRASH",
@@ -183,9 +223,16 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
     if bwd_failed and not bwd_reported:
         raise _Verdict("UNREPORTED", f"backward {bwd.status} without a warning or an error")
     if bwd_failed:
-        raise _Verdict("OK-NONCONVERGED", f"backward {bwd.status}, reported")
+        status = bwd.status if bwd is not None else "?"
+        raise _Verdict("OK-NONCONVERGED", f"backward {status}, reported")
     if no_graph:
         raise _Verdict("FALSE-CONVERGENCE", "z has no graph: the parameters get no gradient")
+    if case.derivative == "hvp":
+        first, second, direction = grads
+        if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
+            raise _Verdict("SILENT-NAN", "non-finite first or second derivative, all converged")
+        _check_hvp(case, inst, z, first, second, direction, result)
+        return
     flat_grad = torch.cat([g.detach().double().flatten() for g in grads])
     if not bool(torch.isfinite(flat_grad).all()):
         raise _Verdict("SILENT-NAN", "non-finite gradient, every status converged")
@@ -193,91 +240,157 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
 
 
 def _check_forward(case, inst: families.Instance, z, result: Result) -> None:
-    """The documented stopping test, recomputed from ``z``."""
-    flat_z = _flat_torch(z, inst.batched)
+    """The documented stopping test, recomputed from ``z``; for a minimiser, the
+    second-order test too."""
+    flat_z = stopping.flat_torch(z, inst.batched)
     if not bool(torch.isfinite(flat_z).all()):
         raise _Verdict("SILENT-NAN", "non-finite z with status converged")
-    residual, threshold = _test(case.door, inst, z)
+    residual, threshold = stopping.test(case.door, inst, z)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = residual / threshold
     worst = float(np.max(np.where(np.isfinite(ratio), ratio, np.inf)))
-    result.residual_ratio = worst
+    result.residual_ratio, result.thresholds = worst, threshold
     if not np.all(np.isfinite(threshold)):
         raise _Verdict("FALSE-CONVERGENCE", "converged, but the test's scale is not finite")
     if not worst <= RESIDUAL_SLACK[inst.dtype]:
         raise _Verdict("FALSE-CONVERGENCE", f"residual {worst:.3g}× the documented test")
+    why = stopping.saddle(inst, z)
+    if why is not None:
+        raise _Verdict("FALSE-CONVERGENCE", "converged at " + why)
 
 
-def _test(door: str, inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
-    """Per problem: the recomputed residual norm and the threshold of ``door``'s test
-    (its tolerance at least 4 machine epsilons of a half-precision dtype, as documented)."""
-    eps = torch.finfo(inst.dtype).eps
-    half = inst.dtype in (torch.float16, torch.bfloat16)
-    inst = dataclasses.replace(inst, tol=max(inst.tol, 4 * eps) if half else inst.tol)
-    with torch.no_grad():
-        if door in ("fixed_point", "deq"):
-            norm = lambda s: _norms(s, inst.batched)  # noqa: E731
-            f0 = inst.fn(inst.z0, *inst.args)
-            scale = np.maximum(norm(inst.z0), norm(f0))
-            return _norms(_sub(inst.fn(z, *inst.args), z), inst.batched), inst.tol * (1 + scale)
-        if door in ("root_solve", "custom_root"):
-            residual = inst.residual_fn()(z, *inst.root_args())
-            return _norms(residual, inst.batched), np.full(_rows(inst), inst.tol)
-        residual = inst.fn(z, *inst.args) - inst.y
-        return _norms(residual, inst.batched), inst.tol * (1 + _norms(inst.y, inst.batched))
-
-
-def _backward(inst: families.Instance, z):
-    """Gradients of ``L = Σ c·z``: (grads, no_graph, raised ConvergenceError, warned)."""
+def _gradients(inst: families.Instance, z):
+    """The gradients of ``L = Σ c·z`` (``None`` when ``z`` has no graph)."""
     params = list(inst.params.values())
     zs = z if isinstance(z, tuple) else (z,)
     cs = inst.cotangent if isinstance(inst.cotangent, tuple) else (inst.cotangent,)
+    loss = sum((c * part).sum() for c, part in zip(cs, zs))
+    if not loss.requires_grad:
+        return None
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _backward(compute):
+    """Run a backward computation: (its result, no_graph, raised ConvergenceError, warned)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            loss = sum((c * part).sum() for c, part in zip(cs, zs))
-            if not loss.requires_grad:
-                return [torch.zeros_like(p) for p in params], True, None, False
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out = compute()
+            if out is None:
+                return None, True, None, False
         except implicit.ConvergenceError as error:
             return None, False, error, True
+        except RuntimeError as error:
+            if "does not require grad" in str(error):  # z has no graph at all
+                return None, True, None, False
+            raise _Verdict("CRASH", "backward: " + _describe(error)) from None
         except Exception as error:
             raise _Verdict("CRASH", "backward: " + _describe(error)) from None
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    return grads, False, None, _convergence_warnings(caught)
+    return out, False, None, _convergence_warnings(caught)
+
+
+def _oracle_root(inst: families.Instance, z, result: Result) -> np.ndarray | None:
+    """The oracle's root for ``z`` (``None``, with the reason noted, where the
+    derivative is not checked: not float64, no reference, no root near ``z``)."""
+    if inst.dtype != torch.float64 or not inst.check_gradient:
+        return None
+    try:
+        root = families.reference_root(inst, families.flat(z, inst.batched))
+    except families.Unchecked as why:
+        result.reason = f"derivative unchecked: {why}"
+        return None
+    if root is None:
+        result.reason = "derivative unchecked: the oracle found no root (or minimum) near z"
+    return root
+
+
+def _compare(case, inst, error: float, root, result: Result, what: str, limit=None):
+    """Fail unless ``error`` (relative) is within the mode's tolerance."""
+    jacobians = inst.jacobian64(root)
+    cond = float(np.max(np.linalg.cond(jacobians)))
+    result.grad_error, result.cond = error, cond
+    if limit is None:
+        limit = UNROLL_TOL if case.backward == "unroll" else GRADIENT_TOL
+    if error <= limit:
+        return
+    # Where the documented tolerances allow it, the fault is a missing warning about
+    # the conditioning (an error up to about κ·tol) or a test too loose for 1e-6 (the
+    # error in z it lets through, ‖J⁻¹‖·threshold, relative), not a wrong solve.
+    bound = cond * inst.tol
+    explained = " [ill-conditioned: within 10·κ·tol]" if error <= 10 * bound else ""
+    if not explained and result.thresholds is not None:
+        with np.errstate(all="ignore"):
+            inverse = np.linalg.norm(np.linalg.pinv(jacobians), 2, axis=(1, 2))
+        allowed = inverse * result.thresholds / np.maximum(np.linalg.norm(root, axis=1), 1e-300)
+        loose = float(np.max(allowed))
+        if error <= 10 * cond * loose:
+            explained = f" [loose test: it lets through a relative error {loose:.1e} in z]"
+    raise _Verdict(
+        "FALSE-CONVERGENCE",
+        f"{what} error {error:.2e} > {limit:.2g} (κ={cond:.1e}, κ·tol={bound:.1e})" + explained,
+    )
+
+
+def _relative(value: np.ndarray, reference: np.ndarray) -> float:
+    scale = float(np.linalg.norm(reference))
+    return float(np.linalg.norm(value - reference)) / (scale if scale > 0 else 1.0)
 
 
 def _check_gradient(case, inst: families.Instance, z, grad: torch.Tensor, result: Result) -> None:
-    checked = case.backward in (*matrix.EXACT, "unroll")
-    if inst.dtype != torch.float64 or not inst.check_gradient or not checked:
+    if case.backward not in (*matrix.EXACT, "unroll"):
         return
-    root = (
-        inst.root64
-        if inst.root64 is not None
-        else families.refine(inst, families.flat(z, inst.batched))
-    )
+    root = _oracle_root(inst, z, result)
     if root is None:
-        result.reason = "gradient unchecked: scipy found no root near z"
         return
     try:
-        reference, cond = families.reference_gradient(inst, root)
+        reference, _ = families.reference_gradient(inst, root)
     except np.linalg.LinAlgError:
         result.reason = "gradient unchecked: singular Jacobian at the root"
         return
     ref = np.concatenate([np.asarray(reference[name], dtype=float).ravel() for name in inst.params])
-    scale = float(np.linalg.norm(ref))
-    error = float(np.linalg.norm(grad.numpy() - ref)) / (scale if scale > 0 else 1.0)
-    result.grad_error, result.cond = error, cond
-    limit = UNROLL_TOL if case.backward == "unroll" else GRADIENT_TOL
-    if not error <= limit:
-        # Where the documented tolerances allow it (an error up to about κ·tol), the
-        # fault is a missing warning about the conditioning rather than a wrong solve.
-        bound = cond * inst.tol
-        explained = " [ill-conditioned: within 10·κ·tol]" if error <= 10 * bound else ""
-        raise _Verdict(
-            "FALSE-CONVERGENCE",
-            f"gradient error {error:.2e} > {limit:g} (κ={cond:.1e}, κ·tol={bound:.1e})" + explained,
-        )
+    _compare(case, inst, _relative(grad.numpy(), ref), root, result, "gradient")
+
+
+def _check_tangent(case, inst: families.Instance, z, dz, tangents, result: Result) -> None:
+    flat_dz = stopping.flat_torch(dz, inst.batched).double().numpy()
+    if not np.all(np.isfinite(flat_dz)):
+        raise _Verdict("SILENT-NAN", "non-finite forward-mode derivative, every status converged")
+    root = _oracle_root(inst, z, result)
+    if root is None:
+        return
+    try:
+        reference = families.reference_tangent(inst, root, tangents)
+    except np.linalg.LinAlgError:
+        result.reason = "tangent unchecked: singular Jacobian at the root"
+        return
+    _compare(case, inst, _relative(flat_dz, reference), root, result, "forward-mode derivative")
+
+
+def _check_hvp(case, inst: families.Instance, z, first, second, direction, result) -> None:
+    root = _oracle_root(inst, z, result)
+    if root is None:
+        return
+    try:
+        gradient = derivatives.oracle_loss_gradient(inst, root)
+        found = derivatives.oracle_hvp(case, inst, root, direction)
+    except np.linalg.LinAlgError:
+        result.reason = "second order unchecked: singular Jacobian at a root"
+        return
+    except families.Unchecked as why:
+        result.reason = f"second order unchecked: {why}"
+        return
+    _compare(case, inst, _relative(first, gradient), root, result, "gradient of Σc·z + ½‖z‖²")
+    if found is None:
+        result.reason = "second order unchecked: no root near z at θ ± h v"
+        return
+    reference, estimate = found
+    if estimate > derivatives.HVP_UNRELIABLE:
+        result.reason = f"second order unchecked: central difference unreliable ({estimate:.1e})"
+        return
+    limit = max(GRADIENT_TOL, derivatives.HVP_SAFETY * estimate)
+    error = _relative(second, reference)
+    _compare(case, inst, error, root, result, "Hessian-vector product", limit)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -307,23 +420,9 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}{where}: {message}"
 
 
-def _flat_torch(state, batched: bool) -> torch.Tensor:
-    parts = state if isinstance(state, tuple) else (state,)
-    rows = parts[0].shape[0] if batched else 1
-    return torch.cat([p.detach().reshape(rows, -1) for p in parts], dim=1)
-
-
-def _norms(state, batched: bool) -> np.ndarray:
-    return np.linalg.norm(_flat_torch(state, batched).double().numpy(), axis=1)
-
-
-def _sub(a, b):
-    return tuple(x - y for x, y in zip(a, b)) if isinstance(a, tuple) else a - b
-
-
-def _rows(inst: families.Instance) -> int:
-    z0 = inst.z0[0] if isinstance(inst.z0, tuple) else inst.z0
-    return z0.shape[0] if inst.batched else 1
+def _tangent_failure(messages) -> bool:
+    """Whether one of the warnings (or errors) reports a forward-mode linear solve."""
+    return any("forward-mode" in str(m) for m in messages)
 
 
 __all__ = ["FAILURES", "OK_OUTCOMES", "Result", "Timeout", "run", "run_with_alarm"]

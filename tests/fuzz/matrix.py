@@ -1,8 +1,11 @@
-"""What the fuzz runs: solvers × backward modes × front doors, where they make sense.
+"""What the fuzz runs: solvers × backward modes × front doors × derivatives, where
+they make sense.
 
-A :class:`Case` is ``(family, seed, solver, backward, door)``: the problem comes from
-``(family, seed)`` alone, the rest says how it is solved. Its ``id``
-(``family:seed:solver:backward:door``) reproduces it:
+A :class:`Case` is ``(family, seed, solver, backward, door, derivative)``: the problem
+comes from ``(family, seed)`` alone, the rest says how it is solved and which
+derivative is checked (``grad``: reverse mode; ``jvp``: forward mode,
+``torch.func.jvp``; ``hvp``: a Hessian-vector product by double backward). Its ``id``
+(``family:seed:solver:backward:door[:jvp|:hvp][:small]``) reproduces it:
 ``python benchmarks/fuzz.py --case ID``.
 """
 
@@ -12,15 +15,15 @@ import dataclasses
 import random
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import families
+from doors import DOORS, Later
 
 import implicit
 from implicit import solvers
 
-#: Forward solvers by the names cases use.
-SOLVERS: dict[str, Callable[[], solvers.Solver]] = {
+#: Root and fixed-point solvers by the names cases use.
+ROOT_SOLVERS: dict[str, Callable[[], solvers.Solver]] = {
     "fixed_point": solvers.FixedPoint,
     "anderson": solvers.Anderson,
     "newton_dense": lambda: solvers.Newton(linear="dense"),
@@ -30,6 +33,36 @@ SOLVERS: dict[str, Callable[[], solvers.Solver]] = {
     "scipy_lm": lambda: solvers.Scipy("lm"),
     "scipy_krylov": lambda: solvers.Scipy("krylov"),
 }
+_SCIPY_MINIMIZE = solvers.scipy_minimize.MINIMIZE_METHODS
+#: Methods of ``scipy.optimize.minimize`` that take bounds.
+SCIPY_BOUNDED = ("Nelder-Mead", "Powell", "L-BFGS-B", "TNC", "COBYLA", "COBYQA", "SLSQP",
+                 "trust-constr")  # fmt: skip
+#: Solvers of ``minimize``.
+MINIMIZE_SOLVERS: dict[str, Callable[[], solvers.Solver]] = {
+    "lbfgs": solvers.LBFGS,
+    "newton_min": lambda: solvers.ModifiedNewton(linear="dense"),
+    "newton_min_cg": lambda: solvers.ModifiedNewton(linear="cg"),
+    **{f"scipy_min_{m}": (lambda m=m: solvers.ScipyMinimize(m)) for m in _SCIPY_MINIMIZE},
+}
+SCIPY_LEAST_SQUARES = ("trf", "dogbox", "lm")
+#: Solvers of ``least_squares``.
+LEAST_SQUARES_SOLVERS: dict[str, Callable[[], solvers.Solver]] = {
+    "levenberg_marquardt": solvers.LevenbergMarquardt,
+    "gauss_newton": solvers.GaussNewton,
+    **{
+        f"scipy_ls_{m}": (lambda m=m: solvers.ScipyLeastSquares(m)) for m in ("trf", "dogbox", "lm")
+    },
+    "lbfgs": solvers.LBFGS,
+    "newton_min": lambda: solvers.ModifiedNewton(linear="dense"),
+}
+#: Bracketing solvers: passed by name, with the instance's ``lower=``/``upper=``.
+BRACKET_SOLVERS = ("bisection", "chandrupatla")
+SOLVERS: dict[str, Callable[[], solvers.Solver | str]] = {
+    **ROOT_SOLVERS,
+    **MINIMIZE_SOLVERS,
+    **LEAST_SQUARES_SOLVERS,
+    **{name: (lambda name=name: name) for name in BRACKET_SOLVERS},
+}
 #: The "solver" of the doors whose forward is an independent black box.
 BLACKBOX = "blackbox"
 #: Backward modes (``implicit.linear.NAMES``): the exact ones and ``unroll`` get their
@@ -37,7 +70,14 @@ BLACKBOX = "blackbox"
 EXACT = ("auto", "dense", "cg", "gmres", "bicgstab", "neumann")
 INEXACT = ("one_step", "phantom")
 BACKWARDS = (*EXACT, *INEXACT, "unroll")
+#: The backward modes of the optimisation and bracketing problems: Neumann's series
+#: needs a contraction, which a Hessian is not; ``unroll`` is refused by design (line
+#: searches, curvature tests and bracket choices are not differentiable).
+OPTIMISATION_BACKWARDS = ("auto", "dense", "cg", "gmres", "bicgstab", "unroll")
+DERIVATIVES = ("grad", "jvp", "hvp")
 FAMILY_NAMES = tuple(families.FAMILIES)
+ROOT_FAMILIES = tuple(f for f in FAMILY_NAMES if families.KIND[f] == "root")
+NEW_FAMILIES = tuple(f for f in FAMILY_NAMES if families.KIND[f] != "root")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +88,42 @@ class Case:
     backward: str
     door: str
     small: bool = False
+    derivative: str = "grad"
 
     @property
     def id(self) -> str:
-        tail = ":small" if self.small else ""
+        tail = f":{self.derivative}" if self.derivative != "grad" else ""
+        tail += ":small" if self.small else ""
         return f"{self.family}:{self.seed}:{self.solver}:{self.backward}:{self.door}{tail}"
 
     @classmethod
     def parse(cls, text: str) -> Case:
         parts = text.split(":")
-        if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != "small"):
-            raise ValueError(f"a case is family:seed:solver:backward:door[:small], got {text!r}")
+        extra = parts[5:]
+        small = extra[-1:] == ["small"]
+        extra = extra[:-1] if small else extra
+        if len(parts) < 5 or len(extra) > 1 or (extra and extra[0] not in DERIVATIVES[1:]):
+            raise ValueError(
+                f"a case is family:seed:solver:backward:door[:jvp|:hvp][:small], got {text!r}"
+            )
         family, seed, solver, backward, door = parts[:5]
-        return cls(family, int(seed), solver, backward, door, len(parts) == 6)
+        derivative = extra[0] if extra else "grad"
+        return cls(family, int(seed), solver, backward, door, small, derivative)
+
+
+def refused_by_design(solver: str, backward: str) -> bool:
+    """``unroll`` through a minimiser or a bracketing solver: a clear ``ValueError``."""
+    return backward == "unroll" and solver not in (*ROOT_SOLVERS, BLACKBOX)
 
 
 def valid(family: str, solver: str, backward: str, door: str) -> bool:
     """Whether the combination makes sense (the API does not refuse it by design)."""
     if door not in families.DOORS[family]:
+        return False
+    kind = families.KIND[family]
+    if kind != "root":
+        return _valid_new(family, kind, solver, backward)
+    if solver not in (*ROOT_SOLVERS, BLACKBOX):
         return False
     if (solver == BLACKBOX) != (door in ("custom_root", "invert_inverse")):
         return False
@@ -80,6 +138,33 @@ def valid(family: str, solver: str, backward: str, door: str) -> bool:
     )
 
 
+def _valid_new(family: str, kind: str, solver: str, backward: str) -> bool:
+    if backward not in OPTIMISATION_BACKWARDS:
+        return False
+    # The projected condition of a bounded problem has a non-symmetric Jacobian.
+    if backward == "cg" and family not in families.SYMMETRIC:
+        return False
+    if kind == "bracket":
+        return solver in BRACKET_SOLVERS
+    names = MINIMIZE_SOLVERS if kind == "minimize" else LEAST_SQUARES_SOLVERS
+    if solver not in names:
+        return False
+    if family in families.BOUNDED and solver.startswith("scipy_"):
+        return solver.removeprefix("scipy_min_") in SCIPY_BOUNDED or solver in (
+            "scipy_ls_trf",
+            "scipy_ls_dogbox",
+        )
+    return True
+
+
+def valid_higher_order(family: str, solver: str, backward: str, door: str) -> bool:
+    """Whether forward mode and second order are checked for the combination: an exact
+    mode or ``unroll`` (not refused), on a family with a float64 oracle."""
+    if not valid(family, solver, backward, door) or refused_by_design(solver, backward):
+        return False
+    return backward in (*EXACT, "unroll") and family != "tanh_half"
+
+
 def combinations(family: str) -> list[tuple[str, str, str]]:
     """Every valid ``(solver, backward, door)`` of a family, in a fixed order."""
     return [
@@ -91,26 +176,64 @@ def combinations(family: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def large_run(count: int, offset: int = 0) -> list[Case]:
-    """Problems ``offset … offset + count − 1``: the families in turn, and for each
-    family its combinations in a fixed shuffled order, round robin."""
-    orders = {}
-    for family in FAMILY_NAMES:
-        combos = combinations(family)
-        random.Random(zlib.crc32(family.encode())).shuffle(combos)
-        orders[family] = combos
+def higher_order(family: str) -> list[tuple[str, str, str]]:
+    """The combinations of a family whose forward mode and second order are checked."""
+    return [combo for combo in combinations(family) if valid_higher_order(family, *combo)]
+
+
+def _shuffled(family: str, combos: list, salt: str = "") -> list:
+    combos = list(combos)
+    random.Random(zlib.crc32((family + salt).encode())).shuffle(combos)
+    return combos
+
+
+def large_run(count: int, offset: int = 0, suite: str = "root") -> list[Case]:
+    """Problems ``offset … offset + count − 1`` of a suite.
+
+    ``"root"``: the root families in turn, reverse mode, each family's combinations in
+    a fixed shuffled order, round robin. ``"extended"``: the optimisation and
+    bracketing families (twice as often) and the root families in turn; an
+    optimisation problem checks reverse mode, forward mode or second order (2 : 1 : 1),
+    a root problem forward mode or second order.
+    """
+    if suite not in ("root", "extended"):
+        raise ValueError(f"unknown suite {suite!r}: 'root' or 'extended'")
+    if suite == "root":
+        slots = [(family, 0, 1) for family in ROOT_FAMILIES]
+    else:  # (half precision has no float64 oracle for higher derivatives)
+        higher = [f for f in ROOT_FAMILIES if higher_order(f)]
+        slots = [(f, k, 2) for k in range(2) for f in NEW_FAMILIES] + [(f, 0, 1) for f in higher]
     cases = []
     for index in range(offset, offset + count):
-        family = FAMILY_NAMES[index % len(FAMILY_NAMES)]
-        seed = index // len(FAMILY_NAMES)
-        combos = orders[family]
-        cases.append(Case(family, seed, *combos[seed % len(combos)]))
+        family, occurrence, copies = slots[index % len(slots)]
+        seed = (index // len(slots)) * copies + occurrence
+        if suite == "root":
+            combos = _shuffled(family, combinations(family))
+            cases.append(Case(family, seed, *combos[seed % len(combos)]))
+            continue
+        if families.KIND[family] == "root":
+            combos = _shuffled(family, higher_order(family), "higher")
+            combo = combos[(seed // 2) % len(combos)]
+            cases.append(Case(family, seed, *combo, derivative=("jvp", "hvp")[seed % 2]))
+            continue
+        combos = _shuffled(family, combinations(family))
+        combo = combos[seed % len(combos)]
+        derivative = ("grad", "jvp", "grad", "hvp")[zlib.crc32(f"{family}:{seed}".encode()) % 4]
+        if not valid_higher_order(family, *combo):
+            derivative = "grad"
+        cases.append(Case(family, seed, *combo, derivative=derivative))
     return cases
 
 
+#: Higher-order cases per family and derivative in the fast sample.
+FAST_HIGHER_ORDER = 3
+
+
 def fast_sample() -> list[Case]:
-    """Every family × solver × backward that makes sense, once, with small problems;
-    the doors of each (solver, backward) pair in turn."""
+    """Every family × solver × backward that makes sense, once, with small problems
+    (the doors of each (solver, backward) pair in turn), then per family
+    ``FAST_HIGHER_ORDER`` forward-mode and as many second-order cases, their backward
+    modes different where the family has enough."""
     cases = []
     for family in FAMILY_NAMES:
         pairs: dict[tuple[str, str], list[str]] = {}
@@ -118,78 +241,37 @@ def fast_sample() -> list[Case]:
             pairs.setdefault((solver, backward), []).append(door)
         for seed, ((solver, backward), doors) in enumerate(pairs.items()):
             cases.append(Case(family, seed, solver, backward, doors[seed % len(doors)], small=True))
+    for family in FAMILY_NAMES:
+        for derivative in DERIVATIVES[1:]:
+            chosen, modes = [], set()
+            for combo in _shuffled(family, higher_order(family), derivative):
+                if combo[1] not in modes and len(chosen) < FAST_HIGHER_ORDER:
+                    chosen.append(combo)
+                    modes.add(combo[1])
+            for seed, combo in enumerate(chosen, start=1000):
+                cases.append(Case(family, seed, *combo, small=True, derivative=derivative))
     return cases
 
 
-# -- the front doors ------------------------------------------------------------------
-def _settings(inst: families.Instance) -> dict[str, Any]:
-    return {"tol": inst.tol, "max_iter": inst.max_iter, "on_failure": inst.on_failure}
+#: scipy's derivative-free methods whose iterations may evaluate ``fun`` many times
+#: (Powell: ``n`` line searches each).
+DERIVATIVE_FREE_FEV = ("Nelder-Mead", "Powell", "COBYQA")
 
 
-def _fixed_point(inst, solver, backward):
-    return implicit.fixed_point(
-        inst.fn, inst.z0, *inst.args, solver=solver, backward=backward, batched=inst.batched,
-        return_info=True, **_settings(inst),
-    )  # fmt: skip
-
-
-def _root_solve(inst, solver, backward):
-    return implicit.root_solve(
-        inst.residual_fn(), inst.z0, *inst.root_args(), solver=solver, backward=backward,
-        batched=inst.batched, return_info=True, **_settings(inst),
-    )  # fmt: skip
-
-
-def _invert(inst, solver, backward):
-    return implicit.invert(
-        inst.fn, inst.y, *inst.args, z0=inst.z0, solver=solver, backward=backward,
-        batched=inst.batched, return_info=True, **_settings(inst),
-    )  # fmt: skip
-
-
-def _invert_inverse(inst, solver, backward):
-    return implicit.invert(
-        inst.fn, inst.y, *inst.args, inverse=inst.blackbox, backward=backward,
-        batched=inst.batched, return_info=True, **_settings(inst),
-    )  # fmt: skip
-
-
-def _custom_root(inst, solver, backward):
-    solve = implicit.custom_root(
-        inst.residual_fn(), backward=backward, batched=inst.batched, **_settings(inst)
-    )(inst.blackbox)
-    return solve(*inst.root_args()), Later(lambda: solve.last_info)
-
-
-def _deq(inst, solver, backward):
-    # The layer's default batched=True, as a user writes it: an unbatched instance is
-    # one sample of shape (n,), which the layer must refuse or solve as one problem.
-    layer = implicit.DEQ(inst.fn, solver=solver, backward=backward, **_settings(inst))
-    (x,) = inst.args
-    return layer(x, z0=inst.z0), Later(lambda: layer.last_info)
-
-
-class Later:
-    """An info that a door keeps elsewhere (``solve.last_info``, ``layer.last_info``)."""
-
-    def __init__(self, get: Callable[[], Any]):
-        self.get = get
-
-
-#: door name → ``(instance, solver, backward) -> (z, info or Later)``.
-DOORS = {
-    "fixed_point": _fixed_point,
-    "root_solve": _root_solve,
-    "invert": _invert,
-    "invert_inverse": _invert_inverse,
-    "custom_root": _custom_root,
-    "deq": _deq,
-}
-
-
-def make_solver(name: str) -> solvers.Solver | None:
-    return None if name == BLACKBOX else SOLVERS[name]()
+def make_solver(case: Case, inst: families.Instance) -> solvers.Solver | str | None:
+    """The case's solver. In the fast sample, scipy's derivative-free methods get the
+    evaluation cap ``maxfev = max_iter`` (their default caps iterations, each of which
+    may evaluate ``fun`` dozens of times); the large run keeps scipy's defaults."""
+    if case.solver == BLACKBOX:
+        return None
+    method = case.solver.removeprefix("scipy_min_")
+    if case.small and method in DERIVATIVE_FREE_FEV:
+        return solvers.ScipyMinimize(method, options={"maxfev": inst.max_iter})
+    return SOLVERS[case.solver]()
 
 
 def make_backward(name: str):
     return implicit.linear.resolve(name)
+
+
+__all__ = ["DOORS", "Case", "Later", "fast_sample", "large_run", "make_backward", "make_solver"]

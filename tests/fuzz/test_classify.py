@@ -9,13 +9,14 @@ import math
 
 import classify
 import families
+import numpy as np
 import pytest
 import torch
 from matrix import Case
 
 import implicit
 from implicit import linear
-from implicit.solvers import FixedPoint, Solver
+from implicit.solvers import FixedPoint, Minimizer, Solver
 
 
 def _instance(family: str, **changes) -> families.Instance:
@@ -240,3 +241,116 @@ def test_an_ill_conditioned_backward_needs_a_report(policy):
     result = _run(dataclasses.replace(inst, tol=1e-6), case)
     assert result.backward_status == "ill_conditioned", result
     assert result.outcome == ("UNREPORTED" if policy == "ignore" else "OK-NONCONVERGED"), result
+
+
+# -- optimisation, bracketing, forward mode and second order ---------------------------
+class ReturnsMinimum(Minimizer):
+    """Returns a given flat ``z`` and claims convergence (a minimiser that lies)."""
+
+    name = "returns_minimum"
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.z = z
+
+    def solve(self, fn, z0, r0, *, tol, max_iter):
+        z = self.z.to(z0.dtype)
+        norms = torch.linalg.vector_norm(fn(z), dim=1)
+        converged = torch.ones(norms.shape, dtype=torch.bool)
+        info = implicit.SolveInfo(
+            converged, norms, 1, 1, [float(norms.max())], "converged", self.name
+        )
+        return z, info
+
+
+def _optimisation(family: str, **changes) -> families.Instance:
+    """The first float64 problem of ``family`` with at least 2 unknowns and a minimum."""
+    for seed in range(200):
+        inst = families.make(family, seed, small=True)
+        start = families.flat(inst.z0, inst.batched)
+        if inst.dtype != torch.float64 or start.shape[1] < 2:
+            continue
+        inst = dataclasses.replace(inst, **{"on_failure": "warn", **changes})
+        if families.reference_root(inst, start) is not None:
+            return inst
+    raise AssertionError(f"no suitable problem in {family}")
+
+
+def test_a_saddle_claimed_converged_is_a_false_convergence():
+    inst = _optimisation("opt_nonconvex")
+    case = Case("opt_nonconvex", 0, "lbfgs", "dense", "minimize", small=True)
+    saddle = torch.zeros(families.flat(inst.z0, inst.batched).shape, dtype=torch.float64)
+    result = _run(inst, case, solver=ReturnsMinimum(saddle))  # ∇f(0) = 0 exactly
+    assert result.outcome == "FALSE-CONVERGENCE" and "saddle" in result.reason, result
+    minimum = families.reference_root(inst, families.flat(inst.z0, inst.batched) + 1.0)
+    result = _run(inst, case, solver=ReturnsMinimum(torch.from_numpy(minimum)))
+    assert result.outcome == "OK" and result.grad_error < 1e-9, result
+
+
+@pytest.mark.parametrize(("ratio", "outcome"), [(0.5, "OK"), (3.0, "FALSE-CONVERGENCE")])
+def test_a_minimiser_is_held_to_its_scaled_gradient_test(ratio, outcome):
+    inst = _optimisation("opt_quadratic", tol=1e-11)
+    inst = dataclasses.replace(inst, z0=torch.zeros_like(inst.z0))  # |f(z0)| = 0: tol itself
+    start = families.flat(inst.z0, inst.batched)
+    minimum = families.reference_root(inst, start)
+    with torch.no_grad():
+        f0 = inst.fn(inst.z0, *inst.args).reshape(-1).abs().double()
+    # One Newton step back from the minimum: a gradient of norm ratio·tol·(1 + |f(z0)|).
+    direction = np.random.default_rng(0).standard_normal(minimum.shape)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    target = ratio * inst.tol * (1 + f0.numpy())[:, None] * direction
+    z = minimum + np.linalg.solve(inst.hessian64(minimum), target[..., None])[..., 0]
+    case = Case("opt_quadratic", 0, "lbfgs", "dense", "minimize", small=True)
+    result = _run(inst, case, solver=ReturnsMinimum(torch.from_numpy(z)))
+    assert result.outcome == outcome, result
+    # (To rounding of the gradient at this tol, and the step's second order.)
+    assert result.residual_ratio == pytest.approx(ratio, rel=0.05)
+
+
+def test_unroll_through_a_minimiser_is_a_clear_refusal():
+    inst = _optimisation("lsq_random")
+    case = Case("lsq_random", 0, "levenberg_marquardt", "unroll", "least_squares", small=True)
+    result = _run(inst, case)
+    assert result.outcome == "OK-REFUSED" and "unroll" in result.reason, result
+
+
+def test_brackets_that_cross_are_refused_and_those_that_miss_reported():
+    for seed in range(300):
+        inst = families.make("bracket_monotone", seed, small=True)
+        if inst.may_refuse and not isinstance(inst.solver_options["lower"], float):
+            break
+    case = Case("bracket_monotone", seed, "bisection", "dense", "root_solve", small=True)
+    result = _run(inst, case)
+    assert result.outcome == "OK-REFUSED" and "lower > upper" in result.reason, result
+    refused = dataclasses.replace(inst, may_refuse=False)
+    assert _run(refused, case).outcome == "CRASH"  # unless the draw says it may refuse
+    right = torch.maximum(inst.solver_options["lower"], inst.solver_options["upper"])
+    bracket = {"lower": right + 1.0, "upper": right + 2.0}  # right of every root
+    missing = dataclasses.replace(inst, may_refuse=False, solver_options=bracket)
+    result = _run(missing, case)
+    assert result.outcome == "OK-NONCONVERGED" and result.status == "failed", result
+
+
+@pytest.mark.parametrize("derivative", ["jvp", "hvp"])
+@pytest.mark.parametrize(
+    ("factor", "outcome"), [(1.0, "OK"), (1 + 1e-4, "FALSE-CONVERGENCE"), (math.nan, "SILENT-NAN")]
+)
+def test_forward_mode_and_second_order_are_checked(derivative, factor, outcome):
+    inst = _instance("linear_spd", tol=1e-12)
+    # (The second order's oracle draws the problem again, moved: from the case's seed.)
+    case = dataclasses.replace(CASE, seed=inst.seed, derivative=derivative)
+    result = _run(inst, case, backward=Skewed(factor))
+    if derivative == "hvp" and outcome == "SILENT-NAN":
+        # The second adjoint solve is handed the first one's NaN and reports it.
+        outcome = "OK-NONCONVERGED"
+    assert result.outcome == outcome, result
+    if outcome == "OK":
+        assert result.grad_error < 1e-8, result
+
+
+@pytest.mark.parametrize("derivative", ["grad", "jvp", "hvp"])
+def test_every_derivative_of_a_bounded_minimum(derivative):
+    inst = _optimisation("opt_bounded", tol=1e-12)
+    case = Case("opt_bounded", inst.seed, "newton_min", "dense", "minimize", True, derivative)
+    result = _run(inst, case)
+    assert result.outcome == "OK" and result.grad_error < 1e-8, result

@@ -11,9 +11,11 @@ linear functional ``L(z) = Σ c·z`` is the implicit function theorem computed d
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,14 +26,22 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 Array = np.ndarray
 
 
+class Unchecked(Exception):
+    """The oracle declines to give a derivative (e.g. a degenerate active set, where
+    the derivative jumps); the message says why."""
+
+
 @dataclasses.dataclass
 class Instance:
     """One random problem ``g(z, θ) = 0`` with its oracle.
 
     Attributes:
         family, seed: where it was drawn from.
-        form: ``"fixed_point"`` (``fn(z, *args) = z``), ``"root"`` (``fn(z, *args) = 0``)
-            or ``"inverse"`` (``fn(z, *args) = y``): the residual the oracle knows.
+        form: ``"fixed_point"`` (``fn(z, *args) = z``), ``"root"`` (``fn(z, *args) = 0``),
+            ``"inverse"`` (``fn(z, *args) = y``), ``"minimize"`` (``fn`` the objective) or
+            ``"least_squares"`` (``fn`` the residual vector): the problem the oracle knows.
+            For the last two, the residual of the oracle is the optimality condition
+            (the gradient, projected with bounds) and its Jacobian the Hessian's rows.
         fn: the user's function (an ``nn.Module`` where the DEQ door may use it).
         z0: the initial state (a tensor or a tuple of tensors).
         args: explicit arguments after ``z0`` (after ``y`` in the inverse form).
@@ -53,6 +63,15 @@ class Instance:
             is an acceptable answer: the input is one the library may reject.
         check_gradient: whether the gradient has a reference at all.
         note: what was drawn, for reports.
+        bounds: ``(lower, upper)`` as given to ``minimize``/``least_squares`` (numbers,
+            ``None`` or tensors; tensors that require grad are among ``params``).
+        bounds64: the bounds as float64 ``(B, n)`` arrays (``±inf`` for none).
+        gradient64, hessian64: the objective's gradient ``(B, n)`` and Hessian
+            ``(B, n, n)`` (optimisation forms), for the second-order test.
+        solver_options: extra keyword arguments of the front door (the bracket of a
+            bracketing solver: ``lower=``, ``upper=``).
+        refiner: replaces :func:`refine` (optimisation forms: the minimum near ``z``,
+            computed when first needed; it may raise :class:`Unchecked`).
     """
 
     family: str
@@ -77,6 +96,12 @@ class Instance:
     may_refuse: bool = False
     check_gradient: bool = True
     note: str = ""
+    bounds: tuple | None = None
+    bounds64: tuple[Array, Array] | None = None
+    gradient64: Callable[[Array], Array] | None = None
+    hessian64: Callable[[Array], Array] | None = None
+    solver_options: dict = dataclasses.field(default_factory=dict)
+    refiner: Callable[[Instance, Array], Array | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,6 +126,36 @@ class Instance:
         if self.form == "inverse":
             return lambda z, y, *args: fn(z, *args) - y
         return fn
+
+
+#: Shifts added to the drawn parameters (by name), for the oracle at ``θ + h v``.
+_SHIFT: contextvars.ContextVar[dict[str, Array] | None] = contextvars.ContextVar(
+    "shift", default=None
+)
+
+
+@contextlib.contextmanager
+def shifted(shift: dict[str, Array]) -> Iterator[None]:
+    """Draw problems whose parameters are moved by ``shift`` (name → array shaped like
+    the parameter), everything else drawn alike: the oracle's root and gradient at
+    ``θ + shift``, for central differences."""
+    token = _SHIFT.set(shift)
+    try:
+        yield
+    finally:
+        _SHIFT.reset(token)
+
+
+def param(name: str, array: Array, dtype: torch.dtype) -> torch.Tensor:
+    """The parameter ``name`` (a tensor that requires grad) with values ``array``, moved
+    by the shift of :func:`shifted` if one is set. What a family derives from its
+    draws (data, boxes, brackets) must come from ``array``, not from this tensor, so
+    that it stays put when the oracle moves the parameters."""
+    array = np.array(array, dtype=np.float64)
+    shift = (_SHIFT.get() or {}).get(name)
+    if shift is not None:
+        array = array + np.asarray(shift, dtype=np.float64).reshape(array.shape)
+    return tensor(array, dtype, grad=True)
 
 
 def rng_for(family: str, seed: int) -> np.random.Generator:
@@ -129,18 +184,22 @@ def as64(t: torch.Tensor) -> Array:
     return t.detach().double().numpy().copy()
 
 
-def draw_size(rng: np.random.Generator, small: bool, largest: int = 64) -> int:
-    """Log-uniform in ``[1, largest]`` (``[1, 6]`` for the fast sample)."""
+def draw_size(
+    rng: np.random.Generator, small: bool, largest: int = 64, small_largest: int = 6
+) -> int:
+    """Log-uniform in ``[1, largest]`` (``[1, small_largest]`` for the fast sample)."""
     if small:
-        return int(rng.integers(1, 7))
+        return int(rng.integers(1, small_largest + 1))
     return int(np.clip(round(float(np.exp(rng.uniform(0, np.log(largest))))), 1, largest))
 
 
-def draw_batch(rng: np.random.Generator, small: bool) -> int | None:
+def draw_batch(
+    rng: np.random.Generator, small: bool, largest: int = 16, small_largest: int = 3
+) -> int | None:
     """``None`` (unbatched) with probability 0.3, else a batch size."""
     if rng.uniform() < 0.3:
         return None
-    return int(rng.integers(1, 4 if small else 17))
+    return int(rng.integers(1, (small_largest if small else largest) + 1))
 
 
 def draw_settings(rng: np.random.Generator, dtype: torch.dtype, door_max_iter: tuple[int, ...]):
@@ -196,11 +255,39 @@ def refine(inst: Instance, z: Array) -> Array | None:
     return out
 
 
-def reference_gradient(inst: Instance, root: Array) -> tuple[dict[str, Array], float]:
+def reference_root(inst: Instance, z: Array) -> Array | None:
+    """The oracle's root: the unique one, else the one nearest the answer ``z``."""
+    if inst.root64 is not None:
+        return inst.root64
+    return (inst.refiner or refine)(inst, z)
+
+
+def reference_gradient(
+    inst: Instance, root: Array, cotangent: Array | None = None
+) -> tuple[dict[str, Array], float]:
     """``dL/dθ`` at ``root`` by the implicit function theorem, and the worst condition
-    number of ``∂g/∂z`` over the problems."""
+    number of ``∂g/∂z`` over the problems. ``L = Σ c·z`` with ``c`` the instance's
+    cotangent, or ``cotangent`` (a flat ``(B, n)`` array)."""
     jac = inst.jacobian64(root)
-    c = flat(inst.cotangent, inst.batched)
+    c = flat(inst.cotangent, inst.batched) if cotangent is None else cotangent
     w = np.linalg.solve(np.swapaxes(jac, 1, 2), c[..., None])[..., 0]
     cond = float(np.max(np.linalg.cond(jac)))
     return {k: -v for k, v in inst.vjp64(root, w).items()}, cond
+
+
+def reference_tangent(inst: Instance, root: Array, tangents: dict[str, Array]) -> Array:
+    """``dz = −(∂g/∂z)⁻¹ (∂g/∂θ) t`` at ``root`` (flat ``(B, n)``) for the tangents ``t``
+    of some parameters (by name, shaped like them); ``(∂g/∂θ) t`` from the oracle's
+    vector-Jacobian products with the unit vectors, one entry of ``g`` at a time."""
+    rows, n = root.shape
+    dg = np.zeros((rows, n))
+    for b in range(rows):
+        for k in range(n):
+            unit = np.zeros((rows, n))
+            unit[b, k] = 1.0
+            parts = inst.vjp64(root, unit)
+            dg[b, k] = sum(
+                float(np.sum(np.broadcast_to(parts[name], np.shape(t)) * t))
+                for name, t in tangents.items()
+            )
+    return -np.linalg.solve(inst.jacobian64(root), dg[..., None])[..., 0]

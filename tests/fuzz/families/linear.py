@@ -21,6 +21,7 @@ from ._base import (
     draw_size,
     flat,
     orthogonal,
+    param,
     rng_for,
     tensor,
 )
@@ -51,8 +52,8 @@ def make(family: str, seed: int, small: bool, *, symmetric: bool) -> Instance:
     c = rng.standard_normal((rows, n))
     tol, max_iter, on_failure = draw_settings(rng, dtype, MAX_ITERS)
 
-    A = tensor(a, dtype, grad=True)
-    bt = tensor(b.reshape(shape), dtype, grad=True)
+    A = param("A", a, dtype)
+    bt = param("b", b.reshape(shape), dtype)
     a64, b64 = as64(A), as64(bt).reshape(rows, n)
     root = scipy.linalg.solve(a64, b64.T).T
     start = rng.uniform()

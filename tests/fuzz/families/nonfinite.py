@@ -12,7 +12,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import Instance, as64, draw_batch, draw_dtype, draw_settings, draw_size, rng_for, tensor
+from ._base import (
+    Instance,
+    as64,
+    draw_batch,
+    draw_dtype,
+    draw_settings,
+    draw_size,
+    param,
+    rng_for,
+    tensor,
+)
 
 MAX_ITERS = (20, 50, 100)
 
@@ -27,13 +37,13 @@ def nan_root(family: str, seed: int, small: bool) -> Instance:
     dtype = draw_dtype(rng)
     tol, max_iter, on_failure = draw_settings(rng, dtype, MAX_ITERS)
     if kind == "sqrt":
-        c = tensor(rng.uniform(0.2, 2.0, shape), dtype, grad=True)
+        c = param("c", rng.uniform(0.2, 2.0, shape), dtype)
         z0 = rng.uniform(5, 100, shape)
         fn = lambda z, c: torch.sqrt(z) - c  # noqa: E731
         inverse, _d_inverse = np.square, lambda c: 2 * c
         forward, d_forward = np.sqrt, lambda z: 0.5 / np.sqrt(z)
     else:
-        c = tensor(rng.uniform(-1.0, 1.0, shape), dtype, grad=True)
+        c = param("c", rng.uniform(-1.0, 1.0, shape), dtype)
         z0 = rng.uniform(3, 50, shape)
         fn = lambda z, c: torch.log(z) - c  # noqa: E731
         inverse, _d_inverse = np.exp, np.exp
@@ -89,7 +99,7 @@ def exp_overflow(family: str, seed: int, small: bool) -> Instance:
     shape = (batch, n) if batch else (n,)
     dtype = draw_dtype(rng)
     tol, max_iter, on_failure = draw_settings(rng, dtype, (30, 100))
-    a = tensor(rng.uniform(0.5, 1.5, shape), dtype, grad=True)
+    a = param("a", rng.uniform(0.5, 1.5, shape), dtype)
     start = str(rng.choice(("near", "overflow_later", "overflow_now")))
     if start == "near":
         z0 = rng.uniform(-3, 1, shape)

@@ -23,6 +23,7 @@ from ._base import (
     draw_size,
     flat,
     orthogonal,
+    param,
     rng_for,
     tensor,
 )
@@ -55,8 +56,8 @@ def kepler(family: str, seed: int, small: bool) -> Instance:
     shape, batched = _shape(rng, small)
     dtype = draw_dtype(rng)
     e_max = float(rng.choice((0.5, 0.9, 0.99)))
-    e = tensor(rng.uniform(0, e_max, shape), dtype, grad=True)
-    M = tensor(rng.uniform(-np.pi, np.pi, shape), dtype, grad=True)
+    e = param("e", rng.uniform(0, e_max, shape), dtype)
+    M = param("M", rng.uniform(-np.pi, np.pi, shape), dtype)
     c = rng.standard_normal(shape)
     start = rng.choice(("M", "pi", "random"))
     z0 = {"M": as64(M), "pi": np.full(shape, np.pi), "random": rng.uniform(-4, 4, shape)}[start]
@@ -115,7 +116,7 @@ def monotone(family: str, seed: int, small: bool) -> Instance:
     rows = batch or 1
     shape = (batch, n) if batch else (n,)
     dtype = draw_dtype(rng)
-    y = tensor(rng.standard_normal(shape) * 10 ** rng.uniform(-1, 1.5), dtype, grad=True)
+    y = param("y", rng.standard_normal(shape) * 10 ** rng.uniform(-1, 1.5), dtype)
     y64 = as64(y).reshape(rows, n)
     c = rng.standard_normal(shape)
     tol, max_iter, on_failure = draw_settings(rng, dtype, MAX_ITERS)
@@ -126,7 +127,7 @@ def monotone(family: str, seed: int, small: bool) -> Instance:
         jac_diag, vjp_extra = np.cosh, lambda z, w: {}
         blackbox = lambda y: np.arcsinh(y.double().numpy())  # noqa: E731
     elif kind == "cubic":
-        a = tensor(10 ** rng.uniform(-2, 1), dtype, grad=True)
+        a = param("a", 10 ** rng.uniform(-2, 1), dtype)
         a64 = float(as64(a))
         params, args = {"y": y, "a": a}, (a,)
         fn = lambda z, a: z + a * z**3  # noqa: E731
@@ -143,7 +144,7 @@ def monotone(family: str, seed: int, small: bool) -> Instance:
     else:
         q = orthogonal(rng, n)
         a_mat = (q * np.logspace(-1, rng.uniform(0, 3), n)) @ q.T
-        A = tensor((a_mat + a_mat.T) / 2, dtype, grad=True)
+        A = param("A", (a_mat + a_mat.T) / 2, dtype)
         a64 = as64(A)
         params = {"y": y, "A": A}
         fn = lambda z: z @ A.T + torch.sinh(z)  # noqa: E731

@@ -23,6 +23,7 @@ from ._base import (
     draw_size,
     flat,
     orthogonal,
+    param,
     rng_for,
     tensor,
     with_norm,
@@ -104,8 +105,8 @@ def make(
     if dtype in (torch.float16, torch.bfloat16):
         tol = float(rng.choice((1e-2, 3e-2)))
 
-    W = tensor(w, dtype, grad=True)
-    xt = tensor(x.reshape(shape), dtype, grad=True)
+    W = param("weight", w, dtype)
+    xt = param("x", x.reshape(shape), dtype)
     w64, x64 = as64(W), as64(xt).reshape(rows, n)
     contractive = norms[1] < 1
     root = _picard64(w64, x64, linear) if contractive else None

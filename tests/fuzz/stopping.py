@@ -1,0 +1,125 @@
+"""The documented stopping tests, recomputed from the returned ``z`` alone.
+
+Per problem (``implicit/api.py``, ``implicit/_problem.py``, ``implicit/_optimize.py``):
+
+* ``fixed_point`` and ``DEQ``: ``‖f(z) − z‖ ≤ tol·(1 + max(‖z0‖, ‖f(z0)‖))``;
+* ``root_solve`` (bracketing solvers included) and ``custom_root``: ``‖g(z)‖ ≤ tol``;
+* ``invert``: ``‖f(z) − y‖ ≤ tol·(1 + ‖y‖)``;
+* ``minimize``: ``‖∇f(z)‖ ≤ tol·(1 + |f(z0)|)``, with bounds the projected gradient
+  ``z − clip(z − ∇f, l, u)`` and ``z0`` clipped into them;
+* ``least_squares``: the same with ``f = ½‖r‖²``.
+
+Residuals are recomputed with the user's function in the problem's dtype (what the
+library's test computes; gradients by plain ``torch.autograd``). A minimiser's answer
+must also pass the second-order test: the Hessian on the free coordinates (the
+oracle's, float64) has no eigenvalue below ``−SECOND_ORDER·√eps·max(1, |λ|max)``
+(``eps`` of the problem's dtype): the library promises a local minimum, and its own
+test is the same with the factor 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import families
+import numpy as np
+import torch
+from families._optim import free_coordinates
+
+#: The slack of the second-order test over the library's own (rounding of ``z``).
+SECOND_ORDER = 4.0
+
+
+def test(door: str, inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
+    """Per problem: the recomputed residual norm and the threshold of ``door``'s test
+    (its tolerance at least 4 machine epsilons of a half-precision dtype, as documented)."""
+    eps = torch.finfo(inst.dtype).eps
+    half = inst.dtype in (torch.float16, torch.bfloat16)
+    inst = dataclasses.replace(inst, tol=max(inst.tol, 4 * eps) if half else inst.tol)
+    if door in ("minimize", "least_squares"):
+        return _optimality(inst, z)
+    with torch.no_grad():
+        if door in ("fixed_point", "deq"):
+            norm = lambda s: norms(s, inst.batched)  # noqa: E731
+            f0 = inst.fn(inst.z0, *inst.args)
+            scale = np.maximum(norm(inst.z0), norm(f0))
+            return norms(_sub(inst.fn(z, *inst.args), z), inst.batched), inst.tol * (1 + scale)
+        if door in ("root_solve", "custom_root"):
+            residual = inst.residual_fn()(z, *inst.root_args())
+            return norms(residual, inst.batched), np.full(rows(inst), inst.tol)
+        residual = inst.fn(z, *inst.args) - inst.y
+        return norms(residual, inst.batched), inst.tol * (1 + norms(inst.y, inst.batched))
+
+
+def _optimality(inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
+    batch = rows(inst)
+    z = z.detach()
+    lower, upper = (
+        (torch.from_numpy(b).to(inst.dtype) for b in inst.bounds64)
+        if inst.bounds64 is not None
+        else (torch.full((batch, z[0].numel() if inst.batched else z.numel()), v,
+                         dtype=inst.dtype) for v in (-np.inf, np.inf))
+    )  # fmt: skip
+    z0 = torch.clamp(inst.z0.detach().reshape(batch, -1), lower, upper).reshape(inst.z0.shape)
+    values0, _ = _value_and_grad(inst, z0, batch)
+    _, grad = _value_and_grad(inst, z, batch)
+    flat_z = z.reshape(batch, -1)
+    residual = flat_z - torch.clamp(flat_z - grad, lower, upper)
+    threshold = inst.tol * (1 + values0.abs().double().numpy())
+    return torch.linalg.vector_norm(residual.double(), dim=1).numpy(), threshold
+
+
+def _value_and_grad(inst: families.Instance, z: torch.Tensor, batch: int):
+    """The objective per problem and its gradient ``(B, n)``, in the problem's dtype."""
+    with torch.enable_grad():
+        point = z.detach().clone().requires_grad_()
+        out = inst.fn(point, *[a.detach() for a in inst.args])
+        if inst.form == "least_squares":
+            values = 0.5 * out.reshape(batch, -1).pow(2).sum(1)
+        else:
+            values = out.reshape(batch)
+        (grad,) = torch.autograd.grad(values.sum(), point)
+    return values.detach(), grad.reshape(batch, -1)
+
+
+def saddle(inst: families.Instance, z) -> str | None:
+    """Why ``z`` is not a local minimum (a clearly negative eigenvalue of the Hessian on
+    the free coordinates), or ``None``."""
+    flat = flat_torch(z, inst.batched).double().numpy()
+    if inst.hessian64 is None or not np.all(np.isfinite(flat)):
+        return None
+    lower, upper = inst.bounds64 if inst.bounds64 is not None else (-np.inf, np.inf)
+    with np.errstate(all="ignore"):
+        grad, hess = inst.gradient64(flat), inst.hessian64(flat)
+    free = free_coordinates(flat, grad, lower, upper)
+    limit = SECOND_ORDER * float(np.sqrt(torch.finfo(inst.dtype).eps))
+    for b in range(flat.shape[0]):
+        block = hess[b][np.ix_(free[b], free[b])]
+        if block.size == 0 or not np.all(np.isfinite(block)):
+            continue
+        values = np.linalg.eigvalsh(0.5 * (block + block.T))
+        if values[0] < -limit * max(1.0, float(np.abs(values).max())):
+            return (
+                f"a saddle or maximum: Hessian eigenvalue {values[0]:.3g} on the free "
+                f"coordinates of problem {b} (largest |λ| {np.abs(values).max():.3g})"
+            )
+    return None
+
+
+def flat_torch(state, batched: bool) -> torch.Tensor:
+    parts = state if isinstance(state, tuple) else (state,)
+    rows = parts[0].shape[0] if batched else 1
+    return torch.cat([p.detach().reshape(rows, -1) for p in parts], dim=1)
+
+
+def norms(state, batched: bool) -> np.ndarray:
+    return np.linalg.norm(flat_torch(state, batched).double().numpy(), axis=1)
+
+
+def _sub(a, b):
+    return tuple(x - y for x, y in zip(a, b)) if isinstance(a, tuple) else a - b
+
+
+def rows(inst: families.Instance) -> int:
+    z0 = inst.z0[0] if isinstance(inst.z0, tuple) else inst.z0
+    return z0.shape[0] if inst.batched else 1
