@@ -317,7 +317,7 @@ def _compare(case, inst, error: float, root, result: Result, what: str, limit=No
     # Where the documented tolerances allow it, the fault is a missing warning about
     # the conditioning (an error up to about κ·tol) or a test too loose for 1e-6 (the
     # error in z it lets through, ‖J⁻¹‖·threshold, relative), not a wrong solve.
-    bound = cond * inst.tol
+    bound = cond * inst.tol_max
     explained = " [ill-conditioned: within 10·κ·tol]" if error <= 10 * bound else ""
     if not explained and result.thresholds is not None:
         with np.errstate(all="ignore"):

@@ -16,7 +16,10 @@ import implicit
 
 
 def _settings(inst: families.Instance) -> dict[str, Any]:
-    return {"tol": inst.tol, "max_iter": inst.max_iter, "on_failure": inst.on_failure}
+    settings = {"tol": inst.tol_argument(), "max_iter": inst.max_iter}
+    if inst.tol_mode is not None:
+        settings["tol_mode"] = inst.tol_mode
+    return {**settings, "on_failure": inst.on_failure}
 
 
 def _fixed_point(inst, solver, backward):

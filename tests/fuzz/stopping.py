@@ -1,13 +1,18 @@
 """The documented stopping tests, recomputed from the returned ``z`` alone.
 
-Per problem (``implicit/api.py``, ``implicit/_problem.py``, ``implicit/_optimize.py``):
+Problem ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol_b · (1 + s_b)`` (``docs/concepts.md``,
+"Stopping: tol and tol_mode"; ``implicit/api.py``, ``implicit/_optimize.py``), with
+``s = 0`` under ``tol_mode="absolute"`` and under ``"relative"`` the front door's scale
+at the initial guess:
 
-* ``fixed_point`` and ``DEQ``: ``‖f(z) − z‖ ≤ tol·(1 + max(‖z0‖, ‖f(z0)‖))``;
-* ``root_solve`` (bracketing solvers included) and ``custom_root``: ``‖g(z)‖ ≤ tol``;
-* ``invert``: ``‖f(z) − y‖ ≤ tol·(1 + ‖y‖)``;
-* ``minimize``: ``‖∇f(z)‖ ≤ tol·(1 + |f(z0)|)``, with bounds the projected gradient
-  ``z − clip(z − ∇f, l, u)`` and ``z0`` clipped into them;
-* ``least_squares``: the same with ``f = ½‖r‖²``.
+* ``fixed_point`` and ``DEQ`` (default relative): ``g = f(z) − z``,
+  ``s = max(‖z0‖, ‖f(z0)‖)``;
+* ``root_solve`` and ``custom_root`` (default absolute): ``s = ‖g(z0)‖``, for a
+  bracketing solver ``|g(lower)|``;
+* ``invert`` (default relative): ``g = f(z) − y``, ``s = ‖y‖``;
+* ``minimize`` (default relative): ``g = ∇f``, with bounds the projected gradient
+  ``z − clip(z − ∇f, l, u)``, ``s = |f(z0)|`` with ``z0`` clipped into the bounds;
+* ``least_squares`` (default relative): the same with ``f = ½‖r‖²``.
 
 Residuals are recomputed with the user's function in the problem's dtype (what the
 library's test computes; gradients by plain ``torch.autograd``). A minimiser's answer
@@ -19,8 +24,6 @@ test is the same with the factor 1.
 
 from __future__ import annotations
 
-import dataclasses
-
 import families
 import numpy as np
 import torch
@@ -30,25 +33,45 @@ from families._optim import free_coordinates
 SECOND_ORDER = 4.0
 
 
+#: Each front door's mode when ``tol_mode`` is not given.
+DEFAULT_MODE = {"root_solve": "absolute", "custom_root": "absolute"}
+
+
 def test(door: str, inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
     """Per problem: the recomputed residual norm and the threshold of ``door``'s test
     (its tolerance at least 4 machine epsilons of a half-precision dtype, as documented)."""
     eps = torch.finfo(inst.dtype).eps
     half = inst.dtype in (torch.float16, torch.bfloat16)
-    inst = dataclasses.replace(inst, tol=max(inst.tol, 4 * eps) if half else inst.tol)
+    tol = np.broadcast_to(np.asarray(inst.tol, dtype=float), (rows(inst),))
+    tol = np.maximum(tol, 4 * eps) if half else tol
+    relative = (inst.tol_mode or DEFAULT_MODE.get(door, "relative")) == "relative"
     if door in ("minimize", "least_squares"):
-        return _optimality(inst, z)
+        residual, scale = _optimality(inst, z)
+    else:
+        residual, scale = _root_like(door, inst, z, relative)
+    return residual, tol * (1 + (scale if relative else 0.0))
+
+
+def _root_like(door: str, inst: families.Instance, z, relative: bool):
+    """The residual norms at ``z`` and (when ``relative``) the scale, for the root-type
+    doors."""
     with torch.no_grad():
         if door in ("fixed_point", "deq"):
             norm = lambda s: norms(s, inst.batched)  # noqa: E731
             f0 = inst.fn(inst.z0, *inst.args)
             scale = np.maximum(norm(inst.z0), norm(f0))
-            return norms(_sub(inst.fn(z, *inst.args), z), inst.batched), inst.tol * (1 + scale)
+            return norms(_sub(inst.fn(z, *inst.args), z), inst.batched), scale
         if door in ("root_solve", "custom_root"):
-            residual = inst.residual_fn()(z, *inst.root_args())
-            return norms(residual, inst.batched), np.full(rows(inst), inst.tol)
+            g = inst.residual_fn()
+            scale = None
+            if relative:
+                start = inst.solver_options.get("lower", inst.z0)
+                if not torch.is_tensor(start):  # a bracket's end given as a number
+                    start = torch.full_like(inst.z0, float(start))
+                scale = norms(g(start, *inst.root_args()), inst.batched)
+            return norms(g(z, *inst.root_args()), inst.batched), scale
         residual = inst.fn(z, *inst.args) - inst.y
-        return norms(residual, inst.batched), inst.tol * (1 + norms(inst.y, inst.batched))
+        return norms(residual, inst.batched), norms(inst.y, inst.batched)
 
 
 def _optimality(inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +88,8 @@ def _optimality(inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
     _, grad = _value_and_grad(inst, z, batch)
     flat_z = z.reshape(batch, -1)
     residual = flat_z - torch.clamp(flat_z - grad, lower, upper)
-    threshold = inst.tol * (1 + values0.abs().double().numpy())
-    return torch.linalg.vector_norm(residual.double(), dim=1).numpy(), threshold
+    norm = torch.linalg.vector_norm(residual.double(), dim=1).numpy()
+    return norm, values0.abs().double().numpy()
 
 
 def _value_and_grad(inst: families.Instance, z: torch.Tensor, batch: int):

@@ -253,7 +253,7 @@ class ReturnsMinimum(Minimizer):
         super().__init__()
         self.z = z
 
-    def solve(self, fn, z0, r0, *, tol, max_iter):
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
         z = self.z.to(z0.dtype)
         norms = torch.linalg.vector_norm(fn(z), dim=1)
         converged = torch.ones(norms.shape, dtype=torch.bool)

@@ -47,7 +47,9 @@ class Instance:
         args: explicit arguments after ``z0`` (after ``y`` in the inverse form).
         params: every tensor whose gradient is checked, by name (explicit or captured).
         batched: dim 0 indexes independent problems.
-        tol, max_iter, on_failure: the solve settings this problem is run with.
+        tol, max_iter, on_failure: the solve settings this problem is run with
+            (``tol`` a number, or an array of one per problem).
+        tol_mode: ``"absolute"``, ``"relative"`` or ``None`` (the front door's default).
         cotangent: ``c`` of ``L(z) = Σ c·z``, shaped like ``z``.
         residual64: ``g`` on the flat ``(B, n)`` view in float64 numpy.
         jacobian64: ``∂g/∂z`` at a flat point, ``(B, n, n)``.
@@ -82,7 +84,7 @@ class Instance:
     args: tuple
     params: dict[str, torch.Tensor]
     batched: bool
-    tol: float
+    tol: float | Array
     max_iter: int
     on_failure: str
     cotangent: State
@@ -102,6 +104,18 @@ class Instance:
     hessian64: Callable[[Array], Array] | None = None
     solver_options: dict = dataclasses.field(default_factory=dict)
     refiner: Callable[[Instance, Array], Array | None] | None = None
+    tol_mode: str | None = None
+
+    @property
+    def tol_max(self) -> float:
+        """The loosest of the problems' tolerances."""
+        return float(np.max(self.tol))
+
+    def tol_argument(self) -> float | torch.Tensor:
+        """``tol`` as the front door takes it: a number, or a float64 tensor ``(B,)``."""
+        if np.ndim(self.tol) == 0:
+            return float(self.tol)
+        return torch.from_numpy(np.asarray(self.tol, dtype=np.float64))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,6 +224,16 @@ def draw_settings(rng: np.random.Generator, dtype: torch.dtype, door_max_iter: t
     max_iter = int(rng.choice(door_max_iter))
     on_failure = "raise" if rng.uniform() < 0.3 else "warn"
     return tol, max_iter, on_failure
+
+
+def draw_tolerance(rng: np.random.Generator, tol: float, batch: int | None):
+    """``(tol, tol_mode)`` for the optimisation and bracketing families: the front
+    door's default mode mostly, else ``"absolute"`` or ``"relative"``; for some
+    batches one tolerance per problem (``tol`` or ten times it)."""
+    mode = rng.choice(["default", "default", "default", "absolute", "relative"])
+    if batch is not None and rng.uniform() < 0.25:
+        tol = tol * 10.0 ** rng.integers(0, 2, batch)
+    return tol, (None if mode == "default" else str(mode))
 
 
 def draw_dtype(rng: np.random.Generator, p64: float = 0.6) -> torch.dtype:

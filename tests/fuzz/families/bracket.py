@@ -14,7 +14,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from ._base import Instance, as64, draw_dtype, draw_settings, param, rng_for, tensor
+from ._base import Instance, as64, draw_dtype, draw_settings, draw_tolerance, param, rng_for, tensor
 
 MAX_ITERS = (30, 60, 200)
 KINDS = {
@@ -54,6 +54,7 @@ def make(family: str, seed: int, small: bool) -> Instance:
     rows = shape[0] if batched else 1
     dtype = draw_dtype(rng, 0.6)
     tol, max_iter, on_failure = draw_settings(rng, dtype, MAX_ITERS)
+    tol, tol_mode = draw_tolerance(rng, tol, (shape[0] if batched else None))
     g_t, g64, dg_dz, dg_dp = KINDS[kind]
     if kind == "tanh":
         y = param("y", rng.uniform(-0.99, 0.99, shape), dtype)
@@ -105,6 +106,7 @@ def make(family: str, seed: int, small: bool) -> Instance:
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(c, dtype),
         residual64=residual64,
         jacobian64=jacobian64,

@@ -29,6 +29,7 @@ from ._base import (
     draw_dtype,
     draw_settings,
     draw_size,
+    draw_tolerance,
     param,
     rng_for,
     tensor,
@@ -79,6 +80,7 @@ def random_fit(family: str, seed: int, small: bool, *, bounded: bool):
     tol, max_iter, on_failure = draw_settings(
         rng, dtype, _optim.SMALL_ITERS if small else MAX_ITERS
     )
+    tol, tol_mode = draw_tolerance(rng, tol, batch)
     a = rng.standard_normal((m, n)) / np.sqrt(m) * float(10 ** rng.uniform(-0.5, 1))
     b = rng.standard_normal((m, n))
     d = rng.uniform(-np.pi, np.pi, m)
@@ -139,6 +141,7 @@ def random_fit(family: str, seed: int, small: bool, *, bounded: bool):
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(rng.standard_normal(zshape), dtype),
         symmetric=not bounded,
         note=f"n={n} m={m} B={batch} {str(dtype)[6:]} alpha={alpha:.2f} noise={noise} "
@@ -157,6 +160,7 @@ def curve_fit(family: str, seed: int, small: bool):
     tol, max_iter, on_failure = draw_settings(
         rng, dtype, _optim.SMALL_ITERS if small else MAX_ITERS
     )
+    tol, tol_mode = draw_tolerance(rng, tol, batch)
     if kind == "exponential":
         t_drawn = np.sort(rng.uniform(0, 2, m))
         truth = np.stack([rng.uniform(0.5, 3, rows), rng.uniform(-2, 1.5, rows)], 1)
@@ -207,6 +211,7 @@ def curve_fit(family: str, seed: int, small: bool):
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(rng.standard_normal(zshape), dtype),
         symmetric=True,
         note=f"{kind} m={m} B={batch} {str(dtype)[6:]} noise={noise} start={start}",

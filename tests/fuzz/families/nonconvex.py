@@ -21,7 +21,17 @@ import numpy as np
 import torch
 
 from . import _optim
-from ._base import as64, draw_batch, draw_dtype, draw_settings, draw_size, param, rng_for, tensor
+from ._base import (
+    as64,
+    draw_batch,
+    draw_dtype,
+    draw_settings,
+    draw_size,
+    draw_tolerance,
+    param,
+    rng_for,
+    tensor,
+)
 
 MAX_ITERS = (50, 100, 300)
 
@@ -38,6 +48,7 @@ def nonconvex(family: str, seed: int, small: bool):
     tol, max_iter, on_failure = draw_settings(
         rng, dtype, _optim.SMALL_ITERS if small else MAX_ITERS
     )
+    tol, tol_mode = draw_tolerance(rng, tol, batch)
     a_t = param("a", rng.uniform(0.5, 2, n), dtype)
     beta_t = param("beta", beta, dtype)
     c_t = param("c", rng.uniform(0, 0.5), dtype)
@@ -98,6 +109,7 @@ def nonconvex(family: str, seed: int, small: bool):
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(rng.standard_normal(shape), dtype),
         symmetric=True,  # the Hessian at a minimum is positive semi-definite
         note=f"n={n} B={batch} {str(dtype)[6:]} c={c:.2f} start={start}",
@@ -115,6 +127,7 @@ def nonfinite(family: str, seed: int, small: bool):
     tol, max_iter, on_failure = draw_settings(
         rng, dtype, _optim.SMALL_ITERS if small else MAX_ITERS
     )
+    tol, tol_mode = draw_tolerance(rng, tol, batch)
     low, high = (-0.9, 0.9) if kind == "logcosh" else (0.5, 3)
     c_t = param("c", rng.uniform(low, high, shape), dtype)
     mu_t = param("mu", rng.uniform(0, 1) if rng.uniform() < 0.7 else 0.0, dtype)
@@ -229,6 +242,7 @@ def nonfinite(family: str, seed: int, small: bool):
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(rng.standard_normal(shape), dtype),
         symmetric=True,
         note=f"{kind} n={n} B={batch} {str(dtype)[6:]} mu={mu:.2f} ‖z0‖∞={np.abs(z0).max():.3g}",

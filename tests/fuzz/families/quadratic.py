@@ -25,6 +25,7 @@ from ._base import (
     draw_dtype,
     draw_settings,
     draw_size,
+    draw_tolerance,
     orthogonal,
     param,
     rng_for,
@@ -70,6 +71,7 @@ def make(family: str, seed: int, small: bool, *, conds: tuple[float, float], bou
     tol, max_iter, on_failure = draw_settings(
         rng, dtype, _optim.SMALL_ITERS if small else MAX_ITERS
     )
+    tol, tol_mode = draw_tolerance(rng, tol, batch)
     _, dphi, _, phi_t = PERTURBATIONS[kind]
 
     A = param("A", a, dtype)
@@ -127,6 +129,7 @@ def make(family: str, seed: int, small: bool, *, conds: tuple[float, float], bou
         tol=tol,
         max_iter=max_iter,
         on_failure=on_failure,
+        tol_mode=tol_mode,
         cotangent=tensor(rng.standard_normal(shape), dtype),
         symmetric=not bounded,
         note=f"{kind} n={n} B={batch} {str(dtype)[6:]} cond={cond:.1e} p={p:.2g} "
