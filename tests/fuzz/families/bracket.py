@@ -71,6 +71,7 @@ def make(family: str, seed: int, small: bool) -> Instance:
     if bracket == "misses":  # one problem's bracket lies right of its root
         i = int(rng.integers(rows))
         lower[i] = roots[i] + 0.5 * width[i]
+        upper[i] = lower[i] + rng.uniform(0.01, 3) * width[i]
     elif bracket == "crossed":
         i = int(rng.integers(rows))
         lower[i], upper[i] = upper[i], lower[i]
