@@ -3,15 +3,10 @@
 Acceptable outcomes:
 
 * ``OK``: status ``"converged"``, the residual recomputed here from the returned ``z``
-  meets the documented test of its door (below), the gradient is finite, the backward
-  solve says converged, and (float64, exact backward mode) the gradient of
-  ``L(z) = Σ c·z`` is within ``GRADIENT_TOL`` of the oracle in the 2-norm of all
-  parameters' gradients together, relative to the oracle's. ``backward="unroll"``
-  differentiates the iterations, whose derivatives converge to the implicit gradient
-  more slowly than the iterates to the root (Broyden's lagged by 6e-4 at tol 1e-12 on
-  one problem, 6e-8 at tol 1e-14): it is checked to ``UNROLL_TOL``, which still catches
-  a missing or wrong graph. ``one_step`` and ``phantom`` are inexact by design and
-  only checked for finiteness;
+  meets the documented test of its door (:mod:`stopping`), the derivative is finite,
+  the backward solve says converged, and (float64, an exact backward mode or
+  ``unroll``) the derivative matches the oracle's (:mod:`accuracy`). ``one_step`` and
+  ``phantom`` are inexact by design and only checked for finiteness;
 * ``OK-NONCONVERGED``: a non-converged status (forward or backward) that was reported
   by ``on_failure``: a ``ConvergenceWarning`` under ``"warn"``, a ``ConvergenceError``
   under ``"raise"``. Any status but ``"converged"`` is one, the backward's
@@ -24,16 +19,14 @@ Acceptable outcomes:
 
 The derivative a case checks (``matrix.Case.derivative``): ``grad`` the gradient of
 ``L(z) = Σ c·z`` by ``backward()``; ``jvp`` the forward-mode derivative along a random
-tangent on the explicit parameters, against the oracle's ``J·t`` (``GRADIENT_TOL``;
-a forward-mode linear solve that does not converge must be reported by
-``on_failure``, as ``ConvergenceWarning``/``ConvergenceError``, and is then
-``OK-NONCONVERGED``); ``hvp`` a Hessian-vector product of ``Σ c·z + ½‖z‖²`` by double
-backward against an extrapolated central difference of the oracle's gradient (its
-tolerance in :mod:`derivatives`). A minimiser's or a least-squares solver's
-``z`` must also be a local minimum: converged at a saddle or a maximum is a
-``FALSE-CONVERGENCE`` (:func:`stopping.saddle`). Solvers that cannot be unrolled by
-design (minimisers, bracketing) under ``backward="unroll"`` may refuse
-(``OK-REFUSED``), as may a crossed bracket (``lower > upper``).
+tangent on the explicit parameters; ``hvp`` a Hessian-vector product of
+``Σ c·z + ½‖z‖²`` by double backward (:mod:`derivatives`). A forward-mode linear solve
+that does not converge must be reported by ``on_failure`` and is then
+``OK-NONCONVERGED``. A minimiser's or a least-squares solver's ``z`` must also be a
+local minimum: converged at a saddle or a maximum is a ``FALSE-CONVERGENCE``
+(:func:`stopping.saddle`). Solvers that cannot be unrolled by design (minimisers,
+bracketing) under ``backward="unroll"`` may refuse (``OK-REFUSED``), as may a crossed
+bracket (``lower > upper``).
 
 Failures: ``HANG`` (time limit), ``FALSE-CONVERGENCE`` (converged, but the residual
 fails the test, the answer is a saddle, the derivative is wrong, or ``z`` has no graph
@@ -56,17 +49,17 @@ import time
 import traceback
 import warnings
 
+import accuracy
 import derivatives
 import families
 import matrix
 import numpy as np
 import stopping
 import torch
+from accuracy import Verdict
 
 import implicit
 
-GRADIENT_TOL = 1e-6
-UNROLL_TOL = 1e-3
 RESIDUAL_SLACK = {torch.float64: 1.01, torch.float32: 1.01, torch.float16: 1.1, torch.bfloat16: 1.1}
 OK_OUTCOMES = ("OK", "OK-NONCONVERGED", "OK-REFUSED")
 FAILURES = ("HANG", "FALSE-CONVERGENCE", "SILENT-NAN", "UNREPORTED", "CRASH")
@@ -85,21 +78,14 @@ class Result:
     cond: float | None = None  # κ(∂g/∂z) at the reference root, worst problem
     seconds: float = 0.0
     note: str = ""
-    # The documented test's threshold per problem (not stored with the results).
+    # The documented test's residual and threshold per problem (not stored).
+    residuals: np.ndarray | None = dataclasses.field(default=None, repr=False)
     thresholds: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        del out["thresholds"]
+        del out["residuals"], out["thresholds"]
         return out
-
-
-class _Verdict(Exception):
-    """Ends a classification early with an outcome."""
-
-    def __init__(self, outcome: str, reason: str = ""):
-        super().__init__(reason)
-        self.outcome, self.reason = outcome, reason
 
 
 class Timeout(BaseException):
@@ -122,7 +108,7 @@ def run(case: matrix.Case, *, solver=None, backward=None, instance=None) -> Resu
         backward = backward if backward is not None else matrix.make_backward(case.backward)
         _classify(case, inst, solver, backward, result)
         result.outcome = "OK"
-    except _Verdict as verdict:
+    except Verdict as verdict:
         result.outcome, result.reason = verdict.outcome, verdict.reason
     result.seconds = time.perf_counter() - start
     return result
@@ -172,30 +158,30 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
             z, info, raised = None, error.info, error
         except Exception as error:
             if may_refuse and _clear_error(error):
-                raise _Verdict("OK-REFUSED", _describe(error)) from None
-            raise _Verdict("CRASH", "forward: " + _describe(error)) from None
+                raise Verdict("OK-REFUSED", _describe(error)) from None
+            raise Verdict("CRASH", "forward: " + _describe(error)) from None
     warned = _convergence_warnings(caught)
     info = info.get() if isinstance(info, matrix.Later) else info
     result.status = info.status if info is not None else None
     if raised is not None:
         if inst.on_failure != "raise":
-            raise _Verdict("CRASH", f"ConvergenceError under on_failure={inst.on_failure!r}")
+            raise Verdict("CRASH", f"ConvergenceError under on_failure={inst.on_failure!r}")
         if info.status == "converged" and not _tangent_failure([raised]):
-            raise _Verdict("CRASH", "ConvergenceError whose info says converged")
-        raise _Verdict("OK-NONCONVERGED", f"forward {info.status}, raised")
+            raise Verdict("CRASH", "ConvergenceError whose info says converged")
+        raise Verdict("OK-NONCONVERGED", f"forward {info.status}, raised")
     converged = info.status == "converged"
     if converged != bool(info.converged.all()):
-        raise _Verdict("FALSE-CONVERGENCE", f"status {info.status!r} but info.converged disagrees")
+        raise Verdict("FALSE-CONVERGENCE", f"status {info.status!r} but info.converged disagrees")
     if not converged and not (warned and inst.on_failure == "warn"):
-        raise _Verdict("UNREPORTED", f"forward {info.status} without a warning or an error")
+        raise Verdict("UNREPORTED", f"forward {info.status} without a warning or an error")
     if converged:
         _check_forward(case, inst, z, result)
     if case.derivative == "jvp":
         if not converged:
-            raise _Verdict("OK-NONCONVERGED", f"forward {info.status}, reported")
+            raise Verdict("OK-NONCONVERGED", f"forward {info.status}, reported")
         if _tangent_failure(w.message for w in caught):
-            raise _Verdict("OK-NONCONVERGED", "forward-mode linear solve, reported")
-        _check_tangent(case, inst, z, dz, tangents, result)
+            raise Verdict("OK-NONCONVERGED", "forward-mode linear solve, reported")
+        accuracy.check_tangent(case, inst, z, dz, tangents, result)
         return
     # -- backward (first or second order) -------------------------------------------
     compute = (
@@ -212,31 +198,31 @@ def _classify(case, inst: families.Instance, solver, backward, result: Result) -
         # ConvergenceWarning an earlier one's.
         bwd_failed = True
     if bwd_raised is not None and (not bwd_failed or inst.on_failure != "raise"):
-        raise _Verdict(
+        raise Verdict(
             "CRASH",
             f"backward ConvergenceError (status {bwd.status!r}) under "
             f"on_failure={inst.on_failure!r}",
         )
     if not converged:
-        raise _Verdict("OK-NONCONVERGED", f"forward {info.status}, reported")
+        raise Verdict("OK-NONCONVERGED", f"forward {info.status}, reported")
     bwd_reported = bwd_raised is not None or (bwd_warned and inst.on_failure == "warn")
     if bwd_failed and not bwd_reported:
-        raise _Verdict("UNREPORTED", f"backward {bwd.status} without a warning or an error")
+        raise Verdict("UNREPORTED", f"backward {bwd.status} without a warning or an error")
     if bwd_failed:
         status = bwd.status if bwd is not None else "?"
-        raise _Verdict("OK-NONCONVERGED", f"backward {status}, reported")
+        raise Verdict("OK-NONCONVERGED", f"backward {status}, reported")
     if no_graph:
-        raise _Verdict("FALSE-CONVERGENCE", "z has no graph: the parameters get no gradient")
+        raise Verdict("FALSE-CONVERGENCE", "z has no graph: the parameters get no gradient")
     if case.derivative == "hvp":
         first, second, direction = grads
         if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
-            raise _Verdict("SILENT-NAN", "non-finite first or second derivative, all converged")
-        _check_hvp(case, inst, z, first, second, direction, result)
+            raise Verdict("SILENT-NAN", "non-finite first or second derivative, all converged")
+        accuracy.check_hvp(case, inst, z, first, second, direction, result)
         return
     flat_grad = torch.cat([g.detach().double().flatten() for g in grads])
     if not bool(torch.isfinite(flat_grad).all()):
-        raise _Verdict("SILENT-NAN", "non-finite gradient, every status converged")
-    _check_gradient(case, inst, z, flat_grad, result)
+        raise Verdict("SILENT-NAN", "non-finite gradient, every status converged")
+    accuracy.check_gradient(case, inst, z, flat_grad, result)
 
 
 def _check_forward(case, inst: families.Instance, z, result: Result) -> None:
@@ -244,19 +230,19 @@ def _check_forward(case, inst: families.Instance, z, result: Result) -> None:
     second-order test too."""
     flat_z = stopping.flat_torch(z, inst.batched)
     if not bool(torch.isfinite(flat_z).all()):
-        raise _Verdict("SILENT-NAN", "non-finite z with status converged")
+        raise Verdict("SILENT-NAN", "non-finite z with status converged")
     residual, threshold = stopping.test(case.door, inst, z)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = residual / threshold
     worst = float(np.max(np.where(np.isfinite(ratio), ratio, np.inf)))
-    result.residual_ratio, result.thresholds = worst, threshold
+    result.residual_ratio, result.residuals, result.thresholds = worst, residual, threshold
     if not np.all(np.isfinite(threshold)):
-        raise _Verdict("FALSE-CONVERGENCE", "converged, but the test's scale is not finite")
+        raise Verdict("FALSE-CONVERGENCE", "converged, but the test's scale is not finite")
     if not worst <= RESIDUAL_SLACK[inst.dtype]:
-        raise _Verdict("FALSE-CONVERGENCE", f"residual {worst:.3g}× the documented test")
+        raise Verdict("FALSE-CONVERGENCE", f"residual {worst:.3g}× the documented test")
     why = stopping.saddle(inst, z)
     if why is not None:
-        raise _Verdict("FALSE-CONVERGENCE", "converged at " + why)
+        raise Verdict("FALSE-CONVERGENCE", "converged at " + why)
 
 
 def _gradients(inst: families.Instance, z):
@@ -284,127 +270,10 @@ def _backward(compute):
         except RuntimeError as error:
             if "does not require grad" in str(error):  # z has no graph at all
                 return None, True, None, False
-            raise _Verdict("CRASH", "backward: " + _describe(error)) from None
+            raise Verdict("CRASH", "backward: " + _describe(error)) from None
         except Exception as error:
-            raise _Verdict("CRASH", "backward: " + _describe(error)) from None
+            raise Verdict("CRASH", "backward: " + _describe(error)) from None
     return out, False, None, _convergence_warnings(caught)
-
-
-def _oracle_root(inst: families.Instance, z, result: Result) -> np.ndarray | None:
-    """The oracle's root for ``z`` (``None``, with the reason noted, where the
-    derivative is not checked: not float64, no reference, no root near ``z``)."""
-    if inst.dtype != torch.float64 or not inst.check_gradient:
-        return None
-    try:
-        root = families.reference_root(inst, families.flat(z, inst.batched))
-    except families.Unchecked as why:
-        result.reason = f"derivative unchecked: {why}"
-        return None
-    if root is None:
-        result.reason = "derivative unchecked: the oracle found no root (or minimum) near z"
-    return root
-
-
-def _compare(case, inst, error: float, root, z, result: Result, what: str, limit=None):
-    """Fail unless ``error`` (relative) is within the mode's tolerance (``root`` the
-    oracle's, ``z`` the answer, flat)."""
-    jacobians = inst.jacobian64(root)
-    cond = float(np.max(np.linalg.cond(jacobians)))
-    result.grad_error, result.cond = error, cond
-    if limit is None:
-        limit = UNROLL_TOL if case.backward == "unroll" else GRADIENT_TOL
-    if error <= limit:
-        return
-    # Where the documented tolerances allow it, the fault is a missing warning about
-    # the conditioning (an error up to about κ·tol), or a test so loosely scaled
-    # (tol·(1 + s) with a large scale s) that it passes a z far from the root.
-    bound = cond * inst.tol_max
-    explained = " [ill-conditioned: within 10·κ·tol]" if error <= 10 * bound else ""
-    if not explained and result.thresholds is not None:
-        scaled = float(np.max(result.thresholds)) / inst.tol_max
-        off = float(
-            np.max(np.linalg.norm(z - root, axis=1) / np.maximum(np.linalg.norm(root, axis=1), 1.0))
-        )
-        if scaled > 10 and off > 10 * bound:
-            explained = (
-                f" [loose test: its threshold is {scaled:.1e}·tol, and it passes a z off by "
-                f"{off:.1e} (relative)]"
-            )
-    raise _Verdict(
-        "FALSE-CONVERGENCE",
-        f"{what} error {error:.2e} > {limit:.2g} (κ={cond:.1e}, κ·tol={bound:.1e})" + explained,
-    )
-
-
-def _flat(z, inst: families.Instance) -> np.ndarray:
-    return families.flat(z, inst.batched)
-
-
-def _relative(value: np.ndarray, reference: np.ndarray) -> float:
-    scale = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(value - reference)) / (scale if scale > 0 else 1.0)
-
-
-def _check_gradient(case, inst: families.Instance, z, grad: torch.Tensor, result: Result) -> None:
-    if case.backward not in (*matrix.EXACT, "unroll"):
-        return
-    root = _oracle_root(inst, z, result)
-    if root is None:
-        return
-    try:
-        reference, _ = families.reference_gradient(inst, root)
-    except np.linalg.LinAlgError:
-        result.reason = "gradient unchecked: singular Jacobian at the root"
-        return
-    ref = np.concatenate([np.asarray(reference[name], dtype=float).ravel() for name in inst.params])
-    _compare(case, inst, _relative(grad.numpy(), ref), root, _flat(z, inst), result, "gradient")
-
-
-def _check_tangent(case, inst: families.Instance, z, dz, tangents, result: Result) -> None:
-    flat_dz = stopping.flat_torch(dz, inst.batched).double().numpy()
-    if not np.all(np.isfinite(flat_dz)):
-        raise _Verdict("SILENT-NAN", "non-finite forward-mode derivative, every status converged")
-    root = _oracle_root(inst, z, result)
-    if root is None:
-        return
-    try:
-        reference = families.reference_tangent(inst, root, tangents)
-    except np.linalg.LinAlgError:
-        result.reason = "tangent unchecked: singular Jacobian at the root"
-        return
-    _compare(
-        case, inst, _relative(flat_dz, reference), root, _flat(z, inst), result,
-        "forward-mode derivative",
-    )  # fmt: skip
-
-
-def _check_hvp(case, inst: families.Instance, z, first, second, direction, result) -> None:
-    root = _oracle_root(inst, z, result)
-    if root is None:
-        return
-    try:
-        gradient = derivatives.oracle_loss_gradient(inst, root)
-        found = derivatives.oracle_hvp(case, inst, root, direction)
-    except np.linalg.LinAlgError:
-        result.reason = "second order unchecked: singular Jacobian at a root"
-        return
-    except families.Unchecked as why:
-        result.reason = f"second order unchecked: {why}"
-        return
-    _compare(
-        case, inst, _relative(first, gradient), root, _flat(z, inst), result,
-        "gradient of Σc·z + ½‖z‖²",
-    )  # fmt: skip
-    if found is None:
-        result.reason = "second order unchecked: no root near z at θ ± h v"
-        return
-    reference, estimate = found
-    if estimate > derivatives.HVP_UNRELIABLE:
-        result.reason = f"second order unchecked: central difference unreliable ({estimate:.1e})"
-        return
-    limit = max(GRADIENT_TOL, derivatives.HVP_SAFETY * estimate)
-    error = _relative(second, reference)
-    _compare(case, inst, error, root, _flat(z, inst), result, "Hessian-vector product", limit)
 
 
 # -- helpers ----------------------------------------------------------------------------
