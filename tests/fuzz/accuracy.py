@@ -136,7 +136,7 @@ def check_hvp(case, inst: families.Instance, z, first, second, direction, result
         "gradient of Σc·z + ½‖z‖²",
     )  # fmt: skip
     if found is None:
-        result.reason = "second order unchecked: no root near z at θ ± h v"
+        result.reason = "second order unchecked: no oracle root near z at θ ± h v"
         return
     reference, estimate = found
     if estimate > derivatives.HVP_UNRELIABLE:

@@ -110,6 +110,8 @@ def run(case: matrix.Case, *, solver=None, backward=None, instance=None) -> Resu
         result.outcome = "OK"
     except Verdict as verdict:
         result.outcome, result.reason = verdict.outcome, verdict.reason
+    except Exception as error:  # the library's own errors are caught where it is called
+        result.outcome, result.reason = "HARNESS-ERROR", _describe(error)
     result.seconds = time.perf_counter() - start
     return result
 

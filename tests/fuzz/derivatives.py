@@ -11,8 +11,10 @@
   is a central difference of the oracle's gradient ``∇L = (∂z/∂θ)ᵀ(c + z)`` (exact,
   by the implicit function theorem at the float64 root) along ``v``, at the problems
   drawn with their parameters moved to ``θ ± s v`` (:func:`families.shifted`) for
-  ``s = h, 2h, 4h``, ``h = H_STEP · max(1, ‖θ‖∞) / ‖v‖∞`` (or that divided by
-  ``HVP_SHRINK``, whichever estimate below is smallest), Richardson extrapolated:
+  ``s = h, 2h, 4h``, each parameter's part of ``v`` random times its magnitude
+  ``max(1, ‖θ_p‖∞)`` and ``h`` such that none moves by more than ``H_STEP`` of its
+  magnitude per ``h`` (or that divided by ``HVP_SHRINK``, whichever estimate below is
+  smallest), Richardson extrapolated:
   ``R(h) = (4 D(h) − D(2h)) / 3``, whose error is ``O(h⁴)``. That error is about
   ``‖R(h) − R(2h)‖ / 15`` (truncation, and the rounding of the oracle's gradients
   divided by ``h``): the tolerance is ``max(1e-6, HVP_SAFETY · ‖R(h) − R(2h)‖)``
@@ -62,10 +64,19 @@ def substitute(inst: families.Instance, values: dict[str, torch.Tensor]) -> fami
     return dataclasses.replace(inst, args=tuple(swap(a) for a in inst.args), y=y, bounds=bounds)
 
 
-def _direction(rng: np.random.Generator, p: torch.Tensor) -> np.ndarray:
-    """A random direction shaped like ``p``, zero on its infinite entries (a bound's)."""
+def _direction(rng: np.random.Generator, p: torch.Tensor, scaled: bool = False) -> np.ndarray:
+    """A random direction shaped like ``p``, zero on its infinite entries (a bound's);
+    ``scaled``: times ``p``'s magnitude (:func:`_magnitude`)."""
     values = p.detach().double().numpy()
-    return np.where(np.isfinite(values), rng.standard_normal(values.shape), 0.0)
+    direction = np.where(np.isfinite(values), rng.standard_normal(values.shape), 0.0)
+    return np.asarray(direction * _magnitude(p) if scaled else direction)
+
+
+def _magnitude(p: torch.Tensor) -> float:
+    """``max(1, ‖p‖∞)`` over the finite entries."""
+    values = np.abs(p.detach().double().numpy())
+    finite = values[np.isfinite(values)]
+    return max(1.0, float(finite.max())) if finite.size else 1.0
 
 
 def forward_mode(case, inst: families.Instance, solver, backward):
@@ -100,7 +111,7 @@ def hessian_vector(case, inst: families.Instance, z):
     """``(∇L, ∇²L v, v)`` by double backward, ``v`` random over every parameter."""
     params = list(inst.params.values())
     rng = rng_for(case)
-    direction = {name: _direction(rng, p) for name, p in inst.params.items()}
+    direction = {name: _direction(rng, p, scaled=True) for name, p in inst.params.items()}
     first = torch.autograd.grad(loss(inst, z), params, create_graph=True, allow_unused=True)
     first = [torch.zeros_like(p) if g is None else g for g, p in zip(first, params)]
     product = sum(
@@ -133,23 +144,21 @@ def flat_cotangent(inst: families.Instance) -> np.ndarray:
 
 def oracle_hvp(case, inst: families.Instance, root: np.ndarray, direction: dict):
     """``(∇²L v, ‖R(h) − R(2h)‖ relative)`` by the extrapolated central difference (see
-    the module), or ``None`` where a moved problem has no root near ``root``."""
-    finite = [
-        np.abs(p.detach().double().numpy()[np.isfinite(p.detach().double().numpy())])
-        for p in inst.params.values()
-    ]
-    size = max([1.0, *(float(f.max()) for f in finite if f.size)])
-    largest = max(float(np.abs(d).max()) if d.size else 0.0 for d in direction.values())
+    the module) with the smallest error estimate over the steps tried, or ``None``
+    where, at every step, a moved problem has no root near ``root``."""
+    # Each parameter moves by at most 4·H_STEP of its own magnitude (the largest step).
+    largest = max(
+        float(np.abs(direction[name]).max()) / _magnitude(p) if p.numel() else 0.0
+        for name, p in inst.params.items()
+    )
     if largest == 0:
         return np.zeros(sum(p.numel() for p in inst.params.values())), 0.0
     best = None
     for shrink in HVP_SHRINK:
-        found = _extrapolated(case, inst, root, direction, H_STEP * size / largest / shrink)
-        if found is None:
-            return None
-        if best is None or found[1] < best[1]:
+        found = _extrapolated(case, inst, root, direction, H_STEP / largest / shrink)
+        if found is not None and (best is None or found[1] < best[1]):
             best = found
-        if best[1] <= 1e-8:
+        if best is not None and best[1] <= 1e-8:
             break
     return best
 
@@ -159,9 +168,12 @@ def _extrapolated(case, inst, root, direction, h):
     for step in (h, 2 * h, 4 * h):
         sides = []
         for sign in (1, -1):
-            with families.shifted({n: sign * step * d for n, d in direction.items()}):
-                moved = families.make(case.family, case.seed, case.small)
-            moved_root = families.reference_root(moved, root)
+            try:
+                with families.shifted({n: sign * step * d for n, d in direction.items()}):
+                    moved = families.make(case.family, case.seed, case.small)
+                moved_root = families.reference_root(moved, root)
+            except ValueError:  # the move crossed a tight box: a smaller step may not
+                return None
             if moved_root is None:
                 return None
             sides.append(oracle_loss_gradient(moved, moved_root))
