@@ -5,8 +5,8 @@ parameter) is at most ``GRADIENT_TOL``; ``backward="unroll"`` differentiates the
 iterations, whose derivatives converge to the implicit one more slowly than the
 iterates to the root (Broyden's lagged by 6e-4 at tol 1e-12 on one problem, 6e-8 at tol
 1e-14): it is held to ``UNROLL_TOL``, which still catches a missing or wrong graph. A
-Hessian-vector product is held to the tolerance of its central difference
-(:mod:`derivatives`). An inaccurate derivative is a ``FALSE-CONVERGENCE``; its reason
+Hessian-vector product is held to the larger of that and the tolerance of its central
+difference (:mod:`derivatives`). An inaccurate derivative is a ``FALSE-CONVERGENCE``; its reason
 says when the documented tolerances explain it (an ill-conditioned Jacobian, or a test
 whose scale let a poor ``z`` pass).
 """
@@ -142,6 +142,7 @@ def check_hvp(case, inst: families.Instance, z, first, second, direction, result
     if estimate > derivatives.HVP_UNRELIABLE:
         result.reason = f"second order unchecked: central difference unreliable ({estimate:.1e})"
         return
-    limit = max(GRADIENT_TOL, derivatives.HVP_SAFETY * estimate)
+    exact = UNROLL_TOL if case.backward == "unroll" else GRADIENT_TOL
+    limit = max(exact, derivatives.HVP_SAFETY * estimate)
     error = _relative(second, reference)
     _compare(case, inst, error, root, _flat(z, inst), result, "Hessian-vector product", limit)
