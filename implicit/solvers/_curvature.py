@@ -33,7 +33,8 @@ def negative_curvature(
     caller picks the rows it needs. Above ``max_dense`` unknowns the smallest eigenvalue
     is Lanczos' estimate (an upper bound of it), so ``positive`` is a strong indication,
     not a proof: whoever relies on it must detect a wrong claim (CG does, by its
-    breakdown).
+    breakdown). A row whose Hessian is not finite has ``curvature`` NaN and is neither
+    ``negative`` nor ``positive``.
     """
     free = fn.free(z, grad).to(z.dtype)
     hessian = fn.hessian(z)
@@ -41,8 +42,11 @@ def negative_curvature(
         blocks = hessian.dense()
         blocks = 0.5 * (blocks + blocks.transpose(1, 2))
         blocks = blocks * free.unsqueeze(1) * free.unsqueeze(2)
-        values, vectors = torch.linalg.eigh(blocks)
-        smallest, direction = values[:, 0], vectors[:, :, 0]
+        # eigh raises on a NaN or infinite entry: such a row's curvature is unknown (NaN).
+        finite = torch.isfinite(blocks).flatten(1).all(dim=1)
+        values, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], blocks, 0))
+        smallest = torch.where(finite, values[:, 0], math.nan)
+        direction = vectors[:, :, 0]
         largest = values.abs().amax(dim=1)
     else:
         smallest, direction, largest = _lanczos(

@@ -117,6 +117,10 @@ class Minimizer(Solver):
             if (k % check_every == 0 or at_end) and bool(pending.any()):
                 saddle, leave, positive = self._saddles(fn, z, grad, pending)
                 codes = torch.where(pending & ~saddle, CONVERGED, codes)
+                unknown = pending & unknown_curvature(leave)
+                if bool(torch.as_tensor(unknown).any()):
+                    codes = torch.where(unknown, NONFINITE, codes)
+                    notes.append(UNKNOWN_CURVATURE)
                 strict = torch.where(pending, positive, strict)
                 if bool(saddle.any()):
                     report = _escape_report(callback, fn, k, norms)
@@ -218,6 +222,13 @@ _SADDLE = (
     "A stationary point with negative curvature (a saddle or a maximum) could not be left "
     "within max_iter: raise max_iter or start elsewhere."
 )
+UNKNOWN_CURVATURE = (
+    "The gradient test passed where the Hessian is not finite (PyTorch's second derivative "
+    "of the objective is NaN or infinite there): neither a minimum nor the implicit "
+    "backward, which solves with the Hessian, can be trusted; write the objective so that "
+    "its second derivative is finite there (e.g. logaddexp(z, -z) has a NaN one for |z| "
+    "above a few hundred)."
+)
 _STALLED = (
     "No step could decrease the objective further (the line search or the damping gave "
     "up): tol may be below what the precision of the objective allows (loosen tol, or use "
@@ -235,6 +246,12 @@ def _escape_report(callback, fn: Objective, k: int, norms: torch.Tensor):
         callback(k + trials, torch.where(escaped, residual_norms(fn, z, grad), norms), z)
 
     return report
+
+
+def unknown_curvature(leave) -> torch.Tensor | bool:
+    """The rows whose Hessian was not finite where the second-order test looked (no
+    minimum can be claimed there), from :meth:`Minimizer._saddles`' ``leave``."""
+    return False if leave is None else torch.isnan(leave[1])
 
 
 def verified_minimum(codes: torch.Tensor, strict: torch.Tensor) -> PositiveDefinite | None:

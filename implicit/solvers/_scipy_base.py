@@ -22,9 +22,11 @@ import torch
 
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers._minimizer import (
+    UNKNOWN_CURVATURE,
     Minimizer,
     check_objective,
     residual_norms,
+    unknown_curvature,
     verified_minimum,
 )
 from implicit.solvers.base import thresholds
@@ -93,12 +95,16 @@ class ScipyBase(Minimizer):
             z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
             iterations += torch.where(saddle, used, 0)
         codes = torch.where(passed & ~saddle, CONVERGED, FAILED)
-        codes = torch.where(torch.isfinite(norms) & torch.isfinite(threshold), codes, NONFINITE)
+        unknown = passed & unknown_curvature(leave)
+        finite = torch.isfinite(norms) & torch.isfinite(threshold)
+        codes = torch.where(finite & ~unknown, codes, NONFINITE)
         message = f"scipy.optimize.{self.front}(method={self.method!r}): " + "; ".join(
             dict.fromkeys(verdicts)
         )
         if bool(saddle.any()):
             message += ". A stationary point with negative curvature (a saddle or maximum)"
+        if bool(torch.as_tensor(unknown).any()):
+            message += ". " + UNKNOWN_CURVATURE.rstrip(".")
         iterations_taken = int(iterations.max())
         if callback is not None and iterations_taken:
             callback(iterations_taken, norms, z)

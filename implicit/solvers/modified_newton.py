@@ -114,7 +114,12 @@ class ModifiedNewton(Minimizer):
             # Fixed coordinates: an identity block, which leaves them where they are.
             fixed = torch.diag_embed(1 - free)
             blocks = blocks * free.unsqueeze(1) * free.unsqueeze(2) + fixed
-            values, vectors = torch.linalg.eigh(blocks)
+            # A non-finite Hessian (eigh raises on it) gives way to steepest descent there.
+            finite = torch.isfinite(blocks).flatten(1).all(dim=1)
+            identity = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+            values, vectors = torch.linalg.eigh(
+                torch.where(finite[:, None, None], blocks, identity)
+            )
             floor = math.sqrt(torch.finfo(z.dtype).eps) * values.abs().amax(dim=1).clamp(min=1)
             modified = torch.maximum(values.abs(), floor.unsqueeze(1))
             coefficients = (vectors.transpose(1, 2) @ descent.unsqueeze(2)).squeeze(2)

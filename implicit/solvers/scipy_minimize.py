@@ -36,6 +36,7 @@ accepts."""
 _DERIVATIVE_FREE = ("Nelder-Mead", "Powell", "COBYLA", "COBYQA")
 _HESSP = ("Newton-CG", "trust-ncg", "trust-krylov", "trust-constr")
 _HESS = ("dogleg", "trust-exact")
+_TRUST_REGION = ("dogleg", "trust-ncg", "trust-exact", "trust-krylov")
 _BOUNDED = ("Nelder-Mead", "Powell", "L-BFGS-B", "TNC", "COBYLA", "COBYQA", "SLSQP", "trust-constr")
 
 
@@ -90,11 +91,19 @@ class ScipyMinimize(ScipyBase):
         method = self.method
         gradient = method not in _DERIVATIVE_FREE
 
+        # scipy's trust-region methods hand the gradient and Hessian to scipy.linalg, which
+        # raises on a non-finite entry: there the run stops at the last point instead.
+        checked = method in _TRUST_REGION
+        evaluations = [0]
+
         def fun(x):
+            evaluations[0] += 1
             f, grad = fn.value_and_grad(view.state(x))
             value = float(f[rows].sum())
             value = value if math.isfinite(value) else math.inf
-            return (value, view.vector(grad)) if gradient else value
+            if not gradient:
+                return value
+            return value, _finite(view.vector(grad), x) if checked else view.vector(grad)
 
         kwargs: dict[str, Any] = {"jac": True} if gradient else {}
         if method in _HESSP:
@@ -103,11 +112,12 @@ class ScipyMinimize(ScipyBase):
                 full = torch.zeros_like(z)
                 block = torch.as_tensor(p, dtype=z.dtype, device=z.device)
                 full[rows] = block.reshape(-1, z.shape[1])
-                return view.vector(fn.hessian(view.state(x)).mv(full))
+                product = view.vector(fn.hessian(view.state(x)).mv(full))
+                return _finite(product, x) if checked else product
 
             kwargs["hessp"] = hessp
         if method in _HESS:
-            kwargs["hess"] = lambda x: view.blocks(fn.hessian(view.state(x)).dense())
+            kwargs["hess"] = lambda x: _finite(view.blocks(fn.hessian(view.state(x)).dense()), x)
         bounds = fn.bounds(z)
         if bounds is not None:
             kwargs["bounds"] = scipy.optimize.Bounds(view.vector(bounds[0]), view.vector(bounds[1]))
@@ -120,6 +130,10 @@ class ScipyMinimize(ScipyBase):
                 result = scipy.optimize.minimize(fun, x0, method=method, options=options, **kwargs)
             except scipy.optimize.OptimizeWarning as warning:
                 raise TypeError(f"ScipyMinimize(method={method!r}): {warning}") from None
+            except _NonFinite as stop:
+                verdict = "stopped: the gradient or Hessian is not finite"
+                # (Its iterations unknown, the evaluations bound them.)
+                return view.state(stop.x), evaluations[0], verdict
         verdict = f"success={bool(result.success)}: {sentence(result.message)}"
         return view.state(result.x), int(result.get("nit", result.get("nfev", 0))), verdict
 
@@ -150,3 +164,18 @@ def _defaults(method: str, max_iter: int, tol: float, threshold: float, n: int) 
     options = {} if method == "TNC" else {"maxiter": max_iter}
     options.update(table[method])
     return options
+
+
+class _NonFinite(Exception):
+    """Raised through scipy to stop a run at ``x``, where a derivative is not finite."""
+
+    def __init__(self, x: np.ndarray):
+        super().__init__("a non-finite gradient or Hessian")
+        self.x = np.array(x, copy=True)
+
+
+def _finite(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``values``, or a stop at ``x`` where one of them is not finite."""
+    if not np.isfinite(values).all():
+        raise _NonFinite(x)
+    return values

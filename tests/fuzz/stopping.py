@@ -88,8 +88,7 @@ def _optimality(inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
     _, grad = _value_and_grad(inst, z, batch)
     flat_z = z.reshape(batch, -1)
     residual = flat_z - torch.clamp(flat_z - grad, lower, upper)
-    norm = torch.linalg.vector_norm(residual.double(), dim=1).numpy()
-    return norm, values0.abs().double().numpy()
+    return row_norms(residual.double().numpy()), values0.abs().double().numpy()
 
 
 def _value_and_grad(inst: families.Instance, z: torch.Tensor, batch: int):
@@ -136,7 +135,17 @@ def flat_torch(state, batched: bool) -> torch.Tensor:
 
 
 def norms(state, batched: bool) -> np.ndarray:
-    return np.linalg.norm(flat_torch(state, batched).double().numpy(), axis=1)
+    return row_norms(flat_torch(state, batched).double().numpy())
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """The 2-norm of each row, without the overflow of squaring entries above 1e154: a
+    norm the library computes as finite must not come out infinite here."""
+    with np.errstate(all="ignore"):
+        top = np.abs(rows).max(axis=1, initial=0.0)
+        safe = np.where(np.isfinite(top) & (top > 0), top, 1.0)
+        scaled = safe * np.linalg.norm(rows / safe[:, None], axis=1)
+    return np.where(np.isnan(top), np.nan, np.where(np.isinf(top), np.inf, scaled))
 
 
 def _sub(a, b):

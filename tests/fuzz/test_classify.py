@@ -92,9 +92,10 @@ def _near_root(inst: families.Instance, ratio: float, test_scale: torch.Tensor) 
 def _fixed_point_scale(inst: families.Instance) -> torch.Tensor:
     """``1 + max(‖z0‖, ‖f(z0)‖)`` per problem (the documented scale of ``fixed_point``)."""
     f0 = inst.fn(inst.z0, *inst.args).detach()
-    norm = lambda s: torch.linalg.vector_norm(
-        torch.from_numpy(families.flat(s, inst.batched)), dim=1
-    )  # noqa: E731
+
+    def norm(state):
+        return torch.linalg.vector_norm(torch.from_numpy(families.flat(state, inst.batched)), dim=1)
+
     return 1 + torch.maximum(norm(inst.z0), norm(f0))
 
 

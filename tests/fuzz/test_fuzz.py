@@ -22,40 +22,15 @@ LOOSE_TEST = (
     "minimize/least_squares scale tol by 1 + |fun(z0)|: from a start where the objective is "
     "large the test accepts a gradient far from zero (status converged, wrong z and gradient)"
 )
-NAN_HESSIAN = (
-    "a non-finite Hessian (NaN from torch's own second derivative, or at a NaN iterate) "
-    "reaches torch.linalg.eigh in the curvature test or ModifiedNewton: LinAlgError, no status"
-)
-SCIPY_NONFINITE = (
-    "ScipyMinimize hands a non-finite objective, gradient or Hessian to scipy's trust-region "
-    "methods, which raise numpy's ValueError instead of a 'nonfinite' status"
-)
 
 #: case id → the bug it trips over.
 KNOWN_BUGS: dict[str, str] = {
-    "opt_nonfinite:8:newton_min:cg:minimize:small": NAN_HESSIAN,
     "opt_nonfinite:12:newton_min_cg:auto:minimize:small": LOOSE_TEST,
     "opt_nonfinite:15:newton_min_cg:gmres:minimize:small": LOOSE_TEST,
-    "opt_nonfinite:32:scipy_min_CG:cg:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:55:scipy_min_TNC:dense:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:66:scipy_min_COBYQA:auto:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:72:scipy_min_SLSQP:auto:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:78:scipy_min_trust-constr:auto:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:84:scipy_min_dogleg:auto:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:85:scipy_min_dogleg:dense:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:87:scipy_min_dogleg:gmres:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:94:scipy_min_trust-ncg:bicgstab:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:97:scipy_min_trust-exact:dense:minimize:small": SCIPY_NONFINITE,
     "opt_nonfinite:98:scipy_min_trust-exact:cg:minimize:small": LOOSE_TEST,
-    "opt_nonfinite:99:scipy_min_trust-exact:gmres:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:100:scipy_min_trust-exact:bicgstab:minimize:small": SCIPY_NONFINITE,
-    "opt_nonfinite:102:scipy_min_trust-krylov:auto:minimize:small": NAN_HESSIAN,
-    "opt_nonfinite:103:scipy_min_trust-krylov:dense:minimize:small": NAN_HESSIAN,
     "opt_nonfinite:104:scipy_min_trust-krylov:cg:minimize:small": LOOSE_TEST,
     "opt_illcond:1002:newton_min_cg:gmres:minimize:jvp:small": LOOSE_TEST,
     "opt_illcond:1002:scipy_min_trust-ncg:bicgstab:minimize:hvp:small": LOOSE_TEST,
-    "opt_nonfinite:1000:scipy_min_trust-krylov:gmres:minimize:jvp:small": NAN_HESSIAN,
-    "opt_nonfinite:1000:scipy_min_BFGS:cg:minimize:hvp:small": NAN_HESSIAN,
 }
 
 CASES = matrix.fast_sample()
