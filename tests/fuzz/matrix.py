@@ -229,17 +229,37 @@ def large_run(count: int, offset: int = 0, suite: str = "root") -> list[Case]:
 FAST_HIGHER_ORDER = 3
 
 
+#: Families whose solver × backward combinations are the same, shared out among them in
+#: the fast sample (each combination on one of them, in turn): the sample's time.
+SHARED = (
+    ("opt_quadratic", "opt_illcond", "opt_nonconvex", "opt_nonfinite"),
+    ("lsq_random", "lsq_curve"),
+)
+
+
+def _group(family: str) -> tuple[str, ...]:
+    return next((group for group in SHARED if family in group), (family,))
+
+
 def fast_sample() -> list[Case]:
     """Every family × solver × backward that makes sense, once, with small problems
-    (the doors of each (solver, backward) pair in turn), then per family
-    ``FAST_HIGHER_ORDER`` forward-mode and as many second-order cases, their backward
-    modes different where the family has enough."""
+    (the doors of each (solver, backward) pair in turn; the families of a ``SHARED``
+    group take their common pairs in turn), then per family ``FAST_HIGHER_ORDER``
+    forward-mode and as many second-order cases, their backward modes different where
+    the family has enough."""
     cases = []
     for family in FAMILY_NAMES:
+        group = _group(family)
         pairs: dict[tuple[str, str], list[str]] = {}
         for solver, backward, door in combinations(family):
             pairs.setdefault((solver, backward), []).append(door)
+        solvers_ = list(dict.fromkeys(solver for solver, _ in pairs))
+        backwards = list(dict.fromkeys(backward for _, backward in pairs))
         for seed, ((solver, backward), doors) in enumerate(pairs.items()):
+            # A Latin square: every solver and every backward mode meet every member.
+            turn = solvers_.index(solver) + backwards.index(backward)
+            if group[turn % len(group)] != family:
+                continue
             cases.append(Case(family, seed, solver, backward, doors[seed % len(doors)], small=True))
     for family in FAMILY_NAMES:
         for derivative in DERIVATIVES[1:]:

@@ -11,6 +11,7 @@ import classify
 import families
 import numpy as np
 import pytest
+import stopping
 import torch
 from matrix import Case
 
@@ -357,3 +358,14 @@ def test_every_derivative_of_a_bounded_minimum(derivative):
     case = Case("opt_bounded", inst.seed, "newton_min", "dense", "minimize", True, derivative)
     result = _run(inst, case)
     assert result.outcome == "OK" and result.grad_error < 1e-8, result
+
+
+def test_the_recomputed_norms_do_not_overflow_where_the_library_s_do_not():
+    rows = np.array([[3e300, 4e300], [3.0, 4.0], [0.0, 0.0], [np.inf, 1.0], [np.nan, 1.0]])
+    norms = stopping.row_norms(rows)
+    assert norms[:3] == pytest.approx([5e300, 5.0, 0.0], rel=1e-15)
+    assert norms[3] == np.inf and np.isnan(norms[4])
+    # f(z0) = 2.6e300 (one unknown): a scale the library's test computes as finite, so a
+    # huge residual far below tol·(1 + scale) honestly passes it.
+    case = Case.parse("exp_overflow:42:scipy_hybr:neumann:fixed_point")
+    assert classify.run_with_alarm(case, 20).outcome != "FALSE-CONVERGENCE"

@@ -25,9 +25,6 @@ LOOSE_TEST = (
 
 #: case id → the bug it trips over.
 KNOWN_BUGS: dict[str, str] = {
-    "opt_nonfinite:12:newton_min_cg:auto:minimize:small": LOOSE_TEST,
-    "opt_nonfinite:15:newton_min_cg:gmres:minimize:small": LOOSE_TEST,
-    "opt_nonfinite:98:scipy_min_trust-exact:cg:minimize:small": LOOSE_TEST,
     "opt_nonfinite:104:scipy_min_trust-krylov:cg:minimize:small": LOOSE_TEST,
     "opt_illcond:1002:newton_min_cg:gmres:minimize:jvp:small": LOOSE_TEST,
     "opt_illcond:1002:scipy_min_trust-ncg:bicgstab:minimize:hvp:small": LOOSE_TEST,
@@ -57,12 +54,19 @@ def test_the_known_bugs_are_cases_of_the_sample():
 
 
 def test_the_sample_covers_every_combination():
-    seen = {(c.family, c.solver, c.backward) for c in CASES}
+    # Each family's combinations, on the family or (SHARED) on one of its group.
+    group = {family: matrix._group(family) for family in families.FAMILIES}
+    seen = {(g, c.solver, c.backward) for c in CASES for g in group[c.family]}
     doors = {(c.family, c.door) for c in CASES}
     for family in families.FAMILIES:
+        assert all(matrix.combinations(member) == matrix.combinations(family)
+                   for member in group[family])  # fmt: skip
+        own = {(c.solver, c.backward) for c in CASES if c.family == family}
         for solver, backward, door in matrix.combinations(family):
             assert (family, solver, backward) in seen
             assert (family, door) in doors
+            # Every solver and every backward mode on every family itself.
+            assert any(s == solver for s, _ in own) and any(b == backward for _, b in own)
     assert {c.solver for c in CASES} == {*matrix.SOLVERS, matrix.BLACKBOX}
     assert {c.backward for c in CASES} == set(matrix.BACKWARDS)
     assert {c.door for c in CASES} == set(matrix.DOORS)

@@ -238,3 +238,27 @@ def test_an_infinite_iterate_never_passes_the_test(front_door, solver):
     with pytest.warns(implicit.ConvergenceWarning, match="'nonfinite'"):
         _, info = front_door(function, z0, solver=solver, return_info=True)
     assert info.status == "nonfinite" and not bool(info.converged)
+
+
+def _nan_hessian_at_the_minimum(z):
+    # logaddexp(z, -z) = log(2 cosh z): PyTorch's second derivative of it is NaN for
+    # |z| above a few hundred, its gradient exact (tanh z + z − 500 vanishes at 499).
+    return (torch.logaddexp(z, -z) + 0.5 * (z - 500) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("solver", ["newton", ModifiedNewton(), "scipy"])
+def test_a_nan_hessian_where_the_gradient_test_passes_is_reported_not_converged(solver):
+    z0 = torch.tensor([[499.5, 499.7]], dtype=torch.float64)
+    z, info = implicit.minimize(
+        _nan_hessian_at_the_minimum, z0, solver=solver, batched=True, return_info=True,
+        on_failure="ignore",
+    )  # fmt: skip
+    # The gradient test passed (z is the minimum), but neither the second-order test
+    # nor the backward can use the Hessian: status nonfinite, with the reason.
+    assert torch.allclose(z, torch.full_like(z, 499.0), atol=1e-6)
+    assert info.status == "nonfinite" and not bool(info.converged.any())
+    assert "Hessian is not finite" in info.message
+    with pytest.raises(implicit.ConvergenceError, match="Hessian is not finite"):
+        implicit.minimize(
+            _nan_hessian_at_the_minimum, z0, solver=solver, batched=True, on_failure="raise"
+        )

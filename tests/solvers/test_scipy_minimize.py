@@ -102,3 +102,18 @@ def test_options_are_checked():
         )
     with pytest.raises(ValueError, match="strategy must be"):
         ScipyMinimize(strategy="joint")
+
+
+@pytest.mark.parametrize("method", ["dogleg", "trust-exact", "trust-ncg", "trust-krylov"])
+def test_trust_region_methods_stop_at_a_non_finite_hessian(method):
+    # PyTorch's second derivative of logaddexp(z, -z) is NaN at |z| = 400 (the value and
+    # gradient are exact): scipy.linalg would raise numpy's ValueError on it.
+    def fun(z):
+        return (torch.logaddexp(z, -z) - 0.5 * z).sum(-1)
+
+    z0 = torch.full((1, 3), 400.0, dtype=torch.float64)
+    _, info = implicit.minimize(
+        fun, z0, solver=ScipyMinimize(method), batched=True, return_info=True,
+        on_failure="ignore",
+    )  # fmt: skip
+    assert info.status == "failed" and "not finite" in info.message
