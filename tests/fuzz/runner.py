@@ -2,9 +2,10 @@
 
 Each worker classifies one case at a time under an in-process alarm
 (:func:`classify.run_with_alarm`), which turns a hang in Python code into ``HANG``
-and says where it was stuck. A worker that does not answer ``grace`` seconds after
-that (stuck in native code, or dead) is killed and replaced, and its case counted as
-``HANG`` (or ``CRASH`` when the process died).
+and says where it was stuck; the worker is then replaced, as the interrupted case may
+have left state behind (a torch function mode on its stack). A worker that does not
+answer ``grace`` seconds after that (stuck in native code, or dead) is killed and
+replaced, and its case counted as ``HANG`` (or ``CRASH`` when the process died).
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def run(
                         result = _lost(slot.case, "CRASH", "the worker process died")
                         slot.restart()
                     slot.case = None
+                    if result["outcome"] == "HANG":
+                        # The alarm stopped the case anywhere, e.g. inside a torch function
+                        # mode, whose stack it leaves behind: the next case needs a fresh
+                        # process.
+                        slot.restart()
                     yield result
                 elif time.monotonic() - slot.started > timeout + grace:
                     case = slot.case

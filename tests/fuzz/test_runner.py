@@ -46,3 +46,23 @@ def test_two_workers_share_the_cases():
     )
     assert sorted(r["case"] for r in results) == sorted(cases)
     assert [r["outcome"] for r in results if r["case"] == "hang"] == ["HANG"]
+
+
+def pid_worker(conn, timeout: float) -> None:
+    """Answers each case with its process id; ``alarm:*`` as a case its alarm stopped."""
+    while True:
+        try:
+            case = conn.recv()
+        except EOFError:
+            return
+        if case is None:
+            return
+        outcome = "HANG" if case.startswith("alarm") else "OK"
+        conn.send({"case": case, "outcome": outcome, "reason": str(os.getpid())})
+
+
+def test_a_worker_whose_alarm_stopped_a_case_is_replaced():
+    cases = ["ok:1", "ok:2", "alarm:3", "ok:4"]
+    results = list(runner.run(cases, workers=1, timeout=5, target=pid_worker, preload=()))
+    pid = {r["case"]: r["reason"] for r in results}
+    assert pid["ok:1"] == pid["ok:2"] == pid["alarm:3"] != pid["ok:4"]
