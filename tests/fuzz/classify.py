@@ -119,13 +119,19 @@ def run(case: matrix.Case, *, solver=None, backward=None, instance=None) -> Resu
 def run_with_alarm(case: matrix.Case, seconds: float, **overrides) -> Result:
     """:func:`run` under a SIGALRM time limit (Linux): a hang becomes ``HANG``."""
 
+    fired = []
+
     def alarm(signum, frame):
+        fired.append(True)
         raise Timeout
 
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return run(case, **overrides)
+        result = run(case, **overrides)
+        if fired:  # the Timeout surfaced as another error (e.g. torch's mode stack's)
+            raise Timeout
+        return result
     except Timeout as stop:
         frames = [
             f for f in traceback.extract_tb(stop.__traceback__) if f.filename.startswith(_PACKAGE)

@@ -57,6 +57,20 @@ class Stuck(Solver):
             pass
 
 
+class StuckInAMode(Solver):
+    """Stuck where the alarm's exception turns into another one (as in a torch function
+    mode's exit, which reports an empty mode stack instead)."""
+
+    name = "stuck_in_a_mode"
+
+    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
+        try:
+            while True:
+                pass
+        except BaseException:
+            raise RuntimeError("trying to pop from empty mode stack") from None
+
+
 class Explodes(Solver):
     name = "explodes"
 
@@ -212,6 +226,12 @@ def test_a_missing_graph_is_false_convergence():
 def test_a_hang_is_counted():
     result = classify.run_with_alarm(CASE, 0.5, instance=_instance("linear_spd"), solver=Stuck())
     assert result.outcome == "HANG" and "no answer" in result.reason
+
+
+def test_a_hang_whose_interruption_surfaces_as_another_error_is_a_hang():
+    inst = _instance("linear_spd")
+    result = classify.run_with_alarm(CASE, 0.5, instance=inst, solver=StuckInAMode())
+    assert result.outcome == "HANG", result
 
 
 def test_exceptions_are_crashes_unless_a_clear_refusal_is_allowed():
