@@ -40,7 +40,8 @@ class OptimizationProblem(Problem):
         batched: whether dim 0 of the state indexes independent problems.
         least_squares: whether ``fun`` is a residual vector whose ``½‖·‖²`` is minimised.
         bounds: ``(lower, upper)`` as flat ``(B, n)`` tensors, or ``None``.
-        tol_mode: ``"relative"`` (default: the test is scaled by ``|fun(z0)|``) or
+        tol_mode: ``"relative"`` (default: the test is scaled by
+            ``min(|fun(z0)|, |fun(z)|)``) or
             ``"absolute"``.
     """
 
@@ -127,8 +128,9 @@ class OptimizationProblem(Problem):
         raise ValueError(f"unknown per-row function {name!r}")
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        """``|fun(z0)|``: a problem has converged when ``‖g(z)‖₂ ≤ tol · (1 + |fun(z0)|)``
-        (0 with ``tol_mode="absolute"``)."""
+        """``|fun(z0)|``, the scale of the stopping test at the start (0 with
+        ``tol_mode="absolute"``); a minimiser tests ``‖g(z)‖₂ ≤ tol · (1 + s)`` with ``s``
+        the smaller of it and ``|fun(z)|``."""
         if not self.relative:
             return super().scale(z0, r0, *inputs)
         return self.per_row("value_and_grad", z0, *inputs)[:, 0].abs()

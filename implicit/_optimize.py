@@ -73,8 +73,8 @@ def minimize(
         tol: the stopping tolerance, a number or a tensor of one per problem: problem
             ``b`` has converged when ``‖g(z)_b‖₂ ≤ tol_b · (1 + s_b)``, with ``g = ∇fun``
             (``z − clip(z − ∇fun, l, u)`` with bounds).
-        tol_mode: ``"relative"`` (default): ``s = |fun(z0)_b|``, with ``z0`` clipped
-            into the bounds; ``"absolute"``: ``s = 0``.
+        tol_mode: ``"relative"`` (default): ``s = min(|fun(z0)_b|, |fun(z)_b|)``, with
+            ``z0`` clipped into the bounds; ``"absolute"``: ``s = 0``.
         max_iter: the cap on iterations; every evaluation of ``fun`` along a line
             search counts as one.
         batched: dim 0 of ``z`` indexes independent problems.

@@ -6,9 +6,10 @@ on a flat batch ``(B, n)``: each row its own problem, with its own line search o
 damping, its own history and its own stop. A method implements ``init`` and ``step``;
 [`Minimizer.solve`][implicit.solvers.Minimizer.solve] owns the rest:
 
-* the stopping test ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)``, with ``g`` the gradient
-  (the projected gradient ``z − clip(z − ∇fun, l, u)`` under bounds), recomputed at
-  every iterate;
+* the stopping test ``‖g(z)_b‖₂ ≤ tol · (1 + min(|fun(z0)_b|, |fun(z)_b|))``, with
+  ``g`` the gradient (the projected gradient ``z − clip(z − ∇fun, l, u)`` under
+  bounds), recomputed at every iterate (the smaller scale, so that a start where the
+  objective is huge does not loosen the test at every point after it);
 * the second-order test where the first-order one passes: a row whose Hessian has a
   clearly negative eigenvalue there (a saddle or a maximum) is not converged; it
   leaves along that eigenvector with a backtracking search for a decrease of the
@@ -98,7 +99,9 @@ class Minimizer(Solver):
                 f"{type(self).__name__}'s line search and curvature test are not "
                 f"differentiable: use an implicit backward ('auto', 'dense', 'cg', ...)"
             )
-        threshold = thresholds(tol, fn.scale_of_value(f))
+        # The scale is the smaller of |fun| at the start and at the point tested: a start
+        # where the objective is huge must not loosen the test everywhere after it.
+        initial_scale = fn.scale_of_value(f)
         norms = residual_norms(fn, z, grad)
         codes = torch.full_like(f, MAX_ITER, dtype=torch.long)
         codes = torch.where(torch.isfinite(f) & torch.isfinite(norms), codes, NONFINITE)
@@ -111,6 +114,7 @@ class Minimizer(Solver):
         notes: list[str] = []
         k = 0
         while True:
+            threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
             passed = running & (norms <= threshold)
             running, pending = running & ~passed, pending | passed
             at_end = k >= max_iter
@@ -144,6 +148,7 @@ class Minimizer(Solver):
             k += 1
             iterations = torch.where(running, k, iterations)
             norms = torch.where(running, residual_norms(fn, z, grad), norms)
+            threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
             failed = running & failed & (norms > threshold)
             if bool(failed.any()):
                 codes = torch.where(failed, FAILED, codes)

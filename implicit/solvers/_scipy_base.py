@@ -4,8 +4,9 @@ The solve runs in numpy inside the differentiable core's forward and only finds 
 the derivatives come from the implicit backward as for every solver. The objective, its
 gradient and Hessian products (and the residual vector and its Jacobian) are evaluated
 by torch on the problem's device. Whatever scipy reports, the front door's test
-decides: a problem has converged when ``‖g(z)_b‖₂ ≤ tol · (1 + |fun(z0)_b|)`` (``g`` the
-gradient, projected with bounds), else its status is ``"failed"``; and a converged
+decides: a problem has converged when
+``‖g(z)_b‖₂ ≤ tol · (1 + min(|fun(z0)_b|, |fun(z)_b|))`` (``g`` the gradient, projected
+with bounds), else its status is ``"failed"``; and a converged
 problem must pass the second-order test of [`Minimizer`][implicit.solvers.Minimizer] (a
 saddle is left once and scipy run again from there). A front door's ``callback`` is
 called once, at the end: scipy's own callbacks give no gradient, which the residual of
@@ -79,15 +80,21 @@ class ScipyBase(Minimizer):
             raise ValueError(
                 f"bounds: method {self.method!r} takes no bounds; use one of {self._with_bounds()}"
             )
-        threshold = thresholds(tol, fn.scale_of_value(f))
+        initial_scale = fn.scale_of_value(f)
+        # scipy's own gradient test aims at the threshold of scale 0, which implies the
+        # front door's test whatever |fun| is where scipy stops.
+        aim = thresholds(tol, torch.zeros_like(initial_scale))
         verdicts: list[str] = []
         iterations = torch.zeros_like(f, dtype=torch.long)
         rows = torch.ones_like(f, dtype=torch.bool)
         for attempt in range(2):  # a second run for the problems that left a saddle
-            z, its = self._run_all(fn, z, rows, threshold, tol, max_iter, verdicts)
+            z, its = self._run_all(fn, z, rows, aim, tol, max_iter, verdicts)
             iterations += its
             f, grad = fn.value_and_grad(z)
             norms = residual_norms(fn, z, grad)
+            # The scale of the test at the answer: the smaller of |fun| there and at the
+            # start (as the library's own minimisers).
+            threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
             passed = norms <= threshold
             saddle, leave, strict = self._saddles(fn, z, grad, passed)
             if attempt == 1 or not bool(saddle.any()):

@@ -51,7 +51,9 @@ class ScipyMinimize(ScipyBase):
     that take them (``L-BFGS-B``, ``TNC``, ``SLSQP``, ``trust-constr``, ``Powell``,
     ``Nelder-Mead``, ``COBYLA``, ``COBYQA``); another method with bounds raises.
     Defaults derived from ``tol`` and ``max_iter`` (``maxiter``, or ``maxfun`` for
-    TNC; a gradient tolerance ``gtol`` such that scipy's test implies ours where the
+    TNC; for Nelder-Mead, Powell and COBYQA, whose iterations may each evaluate ``fun``
+    dozens of times, also ``maxfev = max_iter·(n + 1)``, so that ``max_iter`` bounds
+    the cost; a gradient tolerance ``gtol`` such that scipy's test implies ours where the
     method has one; step tolerances ``tol`` for the derivative-free methods) are
     overridden by ``options``; an option scipy does not know raises.
 
@@ -162,6 +164,8 @@ def _defaults(method: str, max_iter: int, tol: float, threshold: float, n: int) 
         "COBYQA": {"final_tr_radius": tol},
     }
     options = {} if method == "TNC" else {"maxiter": max_iter}
+    if method in ("Nelder-Mead", "Powell", "COBYQA"):
+        options["maxfev"] = max_iter * (n + 1)
     options.update(table[method])
     return options
 

@@ -281,7 +281,8 @@ DERIVATIVE_FREE_FEV = ("Nelder-Mead", "Powell", "COBYQA")
 def make_solver(case: Case, inst: families.Instance) -> solvers.Solver | str | None:
     """The case's solver. In the fast sample, scipy's derivative-free methods get the
     evaluation cap ``maxfev = max_iter`` (their default caps iterations, each of which
-    may evaluate ``fun`` dozens of times); the large run keeps scipy's defaults."""
+    may evaluate ``fun`` dozens of times); the large run keeps the library's defaults
+    (``maxfev = max_iter·(n + 1)``)."""
     if case.solver == BLACKBOX:
         return None
     method = case.solver.removeprefix("scipy_min_")

@@ -11,7 +11,8 @@ at the initial guess:
   bracketing solver ``|g(lower)|``;
 * ``invert`` (default relative): ``g = f(z) − y``, ``s = ‖y‖``;
 * ``minimize`` (default relative): ``g = ∇f``, with bounds the projected gradient
-  ``z − clip(z − ∇f, l, u)``, ``s = |f(z0)|`` with ``z0`` clipped into the bounds;
+  ``z − clip(z − ∇f, l, u)``, ``s = min(|f(z0)|, |f(z)|)`` with ``z0`` clipped into
+  the bounds;
 * ``least_squares`` (default relative): the same with ``f = ½‖r‖²``.
 
 Residuals are recomputed with the user's function in the problem's dtype (what the
@@ -85,10 +86,11 @@ def _optimality(inst: families.Instance, z) -> tuple[np.ndarray, np.ndarray]:
     )  # fmt: skip
     z0 = torch.clamp(inst.z0.detach().reshape(batch, -1), lower, upper).reshape(inst.z0.shape)
     values0, _ = _value_and_grad(inst, z0, batch)
-    _, grad = _value_and_grad(inst, z, batch)
+    values, grad = _value_and_grad(inst, z, batch)
     flat_z = z.reshape(batch, -1)
     residual = flat_z - torch.clamp(flat_z - grad, lower, upper)
-    return row_norms(residual.double().numpy()), values0.abs().double().numpy()
+    scale = torch.minimum(values0.abs(), values.abs())
+    return row_norms(residual.double().numpy()), scale.double().numpy()
 
 
 def _value_and_grad(inst: families.Instance, z: torch.Tensor, batch: int):

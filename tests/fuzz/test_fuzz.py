@@ -1,10 +1,6 @@
 """The fast sample of the fuzz: every family × solver × backward mode that makes sense,
 once, on small problems, and forward-mode and second-order cases of every family, each
-under an alarm so that a hang fails instead of hanging.
-
-Cases that fail because of a known library bug are marked ``xfail(strict=True)``: when
-the bug is fixed they pass, the strict mark fails the run, and the mark is removed.
-The large run is ``benchmarks/fuzz.py``.
+under an alarm so that a hang fails instead of hanging. The large run is ``benchmarks/fuzz.py``.
 """
 
 from __future__ import annotations
@@ -17,40 +13,16 @@ import pytest
 #: Seconds one case may take: four times the slowest legitimate case on a busy core.
 CASE_SECONDS = 10.0
 
-# The known library bugs that cases of the sample trip over.
-LOOSE_TEST = (
-    "minimize/least_squares scale tol by 1 + |fun(z0)|: from a start where the objective is "
-    "large the test accepts a gradient far from zero (status converged, wrong z and gradient)"
-)
-
-#: case id → the bug it trips over.
-KNOWN_BUGS: dict[str, str] = {
-    "opt_nonfinite:104:scipy_min_trust-krylov:cg:minimize:small": LOOSE_TEST,
-    "opt_illcond:1002:newton_min_cg:gmres:minimize:jvp:small": LOOSE_TEST,
-    "opt_illcond:1002:scipy_min_trust-ncg:bicgstab:minimize:hvp:small": LOOSE_TEST,
-}
-
 CASES = matrix.fast_sample()
 
 
-def _param(case: matrix.Case):
-    marks = ()
-    if case.id in KNOWN_BUGS:
-        marks = pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case.id])
-    return pytest.param(case, id=case.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_fast_sample(case):
     result = classify.run_with_alarm(case, CASE_SECONDS)
     assert result.outcome in classify.OK_OUTCOMES, (
         f"{result.outcome}: {result.reason} [{result.note}]; reproduce with "
         f"python benchmarks/fuzz.py --case {case.id}"
     )
-
-
-def test_the_known_bugs_are_cases_of_the_sample():
-    assert set(KNOWN_BUGS) <= {case.id for case in CASES}
 
 
 def test_the_sample_covers_every_combination():

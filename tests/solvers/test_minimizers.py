@@ -262,3 +262,20 @@ def test_a_nan_hessian_where_the_gradient_test_passes_is_reported_not_converged(
         implicit.minimize(
             _nan_hessian_at_the_minimum, z0, solver=solver, batched=True, on_failure="raise"
         )
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs", "scipy"])
+def test_a_huge_objective_at_the_start_does_not_loosen_the_test_near_the_minimum(solver):
+    # fun(z0) ~ 1.6e12: scaled by |fun(z0)| alone, tol 1e-6 accepted ‖∇fun‖ ~ 1e6 (z = 13).
+    z, info = implicit.minimize(
+        lambda z: (torch.exp(z) - 2 * z).sum(),
+        torch.full((3,), 27.0, dtype=torch.float64),
+        solver=solver,
+        max_iter=200,
+        on_failure="ignore",
+        return_info=True,
+    )
+    gradient = torch.exp(z) - 2
+    scale = min(3 * (math.exp(27.0) - 54), float((torch.exp(z) - 2 * z).sum()))
+    assert info.status == "converged" and gradient.norm() <= 1e-6 * (1 + scale)
+    torch.testing.assert_close(z, torch.full_like(z, math.log(2.0)), rtol=0, atol=1e-6)
