@@ -222,3 +222,29 @@ class TestTransforms:
         tangent = 1j * randn(N, seed=9)
         _, dz = torch.func.jvp(solve, (B,), (tangent,))
         assert rel_err(dz, torch.linalg.solve(A, tangent)) <= 1e-12
+
+    def test_vmap_of_grad_and_hessian_of_a_real_parameter(self):
+        def solve(b):
+            return implicit.root_solve(lambda z, b: A @ z - b, torch.zeros(N, dtype=C), b, **TIGHT)
+
+        many = randn(4, N, seed=10)
+        grads = torch.func.vmap(torch.func.grad(lambda b: solve(b).abs().pow(2).sum()))(many)
+        reference = lambda b: torch.linalg.solve(A, b).abs().pow(2).sum()  # noqa: E731
+        assert rel_err(grads, torch.func.vmap(torch.func.grad(reference))(many)) <= 1e-12
+
+        def g(z, r):  # holomorphic in z: Newton's derivative is A + 0.3 diag(z²)
+            return A @ z + 0.1 * z**3 - r * (1 + 1j)
+
+        def loss(r):
+            z = implicit.root_solve(g, torch.zeros(N, dtype=C), r, **TIGHT)
+            return z.abs().pow(2).sum()
+
+        def unrolled_newton(r):
+            z = torch.zeros(N, dtype=C)
+            for _ in range(60):
+                z = z - torch.linalg.solve(A + 0.3 * torch.diag(z**2), g(z, r))
+            return z.abs().pow(2).sum()
+
+        r = randn(N, seed=11, dtype=torch.float64)
+        hessian = torch.func.hessian(loss)(r)
+        assert rel_err(hessian, torch.func.hessian(unrolled_newton)(r)) <= 1e-10
