@@ -56,7 +56,8 @@ def minimize(
             be complex); with ``batched=True`` a ``(B,)`` tensor whose entry ``b``
             depends only on problem ``b`` (row ``b`` of every leaf of ``z``).
         z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
-            tensors. Receives no gradient. Clipped into the bounds first.
+            tensors, real or complex ([complex numbers][complex-states]). Receives no
+            gradient. Clipped into the bounds first.
         *args: extra arguments of ``fun``; tensors among them receive gradients (so
             do tensors ``fun`` captures).
         solver: ``"lbfgs"`` (default), ``"newton"``, ``"scipy"`` (with ``method=`` any
