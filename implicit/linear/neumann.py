@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from implicit._batch import all_running, check_interval, known_all, row_selector
+from implicit._batch import all_running, check_interval, host_thresholds, known_all, row_selector
 from implicit._checks import check_number
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE, STAGNATED
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
@@ -99,6 +99,7 @@ class Neumann(IterativeSolver):
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
         every = known_all(active, check_every)
+        limit = host_thresholds(target) if every else target
         while iterations < max_iter:
             if not every and iterations % check_every == 0 and not bool(active.any()):
                 break
@@ -133,7 +134,7 @@ class Neumann(IterativeSolver):
                 stopping = [mask for mask, _ in stops]
                 if not (
                     stopping and bool(functools.reduce(torch.logical_or, stopping).any())
-                ) and all_running(size, target, size.max()):
+                ) and all_running(size, limit) is not None:
                     x, r = x_new, r_new
                     if shifted:
                         q = q_new

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import all_running, cheap_host_reads, row_selector, traced, working_dtype
+from implicit._batch import (
+    all_running,
+    cheap_host_reads,
+    host_thresholds,
+    row_selector,
+    traced,
+    working_dtype,
+)
 from implicit._batch import norms as norms_of
 from implicit._checks import check_number
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
@@ -137,6 +144,7 @@ class Solver(abc.ABC):
         # While the host knows that every problem runs (it checks every iteration), an
         # iteration needs none of the per-problem bookkeeping: the common case.
         running_all = check_every == 1 and bool(running.all())
+        limit = host_thresholds(threshold) if running_all else threshold
         k = 0
         for k in range(max_iter):
             # On the fast path every problem runs (the batch is never empty).
@@ -147,8 +155,8 @@ class Solver(abc.ABC):
             if running_all:
                 # Ending or blowing up both leave this fast path. (No problem ends on it,
                 # so its iterates' finiteness is left to the paths where they can.)
-                worst = new_norms.max()
-                running_all = all_running(new_norms, threshold, worst)
+                worst = all_running(new_norms, limit)
+                running_all = worst is not None
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
@@ -183,7 +191,7 @@ class Solver(abc.ABC):
             residual=norms.detach(),
             iterations=int(iterations.max()),
             f_evals=fn.f_evals,
-            history=torch.stack(history).detach().tolist(),
+            history=_on_host(history),
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,
@@ -192,6 +200,14 @@ class Solver(abc.ABC):
             status_codes=codes,
         )
         return z, info
+
+
+def _on_host(history: list[torch.Tensor | float]) -> list[float]:
+    """The worst residual per iteration as numbers: those the fast path read on the host
+    already, and the others (tensors) read in one go."""
+    tensors = [value for value in history if isinstance(value, torch.Tensor)]
+    read = iter(torch.stack(tensors).detach().tolist())
+    return [next(read) if isinstance(value, torch.Tensor) else value for value in history]
 
 
 class Residual:
