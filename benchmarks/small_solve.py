@@ -43,7 +43,7 @@ import implicit  # noqa: E402
 WIDTH = 8
 KS = (4, 24)
 TOL = 1e-9
-ROUNDS = 5
+ROUNDS = 9
 CALLS = 40
 
 
@@ -61,7 +61,17 @@ BACKWARD = {k: implicit.linear.Neumann(tol=TOL, max_iter=k) for k in KS}
 
 def library_step(W, x, k: int, info: bool = False):
     backward = BACKWARD[k]
-    out = implicit.fixed_point(
+    # The forward alone is an inference call: nothing requires grad, grad mode off.
+    with torch.enable_grad() if W.requires_grad else torch.no_grad():
+        out = _solve(W, x, backward, k, info)
+    z = out[0] if info else out
+    if W.requires_grad:
+        z.square().sum().backward()
+    return out[1] if info else None
+
+
+def _solve(W, x, backward, k: int, info: bool):
+    return implicit.fixed_point(
         lambda z, x: torch.tanh(z @ W.T + x),
         torch.zeros(1, WIDTH),
         x,
@@ -73,10 +83,6 @@ def library_step(W, x, k: int, info: bool = False):
         on_failure="ignore",
         return_info=info,
     )
-    z = out[0] if info else out
-    if W.requires_grad:
-        z.square().sum().backward()
-    return out[1] if info else None
 
 
 def eager_step(W, x, k: int) -> None:
