@@ -103,8 +103,8 @@ def all_running(norms: torch.Tensor, thresholds: torch.Tensor | float) -> float 
     iteration (each residual norm finite and above its threshold); else ``None``. For
     loops that test on the host (:func:`cheap_host_reads`).
 
-    One problem (``thresholds`` then a number, read once before the loop) takes one
-    host read and no operation; a batch takes its maximum and one comparison (an
+    One problem (``thresholds`` then a number, read by the caller once before its
+    loop) takes one host read and no operation; a batch takes its maximum and one comparison (an
     infinite or NaN maximum fails, and NaN fails the comparison)."""
     if isinstance(thresholds, float):
         worst = norms.item()
@@ -113,12 +113,6 @@ def all_running(norms: torch.Tensor, thresholds: torch.Tensor | float) -> float 
         worst = norms.max().item()
         running = bool((norms > thresholds).all())
     return worst if running and math.isfinite(worst) else None
-
-
-def host_thresholds(thresholds: torch.Tensor) -> torch.Tensor | float:
-    """``thresholds`` as :func:`all_running` takes them: a number for one problem (one
-    host read, before the loop), else the ``(B,)`` tensor."""
-    return thresholds.item() if thresholds.shape[0] == 1 else thresholds
 
 
 #: From this many entries per tensor on, copying the selected rows beats ``torch.where``

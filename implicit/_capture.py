@@ -36,13 +36,6 @@ def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def tree_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in nested tuples, lists and dicts, in order."""
-    found: list[torch.Tensor] = []
-    _collect(obj, found)
-    return found
-
-
 def _collect(obj: Any, found: list[torch.Tensor]) -> None:
     # A plain recursion into a list: every torch call of g passes through here while
     # captures are recorded, so no generators.
@@ -112,7 +105,9 @@ class Recorder(_EagerMode):
             if id(tensor) not in made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
-        outputs = [out] if isinstance(out, torch.Tensor) else tree_tensors(out)
+        outputs = [out] if isinstance(out, torch.Tensor) else []
+        if not outputs:
+            _collect(out, outputs)
         for tensor in outputs:
             # Keep outputs alive so that their ids are not recycled for another tensor.
             made.add(id(tensor))

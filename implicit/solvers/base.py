@@ -27,7 +27,6 @@ import torch
 from implicit._batch import (
     all_running,
     cheap_host_reads,
-    host_thresholds,
     row_selector,
     traced,
     working_dtype,
@@ -144,7 +143,8 @@ class Solver(abc.ABC):
         # While the host knows that every problem runs (it checks every iteration), an
         # iteration needs none of the per-problem bookkeeping: the common case.
         running_all = check_every == 1 and bool(running.all())
-        limit = host_thresholds(threshold) if running_all else threshold
+        # One problem: its threshold as a number, read once (see all_running).
+        limit = threshold.item() if running_all and threshold.shape[0] == 1 else threshold
         k = 0
         for k in range(max_iter):
             # On the fast path every problem runs (the batch is never empty).
