@@ -214,7 +214,9 @@ def main() -> None:
         )
     for what in ("", " forward"):
         (a_l, b_l), (a_e, b_e) = fits["library" + what], fits["eager" + what]
-        print(f"  ratio{what or ' step':9s} fixed {a_l / a_e:5.2f}x   per iteration {b_l / b_e:5.2f}x")
+        print(
+            f"  ratio{what or ' step':9s} fixed {a_l / a_e:5.2f}x   per iteration {b_l / b_e:5.2f}x"
+        )
 
 
 def cpu_model() -> str:

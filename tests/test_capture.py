@@ -187,6 +187,28 @@ class TestBranchNotTakenAtZ0:
         )
         assert rel_err(dz, expected.detach()) <= 1e-10
 
+    def test_a_branch_on_a_shape_made_from_values_is_found(self):
+        # No value reaches Python directly: the shape of z[z != 0] does.
+        def f(z, x):
+            if z[z != 0].numel() == 0:
+                return x
+            return torch.tanh(self.W @ z + x)
+
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        z = implicit.fixed_point(f, z0, self.x, tol=1e-12)
+        grad_x, grad_w = torch.autograd.grad((self.c * z).sum(), [self.x, self.W])
+        ref_x, ref_w = self.reference(z)
+        assert rel_err(grad_x, ref_x) <= 1e-10 and rel_err(grad_w, ref_w) <= 1e-10
+
+    def test_no_discovery_at_the_solution_without_a_branch_on_values(self):
+        # Every point reads the same tensors: discovery at z0 found them all.
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        f = lambda z, x: torch.tanh(self.W @ z + x)  # noqa: E731
+        z, info = implicit.fixed_point(f, z0, self.x, tol=1e-12, return_info=True)
+        assert info.f_evals == info.iterations + 1
+        (grad_w,) = torch.autograd.grad((self.c * z).sum(), [self.W])
+        assert rel_err(grad_w, self.reference(z)[1]) <= 1e-10
+
     def test_no_second_evaluation_without_iterations(self):
         # A black box's answer is z0: discovery already ran at the solution.
         z0 = torch.zeros(self.n, dtype=torch.float64)

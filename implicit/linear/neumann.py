@@ -135,9 +135,10 @@ class Neumann(IterativeSolver):
                 reference = size
             if every:
                 stopping = [mask for mask, _ in stops]
-                if not (
-                    stopping and bool(functools.reduce(torch.logical_or, stopping).any())
-                ) and all_running(size, limit) is not None:
+                if (
+                    not (stopping and bool(functools.reduce(torch.logical_or, stopping).any()))
+                    and all_running(size, limit) is not None
+                ):
                     x, r = x_new, r_new
                     if shifted:
                         q = q_new
