@@ -43,7 +43,7 @@ import implicit  # noqa: E402
 WIDTH = 8
 KS = (4, 24)
 TOL = 1e-9
-ROUNDS = 9
+ROUNDS = 21
 CALLS = 40
 
 

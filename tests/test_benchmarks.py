@@ -19,6 +19,7 @@ import deq_step
 import mixed_precision
 import scalar_batch
 import seed_newton
+import small_solve
 import walk
 from _common import Row
 
@@ -213,7 +214,21 @@ def test_the_default_solve_walks_a_bounded_part_of_the_library():
     functions = walk.walk()
     files = {path for path, _, _ in functions}
     # The public fallbacks of torch's private names take a few more calls.
-    limit = 108 if implicit._torch.FALLBACKS else 104
+    limit = 107 if implicit._torch.FALLBACKS else 103
     listing = "\n".join(f"{path}:{line} {name}" for path, line, name in functions)
     assert len(functions) <= limit, f"{len(functions)} functions:\n{listing}"
     assert len(files) <= 16, f"{len(files)} files: {sorted(files)}"
+
+
+def test_the_small_solve_runs_the_iterations_its_fit_assumes():
+    # benchmarks/small_solve.py fits time = a + b·k from two iteration counts: both the
+    # forward and the backward must run exactly k iterations, and the eager loop too.
+    W, x = small_solve.problem(True)
+    for k in small_solve.KS:
+        info = small_solve.library_step(W, x, k, info=True)
+        assert info.iterations == k and info.backward.iterations == k
+        _, passes = small_solve.counts(small_solve.eager_step, W, x, k)
+        assert passes == k + 1  # the step's backward, then one per Neumann term
+    reads, passes = small_solve.counts(small_solve.library_step, W, x, small_solve.KS[0])
+    assert reads > 0 and passes == small_solve.KS[0] + 2  # and the pullback
+    assert small_solve.fit({4: 3.0, 24: 13.0}) == (1.0, 0.5)
