@@ -8,6 +8,7 @@ from conftest import TanhProblem, rel_err
 from torch._dynamo.testing import CompileCounter
 
 import implicit
+from implicit._capture import Recorder
 
 
 def test_compiled_function_gets_the_same_gradients():
@@ -216,3 +217,27 @@ class TestBranchNotTakenAtZ0:
         _, info = implicit.fixed_point(self.f, solved, self.x, tol=1e-8, return_info=True)
         assert info.iterations == 0 and info.f_evals == 1
         assert z0.sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("reads", "g"),
+    [
+        (True, lambda z, w: 2 * w if bool(z.any()) else z),
+        (True, lambda z, w: z * w.sum().item()),
+        (True, lambda z, w: z[z > 0].sum() * w),
+        (True, lambda z, w: z[torch.nonzero(z).flatten()] * w[0]),
+        (True, lambda z, w: torch.where(z > 0)[0].numel() * w),
+        (True, lambda z, w: 2 * w if torch.equal(z, z) else z),
+        (True, lambda z, w: torch.unique(z) * w[0]),
+        (False, lambda z, w: torch.tanh(z @ w.T + 1)),
+        (False, lambda z, w: torch.where(z > 0, z, w[0]) + z[1:].sum() + z.shape[0]),
+    ],
+)
+def test_the_recorder_sees_values_handed_to_python(reads, g):
+    # Only a function that hands values to Python (or makes a shape from them) may read
+    # other tensors at another point; the others are not watched again at the solution.
+    z, w = torch.tensor([0.5, -1.0]), torch.ones(2, 2, requires_grad=True)
+    with Recorder([z]) as recorder:
+        g(z, w)
+    assert recorder.read_values is reads
+    assert [id(t) for t in recorder.captured.values()] == [id(w)]
