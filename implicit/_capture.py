@@ -139,8 +139,8 @@ class Recorder(_EagerMode):
         self.read_values = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.read_values and _reads_values(func, args):
-            self.read_values = True
+        if func in _MAY_READ_VALUES and not self.read_values:
+            self.read_values = _reads_values(func, args)
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
         _collect(args, found)
@@ -161,9 +161,14 @@ class Recorder(_EagerMode):
         return out
 
 
+#: The operations that may hand values to Python, depending on their arguments.
+_MAY_READ_VALUES = _VALUE_READS | {torch.Tensor.__getitem__, torch.where}
+
+
 def _reads_values(func, args: tuple) -> bool:
-    """Whether ``func(*args)`` hands values to Python or makes a shape from them (see
-    ``_VALUE_READS``): also indexing with a tensor, and ``torch.where(condition)``."""
+    """Whether ``func(*args)``, one of ``_MAY_READ_VALUES``, hands values to Python or
+    makes a shape from them: those of ``_VALUE_READS``, indexing with a tensor, and
+    ``torch.where(condition)``."""
     if func in _VALUE_READS:
         return True
     if func is torch.Tensor.__getitem__:
