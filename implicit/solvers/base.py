@@ -138,13 +138,18 @@ class Solver(abc.ABC):
         running = (norms > threshold) & (norms < math.inf)
         # Iterations per problem: the loop count for every problem still running.
         stopped_at = torch.zeros_like(norms, dtype=torch.long)
-        history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
         # While the host knows that every problem runs (it checks every iteration), an
         # iteration needs none of the per-problem bookkeeping: the common case.
-        running_all = check_every == 1 and bool(running.all())
-        # One problem: its threshold as a number, read once (see all_running).
-        limit = threshold.item() if running_all and threshold.shape[0] == 1 else threshold
+        if check_every == 1 and norms.shape[0] == 1:
+            # One problem: its norm and threshold as numbers (see all_running).
+            first, limit = norms.item(), threshold.item()
+            running_all = first > limit and first < math.inf
+            history: list[torch.Tensor | float] = [first]
+        else:
+            # The worst residual per iteration (memory flat in B).
+            history, limit = [norms.max()], threshold
+            running_all = check_every == 1 and bool(running.all())
         k = 0
         for k in range(max_iter):
             # On the fast path every problem runs (the batch is never empty).
@@ -189,7 +194,8 @@ class Solver(abc.ABC):
         info = SolveInfo(
             converged=converged,
             residual=norms.detach(),
-            iterations=int(iterations.max()),
+            # Testing every iteration, the loop ran while some problem ran.
+            iterations=k if check_every == 1 else int(iterations.max()),
             f_evals=fn.f_evals,
             history=_on_host(history),
             status=status_name(codes),
@@ -206,6 +212,8 @@ def _on_host(history: list[torch.Tensor | float]) -> list[float]:
     """The worst residual per iteration as numbers: those the fast path read on the host
     already, and the others (tensors) read in one go."""
     tensors = [value for value in history if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return history
     read = iter(torch.stack(tensors).detach().tolist())
     return [next(read) if isinstance(value, torch.Tensor) else value for value in history]
 
