@@ -12,10 +12,12 @@ does: Picard under ``no_grad`` with the same stopping test, one evaluation of ``
 recorded at the solution, and a backward hook that runs the Neumann series
 ``w ← (∂f/∂z)ᵀ w + v`` by ``torch.autograd.grad`` with the same test.
 
-Both are forced to run ``k`` forward and ``k`` backward iterations (the map contracts
-by about 0.9 per iteration and the tolerances are below what ``k`` iterations reach),
-and each is timed at two values of ``k``: the fit ``time = a + b·k`` gives the fixed
-cost ``a`` and the cost per iteration ``b`` (one forward and one backward iteration).
+Both converge at exactly ``k`` forward and ``k`` backward iterations: the tolerances
+of each ``k`` are chosen so (between the residuals of iterations ``k − 1`` and ``k``,
+which the map's contraction of about 0.9 keeps apart), with room in ``max_iter``, so
+that every solve ends as a converged one does. Each is timed at two values of ``k``:
+the fit ``time = a + b·k`` gives the fixed cost ``a`` and the cost per iteration ``b``
+(one forward and one backward iteration).
 The same for the forward alone (no input requires grad). One process, one thread, CPU
 time, rounds interleaving every contender; medians over rounds. The counts (host reads:
 aten ops that return a Python value; autograd-engine passes) come from one more,
@@ -26,6 +28,7 @@ Run from the repository root: ``python benchmarks/small_solve.py``.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import sys
@@ -41,10 +44,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # the checkout this f
 import implicit  # noqa: E402
 
 WIDTH = 8
-KS = (4, 24)
-TOL = 1e-9
+KS = (4, 16)
 ROUNDS = 21
 CALLS = 40
+#: Room for the solves beyond the iterations they converge in.
+SPARE = 10
 
 
 def problem(grad: bool = True):
@@ -55,37 +59,62 @@ def problem(grad: bool = True):
     return W.requires_grad_(grad), x.requires_grad_(grad)
 
 
-#: The backward of each iteration count, made once (solvers are reusable configuration).
-BACKWARD = {k: implicit.linear.Neumann(tol=TOL, max_iter=k) for k in KS}
+def tolerances(k: int) -> tuple[float, float]:
+    """The forward and the backward tolerance at which the library's solves converge at
+    iteration ``k`` exactly: the geometric mean of the forward's residuals at ``k − 1``
+    and ``k``, and the middle (in log scale) of the backward tolerances that end at
+    ``k``."""
+    W, x = problem(True)
+    _, info = _solve(W, x, implicit.linear.Neumann(tol=1e-12, max_iter=1), 1e-12, k + 1, True)
+    scale = float(torch.linalg.vector_norm(torch.tanh(x.detach())))  # max(‖z0‖, ‖f(z0)‖)
+    forward = math.sqrt(info.history[k - 1] * info.history[k]) / (1 + scale)
+    ending = [
+        tol
+        for tol in torch.logspace(-10, -1, 400, dtype=torch.float64).tolist()
+        if library_step(W, x, k, info=True, tols=(forward, tol)).backward.iterations == k
+    ]
+    W.grad = x.grad = None
+    return forward, math.sqrt(ending[0] * ending[-1])
 
 
-def library_step(W, x, k: int, info: bool = False):
-    backward = BACKWARD[k]
+def library_step(W, x, k: int, info: bool = False, tols: tuple[float, float] | None = None):
+    forward, _, backward = SETTINGS[k] if tols is None else (*tols, _neumann(tols[1], k))
     # The forward alone is an inference call: nothing requires grad, grad mode off.
     with torch.enable_grad() if W.requires_grad else torch.no_grad():
-        out = _solve(W, x, backward, k, info)
+        out = _solve(W, x, backward, forward, k + SPARE, info)
     z = out[0] if info else out
     if W.requires_grad:
         z.square().sum().backward()
     return out[1] if info else None
 
 
-def _solve(W, x, backward, k: int, info: bool):
+def _neumann(tol: float, k: int) -> implicit.linear.Neumann:
+    return implicit.linear.Neumann(tol=tol, max_iter=k + SPARE)
+
+
+def _solve(W, x, backward, tol: float, max_iter: int, info: bool):
     return implicit.fixed_point(
         lambda z, x: torch.tanh(z @ W.T + x),
         torch.zeros(1, WIDTH),
         x,
         solver="fixed_point",
         backward=backward,
-        tol=TOL,
-        max_iter=k,
+        tol=tol,
+        max_iter=max_iter,
         batched=True,
         on_failure="ignore",
         return_info=info,
     )
 
 
+#: Per iteration count: the forward and backward tolerances, and the backward solver
+#: (made once: solvers are reusable configuration).
+SETTINGS: dict[int, tuple[float, float, implicit.linear.Neumann]] = {}
+
+
 def eager_step(W, x, k: int) -> None:
+    forward_tol, backward_tol, _ = SETTINGS[k]
+
     def f(z):
         return torch.tanh(z @ W.T + x)
 
@@ -93,8 +122,8 @@ def eager_step(W, x, k: int) -> None:
         z = torch.zeros(1, WIDTH)
         fz = f(z)
         r = fz - z
-        threshold = TOL * (1 + max(z.norm(), fz.norm()).item())
-        for _ in range(k):
+        threshold = forward_tol * (1 + max(z.norm(), fz.norm()).item())
+        for _ in range(k + SPARE):
             z = fz
             fz = f(z)
             r = fz - z
@@ -108,8 +137,8 @@ def eager_step(W, x, k: int) -> None:
     def hook(v):
         handle.remove()  # the products below pass through new_z again
         w = v
-        threshold = TOL * v.norm().item()
-        for _ in range(k):
+        threshold = backward_tol * v.norm().item()
+        for _ in range(k + SPARE):
             w_new = torch.autograd.grad(new_z, z, w, retain_graph=True)[0] + v
             done = (w_new - w).norm().item() <= threshold
             w = w_new
@@ -169,6 +198,14 @@ def counts(step, W, x, k: int) -> tuple[int, int]:
     return reads.count, passes.count
 
 
+def settle() -> None:
+    """Choose the tolerances of every iteration count (once per process)."""
+    for k in KS:
+        if k not in SETTINGS:
+            forward, backward = tolerances(k)
+            SETTINGS[k] = (forward, backward, _neumann(backward, k))
+
+
 def fit(times: dict[int, float]) -> tuple[float, float]:
     """``(a, b)`` with ``time = a + b·k`` through the two measured points."""
     (k1, t1), (k2, t2) = sorted(times.items())
@@ -179,6 +216,7 @@ def fit(times: dict[int, float]) -> tuple[float, float]:
 def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    settle()
     train = problem(True)
     frozen = problem(False)
     contenders = {
@@ -189,7 +227,8 @@ def main() -> None:
     }
     for k in KS:  # the iteration counts are what the fit assumes
         info = library_step(*train, k, info=True)
-        assert info.iterations == k and info.backward.iterations == k, (k, info)
+        assert info.iterations == info.backward.iterations == k, (k, info)
+        assert info.status == info.backward.status == "converged", (k, info)
     samples = {(name, k): [] for name in contenders for k in KS}
     for _ in range(ROUNDS):
         for (name, k), times in samples.items():

@@ -222,13 +222,18 @@ def test_the_default_solve_walks_a_bounded_part_of_the_library():
 
 def test_the_small_solve_runs_the_iterations_its_fit_assumes():
     # benchmarks/small_solve.py fits time = a + b·k from two iteration counts: both the
-    # forward and the backward must run exactly k iterations, and the eager loop too.
+    # forward and the backward must converge in exactly k iterations, the eager loop too.
+    small_solve.settle()
     W, x = small_solve.problem(True)
     for k in small_solve.KS:
         info = small_solve.library_step(W, x, k, info=True)
-        assert info.iterations == k and info.backward.iterations == k
+        assert info.iterations == info.backward.iterations == k
+        assert info.status == info.backward.status == "converged"
         _, passes = small_solve.counts(small_solve.eager_step, W, x, k)
         assert passes == k + 1  # the step's backward, then one per Neumann term
+        # The eager forward: the threshold's two reads, then one per iteration.
+        reads, _ = small_solve.counts(small_solve.eager_step, *small_solve.problem(False), k)
+        assert reads == k + 2
     reads, passes = small_solve.counts(small_solve.library_step, W, x, small_solve.KS[0])
     assert reads > 0 and passes == small_solve.KS[0] + 2  # and the pullback
     assert small_solve.fit({4: 3.0, 24: 13.0}) == (1.0, 0.5)
