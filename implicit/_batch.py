@@ -98,12 +98,21 @@ def check_interval(check_every: int | None, tensor: torch.Tensor) -> int:
     return 1 if cheap_host_reads(tensor) else 4
 
 
-def all_running(norms: torch.Tensor, thresholds: torch.Tensor, worst: torch.Tensor) -> bool:
-    """Whether every problem goes on after an iteration: each residual norm above its
-    threshold, and finite (an infinite or NaN ``worst``, the largest norm, fails; NaN
-    also fails the comparison). Two host reads: for loops that test on the host
-    (:func:`cheap_host_reads`)."""
-    return math.isfinite(worst.item()) and bool((norms > thresholds).all())
+def all_running(norms: torch.Tensor, thresholds: torch.Tensor | float) -> float | None:
+    """The largest of ``norms``, read on the host, when every problem goes on after an
+    iteration (each residual norm finite and above its threshold); else ``None``. For
+    loops that test on the host (:func:`cheap_host_reads`).
+
+    One problem (``thresholds`` then a number, read by the caller once before its
+    loop) takes one host read and no operation; a batch takes its maximum and one comparison (an
+    infinite or NaN maximum fails, and NaN fails the comparison)."""
+    if isinstance(thresholds, float):
+        worst = norms.item()
+        running = worst > thresholds
+    else:
+        worst = norms.max().item()
+        running = bool((norms > thresholds).all())
+    return worst if running and math.isfinite(worst) else None
 
 
 #: From this many entries per tensor on, copying the selected rows beats ``torch.where``

@@ -36,13 +36,6 @@ def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def tree_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in nested tuples, lists and dicts, in order."""
-    found: list[torch.Tensor] = []
-    _collect(obj, found)
-    return found
-
-
 def _collect(obj: Any, found: list[torch.Tensor]) -> None:
     # A plain recursion into a list: every torch call of g passes through here while
     # captures are recorded, so no generators.
@@ -88,11 +81,54 @@ class _EagerMode(TorchFunctionMode):
                 self._stance.__exit__(*exc_info)
 
 
+#: The operations that hand a tensor's values to Python (which may branch on them), or
+#: whose output's shape depends on the values (which Python may branch on in turn).
+_VALUE_READS = frozenset(
+    {
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+        torch.Tensor.__complex__,
+        torch.Tensor.__contains__,
+        torch.Tensor.__format__,
+        torch.Tensor.__array__,
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.numpy,
+        torch.Tensor.nonzero,
+        torch.Tensor.masked_select,
+        torch.Tensor.unique,
+        torch.Tensor.unique_consecutive,
+        torch.Tensor.bincount,
+        torch.Tensor.repeat_interleave,
+        torch.equal,
+        torch.allclose,
+        torch.is_nonzero,
+        torch.nonzero,
+        torch.argwhere,
+        torch.masked_select,
+        torch.unique,
+        torch.unique_consecutive,
+        torch.bincount,
+        torch.repeat_interleave,
+    }
+)
+
+
 class Recorder(_EagerMode):
-    """Records the tensors that flow into operations from outside and carry derivatives.
+    """Records the tensors that flow into operations from outside and carry derivatives,
+    and whether an operation read values that Python may branch on.
 
     Args:
         known: tensors that are not captures (the explicit arguments, the state).
+
+    Attributes:
+        captured: the captures found, by ``id``.
+        read_values: whether an operation handed values to Python or made a shape from
+            them (``bool(t)``, ``t.item()``, ``t[mask]``, ``torch.nonzero``, ...): then
+            the function's control flow, and so the tensors it reads, may depend on its
+            input's values. Otherwise every evaluation reads the same tensors.
     """
 
     def __init__(self, known: Iterable[torch.Tensor]):
@@ -100,8 +136,11 @@ class Recorder(_EagerMode):
         self._made = {id(t) for t in known}
         self._keep_alive = list(known)
         self.captured: dict[int, torch.Tensor] = {}
+        self.read_values = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _MAY_READ_VALUES and not self.read_values:
+            self.read_values = _reads_values(func, args)
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
         _collect(args, found)
@@ -112,12 +151,31 @@ class Recorder(_EagerMode):
             if id(tensor) not in made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
-        outputs = [out] if isinstance(out, torch.Tensor) else tree_tensors(out)
+        outputs = [out] if isinstance(out, torch.Tensor) else []
+        if not outputs:
+            _collect(out, outputs)
         for tensor in outputs:
             # Keep outputs alive so that their ids are not recycled for another tensor.
             made.add(id(tensor))
         self._keep_alive.extend(outputs)
         return out
+
+
+#: The operations that may hand values to Python, depending on their arguments.
+_MAY_READ_VALUES = _VALUE_READS | {torch.Tensor.__getitem__, torch.where}
+
+
+def _reads_values(func, args: tuple) -> bool:
+    """Whether ``func(*args)``, one of ``_MAY_READ_VALUES``, hands values to Python or
+    makes a shape from them: those of ``_VALUE_READS``, indexing with a tensor, and
+    ``torch.where(condition)``."""
+    if func in _VALUE_READS:
+        return True
+    if func is torch.Tensor.__getitem__:
+        indices: list[torch.Tensor] = []
+        _collect(args[1:], indices)
+        return bool(indices)
+    return func is torch.where and len(args) == 1
 
 
 class Substitute(_EagerMode):

@@ -121,6 +121,8 @@ class Problem:
         self.captured: list[torch.Tensor] = []
         #: Explicit tensor arguments followed by captured tensors.
         self.inputs = self.explicit
+        #: Whether ``g`` handed a tensor's values to Python at ``z0`` (see :meth:`discover`).
+        self.reads_values = True
 
     def _arg_label(self, position: int) -> str:
         if self.form != "inverse":
@@ -242,7 +244,9 @@ class Problem:
         return norms(r0)
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
-        """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives.
+        """Evaluate ``g(z0)`` once, recording the captured tensors that carry derivatives,
+        and whether ``g`` handed a tensor's values to Python (``reads_values``: only then
+        may another point take another branch, and read other tensors).
 
         Returns the residual at ``z0`` (detached), which the solver reuses as its
         first evaluation.
@@ -253,6 +257,7 @@ class Problem:
             r0 = self.residual(z0, *self.explicit)
         self.captured = list(recorder.captured.values())
         self.inputs = self.explicit + self.captured
+        self.reads_values = recorder.read_values
         return r0.detach()
 
     def rediscover(self, z: torch.Tensor) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ from conftest import TanhProblem, rel_err
 from torch._dynamo.testing import CompileCounter
 
 import implicit
+from implicit._capture import Recorder
 
 
 def test_compiled_function_gets_the_same_gradients():
@@ -187,6 +188,28 @@ class TestBranchNotTakenAtZ0:
         )
         assert rel_err(dz, expected.detach()) <= 1e-10
 
+    def test_a_branch_on_a_shape_made_from_values_is_found(self):
+        # No value reaches Python directly: the shape of z[z != 0] does.
+        def f(z, x):
+            if z[z != 0].numel() == 0:
+                return x
+            return torch.tanh(self.W @ z + x)
+
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        z = implicit.fixed_point(f, z0, self.x, tol=1e-12)
+        grad_x, grad_w = torch.autograd.grad((self.c * z).sum(), [self.x, self.W])
+        ref_x, ref_w = self.reference(z)
+        assert rel_err(grad_x, ref_x) <= 1e-10 and rel_err(grad_w, ref_w) <= 1e-10
+
+    def test_no_discovery_at_the_solution_without_a_branch_on_values(self):
+        # Every point reads the same tensors: discovery at z0 found them all.
+        z0 = torch.zeros(self.n, dtype=torch.float64)
+        f = lambda z, x: torch.tanh(self.W @ z + x)  # noqa: E731
+        z, info = implicit.fixed_point(f, z0, self.x, tol=1e-12, return_info=True)
+        assert info.f_evals == info.iterations + 1
+        (grad_w,) = torch.autograd.grad((self.c * z).sum(), [self.W])
+        assert rel_err(grad_w, self.reference(z)[1]) <= 1e-10
+
     def test_no_second_evaluation_without_iterations(self):
         # A black box's answer is z0: discovery already ran at the solution.
         z0 = torch.zeros(self.n, dtype=torch.float64)
@@ -194,3 +217,27 @@ class TestBranchNotTakenAtZ0:
         _, info = implicit.fixed_point(self.f, solved, self.x, tol=1e-8, return_info=True)
         assert info.iterations == 0 and info.f_evals == 1
         assert z0.sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("reads", "g"),
+    [
+        (True, lambda z, w: 2 * w if bool(z.any()) else z),
+        (True, lambda z, w: z * w.sum().item()),
+        (True, lambda z, w: z[z > 0].sum() * w),
+        (True, lambda z, w: z[torch.nonzero(z).flatten()] * w[0]),
+        (True, lambda z, w: torch.where(z > 0)[0].numel() * w),
+        (True, lambda z, w: 2 * w if torch.equal(z, z) else z),
+        (True, lambda z, w: torch.unique(z) * w[0]),
+        (False, lambda z, w: torch.tanh(z @ w.T + 1)),
+        (False, lambda z, w: torch.where(z > 0, z, w[0]) + z[1:].sum() + z.shape[0]),
+    ],
+)
+def test_the_recorder_sees_values_handed_to_python(reads, g):
+    # Only a function that hands values to Python (or makes a shape from them) may read
+    # other tensors at another point; the others are not watched again at the solution.
+    z, w = torch.tensor([0.5, -1.0]), torch.ones(2, 2, requires_grad=True)
+    with Recorder([z]) as recorder:
+        g(z, w)
+    assert recorder.read_values is reads
+    assert [id(t) for t in recorder.captured.values()] == [id(w)]

@@ -64,7 +64,8 @@ def solve(
             z = not_a_view_of(z0, root.solve(z0, problem.inputs))
     if r0 is not None:
         root.info.f_evals += 1  # capture discovery's evaluation of g at z0
-    if derivatives_possible and root.info.iterations > 0:
+    # Another point may read other tensors only on another branch: where g read no value.
+    if derivatives_possible and root.info.iterations > 0 and problem.reads_values:
         z = _recaptured(root, z)
     return z, root.info
 
@@ -72,7 +73,9 @@ def solve(
 def _recaptured(root: RootProblem, z: torch.Tensor) -> torch.Tensor:
     """``z``, wired also to the tensors that ``g`` reads at the solution but did not
     read at ``z0`` (a branch taken only near the solution), which would otherwise get
-    no derivative.
+    no derivative. Only for a ``g`` that handed a tensor's values to Python at ``z0``
+    (``Problem.reads_values``): without a branch on values every point reads the same
+    tensors.
 
     Costs one evaluation of ``g`` at ``z``, counted in ``f_evals``. The solution does
     not change (``g`` read those tensors while it was solved): the solved problem is

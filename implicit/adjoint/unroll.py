@@ -23,6 +23,7 @@ from implicit.linear import resolve as resolve_linear
 from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_VMAP_REFUSALS = ("data-dependent control flow", "calling .item() on a Tensor")
 
 
 def unrolled(
@@ -44,7 +45,9 @@ def unrolled(
         z, info = solver.solve(fn, z0, r0, tol=tol, max_iter=max_iter, callback=watch)
     except RuntimeError as error:
         innermost = traceback.extract_tb(error.__traceback__)[-1].filename
-        if "data-dependent control flow" not in str(error) or not innermost.startswith(_PACKAGE):
+        # (vmap's words for a branch on a value, and for a value read on the host.)
+        refused = any(words in str(error) for words in _VMAP_REFUSALS)
+        if not refused or not innermost.startswith(_PACKAGE):
             raise  # not the solver's own loop (e.g. the user's function branched on a value)
         raise RuntimeError(
             "backward='unroll' cannot run under torch.func.vmap with batched inputs: the "

@@ -35,9 +35,9 @@ def flag(codes: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
 
 
-def seen(gain: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``gain · ‖x‖/‖rhs‖`` per row (NaN where ``rhs = 0``: nothing was solved)."""
-    rhs_norm = torch.linalg.vector_norm(rhs, dim=1)
+def seen(gain: torch.Tensor, x: torch.Tensor, rhs_norm: torch.Tensor) -> torch.Tensor:
+    """``gain · ‖x‖/‖rhs‖`` per row, from ``‖rhs‖`` per row (NaN where ``rhs = 0``:
+    nothing was solved)."""
     ratio = torch.linalg.vector_norm(x, dim=1) / torch.where(rhs_norm > 0, rhs_norm, 1)
     return torch.where(rhs_norm > 0, gain * ratio, math.nan)
 

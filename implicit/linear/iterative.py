@@ -203,7 +203,7 @@ class IterativeSolver(LinearSolver):
         # Relative, and 0 for a zero right-hand side (whose x is 0).
         relative = safe_div(residual, rhs_norm)
         gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
-        condition = _condition.seen(gain, x, rhs)
+        condition = _condition.seen(gain, x, rhs_norm)
         codes = _condition.flag(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)

@@ -79,19 +79,21 @@ class Neumann(IterativeSolver):
         # products of S: x ← S x − rhs, whose residual is S x_new − S x (one pass over
         # the data per iteration, where A's products and the update take three).
         shifted = self.damping == 1 and operator.shifted
+        rhs_norm = norm(rhs)
+        from_zero = x is None
         if not shifted:
             x, r = start(operator, rhs, x)
             r = -r  # A x − rhs, exact (a product) at every iterate
-        elif x is None:
+        elif from_zero:
             q, r = None, -rhs  # S x = 0
         else:
             q = operator.shifted_mv(x)
             r = q - x - rhs
         x = torch.zeros_like(rhs) if x is None else x
-        reference = recent = initial = norm(r)
+        # (From zero the residual is −rhs, whose norm is rhs's, exactly.)
+        reference = recent = initial = rhs_norm if from_zero else norm(r)
         # What rounding leaves of A x − rhs: the products run in the operator's dtype.
         rounding = _ROUNDING * torch.finfo(operator.evaluated_in or rhs.dtype).eps
-        rhs_norm = norm(rhs)
         active = allowed & (initial > target)
         codes = where_codes(active, MAX_ITER, CONVERGED)
         check_every = check_interval(self.check_every, rhs)
@@ -99,6 +101,8 @@ class Neumann(IterativeSolver):
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
         every = known_all(active, check_every)
+        # One problem: its target as a number, read once (see all_running).
+        limit = target.item() if every and target.shape[0] == 1 else target
         while iterations < max_iter:
             if not every and iterations % check_every == 0 and not bool(active.any()):
                 break
@@ -131,9 +135,10 @@ class Neumann(IterativeSolver):
                 reference = size
             if every:
                 stopping = [mask for mask, _ in stops]
-                if not (
-                    stopping and bool(functools.reduce(torch.logical_or, stopping).any())
-                ) and all_running(size, target, size.max()):
+                if (
+                    not (stopping and bool(functools.reduce(torch.logical_or, stopping).any()))
+                    and all_running(size, limit) is not None
+                ):
                     x, r = x_new, r_new
                     if shifted:
                         q = q_new

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import all_running, cheap_host_reads, row_selector, traced, working_dtype
+from implicit._batch import (
+    all_running,
+    cheap_host_reads,
+    row_selector,
+    traced,
+    working_dtype,
+)
 from implicit._batch import norms as norms_of
 from implicit._checks import check_number
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
@@ -132,11 +138,18 @@ class Solver(abc.ABC):
         running = (norms > threshold) & (norms < math.inf)
         # Iterations per problem: the loop count for every problem still running.
         stopped_at = torch.zeros_like(norms, dtype=torch.long)
-        history = [norms.max()]  # the worst residual per iteration (memory flat in B)
         state = self.init(fn, z, r)
         # While the host knows that every problem runs (it checks every iteration), an
         # iteration needs none of the per-problem bookkeeping: the common case.
-        running_all = check_every == 1 and bool(running.all())
+        if check_every == 1 and norms.shape[0] == 1:
+            # One problem: its norm and threshold as numbers (see all_running).
+            first, limit = norms.item(), threshold.item()
+            running_all = first > limit and first < math.inf
+            history: list[torch.Tensor | float] = [first]
+        else:
+            # The worst residual per iteration (memory flat in B).
+            history, limit = [norms.max()], threshold
+            running_all = check_every == 1 and bool(running.all())
         k = 0
         for k in range(max_iter):
             # On the fast path every problem runs (the batch is never empty).
@@ -147,8 +160,8 @@ class Solver(abc.ABC):
             if running_all:
                 # Ending or blowing up both leave this fast path. (No problem ends on it,
                 # so its iterates' finiteness is left to the paths where they can.)
-                worst = new_norms.max()
-                running_all = all_running(new_norms, threshold, worst)
+                worst = all_running(new_norms, limit)
+                running_all = worst is not None
                 if running_all:
                     z, r, norms = z_new, r_new, new_norms
                     history.append(worst)
@@ -181,9 +194,10 @@ class Solver(abc.ABC):
         info = SolveInfo(
             converged=converged,
             residual=norms.detach(),
-            iterations=int(iterations.max()),
+            # Testing every iteration, the loop ran while some problem ran.
+            iterations=k if check_every == 1 else int(iterations.max()),
             f_evals=fn.f_evals,
-            history=torch.stack(history).detach().tolist(),
+            history=_on_host(history),
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,
@@ -192,6 +206,16 @@ class Solver(abc.ABC):
             status_codes=codes,
         )
         return z, info
+
+
+def _on_host(history: list[torch.Tensor | float]) -> list[float]:
+    """The worst residual per iteration as numbers: those the fast path read on the host
+    already, and the others (tensors) read in one go."""
+    tensors = [value for value in history if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return history
+    read = iter(torch.stack(tensors).detach().tolist())
+    return [next(read) if isinstance(value, torch.Tensor) else value for value in history]
 
 
 class Residual:
