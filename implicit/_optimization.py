@@ -114,10 +114,13 @@ class OptimizationProblem(Problem):
     def per_row(self, name: str, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         """A function of the flat view that the solvers evaluate, one row per problem:
 
+        * ``"value"``: ``(B, 1)``, the objective (no derivative);
         * ``"value_and_grad"``: ``(B, 1 + n)``, the objective then its gradient;
         * ``"residuals"``: ``(B, m)``, the residual vector (least squares);
         * ``"lower"``, ``"upper"``: ``(B, n)``, the bounds.
         """
+        if name == "value":
+            return self.call(self._values, z, inputs).unsqueeze(1)
         if name == "value_and_grad":
             grad, values = self.call(self._value_and_gradient, z, inputs)
             return torch.cat([values.unsqueeze(1), self.pack(grad)], dim=1)

@@ -46,6 +46,11 @@ class Objective(Residual):
         ``tol_mode="absolute"``."""
         return f.abs() if self.relative else torch.zeros_like(f)
 
+    def value(self, z: torch.Tensor) -> torch.Tensor:
+        """The objective ``(B,)`` at ``z``, for methods that use no derivative."""
+        self.f_evals += 1
+        return self._per_row("value", z)[:, 0]
+
     def value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective ``(B,)`` and its gradient ``(B, n)`` at ``z``."""
         self.f_evals += 1

@@ -100,11 +100,10 @@ class ScipyMinimize(ScipyBase):
 
         def fun(x):
             evaluations[0] += 1
-            f, grad = fn.value_and_grad(view.state(x))
-            value = float(f[rows].sum())
-            value = value if math.isfinite(value) else math.inf
             if not gradient:
-                return value
+                return _value(fn.value(view.state(x))[rows])
+            f, grad = fn.value_and_grad(view.state(x))
+            value = _value(f[rows])
             return value, _finite(view.vector(grad), x) if checked else view.vector(grad)
 
         kwargs: dict[str, Any] = {"jac": True} if gradient else {}
@@ -138,6 +137,13 @@ class ScipyMinimize(ScipyBase):
                 return view.state(stop.x), evaluations[0], verdict
         verdict = f"success={bool(result.success)}: {sentence(result.message)}"
         return view.state(result.x), int(result.get("nit", result.get("nfev", 0))), verdict
+
+
+def _value(f: torch.Tensor) -> float:
+    """The objective scipy sees: the sum over the rows solved, ``inf`` where it is not
+    finite."""
+    value = float(f.sum())
+    return value if math.isfinite(value) else math.inf
 
 
 def _defaults(method: str, max_iter: int, tol: float, threshold: float, n: int) -> dict[str, Any]:

@@ -117,3 +117,46 @@ def test_trust_region_methods_stop_at_a_non_finite_hessian(method):
         on_failure="ignore",
     )  # fmt: skip
     assert info.status == "failed" and "not finite" in info.message
+
+
+#: Evaluations and derivatives of _Counted.
+CALLS = {"forward": 0, "backward": 0}
+
+
+class _Counted(torch.autograd.Function):
+    """The identity, counting its evaluations and its derivatives in CALLS."""
+
+    @staticmethod
+    def forward(x):
+        CALLS["forward"] += 1
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        CALLS["backward"] += 1
+        return grad
+
+
+@pytest.mark.parametrize("method", ["Nelder-Mead", "Powell", "COBYLA", "COBYQA"])
+def test_derivative_free_methods_evaluate_the_objective_alone(method):
+    # scipy's iterations evaluate only the objective (its gradient costs about twice
+    # as much again); the stopping test at the answer and the backward differentiate.
+    c = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    CALLS.update(forward=0, backward=0)
+
+    def fun(z, c):
+        return ((_Counted.apply(z) - c) ** 2).sum()
+
+    solver = implicit.solvers.ScipyMinimize(method=method)
+    z = implicit.minimize(
+        fun, torch.zeros(2, dtype=torch.float64), c, solver=solver, backward="dense",
+        tol=1e-8, max_iter=400, on_failure="ignore",
+    )  # fmt: skip
+    assert CALLS["forward"] > 20 and CALLS["backward"] <= 5, CALLS
+    (grad,) = torch.autograd.grad(z.sum(), c)
+    assert torch.allclose(z, c.detach(), atol=1e-4)
+    assert torch.allclose(grad, torch.ones(2, dtype=torch.float64), atol=1e-8)
