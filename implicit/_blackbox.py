@@ -60,15 +60,16 @@ def call(
         h: the black box.
         args: its arguments; tensors are handed over as detached copies.
         who: the black box's name in error messages (see :func:`describe`).
-        dtype: the floating-point dtype the answer is converted to; ``None`` keeps a
-            floating answer's own and gives others the default dtype.
+        dtype: the dtype the answer is converted to (its complex counterpart for a
+            complex answer); ``None`` keeps a floating or complex answer's own and
+            gives others the default dtype.
         device: the device the answer is moved to; ``None`` keeps its own.
         shapes: the shapes the answer must have (one per tensor of a tuple answer), or
             ``None`` when only ``g`` can tell.
 
     Raises:
         RuntimeError: ``h`` raised (the original exception is chained).
-        TypeError: the answer is not a tensor or an array of real numbers.
+        TypeError: the answer is not a tensor or an array of real or complex numbers.
         ValueError: the answer has the wrong shape.
     """
     out = _Call.apply(h, (who, dtype, device), *args)
@@ -152,22 +153,26 @@ def evaluated_at_answer(g: Callable[..., Any], who: str) -> Callable[..., Any]:
 def _as_tensor(
     out: Any, who: str, dtype: torch.dtype | None, device: torch.device | None
 ) -> torch.Tensor:
-    """A black box's answer as a real tensor of ``dtype`` on ``device`` (non-finite
-    entries are left to :class:`CheckAnswer`, which reports them per problem)."""
+    """A black box's answer as a tensor of ``dtype`` on ``device`` (non-finite entries
+    are left to :class:`CheckAnswer`, which reports them per problem). A complex answer
+    with a real ``dtype`` gets the complex dtype of that precision: its imaginary part
+    is never dropped."""
     if isinstance(out, (np.ndarray, np.generic)):
-        if out.dtype.kind not in "biuf":
+        if out.dtype.kind not in "biufc":
             raise TypeError(
-                f"{who} returned a numpy array of dtype {out.dtype}: expected real numbers"
+                f"{who} returned a numpy array of dtype {out.dtype}: expected real or "
+                f"complex numbers"
             )
-        out = torch.from_numpy(np.array(out, dtype=np.float64 if out.dtype.kind != "f" else None))
+        out = torch.from_numpy(np.array(out, dtype=np.float64 if out.dtype.kind in "biu" else None))
     elif not isinstance(out, torch.Tensor):
         raise TypeError(
             f"{who} must return a torch.Tensor or a numpy array, got {type(out).__name__}"
         )
-    if out.is_complex():
-        raise TypeError(f"{who} returned a complex tensor ({out.dtype}): expected real numbers")
     if dtype is None:
-        dtype = out.dtype if out.is_floating_point() else torch.get_default_dtype()
+        dtype = out.dtype if out.is_floating_point() or out.is_complex() else None
+        dtype = dtype or torch.get_default_dtype()
+    elif out.is_complex() and not dtype.is_complex:
+        dtype = dtype.to_complex()
     return out.detach().to(dtype=dtype, device=out.device if device is None else device)
 
 

@@ -36,6 +36,13 @@ def prepare(
         )
     leaves, spec, paths = _tree.flatten(z0, "z0")
     for leaf, path in zip(leaves, paths):
+        if isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            raise ValueError(
+                f"bounds do not apply to complex states, and {path} is {leaf.dtype}: complex "
+                f"numbers have no order (to bound the real and imaginary parts, solve for the "
+                f"real state torch.view_as_real(z0) and bound that)"
+            )
+    for leaf, path in zip(leaves, paths):
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             raise TypeError(f"{path} must be a floating-point tensor, got {_describe(leaf)}")
     lowers = _leaves(bounds[0], spec, leaves, "lower", -math.inf)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from implicit._complex import is_supported, same_precision
+
 ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
 
 
@@ -92,8 +94,12 @@ def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, na
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
         check_storage(state, label)
-        if not state.is_floating_point():
-            raise TypeError(f"{label} must be a floating-point tensor, got {state.dtype}")
+        if not state.is_floating_point() and not is_supported(state.dtype):
+            half = " (complex32 is not supported: use complex64)"
+            raise TypeError(
+                f"{label} must be a floating-point or complex tensor, got {state.dtype}"
+                + (half if state.dtype is torch.complex32 else "")
+            )
         if state.numel() == 0:
             raise ValueError(f"{label} is empty: there is nothing to solve for")
         if batched and state.dim() == 0:
@@ -125,12 +131,17 @@ def check_storage(tensor: torch.Tensor, label: str) -> None:
 def check_arg(
     arg: torch.Tensor, label: Callable[[], str], dtype: torch.dtype, device, name: str
 ) -> None:
-    """A tensor argument on the state's device, floating point only in its dtype;
-    ``label()`` names it in the error (made only for an error)."""
+    """A tensor argument on the state's device, floating point or complex only in the
+    state's precision (a complex argument of a real state, or a real one of a complex
+    state, is fine: float64 goes with complex128, float32 with complex64); ``label()``
+    names it in the error (made only for an error)."""
     if arg.device != device:
         raise ValueError(f"{label()} is on {arg.device} but {name} is on {device}")
-    if arg.is_floating_point() and arg.dtype != dtype:
+    if arg.dtype is dtype or not (arg.is_floating_point() or arg.is_complex()):
+        return
+    if not same_precision(arg.dtype, dtype) or arg.dtype is torch.complex32:
+        one = "floating-point dtype" if not (dtype.is_complex or arg.is_complex()) else "precision"
         raise TypeError(
-            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use one "
-            f"floating-point dtype"
+            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use one {one}"
+            + (" (float64 with complex128, float32 with complex64)" if one == "precision" else "")
         )

@@ -63,9 +63,10 @@ def custom_root(
     The decorated function ``solve(*args)`` may be anything (scipy, numpy, a C
     library): it receives its arguments detached (``A.numpy()`` works) and returns
     ``z`` as a tensor or a numpy array (or a tuple of them). The answer is converted to
-    the dtype and device of the first floating-point tensor argument (its own when
-    there is none), checked (finite; ``g(z, *args)`` shaped like ``z``; ``‖g(z)‖₂ ≤
-    tol``, else ``on_failure``), and differentiated by the implicit function theorem
+    the precision and device of the first floating-point or complex tensor argument
+    (its own when there is none; a complex answer stays complex), checked (finite;
+    ``g(z, *args)`` shaped like ``z``; ``‖g(z)‖₂ ≤ tol``, else ``on_failure``), and
+    differentiated by the implicit function theorem
     with respect to every tensor argument and every tensor ``g`` captures. The latest
     call's [`SolveInfo`][implicit.SolveInfo] is kept in ``solve.last_info``. There is no
     ``callback``: the iterations, if any, are the decorated solver's own (give it a
@@ -119,13 +120,17 @@ def custom_root(
                     f"{who} takes positional arguments only (they are also g's), got "
                     f"{sorted(kwargs)}; bind options with functools.partial"
                 )
-            floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            floating = [
+                a
+                for a in args
+                if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
+            ]
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             answer = _blackbox.call(
                 solver,
                 args,
                 who=who,
-                dtype=floating[0].dtype if floating else None,
+                dtype=floating[0].dtype.to_real() if floating else None,
                 device=tensors[0].device if tensors else None,
             )
             problem = Problem(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from implicit._complex import as_real, is_supported
 from implicit._problem import Problem, State
 from implicit.solvers._objective import Objective
 
@@ -79,7 +80,7 @@ class OptimizationProblem(Problem):
         out = self.fun(state, *self._user_args(args))
         if self.least_squares:
             vector = _check_residual(out, self.batched, self.batch_size)
-            return 0.5 * vector.pow(2).sum(dim=1)
+            return 0.5 * vector.pow(2).sum(dim=1)  # ½Σ|rᵢ|²: a complex r is in its real view
         return _check_objective(out, self.batched, self.batch_size).reshape(self.batch_size)
 
     def _residual_vector(self, state: State, *args: Any) -> torch.Tensor:
@@ -143,7 +144,11 @@ def _check_objective(out: Any, batched: bool, batch: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"fun must return a tensor, got {type(out).__name__}")
     if not out.is_floating_point():
-        raise TypeError(f"fun must return a floating-point tensor, got {out.dtype}")
+        hint = ": a complex objective has no minimum (minimise a real function of z, e.g. |·|²)"
+        raise TypeError(
+            f"fun must return a real floating-point tensor, got {out.dtype}"
+            + (hint if out.is_complex() else "")
+        )
     expected = (batch,) if batched else ()
     if tuple(out.shape) != expected:
         hint = (
@@ -161,8 +166,8 @@ def _check_objective(out: Any, batched: bool, batch: int) -> torch.Tensor:
 def _check_residual(out: Any, batched: bool, batch: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"residual must return a tensor, got {type(out).__name__}")
-    if not out.is_floating_point():
-        raise TypeError(f"residual must return a floating-point tensor, got {out.dtype}")
+    if not is_supported(out.dtype):
+        raise TypeError(f"residual must return a floating-point or complex tensor, got {out.dtype}")
     if batched and (out.dim() == 0 or out.shape[0] != batch):
         raise ValueError(
             f"residual returned shape {tuple(out.shape)}: with batched=True dim 0 must index "
@@ -170,4 +175,6 @@ def _check_residual(out: Any, batched: bool, batch: int) -> torch.Tensor:
         )
     if out.numel() == 0:
         raise ValueError("residual returned an empty tensor: there is nothing to fit")
-    return out.reshape(batch, -1)
+    # A complex residual as its real view: ½‖r‖² = ½Σ|rᵢ|², and the solvers' Jacobian is
+    # that of the real and imaginary parts.
+    return as_real(out).reshape(batch, -1)

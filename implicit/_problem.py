@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from implicit import _tree
+from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
 from implicit._capture import Recorder, Substitute, carries_derivative
 from implicit._checks import check_arg, check_states
@@ -93,11 +93,18 @@ class Problem:
             states, self.spec, labels = _tree.flatten(z0, initial)
         self.initial_name = initial
         check_states(states, labels, self.batched, initial)
+        #: The state's dtype, and that of the flat view the solvers see (the real dtype
+        #: of the same precision for a complex state: :mod:`implicit._complex`).
         self.dtype = states[0].dtype
+        self.real_dtype = self.dtype.to_real()
+        self.complex = self.dtype.is_complex
         self.device = states[0].device
         self.shapes = [s.shape for s in states]
         self.batch_size = states[0].shape[0] if self.batched else 1
-        self.sizes = [math.prod(s.shape[1:]) if self.batched else s.numel() for s in states]
+        width = 2 if self.complex else 1  # real numbers per entry of the flat view
+        self.sizes = [
+            width * (math.prod(s.shape[1:]) if self.batched else s.numel()) for s in states
+        ]
         self.n = sum(self.sizes)
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
@@ -130,10 +137,16 @@ class Problem:
                 f"y has shape {tuple(target.shape)} but z0 has batch size {self.batch_size}: "
                 f"with batched=True dim 0 of y and z0 indexes the problems"
             )
+        if target.is_complex() != self.complex:
+            raise TypeError(
+                f"y has dtype {target.dtype} but {self.initial_name} has dtype {self.dtype}: "
+                f"f(z) = y needs y and f(z) in z's dtype (both complex or both real)"
+            )
         per_problem = target.numel() // self.batch_size
-        if per_problem != self.n:
+        unknowns = self.n // 2 if self.complex else self.n  # entries, not real numbers
+        if per_problem != unknowns:
             raise ValueError(
-                f"y has {per_problem} entries per problem but z0 has {self.n}: f(z) = y needs "
+                f"y has {per_problem} entries per problem but z0 has {unknowns}: f(z) = y needs "
                 f"as many equations as unknowns (z0 defaults to y; pass z0 shaped like f's input)"
             )
         return target.shape
@@ -141,12 +154,18 @@ class Problem:
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
         """A state (tensor or tree) as one ``(B, n)`` tensor."""
-        if self.spec is _tree.LEAF:
+        if self.spec is _tree.LEAF and not self.complex:
             return states.reshape(self.batch_size, -1)
+        if self.spec is _tree.LEAF:
+            return _flatten([states], self.batch_size)
         return _flatten(_tree.leaves_like(self.spec, states, "the state", "z"), self.batch_size)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """The inverse of :meth:`pack`."""
+        if self.complex:
+            parts = torch.split(flat, self.sizes, dim=1) if len(self.sizes) > 1 else [flat]
+            leaves = [_complex.from_real(p, shape) for p, shape in zip(parts, self.shapes)]
+            return leaves[0] if self.spec is _tree.LEAF else _tree.unflatten(self.spec, leaves)
         if self.spec is _tree.LEAF:
             # Already the state's shape (a batch of vectors): no view, so that neither the
             # user's function nor a graph recorded through it sees an extra operation.
@@ -168,7 +187,7 @@ class Problem:
             return out - z
         if self.form == "inverse":
             # y, the inverse form's first argument, is its first input (or its stand-in).
-            return out - inputs[0].reshape(self.batch_size, -1)
+            return out - _flatten([inputs[0]], self.batch_size)
         return out
 
     def solver_view(self, inputs: Sequence[torch.Tensor], source: Any = None) -> Residual:
@@ -219,7 +238,7 @@ class Problem:
             return torch.maximum(norms(z0), norms(z0 + r0))
         if self.form == "inverse":
             # The target y is the first input, possibly a stand-in (e.g. a vmapped slice).
-            return norms(inputs[0].reshape(self.batch_size, -1))
+            return norms(_flatten([inputs[0]], self.batch_size))
         return norms(r0)
 
     def discover(self, z0: torch.Tensor) -> torch.Tensor:
@@ -260,6 +279,7 @@ class Problem:
             and self.out_spec is _tree.LEAF
             and out.shape == self.out_shapes[0]
             and out.dtype == self.dtype
+            and not self.complex
         ):  # the common case, checked in full below
             return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
         like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
@@ -292,7 +312,7 @@ class Problem:
 
 
 def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
-    flat = [p.reshape(batch_size, -1) for p in parts]
+    flat = [_complex.as_real(p).reshape(batch_size, -1) for p in parts]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 

@@ -11,6 +11,7 @@ import torch
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
 from implicit._batch import is_half
 from implicit._checks import check_shared_options, check_storage
+from implicit._complex import is_supported
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
 from implicit._tolerance import Tol
@@ -55,9 +56,15 @@ def run(
     mode = (
         linear.registry.named(backward) if isinstance(backward, str) else linear.resolve(backward)
     )
+    if problem.complex and isinstance(method, solvers.Bracketing):
+        raise ValueError(
+            f"solver={method.name!r} brackets a real root, but {problem.initial_name} is "
+            f"{problem.dtype}: complex numbers have no order to bracket with lower and upper "
+            f"(use solver='newton')"
+        )
     if isinstance(tol, torch.Tensor) or is_half(problem.dtype):
         # Per problem where a tensor; a few units of rounding at least in half precision.
-        tol = _tolerance.per_problem(tol, problem.batch_size, problem.dtype, problem.device)
+        tol = _tolerance.per_problem(tol, problem.batch_size, problem.real_dtype, problem.device)
     z, info = solve(
         problem,
         method,
@@ -266,8 +273,8 @@ def invert(
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     check_storage(y, "y")
-    if not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+    if not is_supported(y.dtype):
+        raise TypeError(f"y must be a floating-point or complex tensor, got {y.dtype}")
     f, aux = _aux.split(f, "f") if has_aux else (f, None)
     options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
     options.update(return_info=return_info, aux=aux, args=args)

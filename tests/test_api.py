@@ -344,7 +344,7 @@ class TestInverse:
             implicit.invert(torch.sin, y, inverse=lambda y: np.arcsin(y.numpy()), backward="unroll")
         with pytest.raises(TypeError, match=r"y must be a torch\.Tensor"):
             implicit.invert(torch.sin, [0.5], inverse=np.arcsin)
-        with pytest.raises(TypeError, match="y must be a floating-point tensor"):
+        with pytest.raises(TypeError, match="y must be a floating-point or complex tensor"):
             implicit.invert(torch.sin, torch.tensor([1, 2]), inverse=np.arcsin)
 
 
@@ -478,7 +478,7 @@ class TestBadInputs:
             front_door(contraction, z0)
 
     def test_z0_of_integers_or_empty(self, front_door):
-        with pytest.raises(TypeError, match="z0 must be a floating-point tensor"):
+        with pytest.raises(TypeError, match="z0 must be a floating-point or complex tensor"):
             front_door(contraction, torch.zeros(3, dtype=torch.long))
         with pytest.raises(ValueError, match="z0 is empty"):
             front_door(contraction, torch.zeros(0, dtype=F64))

@@ -119,7 +119,7 @@ class TestAnswers:
         [
             (lambda y: arcsin(y).astype(complex), "complex"),
             (lambda y: arcsin(y).tolist(), "must return a torch.Tensor or a numpy array"),
-            (lambda y: np.array(["a"] * 4), "expected real numbers"),
+            (lambda y: np.array(["a"] * 4), "expected real or complex numbers"),
         ],
         ids=["complex", "list", "strings"],
     )

@@ -92,6 +92,80 @@ def test_the_line_search_reads_once_per_check():
     assert_once_per_four(lambda max_iter: forward_reads(solver, max_iter, check_every=None))
 
 
+def objective_problem():
+    """A batch of 4 smooth convex problems in 12 unknowns: a quadratic plus a quartic
+    (so that no method finishes in one step), as an objective and as a residual."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 12, 12, generator=gen, dtype=F64)
+    a = a @ a.transpose(1, 2) + torch.eye(12, dtype=F64)
+    c = torch.randn(4, 12, generator=gen, dtype=F64)
+
+    def fun(z):
+        return 0.5 * torch.einsum("bi,bij,bj->b", z - c, a, z - c) + (z**4).sum(dim=1)
+
+    def residual(z):
+        return torch.cat([torch.einsum("bij,bj->bi", a, z - c), z**2], dim=1)
+
+    return fun, residual
+
+
+def minimizer_reads(solver, max_iter, check_every=4):
+    fun, residual = objective_problem()
+    options = {} if check_every is None else {"check_every": check_every}
+    door = implicit.least_squares if solver in ("gauss_newton", "levenberg_marquardt") else None
+    call = door or implicit.minimize
+    with HostReads() as reads, warnings.catch_warnings():
+        warnings.simplefilter("ignore", implicit.ConvergenceWarning)
+        _, info = call(
+            residual if door else fun, torch.zeros(4, 12, dtype=F64), solver=solver,
+            tol=1e-300, max_iter=max_iter, batched=True, return_info=True,
+            on_failure="ignore", **options,
+        )  # fmt: skip
+    assert info.iterations >= max_iter - 12  # no row may give up early (its search stalls)
+    return reads.count
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton", "gauss_newton", "levenberg_marquardt"])
+def test_minimizers_read_once_per_check(solver):
+    assert_once_per_four(lambda max_iter: minimizer_reads(solver, max_iter))
+
+
+def test_newton_s_inner_cg_reads_once_per_four_of_its_products():
+    # Above max_dense unknowns, Newton's direction comes from truncated CG: a loop of its
+    # own, which reads the host once per check_every of its iterations.
+    from implicit.solvers.modified_newton import _truncated_cg
+
+    gen = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=F64))
+    matrix = q @ torch.diag(torch.logspace(0, 6, 40, dtype=F64)) @ q.T
+    rhs = 1e-8 * torch.randn(3, 40, generator=gen, dtype=F64)  # relative target 1e-4
+
+    def count(max_iter):
+        products = []
+        with HostReads() as reads:
+            _truncated_cg(lambda v: products.append(v) or v @ matrix, rhs, max_iter, 4)
+        assert len(products) == max_iter  # no row reached the target
+        return reads.count
+
+    assert_once_per_four(count)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton", "gauss_newton", "levenberg_marquardt"])
+def test_minimizers_find_the_same_minimum_reading_every_four_iterations(solver):
+    fun, residual = objective_problem()
+    door = implicit.least_squares if solver in ("gauss_newton", "levenberg_marquardt") else None
+    answers = []
+    for check_every in (1, 4):
+        z, info = (door or implicit.minimize)(
+            residual if door else fun, torch.zeros(4, 12, dtype=F64), solver=solver,
+            tol=1e-8, max_iter=500, batched=True, return_info=True,
+            check_every=check_every, on_failure="raise",
+        )  # fmt: skip
+        assert info.status == "converged"
+        answers.append(z)
+    assert rel_err(answers[1], answers[0]) <= 1e-6
+
+
 @pytest.mark.parametrize("method", [linear.Neumann, linear.GMRES, linear.BiCGStab], ids=str)
 def test_backward_solvers_read_once_per_check(method):
     # (CG, which breaks down at once on this non-symmetric system, has its own test.)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import cheap_host_reads, norms
+from implicit._batch import check_interval, norms
 from implicit._checks import check_number
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
 from implicit.linear.base import PositiveDefinite
@@ -54,8 +54,10 @@ class Minimizer(Solver):
             every stationary point.
         max_dense: up to this many unknowns per problem the test uses the dense
             Hessian; above, a few Lanczos steps.
-        check_every: see [`Solver`][implicit.solvers.Solver]; here how often the
-            host tests the rows that have passed the gradient test.
+        check_every: see [`Solver`][implicit.solvers.Solver]: how often the host
+            tests for the end and the rows that have passed the gradient test (the
+            second-order test runs there); between two tests a step does the work a
+            row might need without asking whether one does.
     """
 
     #: Whether the method needs the residual vector of a least-squares problem.
@@ -68,6 +70,13 @@ class Minimizer(Solver):
         super().__post_init__()
         check_number(self.max_dense, "max_dense", "an integer >= 0")
         object.__setattr__(self, "curvature_check", bool(self.curvature_check))
+
+    def any_of(self, rows: torch.Tensor) -> bool:
+        """Whether any of ``rows`` is set, for a step that may skip work no row needs:
+        read on the host only where this solver reads it every iteration (see
+        ``check_every``); elsewhere ``True``, and the work is done for no row rather
+        than stall the device."""
+        return check_interval(self.check_every, rows) > 1 or bool(rows.any())
 
     def init(self, fn: Objective, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The objective ``(B,)``, its gradient ``(B, n)`` and the method's state at ``z``."""
@@ -108,9 +117,10 @@ class Minimizer(Solver):
         running = codes == MAX_ITER
         pending = torch.zeros_like(running)  # passed the gradient test, awaiting the Hessian's
         strict = torch.zeros_like(running)  # at a strict minimum when last tested
+        stalled = torch.zeros_like(running)  # gave up: no step decreases the objective
         iterations = torch.zeros_like(codes)
         history = [norms.max()]
-        check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
+        check_every = check_interval(self.check_every, z)
         notes: list[str] = []
         k = 0
         while True:
@@ -118,7 +128,11 @@ class Minimizer(Solver):
             passed = running & (norms <= threshold)
             running, pending = running & ~passed, pending | passed
             at_end = k >= max_iter
-            if (k % check_every == 0 or at_end) and bool(pending.any()):
+            checking = k % check_every == 0 or at_end
+            if checking:  # one host read for both questions
+                answers = int(2 * pending.any() + running.any())
+                any_pending, any_running = answers >= 2, answers % 2 == 1
+            if checking and any_pending:
                 saddle, leave, positive = self._saddles(fn, z, grad, pending)
                 codes = torch.where(pending & ~saddle, CONVERGED, codes)
                 unknown = pending & unknown_curvature(leave)
@@ -142,7 +156,7 @@ class Minimizer(Solver):
                     history.append(norms.max())
                 pending = torch.zeros_like(pending)
                 continue
-            if at_end or (k % check_every == 0 and not bool(running.any())):
+            if checking and (at_end or not any_running):
                 break
             z, f, grad, state, failed = self.step(fn, z, f, grad, state, running)
             k += 1
@@ -150,10 +164,9 @@ class Minimizer(Solver):
             norms = torch.where(running, residual_norms(fn, z, grad), norms)
             threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
             failed = running & failed & (norms > threshold)
-            if bool(failed.any()):
-                codes = torch.where(failed, FAILED, codes)
-                notes.append(_STALLED)
-                running = running & ~failed
+            stalled = stalled | failed
+            codes = torch.where(failed, FAILED, codes)
+            running = running & ~failed
             # A finite objective with a non-finite gradient (the searches reject
             # non-finite values, so only a method's own derivatives can do this).
             broken = running & ~torch.isfinite(norms)
@@ -162,6 +175,8 @@ class Minimizer(Solver):
             history.append(norms.max())
             if callback is not None:
                 callback(k, norms, z)
+        if bool(stalled.any()):
+            notes.append(_STALLED)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),

@@ -91,7 +91,7 @@ class LBFGS(Minimizer):
     def step(self, fn, z, f, grad, state, running):
         search, steepest = state.search, state.steepest
         need = running & ~search.active
-        if bool(need.any()):
+        if self.any_of(need):
             free = fn.free(z, grad).to(z.dtype)
             descent = -free * grad
             pairs_s, pairs_y, rho = state.s, state.y, state.rho

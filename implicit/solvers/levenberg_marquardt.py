@@ -103,7 +103,7 @@ class LevenbergMarquardt(Minimizer):
         # Where the decrease is below the rounding of ½‖r‖², the gradient judges (as in
         # the line searches, implicit.solvers._search).
         flat = running & ~accept & (f_trial <= f + FLAT_ULPS * torch.finfo(f.dtype).eps * f)
-        if bool((accept | flat).any()):
+        if self.any_of(accept | flat):
             fn.jac_evals += 1
             j_trial = linearization.dense()
             g_trial = (j_trial.transpose(1, 2) @ r_trial.unsqueeze(2)).squeeze(2)

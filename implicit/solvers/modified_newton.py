@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from implicit._batch import check_interval
 from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
@@ -84,7 +85,7 @@ class ModifiedNewton(Minimizer):
     def step(self, fn, z, f, grad, state, running):
         search, steepest, retry = state.search, state.steepest, state.retry
         need = running & ~search.active
-        if bool(need.any()):
+        if self.any_of(need):
             free = fn.free(z, grad).to(z.dtype)
             descent = -free * grad
             direction = self._direction(fn, z, free, descent)
@@ -125,11 +126,14 @@ class ModifiedNewton(Minimizer):
             coefficients = (vectors.transpose(1, 2) @ descent.unsqueeze(2)).squeeze(2)
             return free * (vectors @ (coefficients / modified).unsqueeze(2)).squeeze(2)
         return free * _truncated_cg(
-            lambda v: free * hessian.mv(free * v), descent, self.cg_max_iter or CG_MAX_ITER
+            lambda v: free * hessian.mv(free * v),
+            descent,
+            self.cg_max_iter or CG_MAX_ITER,
+            check_interval(self.check_every, z),
         )
 
 
-def _truncated_cg(product, rhs: torch.Tensor, max_iter: int) -> torch.Tensor:
+def _truncated_cg(product, rhs: torch.Tensor, max_iter: int, check_every: int) -> torch.Tensor:
     """Conjugate gradients on ``H d = rhs`` per row, from ``d = 0``, stopped at the relative
     residual ``min(0.5, √‖rhs‖)`` or before a direction of non-positive curvature (at
     the first iteration the answer is then ``rhs`` itself, the steepest descent)."""
@@ -140,8 +144,10 @@ def _truncated_cg(product, rhs: torch.Tensor, max_iter: int) -> torch.Tensor:
     rr = (r * r).sum(dim=1)
     running = rr.sqrt() > target
     first = torch.ones_like(running)
-    for _ in range(max_iter):
-        if not bool(running.any()):
+    for k in range(max_iter):
+        # Reading every iteration, the test comes before the first product; otherwise
+        # after every check_every products.
+        if k % check_every == check_every - 1 and not bool(running.any()):
             break
         hp = product(p)
         curvature = (p * hp).sum(dim=1)
