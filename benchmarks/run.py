@@ -3,7 +3,7 @@
 From the repository root::
 
     pip install ".[bench]"          # TorchDEQ and jaxopt (optional: skipped if absent)
-    python benchmarks/run.py        # about 5 minutes (it runs on one core); --quick for ~2
+    python benchmarks/run.py        # about 15 minutes (it runs on one core); --quick: fewer
 
 Sections (each a module of this directory): the DEQ training step against TorchDEQ and
 jaxopt (:mod:`deq_step`), Newton on a small fixed point against autograd through Newton
