@@ -232,3 +232,20 @@ def test_the_default_solve_walks_a_bounded_part_of_the_library():
     listing = "\n".join(f"{path}:{line} {name}" for path, line, name in functions)
     assert len(functions) <= limit, f"{len(functions)} functions:\n{listing}"
     assert len(files) <= 16, f"{len(files)} files: {sorted(files)}"
+
+
+def test_the_default_takes_picards_steps_on_the_benchmark_cell():
+    # The DEQ cell contracts its residual about threefold per plain step: the default
+    # Anderson never extrapolates there, and its step is fixed_point / neumann's
+    # arithmetic (the same counts, the same gradients). Width 128: above auto's dense
+    # size, where it runs Neumann.
+    p = deq_step.DEQProblem.make(16, 128)
+    found = []
+    for solver, backward in (("anderson", "auto"), ("fixed_point", "neumann")):
+        deq_step._COUNTER.f_evals = deq_step._COUNTER.vjps = 0
+        contender = deq_step.implicit_contender(p, solver, backward, 1e-6)
+        grads = deq_step.flat_grads(contender.make(deq_step._counted_tanh)())
+        found.append((deq_step._COUNTER.f_evals, deq_step._COUNTER.vjps, grads))
+    (f_default, vjps_default, default), (f_picard, vjps_picard, picard) = found
+    assert (f_default, vjps_default) == (f_picard, vjps_picard)
+    assert torch.equal(default, picard)
