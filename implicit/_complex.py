@@ -26,7 +26,7 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     as it is."""
     if not tensor.is_complex():
         return tensor
-    # A copy, not torch.view_as_real: the view's derivative (a complex view of the
+    # A copy, not torch.view_as_real: that view's derivative (a complex view of the
     # gradient) fails on the strides of gradients batched by vmap, which the dense
     # Jacobians and Hessians use.
     return torch.stack((tensor.real, tensor.imag), dim=-1)
@@ -34,9 +34,13 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
 
 def from_real(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The complex tensor of ``shape`` whose parts (as :func:`as_real` lays them out)
-    are the values of ``flat``."""
+    are the values of ``flat``: a view where the strides allow (its derivative, the
+    real view of a gradient, always exists), else a copy."""
     pairs = flat.reshape(*shape, 2)
-    return torch.complex(pairs[..., 0], pairs[..., 1])
+    try:
+        return torch.view_as_complex(pairs)
+    except RuntimeError:  # strides a complex view cannot express (an odd offset, ...)
+        return torch.view_as_complex(pairs.contiguous())
 
 
 def same_precision(a: torch.dtype, b: torch.dtype) -> bool:

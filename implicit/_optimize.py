@@ -52,11 +52,12 @@ def minimize(
     [`root_solve`][implicit.root_solve]. The forward solve records no graph.
 
     Args:
-        fun: the objective. ``fun(z, *args)`` returns a scalar tensor; with
-            ``batched=True`` a ``(B,)`` tensor whose entry ``b`` depends only on
-            problem ``b`` (row ``b`` of every leaf of ``z``).
+        fun: the objective. ``fun(z, *args)`` returns a real scalar tensor (``z`` may
+            be complex); with ``batched=True`` a ``(B,)`` tensor whose entry ``b``
+            depends only on problem ``b`` (row ``b`` of every leaf of ``z``).
         z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
-            tensors. Receives no gradient. Clipped into the bounds first.
+            tensors, real or complex ([complex numbers][complex-states]). Receives no
+            gradient. Clipped into the bounds first.
         *args: extra arguments of ``fun``; tensors among them receive gradients (so
             do tensors ``fun`` captures).
         solver: ``"lbfgs"`` (default), ``"newton"``, ``"scipy"`` (with ``method=`` any
@@ -137,8 +138,9 @@ def least_squares(
     [`root_solve`][implicit.root_solve].
 
     Args:
-        residual: ``residual(z, *args)`` returns a tensor of any shape; with
-            ``batched=True`` dim 0 indexes the problems.
+        residual: ``residual(z, *args)`` returns a tensor of any shape, real or
+            complex (``½Σ|rᵢ|²`` is minimised); with ``batched=True`` dim 0 indexes
+            the problems.
         z0: initial guess, a tensor or a tree of tensors (no gradient).
         *args: extra arguments of ``residual``; tensors among them receive gradients.
         solver: ``"levenberg_marquardt"`` (default), ``"gauss_newton"``, ``"scipy"``

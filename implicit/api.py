@@ -115,7 +115,8 @@ def fixed_point(
             ``aux`` at the solution is returned after ``z``, differentiable as a
             function of ``(z*, args)``).
         z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
-            tensors. Receives no gradient.
+            tensors, real or complex ([complex numbers][complex-states]).
+            Receives no gradient.
         *args: extra arguments of ``f``; tensors among them receive gradients.
 
     Returns:
@@ -180,7 +181,8 @@ def root_solve(
             ``has_aux=True``, the pair ``(residual, aux)``, as for
             [`fixed_point`][implicit.fixed_point]).
         z0: initial guess: a tensor or a tree (nested tuples, lists, dicts) of
-            tensors. Receives no gradient.
+            tensors, real or complex ([complex numbers][complex-states]).
+            Receives no gradient.
         *args: extra arguments of ``g``; tensors among them receive gradients.
 
     Returns:
@@ -241,7 +243,7 @@ def invert(
 
     Args:
         f: the forward function (with ``has_aux=True``, returning ``(f(z), aux)``).
-        y: the target, a tensor. Receives gradients.
+        y: the target, a tensor (real or complex, as ``f(z)``). Receives gradients.
         *args: extra arguments of ``f`` (and of ``inverse``); tensors among them
             receive gradients.
         inverse: a black box ``inverse(y, *args)`` returning ``z`` (a tensor or a numpy

@@ -33,6 +33,15 @@ X = randn(N, seed=3)
 H = (lambda m: m.conj().T @ m + torch.eye(N, dtype=C))(randn(N, N, seed=4))  # Hermitian PD
 
 
+# Every forward solver with every exact backward (scipy runs in numpy: nothing to unroll).
+SOLVER_BACKWARD = [
+    (solver, backward)
+    for solver in ("newton", "broyden", "anderson", "fixed_point", "scipy")
+    for backward in ("auto", "dense", "gmres", "bicgstab", "unroll")
+    if (solver, backward) != ("scipy", "unroll")
+]
+
+
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.clone().requires_grad_()
 
@@ -92,6 +101,41 @@ class TestRoots:
         )
         assert info.status == "converged" and info.residual.dtype == torch.float64
         assert rel_err(z, torch.linalg.solve(A, B)) <= 1e-9
+
+    @pytest.mark.parametrize(("solver", "backward"), SOLVER_BACKWARD)
+    def test_every_solver_with_every_backward(self, solver, backward):
+        def g(z, a, b):  # A z + 0.1 z³ = b, holomorphic: Newton's derivative is A + 0.3 diag(z²)
+            return a @ z + 0.1 * z**3 - b
+
+        def unrolled_newton(a, b):
+            z = torch.zeros(N, dtype=C)
+            for _ in range(40):
+                z = z - torch.linalg.solve(a + 0.3 * torch.diag(z**2), g(z, a, b))
+            return z
+
+        a, b, a_ref, b_ref = leaf(A), leaf(B), leaf(A), leaf(B)
+        if solver in ("anderson", "fixed_point"):
+            f = lambda z, a, b: z - 0.3 * g(z, a, b)  # noqa: E731
+            z = implicit.fixed_point(
+                f,
+                torch.zeros(N, dtype=C),
+                a,
+                b,
+                solver=solver,
+                backward=backward,
+                tol=1e-12,
+                max_iter=500,
+            )
+        else:
+            z = implicit.root_solve(
+                g, torch.zeros(N, dtype=C), a, b, solver=solver, backward=backward, **TIGHT
+            )
+        reference = unrolled_newton(a_ref, b_ref)
+        assert rel_err(z, reference) <= 1e-10
+        loss = lambda z: z.abs().pow(2).sum() + z.real.sum()  # noqa: E731
+        grads = torch.autograd.grad(loss(z), (a, b))
+        for got, want in zip(grads, torch.autograd.grad(loss(reference), (a_ref, b_ref))):
+            assert rel_err(got, want) <= 1e-8
 
     def test_captured_complex_parameter(self):
         def solve(a):
@@ -222,3 +266,29 @@ class TestTransforms:
         tangent = 1j * randn(N, seed=9)
         _, dz = torch.func.jvp(solve, (B,), (tangent,))
         assert rel_err(dz, torch.linalg.solve(A, tangent)) <= 1e-12
+
+    def test_vmap_of_grad_and_hessian_of_a_real_parameter(self):
+        def solve(b):
+            return implicit.root_solve(lambda z, b: A @ z - b, torch.zeros(N, dtype=C), b, **TIGHT)
+
+        many = randn(4, N, seed=10)
+        grads = torch.func.vmap(torch.func.grad(lambda b: solve(b).abs().pow(2).sum()))(many)
+        reference = lambda b: torch.linalg.solve(A, b).abs().pow(2).sum()  # noqa: E731
+        assert rel_err(grads, torch.func.vmap(torch.func.grad(reference))(many)) <= 1e-12
+
+        def g(z, r):  # holomorphic in z: Newton's derivative is A + 0.3 diag(z²)
+            return A @ z + 0.1 * z**3 - r * (1 + 1j)
+
+        def loss(r):
+            z = implicit.root_solve(g, torch.zeros(N, dtype=C), r, **TIGHT)
+            return z.abs().pow(2).sum()
+
+        def unrolled_newton(r):
+            z = torch.zeros(N, dtype=C)
+            for _ in range(60):
+                z = z - torch.linalg.solve(A + 0.3 * torch.diag(z**2), g(z, r))
+            return z.abs().pow(2).sum()
+
+        r = randn(N, seed=11, dtype=torch.float64)
+        hessian = torch.func.hessian(loss)(r)
+        assert rel_err(hessian, torch.func.hessian(unrolled_newton)(r)) <= 1e-10

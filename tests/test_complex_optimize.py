@@ -144,6 +144,21 @@ class TestDtypes:
         z = implicit.least_squares(lambda z: a @ z - b, torch.zeros(N, dtype=c64))
         assert z.dtype == c64 and rel_err(z, torch.linalg.solve(a, b)) < 1e-4
 
+    def test_failures_are_reported(self):
+        nan = torch.complex(torch.tensor(float("nan")), torch.tensor(0.0)).to(C)
+        _, info = implicit.root_solve(
+            lambda z: z - nan, torch.zeros(N, dtype=C), return_info=True, on_failure="ignore"
+        )
+        assert info.status == "nonfinite"
+        with pytest.raises(implicit.ConvergenceError, match="max_iter"):
+            implicit.fixed_point(
+                lambda z: 2 * z + 1j,
+                torch.zeros(N, dtype=C),
+                solver="fixed_point",
+                max_iter=5,
+                on_failure="raise",
+            )
+
 
 class TestRefusals:
     def test_bounds_and_bracketing_name_the_argument(self):
