@@ -16,7 +16,10 @@ counting ``tanh``), the overhead ratio ``time / (f_evals · t_f + VJPs · t_vjp)
 ``t_f`` and ``t_vjp`` measured here for the contender's own framework, and the relative
 error of ``(∇W, ∇U, ∇b)`` against a float64 reference (see :func:`reference_grads`).
 
-Tolerances are made comparable (all at ``tol = 1e-6``):
+The main table runs every contender at ``tol = 1e-6``; the sweeps run implicit's
+default (``anderson / auto``) and the eager loop from 1e-3 to 1e-7, TorchDEQ at 1e-5
+and 1e-6, jaxopt from 1e-3 to 1e-6, so that each peer row meets implicit's fastest run
+at equal or better gradient error. The tolerances mean:
 
 * implicit stops sample ``b`` when ``‖f(z)_b − z_b‖ ≤ tol · (1 + ‖f(z0)_b‖)`` and the
   adjoint solve when ``‖(∂g/∂z)ᵀw − v‖ ≤ tol · ‖v‖`` per sample;
@@ -45,9 +48,8 @@ from _common import Row, timed_blocks
 
 import implicit
 
-#: The tolerance of the main table; the sweep adds the others.
+#: The tolerance of the main table; the sweeps add the others.
 TOL = 1e-6
-SWEEP = (1e-5, 1e-6, 1e-7)
 MAX_ITER = 100
 
 
@@ -459,41 +461,58 @@ def jax_kernel_probes(p: DEQProblem, z_star: torch.Tensor) -> tuple[Callable, Ca
 
 
 # -- the section ----------------------------------------------------------------------
-def contenders(p: DEQProblem, peers: dict[str, bool], quick: bool) -> list[Contender]:
-    """The main table (every contender at ``TOL``) and the tolerance sweep."""
-    solvers = (
-        ["anderson", "fixed_point"] if quick else ["anderson", "fixed_point", "broyden", "newton"]
-    )
-    # "auto" first: the default (Neumann while it contracts well, then GMRES).
-    backwards = (
-        ["auto", "gmres", "neumann"]
-        if quick
-        else ["auto", "gmres", "bicgstab", "neumann", "one_step"]
-    )
-    out = [implicit_contender(p, s, bw, TOL) for s in solvers for bw in backwards]
-    out.append(eager_loop_contender(p, TOL))
-    out.append(
-        implicit_contender(p, "anderson", "unroll", TOL, "autograd through anderson (unroll)")
-    )
-    for tol in SWEEP:
-        if tol != TOL:
-            out += [
-                implicit_contender(p, "anderson", "neumann", tol),
-                implicit_contender(p, "anderson", "gmres", tol),
-                implicit_contender(p, "fixed_point", "neumann", tol),
-                eager_loop_contender(p, tol),
-            ]
-    for tol in SWEEP:
-        if peers["torchdeq"]:
+#: The default configuration (the front doors' and ``DEQ``'s): the goals are set for it.
+DEFAULT = "implicit anderson / auto"
+#: implicit's default and the eager loop at each of these (``fixed_point / neumann`` at
+#: the decades); each peer at its own range, so that every peer row meets implicit's
+#: fastest run at equal or better error.
+IMPLICIT_SWEEP = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
+TORCHDEQ_SWEEP = (1e-5, 1e-6)
+#: jaxopt's ``tol`` bounds the norm over the whole batch: its error falls slower.
+JAXOPT_SWEEP = (1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def contenders(
+    p: DEQProblem, peers: dict[str, bool], quick: bool, scaling: bool = False
+) -> list[Contender]:
+    """The main table (every contender at ``TOL``) and the tolerance sweeps; with
+    ``scaling``, only the default, the eager loop and the peers' sweeps."""
+    if scaling:
+        out = []
+    else:
+        solvers = (
+            ["anderson", "fixed_point"]
+            if quick
+            else ["anderson", "fixed_point", "broyden", "newton"]
+        )
+        # "auto" first: the default (Neumann while it contracts well, then GMRES).
+        backwards = (
+            ["auto", "gmres", "neumann"]
+            if quick
+            else ["auto", "gmres", "bicgstab", "neumann", "one_step"]
+        )
+        out = [implicit_contender(p, s, bw, TOL) for s in solvers for bw in backwards]
+        out.append(
+            implicit_contender(p, "anderson", "unroll", TOL, "autograd through anderson (unroll)")
+        )
+    for tol in IMPLICIT_SWEEP:
+        if tol != TOL or scaling:
+            out.append(implicit_contender(p, "anderson", "auto", tol))
+            if not scaling and math.log10(tol).is_integer():
+                out.append(implicit_contender(p, "fixed_point", "neumann", tol))
+        out.append(eager_loop_contender(p, tol))
+    if peers["torchdeq"]:
+        for tol in TORCHDEQ_SWEEP:
             out.append(torchdeq_contender(p, "fixed_point_iter", tol))
-            if tol == TOL:
+            if tol == TOL and not scaling:
                 out.append(torchdeq_contender(p, "anderson", tol))
-        if peers["jaxopt"]:
+    if peers["jaxopt"]:
+        for tol in JAXOPT_SWEEP:
             out += [
                 jaxopt_contender(p, "anderson", "gmres", tol),
                 jaxopt_contender(p, "anderson", "normal_cg", tol),
             ]
-            if tol == TOL and not quick:
+            if tol == TOL and not quick and not scaling:
                 out.append(jaxopt_contender(p, "fixed_point", "gmres", tol))
     return out
 
@@ -516,7 +535,12 @@ def available_peers(use_peers: bool = True) -> dict[str, bool]:
 
 
 def run(
-    batch: int, width: int, rounds: int, quick: bool = False, use_peers: bool = True
+    batch: int,
+    width: int,
+    rounds: int,
+    quick: bool = False,
+    use_peers: bool = True,
+    scaling: bool = False,
 ) -> tuple[list[Row], dict]:
     """Time every contender at one size; returns the rows and what the reader needs.
 
@@ -528,7 +552,7 @@ def run(
     p = DEQProblem.make(batch, width)
     z_star, ref = reference_grads(p)
     peers = available_peers(use_peers)
-    entries = contenders(p, peers, quick)
+    entries = contenders(p, peers, quick, scaling)
     calls: dict[str, Callable] = {}
     calls["probe torch f"], calls["probe torch vjp"] = torch_probes(p, z_star)
     calls["probe torch product"], calls["probe torch tanh"] = torch_kernel_probes(p, z_star)

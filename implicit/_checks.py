@@ -24,6 +24,7 @@ NUMBER_RULES = {
     "an integer >= 0": (0, False, math.inf, True, True),
     "an integer >= 1": (1, False, math.inf, True, True),
     "in (0, 1]": (0, True, 1, False, False),
+    "in [0, 1]": (0, False, 1, False, False),
     "a finite number >= 0": (0, False, math.inf, True, False),
     "a number > 0": (0, True, math.inf, False, False),
     "a number > 1": (1, True, math.inf, False, False),

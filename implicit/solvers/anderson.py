@@ -8,8 +8,20 @@ import math
 
 import torch
 
-from implicit._batch import combine, known_all, project, solve, store, traced, upcast, working_dtype
+from implicit._batch import (
+    check_interval,
+    combine,
+    known_all,
+    norms,
+    project,
+    solve,
+    store,
+    traced,
+    upcast,
+    working_dtype,
+)
 from implicit._checks import check_number
+from implicit._torch import transforms_active
 from implicit.linear.base import LowRankInverse
 from implicit.solvers.base import Solver
 
@@ -24,19 +36,26 @@ class _History:
     that is empty, was not usable or was cleared by a restart holds zeros everywhere,
     so that it adds nothing to a step (and no NaN); a used slot has ``‖Δr‖ > 0``. Slot
     ``slot`` is written next (the same for every problem).
+
+    Before the solver starts extrapolating, the four tensors of the history are
+    ``None`` (nothing is allocated) and ``worst`` is the largest residual norm over the
+    batch at ``z``, against which the next step's contraction is measured.
     """
 
     z: torch.Tensor
     r: torch.Tensor
-    dr: torch.Tensor
-    dz_mixed: torch.Tensor
-    gram: torch.Tensor
-    rhs: torch.Tensor
+    dr: torch.Tensor | None = None
+    dz_mixed: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    rhs: torch.Tensor | None = None
     slot: int = 0
+    worst: float | None = None
 
     @property
     def valid(self) -> torch.Tensor:
         """``(B, m)``: the slots in use."""
+        if self.gram is None:
+            return self.z.new_zeros(self.z.shape[0], 1, dtype=torch.bool)
         return self.gram.diagonal(dim1=1, dim2=2) > 0
 
 
@@ -90,6 +109,18 @@ class Anderson(Solver):
     whose residual difference is zero or not finite never enter the history.
     Differentiable (``backward="unroll"`` works through it).
 
+    Where plain mixing already converges fast, extrapolation costs more than it saves
+    (its small solves and passes over the history, each iteration, beside one
+    evaluation of ``g``): so the solver takes plain mixing steps, and keeps no history,
+    while the largest residual of the batch shrinks at least by ``start_ratio`` per
+    step (``max_b ‖g(z_k)_b‖ ≤ start_ratio · max_b ‖g(z_{k−1})_b‖``), and extrapolates
+    from the first step where it does not, to the end. The choice is made for the
+    whole batch (one host read of one number per step, no pass over the batch beyond
+    the norms): a problem's iterates, though not its tolerance, can depend on the
+    batch it is solved in. Where the loop must not read the host each step
+    (``check_every > 1``, the default on accelerators) or cannot (under a
+    ``torch.func`` transform), the solver extrapolates from the start.
+
     On a root problem this accelerates ``z ← z + β g(z)``, which needs ``∂g/∂z``
     close to ``−I`` (as for ``g = f(z) − z`` with a contractive ``f``); for other root
     problems use [`Newton`][implicit.solvers.Newton] or
@@ -104,6 +135,9 @@ class Anderson(Solver):
         max_coefficient: largest allowed ``‖γ‖₁`` (the weights of the combination
             of past iterates are bounded by ``1 + 2‖γ‖₁``); ``math.inf`` turns the
             check off.
+        start_ratio: the contraction per plain mixing step below which the solver
+            does not extrapolate (yet), in ``[0, 1]``; ``0`` extrapolates from the
+            second step on (classic Anderson).
         check_every: see [`Solver`][implicit.solvers.Solver].
     """
 
@@ -113,6 +147,7 @@ class Anderson(Solver):
     mixing: float = 1.0
     regularization: float = 1e-8
     max_coefficient: float = 1e4
+    start_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,20 +155,20 @@ class Anderson(Solver):
         check_number(self.mixing, "mixing", "in (0, 1]")
         check_number(self.regularization, "regularization", "a finite number >= 0")
         check_number(self.max_coefficient, "max_coefficient", "a number > 0")
+        check_number(self.start_ratio, "start_ratio", "in [0, 1]")
         object.__setattr__(self, "mixing", float(self.mixing))
         object.__setattr__(self, "regularization", float(self.regularization))
         object.__setattr__(self, "max_coefficient", float(self.max_coefficient))
+        object.__setattr__(self, "start_ratio", float(self.start_ratio))
 
     def init(self, fn, z, r):
-        batch, n = z.shape
-        return _History(
-            z=z,
-            r=r,
-            dr=z.new_zeros(batch, self.m, n),
-            dz_mixed=z.new_zeros(batch, self.m, n),
-            gram=z.new_zeros(batch, self.m, self.m, dtype=working_dtype(z.dtype)),
-            rhs=z.new_zeros(batch, self.m, dtype=working_dtype(z.dtype)),
-        )
+        if (
+            self.start_ratio == 0
+            or check_interval(self.check_every, z) > 1
+            or transforms_active(z, r)
+        ):
+            return self._started(_History(z=z, r=r))
+        return _History(z=z, r=r)
 
     def step(self, fn, z, r, state):
         if z is state.z and r is state.r:
@@ -142,6 +177,11 @@ class Anderson(Solver):
             # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
+        if state.dr is None:
+            state = self._watch(z, r, state)
+            if state.dr is None:  # contracting fast: the plain mixing step
+                z_next = torch.add(z, r, alpha=self.mixing)
+                return z_next, fn(z_next), state
         in_place = not traced(z, r)
         state = self._remember(z, r, state, in_place, self.check_every)
         rhs = state.rhs
@@ -185,10 +225,33 @@ class Anderson(Solver):
             z_next = z_next - combine(state.dz_mixed, gamma)
         return z_next, fn(z_next), state
 
-    def hint(self, state: _History) -> LowRankInverse:
+    def hint(self, state: _History) -> LowRankInverse | None:
         """The multisecant estimate of ``(∂g/∂z)⁻¹`` the mixing step applies (computed
-        where a linear solver uses it)."""
-        return _Multisecant(self, state)
+        where a linear solver uses it); ``None`` if the solver never extrapolated."""
+        return None if state.dr is None else _Multisecant(self, state)
+
+    def _started(self, state: _History) -> _History:
+        """``state`` with an empty history: the solver extrapolates from its next step."""
+        z = state.z
+        batch, n = z.shape
+        return dataclasses.replace(
+            state,
+            dr=z.new_zeros(batch, self.m, n),
+            dz_mixed=z.new_zeros(batch, self.m, n),
+            gram=z.new_zeros(batch, self.m, self.m, dtype=working_dtype(z.dtype)),
+            rhs=z.new_zeros(batch, self.m, dtype=working_dtype(z.dtype)),
+            worst=None,
+        )
+
+    def _watch(self, z: torch.Tensor, r: torch.Tensor, state: _History) -> _History:
+        """After a plain mixing step from ``state.z`` to ``z``: ``state`` started (the
+        history's first step is that one) where the largest residual shrank by less
+        than ``start_ratio``, else the state at ``z``."""
+        before = _largest(state.r) if state.worst is None else state.worst
+        now = _largest(r)
+        if now > self.start_ratio * before:  # NaN: no sign of slow contraction
+            return self._started(state)
+        return _History(z=z, r=r, worst=now)
 
     def _system(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised least-squares system of the step and the inverse norms of the
@@ -248,3 +311,8 @@ class Anderson(Solver):
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
+
+
+def _largest(r: torch.Tensor) -> float:
+    """The largest residual norm of the batch, read on the host."""
+    return float(norms(r.detach()).max())

@@ -23,7 +23,9 @@ test_converges_with_mixing = tanh_test("anderson", mixing=0.5)
 test_unroll_matches_unrolled_reference = unroll_test("anderson")
 test_unroll_past_an_exact_root = exact_root_unroll_test("anderson")
 test_counts_every_evaluation = counting_test("anderson")
-test_stops_nonfinite_samples = nonfinite_test("anderson")
+# Plain mixing steps on this problem (it contracts fast): Picard's bound.
+test_stops_nonfinite_samples = nonfinite_test("anderson", within=40)
+test_stops_nonfinite_samples_extrapolating = nonfinite_test("anderson", start_ratio=0.0)
 test_random_contractive_maps = contractive_maps_test("anderson")
 
 
@@ -155,7 +157,7 @@ def test_exploding_coefficients_fall_back_to_the_mixing_step():
 
 
 def test_the_first_step_is_the_mixing_step_and_takes_no_slot():
-    solver = Anderson(m=3, mixing=0.5)
+    solver = Anderson(m=3, mixing=0.5, start_ratio=0.0)
     fn = Residual(lambda z: 1 - z, lambda z: z.new_zeros(z.shape[0]))
     z = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
     r = fn(z)
@@ -216,3 +218,75 @@ def test_history_in_place_and_recorded_give_the_same_iterates(max_coefficient):
     assert rel_err(z_recorded, z_in_place) <= 1e-13
     assert info_recorded.iterations == info_in_place.iterations
     assert info_recorded.history == pytest.approx(info_in_place.history, rel=1e-8, abs=1e-14)
+
+
+def _contraction_problem(rate):
+    """``f(z) = rate · z + x``, the same rate in every direction: plain mixing shrinks
+    the residual by exactly ``rate`` per step."""
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(2, 6)
+
+    def f(z, x):
+        return rate * z + x
+
+    return f, torch.zeros_like(x), x, x / (1 - rate)
+
+
+def test_plain_mixing_while_it_contracts_fast():
+    # Contraction 0.3 < start_ratio: Picard's iterates exactly, and no history kept.
+    f, z0, x, root = _contraction_problem(0.3)
+    kwargs = {"batched": True, "tol": 1e-12, "return_info": True}
+    z, info = implicit.fixed_point(f, z0, x, solver="anderson", **kwargs)
+    z_picard, picard = implicit.fixed_point(f, z0, x, solver="fixed_point", **kwargs)
+    assert info.status == "converged" and rel_err(z, root) <= 1e-11
+    assert torch.equal(z, z_picard) and info.history == picard.history
+    # start_ratio=0: classic Anderson, which solves a linear map in a few steps.
+    _, classic = implicit.fixed_point(f, z0, x, solver="anderson", start_ratio=0.0, **kwargs)
+    assert classic.iterations < info.iterations
+
+
+def test_extrapolates_from_the_first_slow_step():
+    f, z0, x, root = _contraction_problem(0.8)
+    kwargs = {"batched": True, "tol": 1e-12, "return_info": True}
+    z, info = implicit.fixed_point(f, z0, x, solver="anderson", **kwargs)
+    _, classic = implicit.fixed_point(f, z0, x, solver="anderson", start_ratio=0.0, **kwargs)
+    assert info.status == "converged" and rel_err(z, root) <= 1e-11
+    # The first step is plain either way; the second finds 0.8 > 0.5 and the history
+    # starts with that step: the same iterates as classic Anderson.
+    assert info.history == pytest.approx(classic.history, rel=1e-12, abs=1e-15)
+
+
+def test_a_stopped_problem_does_not_start_extrapolation():
+    # Problem 0 converges at once (its residual then stays put); problem 1 contracts
+    # fast. Nothing is slow: plain mixing to the end.
+    f, z0, x, _ = _contraction_problem(0.3)
+    z0 = z0.clone()
+    z0[0] = x[0] / 0.7
+    state_seen = []
+    solver = Anderson()
+    fn = Residual(lambda z, x: f(z, x) - z, args=(x,))
+    original = solver.step
+
+    def step(fn, z, r, state):
+        out = original(fn, z, r, state)
+        state_seen.append(out[2])
+        return out
+
+    object.__setattr__(solver, "step", step)
+    _, info = solver.solve(fn, z0, None, tol=1e-12, max_iter=100)
+    assert info.converged.all() and all(state.dr is None for state in state_seen)
+    assert info.hint is None  # nothing learned about the Jacobian
+
+
+def test_extrapolates_from_the_start_where_the_loop_reads_the_host_rarely():
+    # check_every > 1 (an accelerator's default): no host read per step for the test.
+    f, z0, x, _ = _contraction_problem(0.3)
+    fn = Residual(lambda z, x: f(z, x) - z, args=(x,))
+    r0 = fn(z0)
+    assert Anderson(check_every=4).init(fn, z0, r0).dr is not None
+    assert Anderson(check_every=1).init(fn, z0, r0).dr is None
+
+
+def test_start_ratio_is_checked():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="start_ratio"):
+            Anderson(start_ratio=bad)
