@@ -92,6 +92,15 @@ def test_the_line_search_reads_once_per_check():
     assert_once_per_four(lambda max_iter: forward_reads(solver, max_iter, check_every=None))
 
 
+def spd_system(seed, decades):
+    """A 40 × 40 symmetric positive definite matrix with eigenvalues spread over
+    ``decades`` decades, and three right-hand sides."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=F64))
+    matrix = q @ torch.diag(torch.logspace(0, decades, 40, dtype=F64)) @ q.T
+    return matrix, torch.randn(3, 40, generator=gen, dtype=F64)
+
+
 def objective_problem():
     """A batch of 4 smooth convex problems in 12 unknowns: a quadratic plus a quartic
     (so that no method finishes in one step), as an objective and as a residual."""
@@ -135,10 +144,8 @@ def test_newton_s_inner_cg_reads_once_per_four_of_its_products():
     # own, which reads the host once per check_every of its iterations.
     from implicit.solvers.modified_newton import _truncated_cg
 
-    gen = torch.Generator().manual_seed(2)
-    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=F64))
-    matrix = q @ torch.diag(torch.logspace(0, 6, 40, dtype=F64)) @ q.T
-    rhs = 1e-8 * torch.randn(3, 40, generator=gen, dtype=F64)  # relative target 1e-4
+    matrix, rhs = spd_system(seed=2, decades=6)
+    rhs = 1e-8 * rhs  # CG's relative target is then 1e-4
 
     def count(max_iter):
         products = []
@@ -173,11 +180,8 @@ def test_backward_solvers_read_once_per_check(method):
 
 
 def test_cg_reads_once_per_check():
-    gen = torch.Generator().manual_seed(1)
-    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=F64))
-    matrix = q @ torch.diag(torch.logspace(0, 3, 40, dtype=F64)) @ q.T
+    matrix, rhs = spd_system(seed=1, decades=3)
     op = linear.JacobianOperator.of(lambda z: z @ matrix, torch.zeros(3, 40, dtype=F64))
-    rhs = torch.randn(3, 40, generator=gen, dtype=F64)
 
     def count(max_iter):
         solver = linear.CG(check_every=4)
