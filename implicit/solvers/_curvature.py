@@ -23,8 +23,8 @@ LANCZOS_STEPS = 20
 
 def negative_curvature(
     fn: Objective, z: torch.Tensor, grad: torch.Tensor, max_dense: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(negative, direction, curvature, positive)`` for every row of ``z``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(negative, direction, curvature, positive, newton)`` for every row of ``z``.
 
     ``negative`` ``(B,)``: the Hessian has a clearly negative eigenvalue on the free
     coordinates; ``direction`` ``(B, n)``: its unit eigenvector (zero on the fixed
@@ -34,7 +34,10 @@ def negative_curvature(
     is Lanczos' estimate (an upper bound of it), so ``positive`` is a strong indication,
     not a proof: whoever relies on it must detect a wrong claim (CG does, by its
     breakdown). A row whose Hessian is not finite has ``curvature`` NaN and is neither
-    ``negative`` nor ``positive``.
+    ``negative`` nor ``positive``. ``newton`` ``(B,)``: the length of the Newton step
+    ``‖H⁺ g‖`` on the free coordinates (``g`` the stopping test's residual: the
+    projected gradient under bounds), over the Hessian's positive eigenvalues above
+    its rounding (NaN above ``max_dense`` unknowns: not estimated).
     """
     free = fn.free(z, grad).to(z.dtype)
     hessian = fn.hessian(z)
@@ -48,12 +51,18 @@ def negative_curvature(
         smallest = torch.where(finite, values[:, 0], math.nan)
         direction = vectors[:, :, 0]
         largest = values.abs().amax(dim=1)
+        resolved = values > z.shape[1] * torch.finfo(z.dtype).eps * largest.unsqueeze(1)
+        optimality = free * fn.optimality(z, grad)  # the projected gradient under bounds
+        coefficients = (vectors.transpose(1, 2) @ optimality.unsqueeze(2)).squeeze(2)
+        step = torch.where(resolved, coefficients / torch.where(resolved, values, 1), 0)
+        newton = torch.where(finite, torch.linalg.vector_norm(step, dim=1), math.nan)
     else:
         smallest, direction, largest = _lanczos(
             lambda v: free * hessian.mv(free * v), free, min(LANCZOS_STEPS, z.shape[1])
         )
+        newton = torch.full_like(smallest, math.nan)
     margin = math.sqrt(torch.finfo(z.dtype).eps) * torch.clamp(largest, min=1.0)
-    return smallest < -margin, direction * free, smallest, smallest > margin
+    return smallest < -margin, direction * free, smallest, smallest > margin, newton
 
 
 def _lanczos(product, free: torch.Tensor, steps: int):

@@ -42,6 +42,9 @@ from implicit.solvers.base import Solver, finite_rows_only, thresholds
 
 #: Halvings an escape from a saddle tries before it gives up.
 ESCAPE_TRIALS = 40
+#: A point that passed the gradient test is no minimum where the Newton step is longer
+#: than this fraction of ``1 + ‖z‖`` (see ``Minimizer._saddles``).
+FAR = 0.1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +121,8 @@ class Minimizer(Solver):
         pending = torch.zeros_like(running)  # passed the gradient test, awaiting the Hessian's
         strict = torch.zeros_like(running)  # at a strict minimum when last tested
         stalled = torch.zeros_like(running)  # gave up: no step decreases the objective
+        far_seen = torch.zeros_like(running)  # passed the gradient test far from a minimum
+        far = torch.zeros_like(running)  # found far at the last check, not tested again yet
         iterations = torch.zeros_like(codes)
         history = [norms.max()]
         check_every = check_interval(self.check_every, z)
@@ -125,7 +130,7 @@ class Minimizer(Solver):
         k = 0
         while True:
             threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
-            passed = running & (norms <= threshold)
+            passed = running & ~far & (norms <= threshold)
             running, pending = running & ~passed, pending | passed
             at_end = k >= max_iter
             checking = k % check_every == 0 or at_end
@@ -133,8 +138,10 @@ class Minimizer(Solver):
                 answers = int(2 * pending.any() + running.any())
                 any_pending, any_running = answers >= 2, answers % 2 == 1
             if checking and any_pending:
-                saddle, leave, positive = self._saddles(fn, z, grad, pending)
-                codes = torch.where(pending & ~saddle, CONVERGED, codes)
+                saddle, leave, positive, far = self._saddles(fn, z, grad, pending)
+                # Far from a minimum, the row goes on (its gradient test is loose there).
+                running, far_seen = running | far, far_seen | far
+                codes = torch.where(pending & ~saddle & ~far, CONVERGED, codes)
                 unknown = pending & unknown_curvature(leave)
                 if bool(torch.as_tensor(unknown).any()):
                     codes = torch.where(unknown, NONFINITE, codes)
@@ -159,6 +166,7 @@ class Minimizer(Solver):
             if checking and (at_end or not any_running):
                 break
             z, f, grad, state, failed = self.step(fn, z, f, grad, state, running)
+            far = torch.zeros_like(far)
             k += 1
             iterations = torch.where(running, k, iterations)
             norms = torch.where(running, residual_norms(fn, z, grad), norms)
@@ -177,6 +185,8 @@ class Minimizer(Solver):
                 callback(k, norms, z)
         if bool(stalled.any()):
             notes.append(_STALLED)
+        if bool((far_seen & (codes != CONVERGED)).any()):
+            notes.append(FAR_FROM_MINIMUM)
         info = SolveInfo(
             converged=codes == CONVERGED,
             residual=norms.detach(),
@@ -195,12 +205,18 @@ class Minimizer(Solver):
 
     def _saddles(self, fn: Objective, z, grad, rows: torch.Tensor):
         """The ``rows`` at a saddle or maximum, for each its negative-curvature direction
-        and curvature, and the ``rows`` at a strict minimum (positive curvature)."""
+        and curvature, the ``rows`` at a strict minimum (positive curvature), and the
+        ``rows`` far from any minimum: where the Newton step is longer than
+        ``FAR · (1 + ‖z‖)`` although the gradient test passed (an objective that
+        flattens out towards infinity: ``c + a/z`` has the step ``z/2``)."""
         if not self.curvature_check:
             none = torch.zeros_like(rows)
-            return none, None, none
-        negative, direction, curvature, positive = negative_curvature(fn, z, grad, self.max_dense)
-        return rows & negative, (direction, curvature), rows & positive
+            return none, None, none, none
+        negative, direction, curvature, positive, newton = negative_curvature(
+            fn, z, grad, self.max_dense
+        )
+        far = rows & ~negative & (newton > FAR * (1 + norms(z)))
+        return rows & negative, (direction, curvature), rows & positive, far
 
     def _escape(
         self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int, report=None
@@ -241,6 +257,12 @@ class Minimizer(Solver):
 _SADDLE = (
     "A stationary point with negative curvature (a saddle or a maximum) could not be left "
     "within max_iter: raise max_iter or start elsewhere."
+)
+FAR_FROM_MINIMUM = (
+    "The gradient test passed where a Newton step would still move z by more than a "
+    "tenth of its size: the objective flattens out there (towards a minimum far away, or "
+    "none at all, as a fit whose parameters can run off to infinity). Start nearer, or "
+    "keep z in a box with bounds=."
 )
 UNKNOWN_CURVATURE = (
     "The gradient test passed where the Hessian is not finite (PyTorch's second derivative "

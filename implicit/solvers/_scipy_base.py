@@ -23,6 +23,7 @@ import torch
 
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers._minimizer import (
+    FAR_FROM_MINIMUM,
     UNKNOWN_CURVATURE,
     Minimizer,
     check_objective,
@@ -96,12 +97,12 @@ class ScipyBase(Minimizer):
             # start (as the library's own minimisers).
             threshold = thresholds(tol, torch.minimum(initial_scale, fn.scale_of_value(f)))
             passed = norms <= threshold
-            saddle, leave, strict = self._saddles(fn, z, grad, passed)
+            saddle, leave, strict, far = self._saddles(fn, z, grad, passed)
             if attempt == 1 or not bool(saddle.any()):
                 break
             z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
             iterations += torch.where(saddle, used, 0)
-        codes = torch.where(passed & ~saddle, CONVERGED, FAILED)
+        codes = torch.where(passed & ~saddle & ~far, CONVERGED, FAILED)
         unknown = passed & unknown_curvature(leave)
         finite = torch.isfinite(norms) & torch.isfinite(threshold)
         codes = torch.where(finite & ~unknown, codes, NONFINITE)
@@ -110,6 +111,8 @@ class ScipyBase(Minimizer):
         )
         if bool(saddle.any()):
             message += ". A stationary point with negative curvature (a saddle or maximum)"
+        if bool(far.any()):
+            message += ". " + FAR_FROM_MINIMUM.rstrip(".")
         if bool(torch.as_tensor(unknown).any()):
             message += ". " + UNKNOWN_CURVATURE.rstrip(".")
         iterations_taken = int(iterations.max())

@@ -279,3 +279,44 @@ def test_a_huge_objective_at_the_start_does_not_loosen_the_test_near_the_minimum
     scale = min(3 * (math.exp(27.0) - 54), float((torch.exp(z) - 2 * z).sum()))
     assert info.status == "converged" and gradient.norm() <= 1e-6 * (1 + scale)
     torch.testing.assert_close(z, torch.full_like(z, math.log(2.0)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "solver", ["levenberg_marquardt", "gauss_newton", "lbfgs", "newton", "scipy"]
+)
+def test_a_fit_that_runs_off_to_infinity_is_not_called_a_minimum(solver):
+    # A Michaelis–Menten curve fitted to a straight line: the best fit has Vmax and Km
+    # infinite with Vmax / Km = 0.3, and the gradient vanishes on the way there. Where it
+    # passes the gradient test, a Newton step would still move z by half of its size:
+    # the forward does not claim a minimum, or, once the valley is flat to rounding
+    # (no Newton step can be resolved), the backward reports the singular Hessian.
+    x = torch.linspace(0.1, 2, 12, dtype=D)
+    y = (0.3 * x).requires_grad_()
+
+    def residual(z, y):
+        return z[0] * x / (z[1] + x) - y
+
+    z, info = implicit.least_squares(
+        residual, torch.ones(2, dtype=D), y, solver=solver, tol=1e-6, max_iter=300,
+        on_failure="ignore", return_info=True,
+    )  # fmt: skip
+    z.sum().backward()
+    if info.status == "converged":
+        assert info.backward.status in ("ill_conditioned", "breakdown"), info.backward
+    else:
+        assert "Newton step" in info.message, info.message
+    assert info.status != "converged" or float(z.detach().abs().max()) > 1e5
+
+
+@pytest.mark.parametrize(
+    "solver", ["levenberg_marquardt", "gauss_newton", "lbfgs", "newton", "scipy"]
+)
+def test_the_same_fit_to_its_own_curve_converges(solver):
+    x = torch.linspace(0.1, 2, 12, dtype=D)
+    y = 2 * x / (0.5 + x) + 0.01 * torch.sin(7 * x)  # a non-zero residual at the fit
+    z, info = implicit.least_squares(
+        lambda z, y: z[0] * x / (z[1] + x) - y, torch.ones(2, dtype=D), y, solver=solver,
+        return_info=True,
+    )  # fmt: skip
+    assert info.status == "converged"
+    assert torch.allclose(z, torch.tensor([2.0, 0.5], dtype=D), atol=1e-2)
