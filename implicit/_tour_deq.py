@@ -67,7 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"folder for the residual plot {PLOT_NAME} (default: a new temporary folder,"
         " printed at the end)",
     )
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument(
+        "--random-state",
+        type=int,
+        default=0,
+        help="state of the random generators: the data split and the initial weights (default: 0)",
+    )
     group.add_argument(
         "--fast",
         action="store_true",
@@ -136,7 +141,7 @@ class Classifier(nn.Module):
         return self.head(self.deq(self.inject(x)))
 
 
-def load_digits(seed: int, fast: bool) -> tuple[torch.Tensor, ...]:
+def load_digits(random_state: int, fast: bool) -> tuple[torch.Tensor, ...]:
     """Standardised train and test tensors (a stratified 75/25 split)."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
@@ -145,7 +150,7 @@ def load_digits(seed: int, fast: bool) -> tuple[torch.Tensor, ...]:
     if fast:
         images, labels = images[:500], labels[:500]
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.25, random_state=seed, stratify=labels
+        images, labels, test_size=0.25, random_state=random_state, stratify=labels
     )
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1.0
     as_x = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
@@ -162,7 +167,7 @@ def train(
 ) -> dict[str, Any]:
     """Train one model; return its statistics and residual histories."""
     x_train, y_train, x_test, y_test = data
-    torch.manual_seed(options.seed)  # the same initialisation and batches for both models
+    torch.manual_seed(options.random_state)  # the same initialisation and batches for both models
     model = Classifier(WIDTH, options.solver, backward, MAX_ITER)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     epochs = 1 if options.fast else options.epochs
@@ -238,7 +243,7 @@ def run(options: argparse.Namespace, format_table) -> None:
     import tqdm
 
     out = output_dir(options.out)
-    data = load_digits(options.seed, options.fast)
+    data = load_digits(options.random_state, options.fast)
     print(
         f"   {len(data[0])} training and {len(data[2])} test images, width {WIDTH}, batch "
         f"{BATCH_SIZE}, solver {options.solver!r}, tol 1e-4, max_iter {MAX_ITER}\n"

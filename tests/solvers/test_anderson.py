@@ -71,7 +71,7 @@ def test_accelerates_slow_fixed_point_iteration():
 
 
 def test_sample_without_root_does_not_stop_the_others():
-    # Sample 1 solves 1 + sin(z)/10 = 0, which has no solution; the others are the seed's.
+    # Sample 1 solves 1 + sin(z)/10 = 0, which has no solution; the others are the tanh map's.
     p = TanhProblem(n=4, batch=3)
     bad = torch.tensor([False, True, False]).unsqueeze(1)
 

@@ -23,7 +23,7 @@ def cubic(z, a):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gradient_matches_closed_form(method):
-    # The seed's coupled problem: dz*/dx = (I − D W)⁻¹ D per sample, D = diag(1 − z*²).
+    # The coupled tanh problem: dz*/dx = (I − D W)⁻¹ D per sample, D = diag(1 − z*²).
     p = TanhProblem(n=5, batch=3)
     z, info = implicit.fixed_point(
         p.f, p.z0, p.x, solver="scipy", method=method, batched=True, return_info=True, **TIGHT
