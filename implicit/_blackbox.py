@@ -169,8 +169,8 @@ def _as_tensor(
             f"{who} must return a torch.Tensor or a numpy array, got {type(out).__name__}"
         )
     if dtype is None:
-        dtype = out.dtype if out.is_floating_point() or out.is_complex() else None
-        dtype = dtype or torch.get_default_dtype()
+        numeric = out.is_floating_point() or out.is_complex()
+        dtype = out.dtype if numeric else torch.get_default_dtype()
     elif out.is_complex() and not dtype.is_complex:
         dtype = dtype.to_complex()
     return out.detach().to(dtype=dtype, device=out.device if device is None else device)

@@ -114,6 +114,8 @@ _VALUE_READS = frozenset(
         torch.repeat_interleave,
     }
 )
+#: The operations that may hand values to Python, depending on their arguments.
+_MAY_READ_VALUES = _VALUE_READS | {torch.Tensor.__getitem__, torch.where}
 
 
 class Recorder(_EagerMode):
@@ -159,10 +161,6 @@ class Recorder(_EagerMode):
             made.add(id(tensor))
         self._keep_alive.extend(outputs)
         return out
-
-
-#: The operations that may hand values to Python, depending on their arguments.
-_MAY_READ_VALUES = _VALUE_READS | {torch.Tensor.__getitem__, torch.where}
 
 
 def _reads_values(func, args: tuple) -> bool:

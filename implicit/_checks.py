@@ -94,7 +94,7 @@ def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, na
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
         check_storage(state, label)
-        if not state.is_floating_point() and not is_supported(state.dtype):
+        if not is_supported(state.dtype):
             half = " (complex32 is not supported: use complex64)"
             raise TypeError(
                 f"{label} must be a floating-point or complex tensor, got {state.dtype}"
@@ -140,8 +140,11 @@ def check_arg(
     if arg.dtype is dtype or not (arg.is_floating_point() or arg.is_complex()):
         return
     if not same_precision(arg.dtype, dtype) or arg.dtype is torch.complex32:
-        one = "floating-point dtype" if not (dtype.is_complex or arg.is_complex()) else "precision"
+        advice = (
+            "one precision (float64 with complex128, float32 with complex64)"
+            if dtype.is_complex or arg.is_complex()
+            else "one floating-point dtype"
+        )
         raise TypeError(
-            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use one {one}"
-            + (" (float64 with complex128, float32 with complex64)" if one == "precision" else "")
+            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use {advice}"
         )

@@ -74,13 +74,6 @@ class Minimizer(Solver):
         check_number(self.max_dense, "max_dense", "an integer >= 0")
         object.__setattr__(self, "curvature_check", bool(self.curvature_check))
 
-    def any_of(self, rows: torch.Tensor) -> bool:
-        """Whether any of ``rows`` is set, for a step that may skip work no row needs:
-        read on the host only where this solver reads it every iteration (see
-        ``check_every``); elsewhere ``True``, and the work is done for no row rather
-        than stall the device."""
-        return check_interval(self.check_every, rows) > 1 or bool(rows.any())
-
     def init(self, fn: Objective, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The objective ``(B,)``, its gradient ``(B, n)`` and the method's state at ``z``."""
         f, grad = fn.value_and_grad(z)

@@ -24,13 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import (
-    all_running,
-    cheap_host_reads,
-    row_selector,
-    traced,
-    working_dtype,
-)
+from implicit._batch import all_running, cheap_host_reads, row_selector, traced, working_dtype
 from implicit._batch import norms as norms_of
 from implicit._checks import check_number
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from implicit._batch import known_all
 from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
@@ -91,7 +92,7 @@ class LBFGS(Minimizer):
     def step(self, fn, z, f, grad, state, running):
         search, steepest = state.search, state.steepest
         need = running & ~search.active
-        if self.any_of(need):
+        if not known_all(~need, self.check_every):  # (unknown between reads: do it)
             free = fn.free(z, grad).to(z.dtype)
             descent = -free * grad
             pairs_s, pairs_y, rho = state.s, state.y, state.rho

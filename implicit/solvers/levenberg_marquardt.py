@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from implicit._batch import known_all
 from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import FLAT_ULPS
@@ -103,7 +104,7 @@ class LevenbergMarquardt(Minimizer):
         # Where the decrease is below the rounding of ½‖r‖², the gradient judges (as in
         # the line searches, implicit.solvers._search).
         flat = running & ~accept & (f_trial <= f + FLAT_ULPS * torch.finfo(f.dtype).eps * f)
-        if self.any_of(accept | flat):
+        if not known_all(~(accept | flat), self.check_every):
             fn.jac_evals += 1
             j_trial = linearization.dense()
             g_trial = (j_trial.transpose(1, 2) @ r_trial.unsqueeze(2)).squeeze(2)

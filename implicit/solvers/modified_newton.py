@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from implicit._batch import check_interval
+from implicit._batch import check_interval, known_all
 from implicit._checks import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
@@ -85,7 +85,7 @@ class ModifiedNewton(Minimizer):
     def step(self, fn, z, f, grad, state, running):
         search, steepest, retry = state.search, state.steepest, state.retry
         need = running & ~search.active
-        if self.any_of(need):
+        if not known_all(~need, self.check_every):  # (unknown between reads: do it)
             free = fn.free(z, grad).to(z.dtype)
             descent = -free * grad
             direction = self._direction(fn, z, free, descent)
