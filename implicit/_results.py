@@ -102,6 +102,13 @@ def condition_limit(dtype: torch.dtype) -> float:
     return 1 / math.sqrt(torch.finfo(dtype).eps)
 
 
+def flag_ill_conditioned(codes: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """``codes`` with ``ILL_CONDITIONED`` where a problem converged but its
+    ``condition`` exceeds :func:`condition_limit` of its dtype."""
+    limit = condition_limit(condition.dtype)
+    return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
+
+
 class ConvergenceWarning(RuntimeWarning):
     """A solve did not reach its tolerance, or a black box's answer is not a root.
 

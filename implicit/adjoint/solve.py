@@ -10,7 +10,7 @@ from implicit._results import SolveInfo
 from implicit.adjoint.function import implicit_solve, not_a_view_of
 from implicit.adjoint.problems import Given, RootProblem, Settings
 from implicit.adjoint.unroll import unrolled
-from implicit.linear import LinearSolver, Unroll
+from implicit.linear import Auto, LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
 
@@ -41,6 +41,8 @@ def solve(
     report_shape = (problem.batch_size,) if problem.batched else ()
     if isinstance(backward, Unroll):
         return unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape, callback)
+    if isinstance(backward, Auto) and problem.n <= backward.max_dense:
+        backward = backward.dense  # Auto's choice at this size, made once per call
     settings = Settings(
         tol, max_iter, on_failure, backward, problem.batch_size, backward_x0, callback
     )

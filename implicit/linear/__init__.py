@@ -36,11 +36,12 @@ from implicit.linear.base import (
     LinearResult,
     LinearSolver,
     LowRankInverse,
+    NearbyFactorization,
     PositiveDefinite,
 )
 from implicit.linear.bicgstab import BiCGStab
 from implicit.linear.cg import CG
-from implicit.linear.dense import Dense, NearbyFactorization
+from implicit.linear.dense import Dense
 from implicit.linear.gmres import GMRES
 from implicit.linear.iterative import IterativeSolver, Progress
 from implicit.linear.neumann import Neumann

@@ -160,29 +160,32 @@ class Auto(LinearSolver):
 
     max_dense: int = 64
     check_every: int | None = None
+    #: The method up to ``max_dense`` unknowns, with this solver's ``tol`` and
+    #: ``max_iter``: the differentiable solve hands a problem of that size to it
+    #: directly, its choice made once per call.
+    dense: Dense = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self.max_dense, "max_dense", "an integer >= 0")
         if self.check_every is not None:
             check_number(self.check_every, "check_every", "an integer >= 1")
+        object.__setattr__(self, "dense", _configured(Dense, self.tol, self.max_iter))
 
     def choose(self, operator: JacobianOperator) -> LinearSolver:
         """The method for ``operator`` (see above)."""
         if operator.shape[1] <= self.max_dense:
-            method = Dense
-        elif operator.positive_definite:
+            return self.dense
+        if operator.positive_definite:
             method = CGThenGMRES
         elif operator.shifted:
             method = NeumannThenGMRES
         else:
             method = GMRES
-        check_every = None if method is Dense else self.check_every
-        return _configured(method, self.tol, self.max_iter, check_every)
+        return _configured(method, self.tol, self.max_iter, self.check_every)
 
     def uses(self, hint: Hint, shape: tuple[int, int]) -> bool:
-        dense = _configured(Dense, self.tol, self.max_iter)
-        return shape[1] <= self.max_dense and dense.uses(hint, shape)
+        return shape[1] <= self.max_dense and self.dense.uses(hint, shape)
 
     def init(self, operator: JacobianOperator, hint: Hint | None = None) -> _Chosen:
         chosen = self.choose(operator)

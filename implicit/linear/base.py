@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import upcast
+from implicit._batch import Factorization, upcast
 from implicit._checks import check_max_iter, check_tol
 from implicit._results import (
     BREAKDOWN,
@@ -53,6 +53,7 @@ __all__ = [
     "LinearResult",
     "LinearSolver",
     "LowRankInverse",
+    "NearbyFactorization",
     "PositiveDefinite",
     "Preconditioner",
 ]
@@ -110,7 +111,7 @@ class LinearResult:
         condition: an estimate of the condition number of ``A`` per problem (NaN where
             the method makes none); a problem that converged with an estimate above
             ``1/√eps`` of the dtype has the code ``ILL_CONDITIONED``
-            (``implicit/linear/_condition.py``).
+            (:func:`implicit._results.flag_ill_conditioned`).
     """
 
     x: torch.Tensor
@@ -182,6 +183,28 @@ class LowRankInverse(ApproximateInverse):
         coefficients = torch.bmm(rhs.unsqueeze(1), right.transpose(1, 2))
         correction = torch.bmm(coefficients, left).squeeze(1)
         return self.scale.to(rhs.dtype).unsqueeze(1) * rhs + correction
+
+
+@dataclasses.dataclass(frozen=True)
+class NearbyFactorization(ApproximateInverse):
+    """The LU factorisation of ``∂g/∂z`` at a point near the solution (Newton's last
+    step), which [`Dense`][implicit.linear.Dense] refines instead of building the
+    Jacobian at the solution.
+
+    Attributes:
+        factorization: the ``(B, n, n)`` blocks' factors.
+    """
+
+    factorization: Factorization
+
+    @property
+    def rows(self) -> int:
+        return self.factorization.lu.shape[0]
+
+    def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+        """``M rhs`` per row, ``M`` the inverse of the nearby ``∂g/∂z`` (transposed: of
+        its transpose)."""
+        return self.factorization.solve(rhs, adjoint=transposed)
 
 
 @dataclasses.dataclass(frozen=True)

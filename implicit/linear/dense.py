@@ -1,5 +1,6 @@
 """Dense solves: materialise ``A`` per problem and LU-factorise it, or refine a nearby
-factorisation that the forward solver left (Newton's last step)."""
+factorisation that the forward solver left (Newton's last step); the condition estimate
+from the LU factors."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import math
 
 import torch
 
-from implicit._batch import Factorization, known_all, lu_factor, lu_solve
+from implicit._batch import known_all, lu_factor, lu_solve
 from implicit._checks import check_number
-from implicit.linear import _condition
+from implicit._results import condition_limit, flag_ill_conditioned
 from implicit.linear.base import (
     BREAKDOWN,
     CONVERGED,
     NONFINITE,
-    ApproximateInverse,
     Hint,
     JacobianOperator,
     LinearResult,
     LinearSolver,
+    NearbyFactorization,
 )
 from implicit.linear.iterative import norm, row_mask, safe_div
 
@@ -29,28 +30,10 @@ REFINEMENTS = 5
 #: ``n`` unknowns) below which a dense solve does not refine: there the direct solve
 #: costs no more than refinement's few sequential products (benchmarks/seed_newton.py).
 REFINE_MIN_WORK = 2**16
-
-
-@dataclasses.dataclass(frozen=True)
-class NearbyFactorization(ApproximateInverse):
-    """The LU factorisation of ``∂g/∂z`` at a point near the solution (Newton's last
-    step), which [`Dense`][implicit.linear.Dense] refines instead of building the
-    Jacobian at the solution.
-
-    Attributes:
-        factorization: the ``(B, n, n)`` blocks' factors.
-    """
-
-    factorization: Factorization
-
-    @property
-    def rows(self) -> int:
-        return self.factorization.lu.shape[0]
-
-    def solve(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
-        """``M rhs`` per row, ``M`` the inverse of the nearby ``∂g/∂z`` (transposed: of
-        its transpose)."""
-        return self.factorization.solve(rhs, adjoint=transposed)
+#: A free condition estimate this far below the limit is not refined: on random
+#: matrices (and triangular ones, the hardest), the free estimate was never below 1/2000
+#: of κ₁, and below 1/200 in 1% of them.
+_REFINE_BELOW_LIMIT = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +161,7 @@ class Dense(LinearSolver):
         system = state.system.mT if state.adjoint else state.system
         damped = _relative_residual(system, x, right) if self.ridge else residual
         solved = (state.info == 0) & (damped <= accept)
-        condition = _condition.from_factors(
+        condition = condition_from_factors(
             system, state.lu, state.pivots, x, right, adjoint=state.adjoint
         )
         if not known_all(solved):
@@ -190,7 +173,8 @@ class Dense(LinearSolver):
         x = x.squeeze(-1)
         finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
         codes = torch.where(finite, torch.where(solved, CONVERGED, BREAKDOWN), NONFINITE)
-        return LinearResult(x, residual, _condition.flag(codes, condition), 1, condition=condition)
+        codes = flag_ill_conditioned(codes, condition)
+        return LinearResult(x, residual, codes, 1, condition=condition)
 
 
 def _refine(
@@ -235,7 +219,7 @@ def _refine(
     factors = nearby.factorization
     permutation, lower, upper = torch.lu_unpack(factors.lu, factors.pivots)
     matrix = permutation @ lower @ upper
-    condition = _condition.from_factors(
+    condition = condition_from_factors(
         matrix if transposed else matrix.mT,
         factors.lu,
         factors.pivots,
@@ -243,7 +227,7 @@ def _refine(
         rhs.unsqueeze(-1),
         adjoint=not transposed,
     )
-    codes = _condition.flag(codes, condition)
+    codes = flag_ill_conditioned(codes, condition)
     return LinearResult(x_best, best, codes, products, "dense+refine", condition)
 
 
@@ -253,3 +237,63 @@ def _relative_residual(matrix: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor)
     residual = torch.linalg.vector_norm(matrix @ x - rhs, dim=(1, 2))
     size = torch.linalg.vector_norm(rhs, dim=(1, 2))
     return torch.where(size != 0, residual / size, 0)
+
+
+def condition_from_factors(
+    matrix: torch.Tensor,
+    lu: torch.Tensor,
+    pivots: torch.Tensor,
+    x: torch.Tensor,
+    rhs: torch.Tensor,
+    *,
+    adjoint: bool,
+) -> torch.Tensor:
+    """An estimate of ``κ₁(M)`` per block, ``M`` the ``(B, n, n)`` ``matrix`` solved,
+    from the LU factors of ``M`` (``adjoint=False``) or of ``Mᵀ`` (``adjoint=True``) and
+    a solve ``M x = rhs`` already made (``x``, ``rhs`` of shape ``(B, n, 1)``).
+
+    Free: the larger of the pivot ratio ``max|uᵢᵢ| / min|uᵢᵢ|`` and
+    ``‖M‖₁ ‖x‖₁/‖rhs‖₁``. Where that comes within a factor ``_REFINE_BELOW_LIMIT`` of
+    the limit, Hager's estimator refines it, as LAPACK's ``?gecon`` does (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, §15.3): ``‖M⁻¹ c‖₁`` for the
+    probes ``c = 1/n`` and Higham's alternating vector, then one step of the ascent
+    ``c = e_j``, ``j = argmax |M⁻ᵀ sign(M⁻¹ 1)|``; three solves with the factors, for
+    the blocks that need them only. On random matrices the result was within a factor
+    2 of ``κ₁``. A singular block reads ``inf``.
+    """
+    norm_m = torch.linalg.matrix_norm(matrix, ord=1)
+    diagonal = lu.diagonal(dim1=-2, dim2=-1).abs()
+    smallest = diagonal.amin(dim=-1)
+    ratio = diagonal.amax(dim=-1) / torch.where(smallest > 0, smallest, 0)
+    rhs_size = rhs.abs().sum(dim=(1, 2))
+    amplified = norm_m * x.abs().sum(dim=(1, 2)) / torch.where(rhs_size > 0, rhs_size, 1)
+    # (fmax: a singular block's NaN solution leaves its infinite pivot ratio.)
+    estimate = torch.fmax(ratio, amplified).to(matrix.dtype)
+    limit = condition_limit(estimate.dtype)
+    suspect = torch.isfinite(estimate) & (estimate > limit / _REFINE_BELOW_LIMIT)
+    if not bool(suspect.any()):
+        return estimate
+    rows = suspect.nonzero().squeeze(1)
+    inverse_norm = _hager(lu[rows], pivots[rows], adjoint)
+    refined = torch.maximum(estimate[rows], norm_m[rows] * inverse_norm)
+    return estimate.index_put((rows,), refined)
+
+
+def _hager(lu: torch.Tensor, pivots: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    """A lower estimate of ``‖M⁻¹‖₁`` per block (see :func:`condition_from_factors`)."""
+    batch, n = lu.shape[:2]
+
+    def solve(c: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return lu_solve(lu, pivots, c, adjoint=adjoint != transposed)
+
+    index = torch.arange(n, dtype=lu.dtype, device=lu.device)
+    alternating = (1 - 2 * (index % 2)) * (1 + index / max(n - 1, 1))
+    probes = torch.stack((torch.full_like(index, 1 / n), alternating), dim=1)
+    solved = solve(probes.expand(batch, n, 2), False)
+    sizes = solved.abs().sum(dim=1)  # (B, 2)
+    estimate = torch.maximum(sizes[:, 0], 2 * sizes[:, 1] / (3 * n))
+    signs = torch.where(solved[:, :, :1] >= 0, 1.0, -1.0).to(lu.dtype)
+    ascent = solve(signs, True).abs().argmax(dim=1)  # (B, 1)
+    unit = torch.zeros(batch, n, 1, dtype=lu.dtype, device=lu.device)
+    unit.scatter_(1, ascent.unsqueeze(-1), 1.0)
+    return torch.maximum(estimate, solve(unit, False).abs().sum(dim=(1, 2)))

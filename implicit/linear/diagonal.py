@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from implicit.linear import _condition
+from implicit._results import flag_ill_conditioned
 from implicit.linear.auto import Auto
 from implicit.linear.base import CONVERGED, LinearResult, LinearSolver
 from implicit.linear.iterative import norm, row_mask, safe_div
@@ -47,7 +47,7 @@ class DiagonalFirst(LinearSolver):
         if bool((finite & (residual <= tol * rhs_norm)).all()):
             size = diagonal.abs()
             condition = size.amax(dim=1) / size.amin(dim=1)
-            codes = _condition.flag(
+            codes = flag_ill_conditioned(
                 torch.full_like(rhs_norm, CONVERGED, dtype=torch.long), condition
             )
             relative = safe_div(residual, rhs_norm)

@@ -16,6 +16,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from implicit._checks import check_number
+from implicit._results import flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
@@ -204,7 +205,7 @@ class IterativeSolver(LinearSolver):
         relative = safe_div(residual, rhs_norm)
         gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
         condition = _condition.seen(gain, x, rhs_norm)
-        codes = _condition.flag(codes, condition)
+        codes = flag_ill_conditioned(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)
 

@@ -1,4 +1,4 @@
-"""Condition estimates and the "ill_conditioned" status (implicit/linear/_condition.py)."""
+"""Condition estimates and the "ill_conditioned" status (linear/dense.py, linear/_condition.py)."""
 
 from __future__ import annotations
 
