@@ -1,5 +1,5 @@
 """The front doors: every one reduces to a root problem for the differentiable solve
-(:func:`implicit.adjoint.solve.solve`)."""
+(:func:`implicit.adjoint.function.solve`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
 from implicit._tolerance import Tol
 from implicit._torch import eager
-from implicit.adjoint.solve import solve
+from implicit.adjoint.function import solve
 
 Backward = str | linear.LinearSolver | linear.Unroll
 

@@ -1,4 +1,5 @@
-"""The one ``torch.autograd.Function`` behind every solve, in every AD mode.
+"""The differentiable solve: its entry (:func:`solve`) and the one
+``torch.autograd.Function`` behind every solve, in every AD mode.
 
 ``forward`` solves its problem (:mod:`implicit.adjoint.problems`) where no graph is
 recorded. Reverse and forward mode each take one path, built from ``g`` linearised at
@@ -16,32 +17,21 @@ the solution (:mod:`implicit.adjoint.linearize`):
 Where nothing differentiates the backward (first order) and no ``torch.func`` transform
 wraps its tensors, the linearisation is one recorded autograd graph, shared by the
 adjoint solve and the pullback, and the adjoint solve needs no autograd node: the same
-path with a cheaper linearisation. :class:`Settings` are what every solve of a problem
-shares: tolerances, failure policy and the linear solver, whose solves it runs and
-reports.
+path with a cheaper linearisation.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import torch
 
 from implicit import _progress, _tolerance, _torch
-from implicit._batch import attainable, is_half, upcast
-from implicit._results import (
-    CONVERGED,
-    FAILED,
-    STATUS_CODES,
-    BackwardInfo,
-    SolveInfo,
-    report_failure,
-    status_name,
-)
+from implicit._problem import Problem
+from implicit._results import SolveInfo
+from implicit.adjoint.problems import RootProblem
+from implicit.adjoint.settings import Given, Settings
 from implicit.adjoint.vmap import rows
-from implicit.linear import IterativeSolver, JacobianOperator, LinearSolver
-from implicit.linear.base import Hint, WorkingOperator
+from implicit.linear import Auto, LinearSolver, Unroll
+from implicit.solvers.base import Solver
 
 
 class ImplicitFunction(torch.autograd.Function):
@@ -55,7 +45,8 @@ class ImplicitFunction(torch.autograd.Function):
         # its own dual level must see it on, as it does outside the solve.
         with _torch.forward_grad_as_outside():
             z = problem.solve(z0, inputs)
-        return not_a_view_of(z0, z)
+        # A solve that took no step returns its start: never hand the caller a view of z0.
+        return z.clone() if z is z0 else z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -161,135 +152,91 @@ def implicit_solve(
         or _torch.dual_level_open()
     ):
         with torch.no_grad():
-            problem = Solved(problem, not_a_view_of(z0, problem.solve(z0, inputs)))
+            z = problem.solve(z0, inputs)
+            problem = Solved(problem, z.clone() if z is z0 else z)
     return _torch.apply(ImplicitFunction, problem, z0, *inputs, inherit=vmapped)
 
 
-def not_a_view_of(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """A solve that took no step returns its start: never hand the caller a view of z0."""
-    return z.clone() if z is z0 else z
+def solve(
+    problem: Problem,
+    solver: Solver,
+    backward: LinearSolver | Unroll,
+    *,
+    tol: _tolerance.Tol,
+    max_iter: int,
+    on_failure: str,
+    backward_x0: torch.Tensor | None = None,
+    callback: _progress.Callback | None = None,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Solve ``problem`` from its packed initial state; differentiable in its inputs.
 
+    ``tol`` is a number or a ``(B,)`` tensor (:func:`implicit._tolerance.per_problem`);
+    ``callback`` is the user's, called after each iteration of the forward solve.
+    Returns the packed solution ``(B, n)`` and the forward :class:`SolveInfo`.
+    ``backward_x0``: an initial guess for the backward's adjoint solve (a layer's warm
+    start: an earlier ``BackwardInfo.solution``).
 
-@dataclasses.dataclass
-class Settings:
-    """Tolerances, failure policy and linear solver shared by a solve and its linear solves.
-
-    Attributes:
-        tol: a number, or a ``(B,)`` tensor of per-problem tolerances (see
-            :mod:`implicit._tolerance`).
-        rows: the number of rows ``B`` of the user's problem. The systems of ``vmap``,
-            ``jacrev``, ... stack several blocks of ``B`` rows; an initial guess and a
-            preconditioner are written for one block.
-        backward_x0: the initial guess of the backward's adjoint solve (a layer's warm
-            start), or ``None``.
-        callback: the user's per-iteration callback of the forward solve, or ``None``.
+    The solve runs inside :class:`~implicit.adjoint.function.ImplicitFunction` only
+    where a derivative may be asked for: grad mode on, a dual level open, or a
+    ``torch.func`` transform active, and an input that carries a derivative.
     """
+    z0 = problem.pack(problem.initial).detach()  # z0 gets no gradient, in every mode
+    report_shape = (problem.batch_size,) if problem.batched else ()
+    if isinstance(backward, Unroll):
+        from implicit.adjoint.unroll import unrolled  # (which imports this module)
 
-    tol: _tolerance.Tol
-    max_iter: int
-    on_failure: str
-    linear: LinearSolver
-    rows: int
-    backward_x0: torch.Tensor | None = None
-    callback: _progress.Callback | None = None
-
-    def linear_solve(
-        self,
-        operator: JacobianOperator,
-        rhs: torch.Tensor,
-        what: str,
-        report_shape: tuple[int, ...],
-        *,
-        hint: Hint | None = None,
-        x0: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, BackwardInfo]:
-        """Solve ``operator x = rhs`` with the linear solver, and report how it went."""
-        linear = self.linear
-        tol = linear.tol if linear.tol is not None else self.tol
-        if isinstance(tol, torch.Tensor):  # one number, for every problem
-            tol = _tolerance.for_backward(tol)
-        max_iter = linear.max_iter if linear.max_iter is not None else self.max_iter
-        x0, preconditioner = self._per_call(rhs.shape, x0)
-        dtype = rhs.dtype
-        if is_half(dtype):  # solved in float32 around products in half precision
-            operator, rhs = WorkingOperator(operator, dtype), upcast(rhs)
-            tol, x0 = attainable(tol, dtype), None if x0 is None else upcast(x0)
-        # Passed only when set: a method that takes neither may leave them out.
-        options = {"x0": x0} if x0 is not None else {}
-        if preconditioner is not None:
-            options["preconditioner"] = preconditioner
-        state = linear.init(operator, hint)
-        result = linear.solve(state, rhs, tol=tol, max_iter=max_iter, **options)
-        info = BackwardInfo(
-            converged=reported(result.codes == CONVERGED, report_shape),
-            residual=reported(result.residual.detach(), report_shape),
-            iterations=result.iterations,
-            matvecs=operator.products,
-            status=status_name(result.codes),
-            method=result.method or linear.name,
-            solution=result.x.detach(),
-            condition=None
-            if result.condition is None
-            else reported(result.condition, report_shape),
-        )
-        report_failure(info, self.on_failure, what)
-        return (result.x.to(dtype) if is_half(dtype) else result.x), info
-
-    def _per_call(
-        self, shape: torch.Size, x0: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, Callable | None]:
-        """The initial guess and preconditioner of one linear solve, fitted to its rows.
-
-        The one place where they meet ``vmap``: the user wrote them for one block of
-        ``B`` rows, a system of ``jacrev``, ``vmap``, ... stacks several blocks, so a
-        one-block guess is repeated for each block and the preconditioner is applied
-        block by block. ``x0`` (a layer's warm start, the solution of an earlier
-        system) takes precedence over the solver's own and is dropped (a cold start)
-        where it fits neither the system nor one block; the solver's own must fit.
-        """
-        linear = self.linear
-        own = isinstance(linear, IterativeSolver)
-        preconditioner = linear.preconditioner if own else None
-        blocks = shape[0] // self.rows
-        block = self.rows * shape[1]
-        if x0 is not None and x0.numel() not in (block, blocks * block):
-            x0 = None
-        if x0 is None and own:
-            x0 = linear.x0
-        if blocks > 1 and x0 is not None and x0.numel() == block:
-            x0 = x0.reshape(self.rows, shape[1]).repeat(blocks, 1)
-        if blocks > 1 and preconditioner is not None:
-            one_block = preconditioner
-
-            def preconditioner(r: torch.Tensor) -> torch.Tensor:
-                return torch.cat([one_block(part) for part in r.chunk(blocks)])
-
-        return x0, preconditioner
+        return unrolled(problem, solver, z0, tol, max_iter, on_failure, report_shape, callback)
+    if isinstance(backward, Auto) and problem.n <= backward.max_dense:
+        backward = backward.dense  # Auto's choice at this size, made once per call
+    settings = Settings(
+        tol, max_iter, on_failure, backward, problem.batch_size, backward_x0, callback
+    )
+    transforming = _torch.transforms_active(z0, *problem.explicit)
+    derivatives_possible = torch.is_grad_enabled() or transforming or _torch.dual_level_open()
+    r0 = None
+    if derivatives_possible or not _torch.KNOWS_TRANSFORMS:
+        r0 = problem.discover(z0)
+        # Known from the tensors alone, a transform may wrap only what g captures; then
+        # it wraps g's value at z0.
+        if not _torch.KNOWS_TRANSFORMS and _torch.transforms_active(r0):
+            derivatives_possible = transforming = True
+    root = RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
+    # Under a torch.func transform the solve always runs inside the Function: its vmap
+    # rule also serves a vmapped z0 when nothing else carries a derivative.
+    differentiable = transforming or (derivatives_possible and problem.carries_derivatives())
+    if differentiable:
+        z = implicit_solve(root, z0, *problem.inputs)
+    else:
+        with torch.no_grad():
+            z = root.solve(z0, problem.inputs)
+            z = z.clone() if z is z0 else z  # (as the Function's forward)
+    if r0 is not None:
+        root.info.f_evals += 1  # capture discovery's evaluation of g at z0
+    # Another point may read other tensors only on another branch: where g read no value.
+    if derivatives_possible and root.info.iterations > 0 and problem.reads_values:
+        z = _recaptured(root, z)
+    return z, root.info
 
 
-def reported(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A per-problem field in the shape of the reports (reshaped only where it differs)."""
-    return tensor if tensor.shape == shape else tensor.reshape(shape)
+def _recaptured(root: RootProblem, z: torch.Tensor) -> torch.Tensor:
+    """``z``, wired also to the tensors that ``g`` reads at the solution but did not
+    read at ``z0`` (a branch taken only near the solution), which would otherwise get
+    no derivative. Only for a ``g`` that handed a tensor's values to Python at ``z0``
+    (``Problem.reads_values``): without a branch on values every point reads the same
+    tensors.
 
-
-def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
-    """Give the per-problem fields of ``info`` the shape of the reports, in place.
-
-    A solver that does not report per-problem iterations or statuses (one written
-    before they existed) gets ``info.iterations`` for every problem, and its batch
-    status for every problem that did not converge (``"failed"`` where that status
-    says ``"converged"`` or is unknown).
+    Costs one evaluation of ``g`` at ``z``, counted in ``f_evals``. The solution does
+    not change (``g`` read those tensors while it was solved): the solved problem is
+    wired again, with every captured tensor as an input, by a solve that takes no step
+    and keeps the forward's report (:class:`~implicit.adjoint.problems.Given`).
     """
-    rows = info.converged.shape
-    if info.iterations_per_problem is None:
-        info.iterations_per_problem = torch.full(
-            rows, info.iterations, dtype=torch.long, device=info.converged.device
-        )
-    if info.status_codes is None:
-        worst = STATUS_CODES.get(info.status, FAILED)
-        unconverged = FAILED if worst == CONVERGED else worst
-        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
-    for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
-        value = getattr(info, name)
-        if value.shape != report_shape:
-            setattr(info, name, value.reshape(report_shape))
+    problem = root.problem
+    added = problem.rediscover(z)
+    root.info.f_evals += 1
+    if not added:
+        return z
+    again = RootProblem(problem, Given(root.info), root.settings, None, root.report_shape)
+    z = implicit_solve(again, z.detach(), *problem.inputs)
+    # The same problem at the same solution: what its solve learned of ∂g/∂z holds.
+    again.hint, again.positive_definite = root.hint, root.positive_definite
+    return z

@@ -11,28 +11,57 @@ forward mode come from the same machinery as the user problem's.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from implicit import _progress, _tolerance
+from implicit._batch import attainable, is_half, upcast
 from implicit._problem import Problem
 from implicit._results import (
+    CONVERGED,
+    FAILED,
+    STATUS_CODES,
     BackwardInfo,
     SolveInfo,
     report_failure,
+    status_name,
 )
-from implicit.adjoint.function import Settings, shape_report
 from implicit.adjoint.linearize import Functional, Linearization
+from implicit.adjoint.settings import Given, Settings
 from implicit.adjoint.vmap import Folded, Repeated, rows
 from implicit.linear import (
     Hint,
+    IterativeSolver,
     JacobianOperator,
     PositiveDefinite,
 )
+from implicit.linear.base import WorkingOperator
 from implicit.linear.operator import GraphJacobian, Jacobian
 from implicit.solvers.base import Solver
+
+
+def shape_report(info: SolveInfo, report_shape: tuple[int, ...]) -> None:
+    """Give the per-problem fields of ``info`` the shape of the reports, in place.
+
+    A solver that does not report per-problem iterations or statuses (one written
+    before they existed) gets ``info.iterations`` for every problem, and its batch
+    status for every problem that did not converge (``"failed"`` where that status
+    says ``"converged"`` or is unknown).
+    """
+    rows = info.converged.shape
+    if info.iterations_per_problem is None:
+        info.iterations_per_problem = torch.full(
+            rows, info.iterations, dtype=torch.long, device=info.converged.device
+        )
+    if info.status_codes is None:
+        worst = STATUS_CODES.get(info.status, FAILED)
+        unconverged = FAILED if worst == CONVERGED else worst
+        info.status_codes = torch.where(info.converged, CONVERGED, unconverged)
+    for name in ("converged", "residual", "iterations_per_problem", "status_codes"):
+        value = getattr(info, name)
+        if value.shape != report_shape:
+            setattr(info, name, value.reshape(report_shape))
 
 
 class RootProblem:
@@ -193,6 +222,7 @@ class LinearProblem:
         return product - rhs
 
     def solve(self, x0: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Solve the system with the settings' linear solver, and report how it went."""
         rhs, z, *theta = inputs
         jacobian = self.jacobian or self._jacobian(z, theta)
         operator = JacobianOperator(
@@ -201,14 +231,45 @@ class LinearProblem:
             symmetric=self.symmetric,
             positive_definite=self.positive_definite,
         )
-        what = "backward linear solve" if self.transpose else "forward-mode linear solve"
+        settings, linear, shape = self.settings, self.settings.linear, self.report_shape
+        tol = linear.tol if linear.tol is not None else settings.tol
+        if isinstance(tol, torch.Tensor):  # one number, for every problem
+            tol = _tolerance.for_backward(tol)
+        max_iter = linear.max_iter if linear.max_iter is not None else settings.max_iter
         guess = self.parent.backward_x0 if self.transpose else None
-        x, info = self.settings.linear_solve(
-            operator, rhs, what, self.report_shape, hint=self.hint, x0=guess
+        options = {}
+        if guess is not None or isinstance(linear, IterativeSolver):
+            options = settings.per_call(rhs.shape, guess)
+        dtype = rhs.dtype
+        if is_half(dtype):  # solved in float32 around products in half precision
+            operator, rhs = WorkingOperator(operator, dtype), upcast(rhs)
+            tol = attainable(tol, dtype)
+            if "x0" in options:
+                options["x0"] = upcast(options["x0"])
+        state = linear.init(operator, self.hint)
+        result = linear.solve(state, rhs, tol=tol, max_iter=max_iter, **options)
+        converged, residual = result.codes == CONVERGED, result.residual.detach()
+        condition = result.condition
+        if converged.shape != shape:  # per problem, in the shape of the reports
+            converged, residual = converged.reshape(shape), residual.reshape(shape)
+            condition = None if condition is None else condition.reshape(shape)
+        status = status_name(result.codes)
+        method = result.method or linear.name
+        info = BackwardInfo(
+            converged,
+            residual,
+            result.iterations,
+            operator.products,
+            status,
+            method,
+            solution=result.x.detach(),
+            condition=condition,
         )
+        what = "backward linear solve" if self.transpose else "forward-mode linear solve"
+        report_failure(info, settings.on_failure, what)
         if self.transpose:
             self.parent.record_backward(info)
-        return x
+        return result.x.to(dtype) if is_half(dtype) else result.x
 
     def system(self, transpose: bool, jacobian: Jacobian | None = None) -> LinearProblem:
         """The linear system of a derivative of this system (second order)."""
@@ -245,28 +306,6 @@ class LinearProblem:
             return None
         folded = LinearProblem(Folded(self.parent, size, theta_dims), self.transpose)
         return folded, (stacked, rows(z, z_dim, size), *theta)
-
-
-@dataclasses.dataclass(frozen=True)
-class Given(Solver):
-    """The forward of a solve whose answer is known: its start, without an evaluation.
-
-    Args:
-        info: the report of the solve that found it (already reported), or ``None``
-            for a report of convergence.
-    """
-
-    name = "given"
-
-    info: SolveInfo | None = None
-
-    def solve(self, fn, z0, r0, *, tol, max_iter, callback=None):
-        if self.info is not None:
-            return z0, self.info
-        converged = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
-        residual = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
-        info = SolveInfo(converged, residual, 0, 0, [], "converged", self.name)
-        return z0, info
 
 
 class Recorded(Linearization):

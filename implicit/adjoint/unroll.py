@@ -17,8 +17,9 @@ import torch
 from implicit import _progress, _tolerance, _torch
 from implicit._problem import Problem
 from implicit._results import SolveInfo, report_failure
-from implicit.adjoint.function import implicit_solve, not_a_view_of
-from implicit.adjoint.problems import Given, RootProblem, Settings, shape_report
+from implicit.adjoint.function import implicit_solve
+from implicit.adjoint.problems import RootProblem, shape_report
+from implicit.adjoint.settings import Given, Settings
 from implicit.linear import resolve as resolve_linear
 from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
 
@@ -66,7 +67,7 @@ def unrolled(
     if derivatives_possible and bool(at_start.any()):
         z = implicit_at_start(problem, z, at_start, tol, max_iter, on_failure)
         info.f_evals += 1  # capture discovery
-    return not_a_view_of(z0, z), info
+    return (z.clone() if z is z0 else z), info  # never a view of z0
 
 
 def implicit_at_start(problem, z, rows, tol, max_iter, on_failure):
