@@ -19,7 +19,7 @@ import torch
 
 from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
-from implicit._capture import Recorder, Substitute, carries_derivative
+from implicit._capture import Recorder, Substitute
 from implicit._checks import check_arg, check_states
 from implicit.solvers.base import Residual
 
@@ -273,10 +273,6 @@ class Problem:
         self.captured = [*self.captured, *added]
         self.inputs = self.explicit + self.captured
         return added
-
-    def carries_derivatives(self) -> bool:
-        """Whether derivatives may be asked for with respect to any input."""
-        return any(carries_derivative(t) for t in self.inputs)
 
     def _pack_output(self, out: Any) -> torch.Tensor:
         if (

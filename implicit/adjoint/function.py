@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from implicit import _progress, _tolerance, _torch
+from implicit._capture import carries_derivative
 from implicit._problem import Problem
 from implicit._results import SolveInfo
 from implicit.adjoint.problems import RootProblem
@@ -203,7 +204,9 @@ def solve(
     root = RootProblem(problem, solver, settings, None if transforming else r0, report_shape)
     # Under a torch.func transform the solve always runs inside the Function: its vmap
     # rule also serves a vmapped z0 when nothing else carries a derivative.
-    differentiable = transforming or (derivatives_possible and problem.carries_derivatives())
+    differentiable = transforming or (
+        derivatives_possible and any(carries_derivative(t) for t in problem.inputs)
+    )
     if differentiable:
         z = implicit_solve(root, z0, *problem.inputs)
     else:

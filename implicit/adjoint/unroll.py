@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from implicit import _progress, _tolerance, _torch
+from implicit._capture import carries_derivative
 from implicit._problem import Problem
 from implicit._results import SolveInfo, report_failure
 from implicit.adjoint.function import implicit_solve
@@ -81,7 +82,8 @@ def implicit_at_start(problem, z, rows, tol, max_iter, on_failure):
     """
     anchor = z.detach()
     problem.discover(anchor)  # the captured tensors, as inputs of the function
-    if not (_torch.transforms_active(z, *problem.inputs) or problem.carries_derivatives()):
+    moving = any(carries_derivative(t) for t in problem.inputs)
+    if not (_torch.transforms_active(z, *problem.inputs) or moving):
         return z
     settings = Settings(tol, max_iter, on_failure, resolve_linear("auto"), problem.batch_size)
     root = RootProblem(Pinned(problem), Given(), settings, None, (problem.batch_size,))
