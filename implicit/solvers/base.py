@@ -289,11 +289,13 @@ class Residual:
         return value, operator.dense()
 
 
-def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``‖r_b‖₂`` per row (in float32 for half precision), NaN where the iterate ``z_b``
-    is not finite: a residual can be finite at an infinite iterate (``tanh(∞) = 1``),
-    which must never pass a test."""
-    return finite_rows_only(z, norms_of(r))
+def residual_norms(
+    z: torch.Tensor, r: torch.Tensor, norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``‖r_b‖₂`` per row (in float32 for half precision; ``norms`` where already
+    computed), NaN where the iterate ``z_b`` is not finite: a residual can be finite at
+    an infinite iterate (``tanh(∞) = 1``), which must never pass a test."""
+    return finite_rows_only(z, norms_of(r) if norms is None else norms)
 
 
 def finite_rows_only(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
