@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
-from implicit._capture import Recorder, Substitute
-from implicit._checks import check_arg, check_states
+from implicit._capture import MAY_READ_VALUES, VALUE_READS, Substitute
+from implicit._checks import check_arg, check_output, check_states, check_target
+from implicit._torch import EagerMode, is_transformed
 from implicit.solvers.base import Residual
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
@@ -114,7 +116,7 @@ class Problem:
         # The structure fn returns: that of z, or of y in the inverse form.
         self.out_shapes, self.out_spec = self.shapes, self.spec
         if form == "inverse":
-            self.out_shapes, self.out_spec = [self._check_target()], _tree.LEAF
+            self.out_shapes, self.out_spec = [check_target(self)], _tree.LEAF
         #: The tensors among the explicit arguments.
         self.explicit = [self.args[i] for i in self.tensor_positions]
         #: The tensors ``fn`` captures that carry derivatives (see :meth:`discover`).
@@ -128,30 +130,6 @@ class Problem:
         if self.form != "inverse":
             return f"argument {position}" + (" (after z0)" if self.initial_name == "z0" else "")
         return "y" if position == 0 else f"argument {position - 1} (after y)"
-
-    def _check_target(self) -> torch.Size:
-        """The inverse form's ``y``: a tensor with one equation per unknown."""
-        target = self.args[0] if self.args else None
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(target).__name__}")
-        if self.batched and (target.dim() == 0 or target.shape[0] != self.batch_size):
-            raise ValueError(
-                f"y has shape {tuple(target.shape)} but z0 has batch size {self.batch_size}: "
-                f"with batched=True dim 0 of y and z0 indexes the problems"
-            )
-        if target.is_complex() != self.complex:
-            raise TypeError(
-                f"y has dtype {target.dtype} but {self.initial_name} has dtype {self.dtype}: "
-                f"f(z) = y needs y and f(z) in z's dtype (both complex or both real)"
-            )
-        per_problem = target.numel() // self.batch_size
-        unknowns = self.n // 2 if self.complex else self.n  # entries, not real numbers
-        if per_problem != unknowns:
-            raise ValueError(
-                f"y has {per_problem} entries per problem but z0 has {unknowns}: f(z) = y needs "
-                f"as many equations as unknowns (z0 defaults to y; pass z0 shaped like f's input)"
-            )
-        return target.shape
 
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
@@ -280,37 +258,11 @@ class Problem:
             and self.out_spec is _tree.LEAF
             and out.shape == self.out_shapes[0]
             and out.dtype == self.dtype
-        ):  # the common case, checked in full below
+        ):  # the common case, checked in full otherwise
             if self.complex:
                 return _complex.as_real(out).reshape(self.batch_size, -1)
             return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
-        like = "z" if self.initial_name == "z0" else f"z ({self.initial_name})"
-        like = "y" if self.form == "inverse" else like
-        if self.out_spec is _tree.LEAF and not isinstance(out, torch.Tensor):
-            raise ValueError(
-                f"{self.name} must return the same structure as {like}: expected "
-                f"a tensor of shape {tuple(self.out_shapes[0])}, got {_describe_value(out)}"
-            )
-        parts = _tree.leaves_like(self.out_spec, out, self.name, like)
-        for part, shape in zip(parts, self.out_shapes):
-            if not isinstance(part, torch.Tensor):
-                raise TypeError(f"{self.name} must return tensors, got {type(part).__name__}")
-            if part.shape != shape:
-                hint = (
-                    "f(z) must have the shape of y (z has the shape of z0, which defaults to y)"
-                    if self.form == "inverse"
-                    else "the residual must have the shape of z"
-                )
-                raise ValueError(
-                    f"{self.name} returned shape {tuple(part.shape)} but {like} has shape "
-                    f"{tuple(shape)}: {hint}"
-                )
-            if part.dtype != self.dtype:
-                raise TypeError(
-                    f"{self.name} returned dtype {part.dtype} but z has dtype "
-                    f"{self.dtype}: cast the inputs or z0 so that they agree"
-                )
-        return _flatten(parts, self.batch_size)
+        return _flatten(check_output(self, out), self.batch_size)
 
 
 def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
@@ -318,9 +270,83 @@ def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
-def _describe_value(out: Any) -> str:
-    if isinstance(out, torch.Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    if isinstance(out, (tuple, list)):
-        return f"a {type(out).__name__} of {len(out)} item(s)"
-    return f"a {type(out).__name__}"
+# -- the tensors g captures ------------------------------------------------------
+def carries_derivative(tensor: torch.Tensor) -> bool:
+    """Whether derivatives with respect to ``tensor`` may be asked for: it requires
+    grad, carries a forward-mode tangent, or belongs to a ``torch.func`` transform."""
+    return (
+        tensor.requires_grad
+        or is_transformed(tensor)
+        or forward_ad.unpack_dual(tensor).tangent is not None
+    )
+
+
+class Recorder(EagerMode):
+    """Records the tensors that flow into operations from outside and carry derivatives,
+    and whether an operation read values that Python may branch on.
+
+    Args:
+        known: tensors that are not captures (the explicit arguments, the state).
+
+    Attributes:
+        captured: the captures found, by ``id``.
+        read_values: whether an operation handed values to Python or made a shape from
+            them (``bool(t)``, ``t.item()``, ``t[mask]``, ``torch.nonzero``, ...): then
+            the function's control flow, and so the tensors it reads, may depend on its
+            input's values. Otherwise every evaluation reads the same tensors.
+    """
+
+    def __init__(self, known: Iterable[torch.Tensor]):
+        super().__init__()
+        self._made = {id(t) for t in known}
+        self._keep_alive = list(known)
+        self.captured: dict[int, torch.Tensor] = {}
+        self.read_values = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in MAY_READ_VALUES and not self.read_values:
+            self.read_values = _reads_values(func, args)
+        kwargs = kwargs or {}
+        found: list[torch.Tensor] = []
+        _collect(args, found)
+        if kwargs:
+            _collect(kwargs, found)
+        made = self._made
+        for tensor in found:
+            if id(tensor) not in made and carries_derivative(tensor):
+                self.captured.setdefault(id(tensor), tensor)
+        out = func(*args, **kwargs)
+        outputs = [out] if isinstance(out, torch.Tensor) else []
+        if not outputs:
+            _collect(out, outputs)
+        for tensor in outputs:
+            # Keep outputs alive so that their ids are not recycled for another tensor.
+            made.add(id(tensor))
+        self._keep_alive.extend(outputs)
+        return out
+
+
+def _reads_values(func, args: tuple) -> bool:
+    """Whether ``func(*args)``, one of ``MAY_READ_VALUES``, hands values to Python or
+    makes a shape from them: those of ``VALUE_READS``, indexing with a tensor, and
+    ``torch.where(condition)``."""
+    if func in VALUE_READS:
+        return True
+    if func is torch.Tensor.__getitem__:
+        indices: list[torch.Tensor] = []
+        _collect(args[1:], indices)
+        return bool(indices)
+    return func is torch.where and len(args) == 1
+
+
+def _collect(obj: Any, found: list[torch.Tensor]) -> None:
+    # A plain recursion into a list: every torch call of g passes through here while
+    # captures are recorded, so no generators.
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif type(obj) in (list, tuple):
+        for item in obj:
+            _collect(item, found)
+    elif type(obj) is dict:
+        for value in obj.values():
+            _collect(value, found)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.overrides import has_torch_function
+from torch.overrides import TorchFunctionMode, has_torch_function
 
 #: Whether every fallback is forced (the environment variable ``IMPLICIT_TORCH_FALLBACKS=1``).
 FORCED = os.environ.get("IMPLICIT_TORCH_FALLBACKS", "") == "1"
@@ -311,3 +311,25 @@ def eager(fn: F) -> F:
 
     mark_compiler_disabled(run_eagerly)
     return run_eagerly  # type: ignore[return-value]
+
+
+class EagerMode(TorchFunctionMode):
+    """A mode under which functions compiled with ``torch.compile`` run eagerly.
+
+    Dynamo cannot trace through a mode's Python bookkeeping: meeting it, it gives up on
+    the compiled function and never compiles that function again, even where no mode
+    is active (the solver's own evaluations of ``f``). Under the ``"force_eager"``
+    stance it does not try. Before the compiler is loaded nothing compiles, and setting
+    the stance would load it.
+    """
+
+    def __enter__(self):
+        self._stance = torch.compiler.set_stance("force_eager") if compiler_loaded() else None
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            if self._stance is not None:
+                self._stance.__exit__(*exc_info)

@@ -1,4 +1,4 @@
-"""Captured tensors (implicit/_capture.py): found, substituted, also under torch.compile."""
+"""Captured tensors (_problem.py, _capture.py): found, substituted, also under torch.compile."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from conftest import TanhProblem, rel_err
 from torch._dynamo.testing import CompileCounter
 
 import implicit
-from implicit._capture import Recorder
+from implicit._problem import Recorder
 
 
 def test_compiled_function_gets_the_same_gradients():

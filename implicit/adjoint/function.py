@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 
 from implicit import _progress, _tolerance, _torch
-from implicit._capture import carries_derivative
-from implicit._problem import Problem
+from implicit._problem import Problem, carries_derivative
 from implicit._results import SolveInfo
 from implicit.adjoint.problems import RootProblem
 from implicit.adjoint.settings import Given, Settings

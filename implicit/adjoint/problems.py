@@ -27,6 +27,7 @@ from implicit._results import (
     report_failure,
     status_name,
 )
+from implicit._torch import autograd_grad
 from implicit.adjoint.linearize import Functional, Linearization
 from implicit.adjoint.settings import Given, Settings
 from implicit.adjoint.vmap import Folded, Repeated, rows
@@ -259,7 +260,7 @@ class LinearProblem:
             converged,
             residual,
             result.iterations,
-            operator.products,
+            jacobian.vjps,
             status,
             method,
             solution=result.x.detach(),
@@ -308,8 +309,10 @@ class LinearProblem:
         return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
-class Recorded(Linearization):
-    """``g``'s linearisation from one graph recorded with plain autograd.
+class Recorded(GraphJacobian, Linearization):
+    """``g``'s linearisation from one graph recorded with plain autograd: its own
+    products (a ``GraphJacobian``) and the
+    pullback through the same graph.
 
     ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
     detached leaves, and the captured tensors as themselves where they are leaves (a
@@ -337,12 +340,14 @@ class Recorded(Linearization):
             t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
             for i, t in enumerate(inputs)
         ]
-        if problem.form == "fixed_point":
-            self.jacobian = GraphJacobian.record(problem.map, z, *stand_ins, shifted=True)
-        else:
-            self.jacobian = GraphJacobian.record(problem.residual, z, *stand_ins)
-        self._moving = [stand_ins[i] for i in moving]
+        shifted = problem.form == "fixed_point"
+        with torch.enable_grad():
+            point = z.detach().requires_grad_()
+            out = (problem.map if shifted else problem.residual)(point, *stand_ins)
+        super().__init__(out, point, shifted)
+        self.jacobian = self
+        self._moving = tuple(stand_ins[i] for i in moving)
 
     def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
         # The graph's last use: it is freed.
-        return self.jacobian.partials(cotangent, self._moving)
+        return autograd_grad(self.out, cotangent, self._moving, retain_graph=False)

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from implicit import _progress, _tolerance, _torch
-from implicit._capture import carries_derivative
-from implicit._problem import Problem
+from implicit._problem import Problem, carries_derivative
 from implicit._results import SolveInfo, report_failure
 from implicit.adjoint.function import implicit_solve
 from implicit.adjoint.problems import RootProblem, shape_report

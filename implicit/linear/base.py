@@ -111,7 +111,7 @@ class LinearResult:
         condition: an estimate of the condition number of ``A`` per problem (NaN where
             the method makes none); a problem that converged with an estimate above
             ``1/√eps`` of the dtype has the code ``ILL_CONDITIONED``
-            (:func:`implicit._results.flag_ill_conditioned`).
+            (``implicit._results.flag_ill_conditioned``).
     """
 
     x: torch.Tensor
