@@ -166,6 +166,18 @@ class Solver(abc.ABC):
                     if callback is not None:
                         callback(k + 1, norms, z)
                     continue
+                if norms.shape[0] == 1:
+                    # One problem ended: it converged, or stops at its last finite iterate
+                    # (as below, on the host).
+                    new_norms = residual_norms(z_new, r_new, new_norms)
+                    history.append(new_norms.item())
+                    if history[-1] < math.inf:
+                        z, r, norms = z_new, r_new, new_norms
+                    stopped_at = torch.full_like(norms, k + 1, dtype=torch.long)
+                    if callback is not None:
+                        callback(k + 1, norms, z)
+                    k, ended = k + 1, True
+                    break
                 running = torch.ones_like(new_norms, dtype=torch.bool)
                 stopped_at = torch.zeros_like(new_norms, dtype=torch.long)
             new_norms = residual_norms(z_new, r_new, new_norms)
