@@ -148,6 +148,7 @@ class Solver(abc.ABC):
             fn._read = (r, worst)
         state = self.init(fn, z, r)
         ended = False  # the loop found no problem running
+        checked = False  # the final iterates' finiteness is known
         k = 0
         for k in range(max_iter):
             if running is not None and k % check_every == 0 and not bool(running.any()):
@@ -171,7 +172,8 @@ class Solver(abc.ABC):
                     # (as below, on the host).
                     new_norms = residual_norms(z_new, r_new, new_norms)
                     history.append(new_norms.item())
-                    if history[-1] < math.inf:
+                    checked = history[-1] < math.inf
+                    if checked:
                         z, r, norms = z_new, r_new, new_norms
                     stopped_at = torch.full_like(norms, k + 1, dtype=torch.long)
                     if callback is not None:
@@ -198,7 +200,8 @@ class Solver(abc.ABC):
         # A problem that is neither converged nor running ended non-finite: at the start,
         # or at its last finite iterate (whose residual was above the threshold); so did
         # one running with an iterate that the fast path took unchecked.
-        norms = residual_norms(z, r, norms)
+        if not checked:
+            norms = residual_norms(z, r, norms)
         converged = norms <= threshold
         if ended:  # every problem stopped converged or non-finite, in the loop
             codes = torch.where(converged, CONVERGED, NONFINITE)
@@ -342,5 +345,5 @@ def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
     a problem neither runs nor converges; it stops at once with status
     ``"nonfinite"``."""
-    threshold = tol * (1 + scale)
-    return torch.where(threshold < math.inf, threshold, math.nan)
+    # (One call where a comparison and a torch.where take three with the scalar.)
+    return (tol * (1 + scale)).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
