@@ -25,9 +25,7 @@ share.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -151,42 +149,6 @@ def select_rows(
             return [new.index_copy(0, index, old.index_select(0, index)) for new, old in pairs]
     mask = rows.unsqueeze(1)
     return [torch.where(mask, new, old) for new, old in pairs]
-
-
-def row_selector(
-    rows: torch.Tensor, width: int, check_every: int | None = None
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
-    ``old`` elsewhere, for as many ``(B, width)`` pairs as an iteration updates.
-
-    On the CPU a host check costs less than a pass over the data, so the common cases
-    (every row, no row) hand back ``new`` or ``old`` as they are, and otherwise, in a
-    batch of at least ``COPY_ROWS_FROM`` entries, the fewer rows are copied into a copy
-    of the other tensor (``torch.where`` over the whole batch costs several copies
-    there: 1.5 times the time at 64 × 256, 2 to 4 times at 256 × 512); the check is
-    made once for all the pairs. Smaller batches take one ``torch.where`` per pair (one
-    call against two), and so does every batch where a host check would stall the
-    device, or in a loop that reads the host only every ``check_every > 1`` iterations.
-    """
-    if check_every not in (None, 1) or not cheap_host_reads(rows):
-        return _where(rows)
-    selected = int(rows.sum())
-    if selected == rows.shape[0]:
-        return lambda new, old: new
-    if selected == 0:
-        return lambda new, old: old
-    if rows.shape[0] * width < COPY_ROWS_FROM:
-        return _where(rows)
-    if 2 * selected <= rows.shape[0]:
-        index = rows.nonzero().squeeze(1)
-        return lambda new, old: old.index_copy(0, index, new.index_select(0, index))
-    index = (~rows).nonzero().squeeze(1)
-    return lambda new, old: new.index_copy(0, index, old.index_select(0, index))
-
-
-def _where(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``torch.where(mask, new, old)`` bound to the rows' mask (no Python call per pair)."""
-    return functools.partial(torch.where, rows.unsqueeze(1))
 
 
 def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
