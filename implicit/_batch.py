@@ -1,7 +1,7 @@
 """Arithmetic on flat ``(B, n)`` batches, one row per problem: what the solvers' loops
 share.
 
-* **Rows**: selection without needless passes over the data (:func:`row_selector`),
+* **Rows**: selection without needless passes over the data (:func:`select_rows`),
   host tests only where a host read is cheap (:func:`cheap_host_reads`), products with
   a set of rows per problem (``(B, k, n)``: histories, Krylov bases).
 * **Small blocks** ``(B, n, n)``, one per problem: ``torch.linalg``'s batched LU calls
@@ -25,9 +25,7 @@ share.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -91,7 +89,7 @@ def check_interval(check_every: int | None, tensor: torch.Tensor) -> int:
     or where ``None``, 1 where reads are cheap (:func:`cheap_host_reads`) and 4
     elsewhere (an accelerator, where a read stalls the device). A loop that reads every
     iteration may take the shortcuts that a read allows (:func:`known_all`,
-    :func:`row_selector`); one that reads every ``k > 1`` iterations reads nothing in
+    :func:`select_rows`); one that reads every ``k > 1`` iterations reads nothing in
     between."""
     if check_every is not None:
         return check_every
@@ -121,40 +119,36 @@ def all_running(norms: torch.Tensor, thresholds: torch.Tensor | float) -> float 
 COPY_ROWS_FROM = 12_000
 
 
-def row_selector(
-    rows: torch.Tensor, width: int, check_every: int | None = None
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``select(new, old)``: ``new`` in the rows that ``rows`` (shape ``(B,)``) selects,
-    ``old`` elsewhere, for as many ``(B, width)`` pairs as an iteration updates.
+def select_rows(
+    rows: torch.Tensor, check_every: int | None, *pairs: tuple[torch.Tensor, torch.Tensor]
+) -> list[torch.Tensor]:
+    """For each ``(new, old)`` pair of ``(B, width)`` tensors, ``new`` in the rows that
+    ``rows`` (shape ``(B,)``) selects and ``old`` elsewhere.
 
-    On the CPU a host check costs less than a pass over the data, so the common cases
-    (every row, no row) hand back ``new`` or ``old`` as they are, and otherwise, in a
-    batch of at least ``COPY_ROWS_FROM`` entries, the fewer rows are copied into a copy
-    of the other tensor (``torch.where`` over the whole batch costs several copies
-    there: 1.5 times the time at 64 × 256, 2 to 4 times at 256 × 512); the check is
-    made once for all the pairs. Smaller batches take one ``torch.where`` per pair (one
-    call against two), and so does every batch where a host check would stall the
-    device, or in a loop that reads the host only every ``check_every > 1`` iterations.
+    On the CPU, in a loop that reads the host every iteration (``check_every`` ``None``
+    or 1), a host check costs less than a pass over the data: the common cases (every
+    row, no row) hand back ``new`` or ``old`` as they are, and otherwise, in a batch of
+    at least ``COPY_ROWS_FROM`` entries, the fewer rows are copied into a copy of the
+    other tensor (``torch.where`` over the whole batch costs several copies there: 1.5
+    times the time at 64 × 256, 2 to 4 times at 256 × 512); the check is made once for
+    all the pairs. Smaller batches take one ``torch.where`` per pair, and so does every
+    batch where a host check would stall the device, or in a loop that reads the host
+    only every ``check_every > 1`` iterations.
     """
-    if check_every not in (None, 1) or not cheap_host_reads(rows):
-        return _where(rows)
-    selected = int(rows.sum())
-    if selected == rows.shape[0]:
-        return lambda new, old: new
-    if selected == 0:
-        return lambda new, old: old
-    if rows.shape[0] * width < COPY_ROWS_FROM:
-        return _where(rows)
-    if 2 * selected <= rows.shape[0]:
-        index = rows.nonzero().squeeze(1)
-        return lambda new, old: old.index_copy(0, index, new.index_select(0, index))
-    index = (~rows).nonzero().squeeze(1)
-    return lambda new, old: new.index_copy(0, index, old.index_select(0, index))
-
-
-def _where(rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``torch.where(mask, new, old)`` bound to the rows' mask (no Python call per pair)."""
-    return functools.partial(torch.where, rows.unsqueeze(1))
+    if check_every in (None, 1) and cheap_host_reads(rows):
+        selected = int(rows.sum())
+        if selected == rows.shape[0]:
+            return [new for new, _ in pairs]
+        if selected == 0:
+            return [old for _, old in pairs]
+        if rows.shape[0] * pairs[0][0].shape[1] >= COPY_ROWS_FROM:
+            if 2 * selected <= rows.shape[0]:
+                index = rows.nonzero().squeeze(1)
+                return [old.index_copy(0, index, new.index_select(0, index)) for new, old in pairs]
+            index = (~rows).nonzero().squeeze(1)
+            return [new.index_copy(0, index, old.index_select(0, index)) for new, old in pairs]
+    mask = rows.unsqueeze(1)
+    return [torch.where(mask, new, old) for new, old in pairs]
 
 
 def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from implicit._batch import all_running, check_interval, known_all, row_selector
+from implicit._batch import all_running, check_interval, known_all, select_rows
 from implicit._checks import check_number
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE, STAGNATED
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
@@ -146,10 +146,11 @@ class Neumann(IterativeSolver):
             every = False
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (size < math.inf)
-            take = row_selector(step, x.shape[1], check_every)
-            x, r = take(x_new, x), take(r_new, r)
             if shifted:
-                q = take(q_new, torch.zeros_like(q_new) if q is None else q)
+                q_old = torch.zeros_like(q_new) if q is None else q
+                x, r, q = select_rows(step, check_every, (x_new, x), (r_new, r), (q_new, q_old))
+            else:
+                x, r = select_rows(step, check_every, (x_new, x), (r_new, r))
             done = step & (size <= target)
             # (step is a subset of active and done of step: ^ removes the subset.)
             codes = torch.where(done, CONVERGED, torch.where(active ^ step, NONFINITE, codes))

@@ -38,7 +38,8 @@ from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature
 from implicit.solvers._objective import Objective
 from implicit.solvers._search import C1
-from implicit.solvers.base import Solver, finite_rows_only, thresholds
+from implicit.solvers.base import Solver, thresholds
+from implicit.solvers.base import residual_norms as finite_norms
 
 #: Halvings an escape from a saddle tries before it gives up.
 ESCAPE_TRIALS = 40
@@ -299,7 +300,7 @@ def verified_minimum(codes: torch.Tensor, strict: torch.Tensor) -> PositiveDefin
 def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The stopping test's residual norm per row, from the gradient at ``z``; NaN where
     ``z`` is not finite (``tanh`` is flat, its gradient zero, at ``z = ∞``)."""
-    return finite_rows_only(z, norms(fn.optimality(z, grad)))
+    return finite_norms(z, fn.optimality(z, grad))
 
 
 def check_objective(fn: Any, solver: Minimizer) -> None:

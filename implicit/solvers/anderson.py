@@ -12,7 +12,6 @@ from implicit._batch import (
     check_interval,
     combine,
     known_all,
-    norms,
     project,
     solve,
     store,
@@ -39,7 +38,8 @@ class _History:
 
     Before the solver starts extrapolating, the four tensors of the history are
     ``None`` (nothing is allocated) and ``worst`` is the largest residual norm over the
-    batch at ``z``, against which the next step's contraction is measured.
+    batch at ``z`` (read on the host), against which the next step's contraction is
+    measured.
     """
 
     z: torch.Tensor
@@ -168,7 +168,7 @@ class Anderson(Solver):
             or transforms_active(z, r)
         ):
             return self._started(_History(z=z, r=r))
-        return _History(z=z, r=r)
+        return _History(z=z, r=r, worst=fn._largest_norm(r))
 
     def step(self, fn, z, r, state):
         if z is state.z and r is state.r:
@@ -178,10 +178,14 @@ class Anderson(Solver):
             z_next = torch.add(z, r, alpha=self.mixing)
             return z_next, fn(z_next), state
         if state.dr is None:
-            state = self._watch(z, r, state)
-            if state.dr is None:  # contracting fast: the plain mixing step
+            # After a plain mixing step from state.z to z: the history starts with that
+            # step where the largest residual shrank by less than start_ratio (NaN: no
+            # sign of slow contraction), else the next step is a plain one too.
+            now = fn._largest_norm(r)
+            if not now > self.start_ratio * state.worst:  # contracting fast
                 z_next = torch.add(z, r, alpha=self.mixing)
-                return z_next, fn(z_next), state
+                return z_next, fn(z_next), _History(z=z, r=r, worst=now)
+            state = self._started(state)
         in_place = not traced(z, r)
         state = self._remember(z, r, state, in_place, self.check_every)
         rhs = state.rhs
@@ -243,16 +247,6 @@ class Anderson(Solver):
             worst=None,
         )
 
-    def _watch(self, z: torch.Tensor, r: torch.Tensor, state: _History) -> _History:
-        """After a plain mixing step from ``state.z`` to ``z``: ``state`` started (the
-        history's first step is that one) where the largest residual shrank by less
-        than ``start_ratio``, else the state at ``z``."""
-        before = _largest(state.r) if state.worst is None else state.worst
-        now = _largest(r)
-        if now > self.start_ratio * before:  # NaN: no sign of slow contraction
-            return self._started(state)
-        return _History(z=z, r=r, worst=now)
-
     def _system(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised least-squares system of the step and the inverse norms of the
         columns of ``ΔR`` that normalise it."""
@@ -311,8 +305,3 @@ class Anderson(Solver):
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
-
-
-def _largest(r: torch.Tensor) -> float:
-    """The largest residual norm of the batch, read on the host."""
-    return float(norms(r.detach()).max())

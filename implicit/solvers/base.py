@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import all_running, cheap_host_reads, row_selector, traced, working_dtype
+from implicit._batch import all_running, check_interval, select_rows, traced, working_dtype
 from implicit._batch import norms as norms_of
 from implicit._checks import check_number
 from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
@@ -123,52 +123,72 @@ class Solver(abc.ABC):
         """
         z = z0
         r = fn(z) if r0 is None else r0
-        check_every = self.check_every or (1 if cheap_host_reads(z) else 4)
+        check_every = check_interval(self.check_every, z)
         norms = residual_norms(z, r)
         # Fixed at the start, so that a diverging iterate cannot loosen its own test.
         threshold = thresholds(tol, fn.scale(z, r))
-        # A problem runs while its residual is finite and above its threshold (a NaN
-        # fails both tests).
-        running = (norms > threshold) & (norms < math.inf)
-        # Iterations per problem: the loop count for every problem still running.
-        stopped_at = torch.zeros_like(norms, dtype=torch.long)
-        state = self.init(fn, z, r)
-        # While the host knows that every problem runs (it checks every iteration), an
-        # iteration needs none of the per-problem bookkeeping: the common case.
-        if check_every == 1 and norms.shape[0] == 1:
-            # One problem: its norm and threshold as numbers (see all_running).
-            first, limit = norms.item(), threshold.item()
-            running_all = first > limit and first < math.inf
-            history: list[torch.Tensor | float] = [first]
+        # While the host knows that every problem runs (it checks every iteration),
+        # ``running`` is None and an iteration needs none of the per-problem
+        # bookkeeping: the common case. One problem's threshold is then a number.
+        running = stopped_at = worst = None
+        if check_every == 1:
+            limit = threshold.item() if norms.shape[0] == 1 else threshold
+            worst = all_running(norms, limit)
+            # The worst residual per iteration, read on the host as the loop goes.
+            history: list = [norms.max().item() if worst is None else worst]
         else:
-            # The worst residual per iteration (memory flat in B).
-            history, limit = [norms.max()], threshold
-            running_all = check_every == 1 and bool(running.all())
+            history = [norms.max()]  # read once, at the end
+        if worst is None:
+            # A problem runs while its residual is finite and above its threshold (a
+            # NaN fails both tests); it stops changing when it ends.
+            running = (norms > threshold) & (norms < math.inf)
+            # Iterations per problem: the loop count for every problem still running.
+            stopped_at = torch.zeros_like(norms, dtype=torch.long)
+        else:
+            fn._read = (r, worst)
+        state = self.init(fn, z, r)
+        ended = False  # the loop found no problem running
+        checked = False  # the final iterates' finiteness is known
         k = 0
         for k in range(max_iter):
-            # On the fast path every problem runs (the batch is never empty).
-            if not running_all and k % check_every == 0 and not bool(running.any()):
+            if running is not None and k % check_every == 0 and not bool(running.any()):
+                ended = True
                 break
             z_new, r_new, state = self.step(fn, z, r, state)
             new_norms = norms_of(r_new)
-            if running_all:
+            if running is None:
                 # Ending or blowing up both leave this fast path. (No problem ends on it,
                 # so its iterates' finiteness is left to the paths where they can.)
                 worst = all_running(new_norms, limit)
-                running_all = worst is not None
-                if running_all:
+                if worst is not None:
                     z, r, norms = z_new, r_new, new_norms
+                    fn._read = (r, worst)
                     history.append(worst)
                     if callback is not None:
                         callback(k + 1, norms, z)
                     continue
-            new_norms = finite_rows_only(z_new, new_norms)
+                if norms.shape[0] == 1:
+                    # One problem ended: it converged, or stops at its last finite iterate
+                    # (as below, on the host).
+                    new_norms = residual_norms(z_new, r_new, new_norms)
+                    history.append(new_norms.item())
+                    checked = history[-1] < math.inf
+                    if checked:
+                        z, r, norms = z_new, r_new, new_norms
+                    stopped_at = torch.full_like(norms, k + 1, dtype=torch.long)
+                    if callback is not None:
+                        callback(k + 1, norms, z)
+                    k, ended = k + 1, True
+                    break
+                running = torch.ones_like(new_norms, dtype=torch.bool)
+                stopped_at = torch.zeros_like(new_norms, dtype=torch.long)
+            new_norms = residual_norms(z_new, r_new, new_norms)
             # The running problems take the step, except those whose residual turned
             # non-finite: they stop at their last finite iterate.
             stepped = running & (new_norms < math.inf)
-            take = row_selector(stepped, z.shape[1], check_every)
-            z, r = take(z_new, z), take(r_new, r)
-            history.append(torch.where(running, new_norms, norms).max())
+            z, r = select_rows(stepped, check_every, (z_new, z), (r_new, r))
+            top = torch.where(running, new_norms, norms).max()
+            history.append(top.item() if check_every == 1 else top)
             norms = torch.where(stepped, new_norms, norms)
             stopped_at = torch.where(running, k + 1, stopped_at)
             running = stepped & (new_norms > threshold)
@@ -176,22 +196,33 @@ class Solver(abc.ABC):
                 callback(k + 1, norms, z)
         else:
             k = max_iter
+        fn._read = None  # (the residual it holds is the caller's to keep or drop)
         # A problem that is neither converged nor running ended non-finite: at the start,
         # or at its last finite iterate (whose residual was above the threshold); so did
         # one running with an iterate that the fast path took unchecked.
-        norms = finite_rows_only(z, norms)
+        if not checked:
+            norms = residual_norms(z, r, norms)
         converged = norms <= threshold
-        ran_out = running & (norms < math.inf)
-        codes = torch.where(converged, CONVERGED, torch.where(ran_out, MAX_ITER, NONFINITE))
-        # Problems still running at the end ran every iteration of the loop.
-        iterations = torch.where(running, k, stopped_at)
+        if ended:  # every problem stopped converged or non-finite, in the loop
+            codes = torch.where(converged, CONVERGED, NONFINITE)
+            iterations = stopped_at
+        elif running is None:  # every problem ran every iteration
+            codes = torch.where(
+                converged, CONVERGED, torch.where(norms < math.inf, MAX_ITER, NONFINITE)
+            )
+            iterations = torch.full_like(norms, k, dtype=torch.long)
+        else:
+            ran_out = running & (norms < math.inf)
+            codes = torch.where(converged, CONVERGED, torch.where(ran_out, MAX_ITER, NONFINITE))
+            # Problems still running at the end ran every iteration of the loop.
+            iterations = torch.where(running, k, stopped_at)
         info = SolveInfo(
             converged=converged,
             residual=norms.detach(),
             # Testing every iteration, the loop ran while some problem ran.
             iterations=k if check_every == 1 else int(iterations.max()),
             f_evals=fn.f_evals,
-            history=_on_host(history),
+            history=history if check_every == 1 else torch.stack(history).detach().tolist(),
             status=status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,
@@ -200,16 +231,6 @@ class Solver(abc.ABC):
             status_codes=codes,
         )
         return z, info
-
-
-def _on_host(history: list[torch.Tensor | float]) -> list[float]:
-    """The worst residual per iteration as numbers: those the fast path read on the host
-    already, and the others (tensors) read in one go."""
-    tensors = [value for value in history if isinstance(value, torch.Tensor)]
-    if not tensors:
-        return history
-    read = iter(torch.stack(tensors).detach().tolist())
-    return [next(read) if isinstance(value, torch.Tensor) else value for value in history]
 
 
 class Residual:
@@ -252,6 +273,9 @@ class Residual:
         self.args = tuple(args)
         self.f_evals = 0
         self.jac_evals = 0
+        # The driver's latest residual whose largest norm it read on the host, and that
+        # number (see _largest_norm).
+        self._read: tuple[torch.Tensor, float] | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """``g(z)``."""
@@ -264,6 +288,14 @@ class Residual:
         if self._scale is None:
             return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
         return self._scale(z0, r0, *self.args)
+
+    def _largest_norm(self, r: torch.Tensor) -> float:
+        """``max_b ‖r_b‖₂``, read on the host: the number the driver read already where
+        ``r`` is its latest residual (a solver that watches the batch's progress spends
+        no pass over the data on it)."""
+        if self._read is not None and self._read[0] is r:
+            return self._read[1]
+        return float(norms_of(r.detach()).max())
 
     def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
         """``g(z)`` and ``∂g/∂z`` at ``z`` as a
@@ -289,23 +321,22 @@ class Residual:
         return value, operator.dense()
 
 
-def residual_norms(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``‖r_b‖₂`` per row (in float32 for half precision), NaN where the iterate ``z_b``
-    is not finite: a residual can be finite at an infinite iterate (``tanh(∞) = 1``),
-    which must never pass a test."""
-    return finite_rows_only(z, norms_of(r))
-
-
-def finite_rows_only(z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``values`` ``(B,)``, NaN where the row ``z_b`` has a non-finite entry.
+def residual_norms(
+    z: torch.Tensor, r: torch.Tensor, norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``‖r_b‖₂`` per row (in float32 for half precision; ``norms`` where already
+    computed), NaN where the iterate ``z_b`` is not finite: a residual can be finite at
+    an infinite iterate (``tanh(∞) = 1``), which must never pass a test.
 
     An infinite or NaN entry makes the row's sum non-finite, and ``0 · sum`` NaN, which
-    the sum ``values + 0 · sum`` keeps (finite rows add zero): one fast reduction and
+    the sum ``norms + 0 · sum`` keeps (finite rows add zero): one fast reduction and
     one small sum per check, where ``isfinite(z).all(dim=1)`` costs a sizeable part of
     a small DEQ cell's evaluation on a CPU, and a ``torch.where`` more dispatches. A row
     whose finite entries sum beyond the dtype's range (about 1e38 in float32) also
     counts as non-finite."""
-    return values.add(z.sum(dim=1, dtype=working_dtype(z.dtype)), alpha=0)
+    if norms is None:
+        norms = norms_of(r)
+    return norms.add(z.sum(dim=1, dtype=working_dtype(z.dtype)), alpha=0)
 
 
 def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -314,5 +345,5 @@ def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
     a problem neither runs nor converges; it stops at once with status
     ``"nonfinite"``."""
-    threshold = tol * (1 + scale)
-    return torch.where(threshold < math.inf, threshold, math.nan)
+    # (One call where a comparison and a torch.where take three with the scalar.)
+    return (tol * (1 + scale)).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)

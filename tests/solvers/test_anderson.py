@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from conftest import TanhProblem, assert_fixed_point, contractive_matrix, rel_err
@@ -13,6 +15,7 @@ from solver_checks import (
     tanh_test,
     unroll_test,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import implicit
 from implicit.solvers import Anderson, Residual
@@ -242,6 +245,33 @@ def test_plain_mixing_while_it_contracts_fast():
     # start_ratio=0: classic Anderson, which solves a linear map in a few steps.
     _, classic = implicit.fixed_point(f, z0, x, solver="anderson", start_ratio=0.0, **kwargs)
     assert classic.iterations < info.iterations
+
+
+def test_plain_mixing_steps_cost_what_picard_s_steps_cost():
+    # The start test reads the largest residual norm the driver has read already: a
+    # plain mixing step makes the calls of a Picard step (one norm pass each), the whole
+    # solve two more (the first step's norm and the history's test, made once).
+    f, z0, x, _ = _contraction_problem(0.3)
+    counts = {}
+    for solver in ("anderson", "fixed_point"):
+        with torch.no_grad(), _OpCounter() as ops:
+            implicit.fixed_point(f, z0, x, solver=solver, batched=True, tol=1e-12)
+        counts[solver] = ops.counts
+    assert counts["anderson"]["linalg_vector_norm"] == counts["fixed_point"]["linalg_vector_norm"]
+    extra = sum(counts["anderson"].values()) - sum(counts["fixed_point"].values())
+    assert 0 <= extra <= 2, (counts["anderson"], counts["fixed_point"])
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten calls by name (``mm``, ``linalg_vector_norm``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_extrapolates_from_the_first_slow_step():

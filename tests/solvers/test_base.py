@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TanhProblem, contractive_matrix, rel_err
 from solver_checks import counting_test
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import implicit
 from implicit._batch import Factorization
@@ -235,3 +236,47 @@ def test_newton_returns_its_factorisation_as_a_hint():
     assert isinstance(info.hint, implicit.linear.NearbyFactorization)
     _, info = implicit.solvers.FixedPoint().solve(fn, p.z0, None, tol=1e-10, max_iter=200)
     assert info.hint is None
+
+
+class _DriverCalls(TorchDispatchMode):
+    """Counts the aten calls made outside the residual (``inside`` > 0 while in it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not self.inside
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_problem_s_bookkeeping():
+    # Read every iteration (on the CPU), one problem costs the evaluations of g, three
+    # calls per iteration (the step, the residual's norm, its read) and a few per solve:
+    # the test, the report. Counted outside g, over solves of different lengths.
+    w = contractive_matrix(6, 0.5, seed=0)
+    x = torch.randn(1, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def calls(tol, max_iter):
+        with _DriverCalls() as counter:
+
+            def g(z):
+                counter.inside += 1
+                try:
+                    return torch.tanh(z @ w.T + x) - z
+                finally:
+                    counter.inside -= 1
+
+            z0 = torch.zeros(1, 6, dtype=torch.float64)
+            _, info = implicit.solvers.FixedPoint().solve(
+                Residual(g), z0, None, tol=tol, max_iter=max_iter
+            )
+        return counter.count, info
+
+    short, info_short = calls(1e-300, 5)
+    long, info_long = calls(1e-300, 10)
+    assert info_short.status == info_long.status == "max_iter"
+    assert long - short == 3 * 5
+    converged, info = calls(1e-8, 100)
+    assert info.status == "converged" and 5 < info.iterations < 100
+    assert converged - 3 * info.iterations <= 24  # 48 before the driver's fast ending
