@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
 from implicit._capture import MAY_READ_VALUES, VALUE_READS, Substitute
-from implicit._checks import check_arg, check_output, check_states, check_target
+from implicit._checks import check_output, check_target
+from implicit._results import check_arg, check_states
 from implicit._torch import eager_stance, is_transformed
 from implicit.solvers.base import Residual
 
