@@ -298,10 +298,9 @@ class LinearProblem:
         return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
-class Recorded(GraphJacobian, Linearization):
-    """``g``'s linearisation from one graph recorded with plain autograd: its own
-    products (a ``GraphJacobian``) and the
-    pullback through the same graph.
+class Recorded(Linearization):
+    """``g``'s linearisation from one graph recorded with plain autograd: the products
+    of that graph (a ``GraphJacobian``) and the pullback through it.
 
     ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
     detached leaves, and the captured tensors as themselves where they are leaves (a
@@ -333,10 +332,9 @@ class Recorded(GraphJacobian, Linearization):
         with torch.enable_grad():
             point = z.detach().requires_grad_()
             out = (problem.map if shifted else problem.residual)(point, *stand_ins)
-        super().__init__(out, point, shifted)
-        self.jacobian = self
+        self.jacobian = GraphJacobian(out, point, shifted)
         self._moving = tuple(stand_ins[i] for i in moving)
 
     def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
         # The graph's last use: it is freed.
-        return autograd_grad(self.out, cotangent, self._moving, retain_graph=False)
+        return autograd_grad(self.jacobian.out, cotangent, self._moving, retain_graph=False)
