@@ -21,8 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from implicit._torch import EagerMode
+from torch.overrides import TorchFunctionMode
 
 
 def tree_map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -73,8 +72,9 @@ VALUE_READS = frozenset(
 MAY_READ_VALUES = VALUE_READS | {torch.Tensor.__getitem__, torch.where}
 
 
-class Substitute(EagerMode):
-    """Replaces captured tensors (matched by identity) in every operation."""
+class Substitute(TorchFunctionMode):
+    """Replaces captured tensors (matched by identity) in every operation (entered under
+    :func:`implicit._torch.eager_stance`)."""
 
     def __init__(self, replacements: dict[int, torch.Tensor]):
         super().__init__()

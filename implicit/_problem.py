@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.overrides import TorchFunctionMode
 
 from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
 from implicit._capture import MAY_READ_VALUES, VALUE_READS, Substitute
-from implicit._checks import check_arg, check_output, check_states, check_target
-from implicit._torch import EagerMode, is_transformed
+from implicit._checks import check_output, check_target
+from implicit._results import check_arg, check_states
+from implicit._torch import eager_stance, is_transformed
 from implicit.solvers.base import Residual
 
 #: A tensor, or tensors nested in tuples, lists and dicts (see :mod:`implicit._tree`).
@@ -205,7 +207,7 @@ class Problem:
         if all(s is c for s, c in zip(stand_ins, self.captured)):
             return function(self.unpack(z), *args)
         replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
-        with Substitute(replacements):
+        with eager_stance(), Substitute(replacements):
             return function(self.unpack(z), *args)
 
     def scale(self, z0: torch.Tensor, r0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -231,7 +233,7 @@ class Problem:
         """
         z0 = z0.detach()
         known = [z0, *self.explicit]
-        with torch.enable_grad(), Recorder(known) as recorder:
+        with torch.enable_grad(), eager_stance(), Recorder(known) as recorder:
             r0 = self.residual(z0, *self.explicit)
         self.captured = list(recorder.captured.values())
         self.inputs = self.explicit + self.captured
@@ -244,7 +246,7 @@ class Problem:
         at ``z0``: ``g`` reads them only on a branch it did not take there. Returns the
         added tensors."""
         z = z.detach()
-        with torch.enable_grad(), Recorder([z, *self.explicit]) as recorder:
+        with torch.enable_grad(), eager_stance(), Recorder([z, *self.explicit]) as recorder:
             self.residual(z, *self.explicit)
         seen = {id(t) for t in self.captured}
         added = [t for key, t in recorder.captured.items() if key not in seen]
@@ -281,9 +283,10 @@ def carries_derivative(tensor: torch.Tensor) -> bool:
     )
 
 
-class Recorder(EagerMode):
+class Recorder(TorchFunctionMode):
     """Records the tensors that flow into operations from outside and carry derivatives,
-    and whether an operation read values that Python may branch on.
+    and whether an operation read values that Python may branch on (entered under
+    :func:`implicit._torch.eager_stance`).
 
     Args:
         known: tensors that are not captures (the explicit arguments, the state).

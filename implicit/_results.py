@@ -1,22 +1,26 @@
-"""Result codes, solve reports and what happens when a solve fails.
+"""Result codes, what happens when a solve fails, and the checks of bad input.
 
-Everything that says how a solve ended lives here: the status codes, the
-``SolveInfo`` / ``BackwardInfo`` reports, and the ``on_failure`` policy.
+What the library tells its caller lives here: the status codes and their names, the
+``on_failure`` policy (warnings and errors) and the argument checks every call runs
+(:func:`check_number`, the one helper for every numeric option, so that every class
+rejects the same bad values with the same message: a bool is never a number here,
+``damping=True`` is an error everywhere, and NaN never passes). The reports themselves,
+``SolveInfo`` and ``BackwardInfo``, are in :mod:`implicit._info`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from implicit.linear import Hint
+from implicit._complex import is_supported, same_precision
+from implicit._info import BackwardInfo, SolveInfo
 
 # Frames in these directories are the library's, not the caller's.
 _INTERNAL_DIRS = (
@@ -150,133 +154,6 @@ def status_name(codes: torch.Tensor) -> str:
     return SEVERITY[int(_RANK.to(codes.device)[codes].max())]
 
 
-@dataclasses.dataclass
-class BackwardInfo:
-    """How the adjoint linear solve ``(∂g/∂z)ᵀ w = v`` of a backward pass ended.
-
-    Attributes:
-        converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
-        residual: ``‖(∂g/∂z)ᵀ w − v‖ / ‖v‖`` per problem (NaN where the mode does
-            not measure it, e.g. ``one_step``).
-        iterations: iterations of the linear solver (the maximum over samples).
-        matvecs: vector-Jacobian products the solve used (a dense solve counts the
-            ``n`` products that build the Jacobian).
-        status: the worst over the batch: ``"converged"``; ``"ill_conditioned"`` (the
-            solve met its tolerance but ``condition`` exceeds ``1/√eps`` of the
-            dtype, ``6.7e7`` in float64, ``2.9e3`` in float32 and half precision: the
-            derivatives may have lost half of their digits or more); ``"stagnated"``
-            (the residual stopped decreasing at the rounding level of the dtype,
-            above the tolerance: the answer is as good as the dtype allows, a
-            tolerance below that cannot be met); ``"max_iter"``;
-            ``"breakdown"`` (a singular system, or one the method cannot solve, e.g.
-            an indefinite one for ``cg``); ``"diverged"`` (the Neumann series grew
-            instead of converging); ``"nonfinite"``. ``converged`` is ``True`` only
-            where the status is ``"converged"``.
-        method: name of the linear solver, or of how it ran: ``"neumann+gmres"``
-            (``auto`` switched), ``"dense+refine"`` (``dense`` refined Newton's last
-            factorisation instead of building the Jacobian).
-        solution: the adjoint solution ``w`` in the flat ``(rows, n)`` view the solver
-            saw (detached): the warm start of a next backward
-            (``DEQ(warm_start_backward=True)`` passes it on).
-        condition: an estimate of the condition number of ``∂g/∂z`` at the solution,
-            per problem (same shape as ``converged``; NaN where the mode does not
-            estimate it): the factor by which the derivatives may amplify an error
-            of ``z*`` or of rounding. ``dense`` estimates ``κ₁ = ‖A‖₁‖A⁻¹‖₁`` from
-            its LU factors (as LAPACK's ``?gecon``, usually within a factor 3); an
-            iterative method reports the amplification its solve saw,
-            ``‖A p‖/‖p‖ · ‖w‖/‖v‖`` for its first product ``A p``, a lower bound of
-            ``κ₂``.
-    """
-
-    converged: torch.Tensor
-    residual: torch.Tensor
-    iterations: int
-    matvecs: int
-    status: str
-    method: str
-    solution: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-    condition: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-
-
-@dataclasses.dataclass
-class SolveInfo:
-    """How a forward solve ended.
-
-    The batch summaries (``iterations``, ``status``) sit beside their per-problem
-    counterparts (``iterations_per_problem``, ``status_codes`` and ``statuses``); every
-    per-problem field has the shape of ``converged``.
-
-    Attributes:
-        converged: bool tensor, shape ``(B,)`` when batched, ``()`` otherwise.
-        residual: final residual norm ``‖g(z)‖₂`` per problem, same shape.
-        iterations: iterations taken: the maximum over the problems.
-        iterations_per_problem: int64 tensor shaped like ``converged``: the iterations
-            each problem took (a problem stops iterating once it has converged or
-            turned non-finite). Their maximum is ``iterations``.
-        status_codes: int64 tensor shaped like ``converged``, each problem's status
-            as a code ordered by severity: 0 ``"converged"``, 1 ``"max_iter"``, 2
-            ``"breakdown"``, 3 ``"failed"``, 4 ``"nonfinite"``. Select problems by it
-            on the device without reading it (``z[info.status_codes == 1]``); the
-            names are [`statuses`][implicit.SolveInfo.statuses].
-        f_evals: evaluations of ``g`` (or ``f``) in the forward; one call on the whole
-            batch counts once. Where derivatives may be asked for, this includes the
-            evaluations that find the tensors ``g`` captures: at ``z0`` (the solver
-            reuses its residual as its first) and, where the solver moved, at the
-            solution.
-        history: the worst residual norm over the batch after each iteration,
-            starting with the initial guess.
-        status: ``"converged"``, ``"max_iter"``, ``"nonfinite"``, ``"breakdown"`` or
-            ``"failed"``: the worst over the batch (the name of the largest status
-            code; the linear solves' statuses ``"ill_conditioned"`` and ``"diverged"``
-            are [`BackwardInfo`][implicit.BackwardInfo]'s).
-        solver: name of the forward solver.
-        message: extra detail from the solver (e.g. scipy's message), or ``""``.
-        jac_evals: dense Jacobians built by the solver (Newton).
-        backward: filled in by ``backward()``: the adjoint solve's
-            [`BackwardInfo`][implicit.BackwardInfo].
-        hint: what the solver learned about ``∂g/∂z`` near its solution (Newton: the
-            factorisation of its last step), for the backward's linear solver; a solver
-            sets it, and the differentiable solve takes it (leaving ``None``) and keeps
-            it only where the backward uses it.
-    """
-
-    converged: torch.Tensor
-    residual: torch.Tensor
-    iterations: int
-    f_evals: int
-    history: list[float]
-    status: str
-    solver: str
-    message: str = ""
-    jac_evals: int = 0
-    backward: BackwardInfo | None = None
-    hint: Hint | None = dataclasses.field(default=None, repr=False, compare=False)
-    iterations_per_problem: torch.Tensor | None = None
-    status_codes: torch.Tensor | None = None
-
-    @property
-    def statuses(self) -> str | list[Any]:
-        """Each problem's status name, nested as ``converged.tolist()`` is: a list of
-        ``B`` names when batched, one name otherwise. Reading it copies the codes to
-        the host."""
-        if self.status_codes is None:
-            return self.status
-
-        def name(code: Any) -> Any:
-            return STATUS_NAMES[code] if isinstance(code, int) else [name(c) for c in code]
-
-        return name(self.status_codes.tolist())
-
-    def __repr__(self) -> str:
-        worst = float(self.residual.max()) if self.residual.numel() else 0.0
-        return (
-            f"SolveInfo(status={self.status!r}, solver={self.solver!r}, "
-            f"converged={int(self.converged.sum())}/{self.converged.numel()}, "
-            f"worst_residual={worst:.3e}, iterations={self.iterations}, "
-            f"f_evals={self.f_evals}, backward={self.backward!r})"
-        )
-
-
 def report_failure(info: SolveInfo | BackwardInfo, on_failure: str, what: str) -> None:
     """Warn, raise or stay silent when ``info`` says the solve did not converge."""
     if on_failure == "ignore" or bool(info.converged.all()):
@@ -323,3 +200,123 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         level, frame = level + 1, frame.f_back
     return level
+
+
+# -- bad input: the checks every call runs -------------------------------------------
+ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
+
+
+#: What ``check_number`` accepts, by the words of its message: the lower bound and
+#: whether it is excluded, the upper bound and whether it is excluded, integers only.
+NUMBER_RULES = {
+    "an integer >= 0": (0, False, math.inf, True, True),
+    "an integer >= 1": (1, False, math.inf, True, True),
+    "in (0, 1]": (0, True, 1, False, False),
+    "in [0, 1]": (0, False, 1, False, False),
+    "a finite number >= 0": (0, False, math.inf, True, False),
+    "a number > 0": (0, True, math.inf, False, False),
+    "a number > 1": (1, True, math.inf, False, False),
+    "a positive finite number": (0, True, math.inf, True, False),
+}
+
+
+def check_number(value: object, name: str, rule: str) -> None:
+    """Raise ``ValueError("{name} must be {rule}, got {value!r}")`` unless ``value``
+    is a number (never a bool) that ``rule`` (a key of ``NUMBER_RULES``) accepts; NaN
+    is accepted by none."""
+    low, low_open, high, high_open, integer = NUMBER_RULES[rule]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or not (low < value if low_open else low <= value)
+        or not (value < high if high_open else value <= high)
+    ):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_shared_options(
+    tol: object, max_iter: object, on_failure: object, callback: object
+) -> None:
+    """The options every front door takes, checked in one place: the first wrong one
+    raises, naming it. A tolerance tensor's entries are checked with the problem's
+    batch (:func:`implicit._tolerance.per_problem`)."""
+    if not isinstance(tol, torch.Tensor):
+        check_number(tol, "tol", "a positive finite number")
+    check_number(max_iter, "max_iter", "an integer >= 1")
+    if on_failure not in ON_FAILURE_CHOICES:
+        check_on_failure(on_failure)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be callable as callback(iteration, residual, z) or None, got "
+            f"{type(callback).__name__}"
+        )
+
+
+def check_on_failure(on_failure: object) -> None:
+    if on_failure not in ON_FAILURE_CHOICES:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+
+
+def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
+    if not states:
+        raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
+    first = labels[0]
+    for state, label in zip(states, labels):
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
+        check_storage(state, label)
+        # (A real state needs no look at the complex rules: the default path stays short.)
+        if not state.is_floating_point() and not is_supported(state.dtype):
+            half = " (complex32 is not supported: use complex64)"
+            raise TypeError(
+                f"{label} must be a floating-point or complex tensor, got {state.dtype}"
+                + (half if state.dtype is torch.complex32 else "")
+            )
+        if state.numel() == 0:
+            raise ValueError(f"{label} is empty: there is nothing to solve for")
+        if batched and state.dim() == 0:
+            raise ValueError(f"{label} is a scalar but batched=True needs a batch dimension first")
+        if state.dtype != states[0].dtype:
+            raise TypeError(f"{label} has dtype {state.dtype}, {first} has {states[0].dtype}")
+        if state.device != states[0].device:
+            raise ValueError(f"{label} is on {state.device}, {first} is on {states[0].device}")
+        if batched and state.shape[0] != states[0].shape[0]:
+            raise ValueError(
+                f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
+            )
+
+
+def check_storage(tensor: torch.Tensor, label: str) -> None:
+    """A state must hold values in dense (strided) storage: not a sparse tensor (the
+    solvers reshape and combine states densely), not a meta tensor (no values)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{label} is on the meta device, which holds no values to solve for: create "
+            f"it on a real device (cpu, cuda, ...)"
+        )
+
+
+def check_arg(
+    arg: torch.Tensor, label: Callable[[], str], dtype: torch.dtype, device, name: str
+) -> None:
+    """A tensor argument on the state's device, floating point or complex only in the
+    state's precision (a complex argument of a real state, or a real one of a complex
+    state, is fine: float64 goes with complex128, float32 with complex64); ``label()``
+    names it in the error (made only for an error)."""
+    if arg.device != device:
+        raise ValueError(f"{label()} is on {arg.device} but {name} is on {device}")
+    if arg.dtype is dtype or not (arg.is_floating_point() or arg.is_complex()):
+        return
+    if not same_precision(arg.dtype, dtype) or arg.dtype is torch.complex32:
+        advice = (
+            "one precision (float64 with complex128, float32 with complex64)"
+            if dtype.is_complex or arg.is_complex()
+            else "one floating-point dtype"
+        )
+        raise TypeError(
+            f"{label()} has dtype {arg.dtype} but {name} has dtype {dtype}: use {advice}"
+        )

@@ -13,7 +13,7 @@ solve, per-call costs) is listed in the developer notes ("Torch internals").
 ``torch.compile``'s machinery (``torch._dynamo``) takes about as long to import as
 torch itself, and ``torch.compiler.disable`` and ``set_stance`` import it. Until
 something imports it, nothing compiles: the package asks for it only once it is
-loaded (:func:`eager`, :func:`compiler_loaded`).
+loaded (:func:`eager`, :func:`eager_stance`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.overrides import TorchFunctionMode, has_torch_function
+from torch.overrides import has_torch_function
 
 #: Whether every fallback is forced (the environment variable ``IMPLICIT_TORCH_FALLBACKS=1``).
 FORCED = os.environ.get("IMPLICIT_TORCH_FALLBACKS", "") == "1"
@@ -266,15 +266,11 @@ def vmap_call(
         return remove_batch_dim(fn(*batched), level, size, 0)
 
 
-def compiler_loaded() -> bool:
-    """Whether ``torch.compile``'s machinery (``torch._dynamo``) is loaded; until it is,
-    nothing compiles.
-
-    A look-up of the module's name, not a call: were torch to rename it, this would say
-    "not loaded" and the package would not disable the compiler around its solves,
-    which only costs a compiled caller more graph breaks.
-    """
-    return "torch._dynamo" in sys.modules
+#: ``torch.compile``'s machinery: until ``_COMPILER in sys.modules``, nothing compiles.
+#: A look-up of the module's name, not a call: were torch to rename it, the package would
+#: take the compiler for not loaded and not disable it around its solves, which only
+#: costs a compiled caller more graph breaks.
+_COMPILER = "torch._dynamo"
 
 
 def mark_compiler_disabled(fn: Callable[..., Any]) -> None:
@@ -303,7 +299,7 @@ def eager(fn: F) -> F:
     @functools.wraps(fn)
     def run_eagerly(*args: Any, **kwargs: Any) -> Any:
         nonlocal disabled
-        if not compiler_loaded():
+        if _COMPILER not in sys.modules:
             return fn(*args, **kwargs)
         if disabled is None:
             disabled = torch.compiler.disable(fn)
@@ -313,23 +309,17 @@ def eager(fn: F) -> F:
     return run_eagerly  # type: ignore[return-value]
 
 
-class EagerMode(TorchFunctionMode):
-    """A mode under which functions compiled with ``torch.compile`` run eagerly.
+def eager_stance() -> contextlib.AbstractContextManager:
+    r"""The compiler's ``"force_eager"`` stance, for as long as one of the package's
+    ``TorchFunctionMode``\ s is active (capture discovery, substitution): functions
+    compiled with ``torch.compile`` then run eagerly.
 
     Dynamo cannot trace through a mode's Python bookkeeping: meeting it, it gives up on
     the compiled function and never compiles that function again, even where no mode
     is active (the solver's own evaluations of ``f``). Under the ``"force_eager"``
     stance it does not try. Before the compiler is loaded nothing compiles, and setting
-    the stance would load it.
+    the stance would load it: then no stance.
     """
-
-    def __enter__(self):
-        self._stance = torch.compiler.set_stance("force_eager") if compiler_loaded() else None
-        return super().__enter__()
-
-    def __exit__(self, *exc_info):
-        try:
-            return super().__exit__(*exc_info)
-        finally:
-            if self._stance is not None:
-                self._stance.__exit__(*exc_info)
+    if _COMPILER not in sys.modules:
+        return _NO_SCOPE
+    return torch.compiler.set_stance("force_eager")

@@ -10,10 +10,10 @@ import torch
 
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
 from implicit._batch import is_half
-from implicit._checks import check_shared_options, check_storage
 from implicit._complex import is_supported
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
+from implicit._results import check_shared_options, check_storage
 from implicit._tolerance import Tol
 from implicit._torch import eager
 from implicit.adjoint.function import solve

@@ -27,7 +27,7 @@ import torch
 from implicit import _progress, _tolerance, _torch
 from implicit._problem import Problem, carries_derivative
 from implicit._results import SolveInfo
-from implicit.adjoint.problems import RootProblem
+from implicit.adjoint.problems import LinearProblem, RootProblem
 from implicit.adjoint.settings import Given, Settings
 from implicit.adjoint.vmap import rows
 from implicit.linear import Auto, LinearSolver, Unroll
@@ -69,7 +69,11 @@ class ImplicitFunction(torch.autograd.Function):
         # one recorded graph, and the adjoint solve needs no node of its own.
         recorded = not torch.is_grad_enabled() and not _torch.transforms_active(v, z, *inputs)
         linearization = problem.linearize(z, inputs, needed, recorded)
-        adjoint = problem.system(True, linearization.jacobian if recorded else None)
+        # What the forward solver knew of ∂g/∂z goes to the systems of its derivatives
+        # (not to those of a linear system's: second order).
+        hint = problem.hint if isinstance(problem, RootProblem) else None
+        jacobian = linearization.jacobian if recorded else None
+        adjoint = LinearProblem(problem, True, jacobian=jacobian, hint=hint)
         if recorded:
             w = ImplicitFunction.forward(adjoint, torch.zeros_like(v), v, z, *inputs)
         else:
@@ -97,7 +101,8 @@ class ImplicitFunction(torch.autograd.Function):
         # dz = −(∂g/∂z)⁻¹ (∂g/∂θ) dθ: the tangent system, solved as a linear problem.
         linearization = problem.linearize(z, inputs, moving, False)
         pushed = linearization.push([tangents[i] for i in moving])
-        tangent = problem.system(False)
+        hint = problem.hint if isinstance(problem, RootProblem) else None
+        tangent = LinearProblem(problem, False, hint=hint)
         return implicit_solve(tangent, torch.zeros_like(pushed), -pushed, z, *inputs)
 
     @staticmethod

@@ -1,12 +1,11 @@
 """The problems the differentiable solve solves: a user's root problem, and the linear
-systems of its derivatives.
+systems of its derivatives (each a :class:`LinearProblem` of its parent).
 
 Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward),
-``linearize(z, inputs, moving, recorded)``, ``system(transpose)`` (the linear system of
-its derivatives) and ``fold(size, in_dims, inputs)`` (the slices of ``vmap``). One
-:class:`~implicit.adjoint.function.ImplicitFunction` solves them all, so the
-derivatives of a linear system (second order), its batching under ``vmap`` and its
-forward mode come from the same machinery as the user problem's.
+``linearize(z, inputs, moving, recorded)`` and ``fold(size, in_dims, inputs)`` (the
+slices of ``vmap``). One :class:`~implicit.adjoint.function.ImplicitFunction` solves
+them all, so the derivatives of a linear system (second order), its batching under
+``vmap`` and its forward mode come from the same machinery as the user problem's.
 """
 
 from __future__ import annotations
@@ -129,12 +128,6 @@ class RootProblem:
         if not isinstance(self.solver, Given):  # (a given answer's report was made)
             report_failure(info, settings.on_failure, "forward solve")
         return z
-
-    def system(self, transpose: bool, jacobian: Jacobian | None = None) -> LinearProblem:
-        """The linear system of a derivative: the adjoint (``transpose``) or the tangent
-        one, with what the forward solver knew of ``∂g/∂z``; ``jacobian``: its products
-        at hand at the point of the system (a recorded graph), or ``None``."""
-        return LinearProblem(self, transpose, jacobian=jacobian, hint=self.hint)
 
     def linearize(
         self,
@@ -271,10 +264,6 @@ class LinearProblem:
         if self.transpose:
             self.parent.record_backward(info)
         return result.x.to(dtype) if is_half(dtype) else result.x
-
-    def system(self, transpose: bool, jacobian: Jacobian | None = None) -> LinearProblem:
-        """The linear system of a derivative of this system (second order)."""
-        return LinearProblem(self, transpose, jacobian=jacobian)
 
     def linearize(
         self,

@@ -9,10 +9,10 @@ from typing import Any
 from torch import nn
 
 from implicit import linear, solvers
-from implicit._checks import check_max_iter, check_on_failure
+from implicit._checks import check_max_iter
 from implicit._problem import TOL_MODES
 from implicit._progress import Callback, check_callback
-from implicit._results import SolveInfo
+from implicit._results import SolveInfo, check_on_failure
 from implicit._tolerance import Tol, check_tol
 
 
