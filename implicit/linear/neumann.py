@@ -8,7 +8,13 @@ import math
 
 import torch
 
-from implicit._batch import all_running, check_interval, known_all, select_rows
+from implicit._batch import (
+    all_running,
+    cheap_host_reads,
+    check_interval,
+    known_all,
+    select_rows,
+)
 from implicit._checks import check_number
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE, STAGNATED
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
@@ -94,15 +100,20 @@ class Neumann(IterativeSolver):
         reference = recent = initial = rhs_norm if from_zero else norm(r)
         # What rounding leaves of A x − rhs: the products run in the operator's dtype.
         rounding = _ROUNDING * torch.finfo(operator.evaluated_in or rhs.dtype).eps
-        active = allowed & (initial > target)
-        codes = where_codes(active, MAX_ITER, CONVERGED)
         check_every = check_interval(self.check_every, rhs)
-        iterations = 0
+        # One problem tested on the host every iteration: its target as a number, read
+        # once (see all_running), and the iteration that solves it ends the loop
+        # without per-problem bookkeeping (what that would compute, the same numbers).
+        one = check_every == 1 and target.shape[0] == 1 and cheap_host_reads(target)
+        limit = target.item() if one else target
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
-        every = known_all(active, check_every)
-        # One problem: its target as a number, read once (see all_running).
-        limit = target.item() if every and target.shape[0] == 1 else target
+        every = one and bool(allowed) and initial.item() > limit
+        active = codes = None
+        if not every:
+            active, codes = _start(allowed, initial, target)
+            every = not one and known_all(active, check_every)
+        iterations = 0
         while iterations < max_iter:
             if not every and iterations % check_every == 0 and not bool(active.any()):
                 break
@@ -116,6 +127,12 @@ class Neumann(IterativeSolver):
                 r_new = operator.mv(x_new) - rhs
             iterations += 1
             size = norm(r_new)
+            if every and one:
+                worst = size.item()
+                if worst <= limit and worst < math.inf:
+                    x, r = x_new, r_new
+                    codes = torch.full_like(target, CONVERGED, dtype=torch.long)
+                    break
             # The problems stopped early at this iteration, with their status, by
             # priority: a stagnated or diverged one is not handed on as merely slow.
             stops = []
@@ -135,15 +152,16 @@ class Neumann(IterativeSolver):
                 reference = size
             if every:
                 stopping = [mask for mask, _ in stops]
-                if (
-                    not (stopping and bool(functools.reduce(torch.logical_or, stopping).any()))
-                    and all_running(size, limit) is not None
+                if not (stopping and bool(functools.reduce(torch.logical_or, stopping).any())) and (
+                    limit < worst < math.inf if one else all_running(size, limit) is not None
                 ):
                     x, r = x_new, r_new
                     if shifted:
                         q = q_new
                     continue
             every = False
+            if active is None:
+                active, codes = _start(allowed, initial, target)
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (size < math.inf)
             if shifted:
@@ -159,4 +177,15 @@ class Neumann(IterativeSolver):
                 stopped = active & mask
                 codes = torch.where(stopped, code, codes)
                 active = active & ~stopped
+        if codes is None:  # out of iterations while every problem ran
+            _, codes = _start(allowed, initial, target)
         return Progress(x, codes, iterations, r)
+
+
+def _start(
+    allowed: torch.Tensor, initial: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The problems to iterate (allowed, and not solved by their initial residual) and
+    their status codes before the first iteration."""
+    active = allowed & (initial > target)
+    return active, where_codes(active, MAX_ITER, CONVERGED)

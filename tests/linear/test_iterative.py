@@ -252,3 +252,39 @@ def test_transpose_of_an_iterative_state_solves_the_transposed_system():
     gmres = linear.GMRES()
     state = gmres.transpose(gmres.init(operator(matrix, transpose=False)))
     check_solution(gmres.solve(state, rhs, tol=1e-11, max_iter=100), matrix.mT, rhs, 1e-11)
+
+
+def _alone_cases():
+    """``(method, matrix, rhs, tol, max_iter)``: batches whose problems end in every way
+    a solve ends (converged, out of iterations, zero right-hand side, ill-conditioned,
+    diverged)."""
+    for method in sorted(ITERATIVE):
+        matrix, rhs = hard_and_easy(method, n=12)
+        yield method, matrix, rhs, 1e-10, 1000
+        yield method, matrix, rhs, 1e-10, 3
+        yield method, matrix, torch.cat([rhs[:2], torch.zeros_like(rhs[:1])]), 1e-10, 1000
+    gen = generator(3)
+    q1, _ = torch.linalg.qr(torch.randn(2, 10, 10, generator=gen, dtype=F64))
+    q2, _ = torch.linalg.qr(torch.randn(2, 10, 10, generator=gen, dtype=F64))
+    singular = torch.stack([torch.logspace(0, 10, 10, dtype=F64), torch.ones(10, dtype=F64)])
+    yield "gmres", q1 * singular.unsqueeze(1) @ q2.mT, rhs_of(2, 10, 3), 1e-6, 200
+    grows = contraction(2, 6, 3.0, 4) - torch.eye(6, dtype=F64)
+    yield "neumann", grows, rhs_of(2, 6, 4), 1e-10, 100
+
+
+@pytest.mark.parametrize("case", list(_alone_cases()), ids=lambda case: case[0])
+def test_one_problem_ends_as_in_a_batch(case):
+    # A solve of one problem on the CPU tests its end on the host rather than by
+    # per-problem bookkeeping: it reports what the batch's bookkeeping reports for it.
+    method, matrix, rhs, tol, max_iter = case
+    solver = ITERATIVE[method]()
+    together = run(solver, operator(matrix), rhs, tol=tol, max_iter=max_iter)
+    for b in range(rhs.shape[0]):
+        alone = run(solver, operator(matrix[b : b + 1]), rhs[b : b + 1], tol=tol, max_iter=max_iter)
+        assert alone.codes.tolist() == together.codes[b : b + 1].tolist()
+        assert alone.codes.dtype == together.codes.dtype == torch.long
+        assert rel_err(together.x[b], alone.x[0]) <= 1e-13
+        for name in ("residual", "condition"):
+            mine, theirs = getattr(alone, name)[0], getattr(together, name)[b]
+            assert math.isnan(theirs) == math.isnan(mine)
+            assert math.isnan(theirs) or abs(mine - theirs) <= 1e-6 * abs(theirs) + 1e-14
