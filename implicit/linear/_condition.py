@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from implicit._batch import cheap_host_reads
+
 
 def seen(gain: torch.Tensor, x: torch.Tensor, rhs_norm: torch.Tensor) -> torch.Tensor:
     """``gain · ‖x‖/‖rhs‖`` per row, from ``‖rhs‖`` per row (NaN where ``rhs = 0``:
@@ -57,4 +59,7 @@ class FirstProduct:
 
 def _ratio(product: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     size = torch.linalg.vector_norm(x, dim=1)
-    return torch.linalg.vector_norm(product, dim=1) / torch.where(size > 0, size, 1)
+    gain = torch.linalg.vector_norm(product, dim=1)
+    if size.shape[0] == 1 and cheap_host_reads(size):  # one problem: a read, not a pass
+        return gain / size if size.item() > 0 else gain
+    return gain / torch.where(size > 0, size, 1)

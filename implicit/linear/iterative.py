@@ -174,7 +174,7 @@ class IterativeSolver(LinearSolver):
         if x is not None:
             x = torch.where(row_mask(rhs_norm == 0), 0, x)
         allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
-        codes = torch.full_like(rhs_norm, MAX_ITER, dtype=torch.long)
+        codes = None  # (after the first round: every problem's, all being allowed)
         iterations, methods = 0, []
         # One problem on the CPU: its end is tested on the host, without passes.
         one = rhs.shape[0] == 1 and cheap_host_reads(rhs)
@@ -196,9 +196,9 @@ class IterativeSolver(LinearSolver):
             if one and residual.item() <= target.item():
                 return _solved_one(x, residual, rhs_norm, operator.gain, iterations, methods)
             if not one and bool((residual <= target).all()):
-                codes = torch.full_like(codes, CONVERGED)
+                codes = torch.full_like(rhs_norm, CONVERGED, dtype=torch.long)
                 break
-            codes = torch.where(allowed, new_codes, codes)
+            codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
             finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
             solved = finite & (residual <= target)
             allowed = (codes == CONVERGED) & ~solved & finite  # drifted: restart these

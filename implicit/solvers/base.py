@@ -27,7 +27,14 @@ import torch
 from implicit._batch import all_running, check_interval, select_rows, traced, working_dtype
 from implicit._batch import norms as norms_of
 from implicit._checks import check_number
-from implicit._results import CONVERGED, MAX_ITER, NONFINITE, SolveInfo, status_name
+from implicit._results import (
+    CONVERGED,
+    MAX_ITER,
+    NONFINITE,
+    STATUS_NAMES,
+    SolveInfo,
+    status_name,
+)
 from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
 
 if TYPE_CHECKING:
@@ -148,6 +155,7 @@ class Solver(abc.ABC):
             fn._read = (r, worst)
         state = self.init(fn, z, r)
         ended = False  # the loop found no problem running
+        solved = False  # the one problem converged, as the host read
         checked = False  # the final iterates' finiteness is known
         k = 0
         for k in range(max_iter):
@@ -172,7 +180,9 @@ class Solver(abc.ABC):
                     # (as below, on the host).
                     new_norms = residual_norms(z_new, r_new, new_norms)
                     history.append(new_norms.item())
-                    checked = history[-1] < math.inf
+                    # (A finite residual that ended the loop is at most the limit,
+                    # which is not NaN on this path.)
+                    solved = checked = history[-1] < math.inf
                     if checked:
                         z, r, norms = z_new, r_new, new_norms
                     stopped_at = torch.full_like(norms, k + 1, dtype=torch.long)
@@ -203,7 +213,10 @@ class Solver(abc.ABC):
         if not checked:
             norms = residual_norms(z, r, norms)
         converged = norms <= threshold
-        if ended:  # every problem stopped converged or non-finite, in the loop
+        if solved:  # (what the general end computes, without its passes)
+            codes = torch.full_like(norms, CONVERGED, dtype=torch.long)
+            iterations = stopped_at
+        elif ended:  # every problem stopped converged or non-finite, in the loop
             codes = torch.where(converged, CONVERGED, NONFINITE)
             iterations = stopped_at
         elif running is None:  # every problem ran every iteration
@@ -223,7 +236,7 @@ class Solver(abc.ABC):
             iterations=k if check_every == 1 else int(iterations.max()),
             f_evals=fn.f_evals,
             history=history if check_every == 1 else torch.stack(history).detach().tolist(),
-            status=status_name(codes),
+            status=STATUS_NAMES[CONVERGED] if solved else status_name(codes),
             solver=self.name,
             jac_evals=fn.jac_evals,
             hint=self.hint(state),
