@@ -19,9 +19,9 @@ that every solve ends as a converged one does. Each is timed at two values of ``
 the fit ``time = a + b·k`` gives the fixed cost ``a`` and the cost per iteration ``b``
 (one forward and one backward iteration).
 The same for the forward alone (no input requires grad). One process, one thread, CPU
-time, rounds interleaving every contender; medians over rounds. The counts (host reads:
-aten ops that return a Python value; autograd-engine passes) come from one more,
-untimed, step of each.
+time, rounds interleaving every contender; medians over rounds. The counts (aten ops;
+host reads: those that return a Python value; autograd-engine passes) come from one
+more, untimed, step of each.
 
 Run from the repository root: ``python benchmarks/small_solve.py``.
 """
@@ -151,15 +151,17 @@ def eager_step(W, x, k: int) -> None:
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the aten ops that hand a value to the host."""
+    """Counts the aten ops that hand a value to the host (``count``), and every aten op
+    (``calls``: what a step costs in dispatches, whatever the tensors' size)."""
 
     NAMES = ("_local_scalar_dense", "is_nonzero", "equal")
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
         if func.__name__.split(".")[0] in self.NAMES:
             self.count += 1
         return func(*args, **(kwargs or {}))
@@ -191,11 +193,12 @@ class EnginePasses:
         torch.autograd.Variable._execution_engine = self._engine
 
 
-def counts(step, W, x, k: int) -> tuple[int, int]:
+def counts(step, W, x, k: int) -> tuple[int, int, int]:
+    """Host reads, autograd-engine passes and aten ops of one ``step(W, x, k)``."""
     with HostReads() as reads, EnginePasses() as passes:
         step(W, x, k)
     W.grad = x.grad = None
-    return reads.count, passes.count
+    return reads.count, passes.count, reads.calls
 
 
 def settle() -> None:
@@ -246,10 +249,10 @@ def main() -> None:
     for name, (step, (W, x)) in contenders.items():
         a, b = fit({k: median[name, k] for k in KS})
         fits[name] = a, b
-        reads, passes = counts(step, W, x, KS[0])
+        reads, passes, calls = counts(step, W, x, KS[0])
         print(
             f"  {name:16s} a = {a * 1e6:7.1f}  b = {b * 1e6:6.2f}   "
-            f"(k = {KS[0]}: {reads} host reads, {passes} engine passes)"
+            f"(k = {KS[0]}: {calls} aten ops, {reads} host reads, {passes} engine passes)"
         )
     for what in ("", " forward"):
         (a_l, b_l), (a_e, b_e) = fits["library" + what], fits["eager" + what]

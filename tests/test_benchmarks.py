@@ -244,13 +244,14 @@ def test_the_small_solve_runs_the_iterations_its_fit_assumes():
         info = small_solve.library_step(W, x, k, info=True)
         assert info.iterations == info.backward.iterations == k
         assert info.status == info.backward.status == "converged"
-        _, passes = small_solve.counts(small_solve.eager_step, W, x, k)
+        _, passes, _ = small_solve.counts(small_solve.eager_step, W, x, k)
         assert passes == k + 1  # the step's backward, then one per Neumann term
         # The eager forward: the threshold's two reads, then one per iteration.
-        reads, _ = small_solve.counts(small_solve.eager_step, *small_solve.problem(False), k)
+        reads, _, _ = small_solve.counts(small_solve.eager_step, *small_solve.problem(False), k)
         assert reads == k + 2
-    reads, passes = small_solve.counts(small_solve.library_step, W, x, small_solve.KS[0])
+    reads, passes, calls = small_solve.counts(small_solve.library_step, W, x, small_solve.KS[0])
     assert reads > 0 and passes == small_solve.KS[0] + 2  # and the pullback
+    assert calls > reads
     assert small_solve.fit({4: 3.0, 24: 13.0}) == (1.0, 0.5)
 
 
