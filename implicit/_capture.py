@@ -85,3 +85,16 @@ class Substitute(TorchFunctionMode):
             return self._replacements.get(id(tensor), tensor)
 
         return func(*tree_map_tensors(args, swap), **tree_map_tensors(kwargs or {}, swap))
+
+
+def reads_values(func, args: tuple) -> bool:
+    """Whether ``func(*args)``, one of ``MAY_READ_VALUES``, hands values to Python or
+    makes a shape from them: those of ``VALUE_READS``, indexing with a tensor, and
+    ``torch.where(condition)``."""
+    if func in VALUE_READS:
+        return True
+    if func is torch.Tensor.__getitem__:
+        indices: list[torch.Tensor] = []
+        tree_map_tensors(args[1:], indices.append)
+        return bool(indices)
+    return func is torch.where and len(args) == 1

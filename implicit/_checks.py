@@ -31,6 +31,13 @@ def check_options(owner: str, options: dict, allowed: dict) -> None:
         )
 
 
+def arg_label(problem: Any, position: int) -> str:
+    """How errors name ``problem``'s explicit argument at ``position``."""
+    if problem.form != "inverse":
+        return f"argument {position}" + (" (after z0)" if problem.initial_name == "z0" else "")
+    return "y" if position == 0 else f"argument {position - 1} (after y)"
+
+
 def check_target(problem: Any) -> torch.Size:
     """The inverse form's ``y`` (``problem.args[0]``): a tensor with one equation per
     unknown. Returns its shape."""

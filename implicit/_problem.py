@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 
 from implicit import _complex, _tree
 from implicit._batch import norms, working_dtype
-from implicit._capture import MAY_READ_VALUES, VALUE_READS, Substitute
-from implicit._checks import check_output, check_target
+from implicit._capture import MAY_READ_VALUES, Substitute, reads_values
+from implicit._checks import arg_label, check_output, check_target
 from implicit._results import check_arg, check_states
 from implicit._torch import eager_stance, is_transformed
 from implicit.solvers.base import Residual
@@ -113,7 +113,7 @@ class Problem:
         self.args = tuple(args)
         self.tensor_positions = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
         for i in self.tensor_positions:
-            label = functools.partial(self._arg_label, i)
+            label = functools.partial(arg_label, self, i)
             check_arg(self.args[i], label, self.dtype, self.device, initial)
         # The structure fn returns: that of z, or of y in the inverse form.
         self.out_shapes, self.out_spec = self.shapes, self.spec
@@ -127,11 +127,6 @@ class Problem:
         self.inputs = self.explicit
         #: Whether ``g`` handed a tensor's values to Python at ``z0`` (see :meth:`discover`).
         self.reads_values = True
-
-    def _arg_label(self, position: int) -> str:
-        if self.form != "inverse":
-            return f"argument {position}" + (" (after z0)" if self.initial_name == "z0" else "")
-        return "y" if position == 0 else f"argument {position - 1} (after y)"
 
     # -- the flat view ------------------------------------------------------------
     def pack(self, states: State) -> torch.Tensor:
@@ -308,7 +303,7 @@ class Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in MAY_READ_VALUES and not self.read_values:
-            self.read_values = _reads_values(func, args)
+            self.read_values = reads_values(func, args)
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
         _collect(args, found)
@@ -327,19 +322,6 @@ class Recorder(TorchFunctionMode):
             made.add(id(tensor))
         self._keep_alive.extend(outputs)
         return out
-
-
-def _reads_values(func, args: tuple) -> bool:
-    """Whether ``func(*args)``, one of ``MAY_READ_VALUES``, hands values to Python or
-    makes a shape from them: those of ``VALUE_READS``, indexing with a tensor, and
-    ``torch.where(condition)``."""
-    if func in VALUE_READS:
-        return True
-    if func is torch.Tensor.__getitem__:
-        indices: list[torch.Tensor] = []
-        _collect(args[1:], indices)
-        return bool(indices)
-    return func is torch.where and len(args) == 1
 
 
 def _collect(obj: Any, found: list[torch.Tensor]) -> None:

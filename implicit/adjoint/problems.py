@@ -143,10 +143,6 @@ class RootProblem:
             return Recorded(self.problem, z, inputs, moving)
         return Functional(self.residual, z, inputs, moving)
 
-    def record_backward(self, info: BackwardInfo) -> None:
-        if self.info is not None:
-            self.info.backward = info
-
     def fold(
         self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
     ) -> tuple[RootProblem, Sequence[torch.Tensor]]:
@@ -182,8 +178,9 @@ class LinearProblem:
         hint: what the forward solver knew of ``A``, for the linear solver to use.
     """
 
-    #: Linear solves of higher orders are not warm-started.
+    #: Linear solves of higher orders are not warm-started, nor reported.
     backward_x0 = None
+    info = None
 
     def __init__(
         self,
@@ -261,8 +258,8 @@ class LinearProblem:
         )
         what = "backward linear solve" if self.transpose else "forward-mode linear solve"
         report_failure(info, settings.on_failure, what)
-        if self.transpose:
-            self.parent.record_backward(info)
+        if self.transpose and self.parent.info is not None:  # the parent's report
+            self.parent.info.backward = info
         return result.x.to(dtype) if is_half(dtype) else result.x
 
     def linearize(
@@ -274,9 +271,6 @@ class LinearProblem:
     ) -> Linearization:
         """The system's own linearisation (for second order): by ``torch.func``."""
         return Functional(self.residual, z, inputs, moving)
-
-    def record_backward(self, info: BackwardInfo) -> None:
-        """Linear solves of higher orders are not reported."""
 
     def fold(
         self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]

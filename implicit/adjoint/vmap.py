@@ -76,8 +76,10 @@ class Folded:
         """The inner problem's view for its solvers, evaluated by these slices."""
         return self.inner.solver_view(inputs, self if source is None else source)
 
-    def record_backward(self, info) -> None:
-        self.inner.record_backward(info)
+    @property
+    def info(self):
+        """The report of the inner problem (where its backward is reported)."""
+        return self.inner.info
 
 
 def rows(tensor: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.linear.base import (
     BREAKDOWN,
     DIVERGED,

@@ -10,8 +10,7 @@ import math
 import torch
 
 from implicit._batch import known_all, lu_factor, lu_solve
-from implicit._checks import check_number
-from implicit._results import condition_limit, flag_ill_conditioned
+from implicit._results import check_number, condition_limit, flag_ill_conditioned
 from implicit.linear.base import (
     BREAKDOWN,
     CONVERGED,

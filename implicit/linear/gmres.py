@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from implicit._batch import check_interval, combine, known_all, project
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.linear.base import BREAKDOWN, CONVERGED, MAX_ITER
 from implicit.linear.iterative import IterativeSolver, Progress, identity, norm, row_mask, start
 

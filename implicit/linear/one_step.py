@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from implicit._checks import check_max_iter, check_number
+from implicit._checks import check_max_iter
+from implicit._results import check_number
 from implicit.linear.base import CONVERGED, NONFINITE, LinearResult, LinearSolver
 from implicit.linear.neumann import Neumann
 

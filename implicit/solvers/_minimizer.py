@@ -32,8 +32,15 @@ from typing import Any, ClassVar
 import torch
 
 from implicit._batch import check_interval, norms
-from implicit._checks import check_number
-from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
+from implicit._results import (
+    CONVERGED,
+    FAILED,
+    MAX_ITER,
+    NONFINITE,
+    SolveInfo,
+    check_number,
+    status_name,
+)
 from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature
 from implicit.solvers._objective import Objective

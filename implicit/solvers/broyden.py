@@ -8,7 +8,7 @@ import math
 import torch
 
 from implicit._batch import check_interval, combine, known_all, norms, project, store, upcast
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.linear.base import LowRankInverse
 from implicit.solvers._line_search import (
     Search,

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.solvers.base import Solver
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from implicit._batch import known_all
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import Search
 

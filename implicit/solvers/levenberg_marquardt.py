@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from implicit._batch import known_all
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.solvers._minimizer import Minimizer, residual_norms
 from implicit.solvers._search import FLAT_ULPS
 from implicit.solvers.gauss_newton import damped_step

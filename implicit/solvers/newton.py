@@ -17,7 +17,7 @@ from implicit._batch import (
     traced,
     upcast,
 )
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
 from implicit.linear.base import WorkingOperator
 from implicit.solvers._line_search import (
