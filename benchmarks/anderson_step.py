@@ -29,8 +29,9 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # the checkout this file is in
 
-import implicit  # noqa: E402
 from small_solve import HostReads, cpu_model, fit  # noqa: E402
+
+import implicit  # noqa: E402
 
 SIZES = ((64, 256), (256, 512))
 KS = (10, 30)

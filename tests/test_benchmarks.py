@@ -15,6 +15,7 @@ from conftest import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import anderson_step
 import deq_step
 import mixed_precision
 import scalar_batch
@@ -253,6 +254,21 @@ def test_the_small_solve_runs_the_iterations_its_fit_assumes():
     assert reads > 0 and passes == small_solve.KS[0] + 2  # and the pullback
     assert calls > reads
     assert small_solve.fit({4: 3.0, 24: 13.0}) == (1.0, 0.5)
+
+
+def test_the_anderson_step_runs_the_iterations_its_fit_assumes():
+    # benchmarks/anderson_step.py fits time = a + b·k: each solve runs exactly max_iter
+    # iterations, and Anderson extrapolates (more operations per iteration than Picard).
+    W, x = anderson_step.problem(3, 16)
+    for solver in anderson_step.SOLVERS.values():
+        for k in anderson_step.KS:
+            _, info = anderson_step.solve(solver, W, x, k)
+            assert info.iterations == k and info.status == "max_iter"
+    picard, anderson = (
+        anderson_step.per_iteration_counts(solver, W, x)
+        for solver in anderson_step.SOLVERS.values()
+    )
+    assert 0 < picard[0] < anderson[0] and picard[1] >= 1
 
 
 def test_the_default_takes_picards_steps_on_the_benchmark_cell():
