@@ -12,6 +12,7 @@ from implicit._batch import (
     check_interval,
     combine,
     known_all,
+    norms,
     project,
     solve,
     store,
@@ -39,7 +40,8 @@ class _History:
     Before the solver starts extrapolating, the four tensors of the history are
     ``None`` (nothing is allocated) and ``worst`` is the largest residual norm over the
     batch at ``z`` (read on the host), against which the next step's contraction is
-    measured.
+    measured; ``latest`` is that of the driver's current iterate, where the driver has
+    read it (:meth:`Anderson.observe`).
     """
 
     z: torch.Tensor
@@ -50,6 +52,7 @@ class _History:
     rhs: torch.Tensor | None = None
     slot: int = 0
     worst: float | None = None
+    latest: float | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -168,7 +171,12 @@ class Anderson(Solver):
             or transforms_active(z, r)
         ):
             return self._started(_History(z=z, r=r))
-        return _History(z=z, r=r, worst=fn._largest_norm(r))
+        return _History(z=z, r=r)
+
+    def observe(self, state, largest):
+        if state.dr is not None:  # extrapolating: the contraction no longer matters
+            return state
+        return _History(z=state.z, r=state.r, worst=state.worst, latest=largest)
 
     def step(self, fn, z, r, state):
         if z is state.z and r is state.r:
@@ -176,13 +184,15 @@ class Anderson(Solver):
             # or a step after every problem has stopped, which the driver discards): no
             # step to remember, so no slot taken, and the plain mixing step.
             z_next = torch.add(z, r, alpha=self.mixing)
+            if state.latest is not None:  # the driver's reading at z, for the next step
+                state = _History(z=z, r=r, worst=state.latest)
             return z_next, fn(z_next), state
         if state.dr is None:
             # After a plain mixing step from state.z to z: the history starts with that
             # step where the largest residual shrank by less than start_ratio (NaN: no
             # sign of slow contraction), else the next step is a plain one too.
-            now = fn._largest_norm(r)
-            if not now > self.start_ratio * state.worst:  # contracting fast
+            now = _largest(state.latest, r)
+            if not now > self.start_ratio * _largest(state.worst, state.r):  # contracting fast
                 z_next = torch.add(z, r, alpha=self.mixing)
                 return z_next, fn(z_next), _History(z=z, r=r, worst=now)
             state = self._started(state)
@@ -305,3 +315,8 @@ class Anderson(Solver):
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
+
+
+def _largest(read: float | None, r: torch.Tensor) -> float:
+    """``max_b ‖r_b‖₂`` on the host: ``read`` where the driver has read it already."""
+    return read if read is not None else float(norms(r.detach()).max())

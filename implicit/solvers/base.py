@@ -90,6 +90,14 @@ class Solver(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement step() or solve()")
 
+    def observe(self, state: Any, largest: float) -> Any:
+        """The state after the driver read ``largest``, the batch's largest residual
+        norm at the iterate it passes to the next :meth:`step`, on the host (it does so
+        where it tests every iteration, until a problem ends). A method that watches
+        the batch's progress takes it from here instead of spending a pass over the
+        data on it; by default the state is unchanged."""
+        return state
+
     def hint(self, state: Any) -> Hint | None:
         """What the method learned about ``∂g/∂z`` near its last iterate, from its final
         ``state``, for the backward (``SolveInfo.hint``): a [`Hint`][implicit.linear.Hint]
@@ -151,9 +159,9 @@ class Solver(abc.ABC):
             running = (norms > threshold) & (norms < math.inf)
             # Iterations per problem: the loop count for every problem still running.
             stopped_at = torch.zeros_like(norms, dtype=torch.long)
-        else:
-            fn._read = (r, worst)
         state = self.init(fn, z, r)
+        if worst is not None:
+            state = self.observe(state, worst)
         ended = False  # the loop found no problem running
         solved = False  # the one problem converged, as the host read
         checked = False  # the final iterates' finiteness is known
@@ -170,7 +178,7 @@ class Solver(abc.ABC):
                 worst = all_running(new_norms, limit)
                 if worst is not None:
                     z, r, norms = z_new, r_new, new_norms
-                    fn._read = (r, worst)
+                    state = self.observe(state, worst)
                     history.append(worst)
                     if callback is not None:
                         callback(k + 1, norms, z)
@@ -206,7 +214,6 @@ class Solver(abc.ABC):
                 callback(k + 1, norms, z)
         else:
             k = max_iter
-        fn._read = None  # (the residual it holds is the caller's to keep or drop)
         # A problem that is neither converged nor running ended non-finite: at the start,
         # or at its last finite iterate (whose residual was above the threshold); so did
         # one running with an iterate that the fast path took unchecked.
@@ -286,9 +293,6 @@ class Residual:
         self.args = tuple(args)
         self.f_evals = 0
         self.jac_evals = 0
-        # The driver's latest residual whose largest norm it read on the host, and that
-        # number (see _largest_norm).
-        self._read: tuple[torch.Tensor, float] | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """``g(z)``."""
@@ -301,14 +305,6 @@ class Residual:
         if self._scale is None:
             return z0.new_zeros(z0.shape[0], dtype=working_dtype(z0.dtype))
         return self._scale(z0, r0, *self.args)
-
-    def _largest_norm(self, r: torch.Tensor) -> float:
-        """``max_b ‖r_b‖₂``, read on the host: the number the driver read already where
-        ``r`` is its latest residual (a solver that watches the batch's progress spends
-        no pass over the data on it)."""
-        if self._read is not None and self._read[0] is r:
-            return self._read[1]
-        return float(norms_of(r.detach()).max())
 
     def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, JacobianOperator]:
         """``g(z)`` and ``∂g/∂z`` at ``z`` as a
