@@ -92,10 +92,11 @@ class Solver(abc.ABC):
 
     def observe(self, state: Any, largest: float) -> Any:
         """The state after the driver read ``largest``, the batch's largest residual
-        norm at the iterate it passes to the next :meth:`step`, on the host (it does so
-        where it tests every iteration, until a problem ends). A method that watches
-        the batch's progress takes it from here instead of spending a pass over the
-        data on it; by default the state is unchanged."""
+        norm at the iterate it passes to the next
+        [`step`][implicit.solvers.Solver.step], on the host (it does so where it tests
+        every iteration, until a problem ends). A method that watches the batch's
+        progress takes it from here instead of spending a pass over the data on it; by
+        default the state is unchanged."""
         return state
 
     def hint(self, state: Any) -> Hint | None:
