@@ -17,8 +17,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._checks import check_number
-from implicit._results import condition_limit, flag_ill_conditioned
+from implicit._results import check_number, condition_limit, flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,

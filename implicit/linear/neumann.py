@@ -15,7 +15,7 @@ from implicit._batch import (
     known_all,
     select_rows,
 )
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit.linear.base import CONVERGED, DIVERGED, MAX_ITER, NONFINITE, STAGNATED
 from implicit.linear.iterative import IterativeSolver, Progress, norm, start, where_codes
 

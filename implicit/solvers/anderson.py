@@ -20,7 +20,7 @@ from implicit._batch import (
     upcast,
     working_dtype,
 )
-from implicit._checks import check_number
+from implicit._results import check_number
 from implicit._torch import transforms_active
 from implicit.linear.base import LowRankInverse
 from implicit.solvers.base import Solver

@@ -26,13 +26,13 @@ import torch
 
 from implicit._batch import all_running, check_interval, select_rows, traced, working_dtype
 from implicit._batch import norms as norms_of
-from implicit._checks import check_number
 from implicit._results import (
     CONVERGED,
     MAX_ITER,
     NONFINITE,
     STATUS_NAMES,
     SolveInfo,
+    check_number,
     status_name,
 )
 from implicit.linear.operator import GraphJacobian, Jacobian, JacobianOperator
