@@ -280,3 +280,38 @@ def test_one_problem_s_bookkeeping():
     converged, info = calls(1e-8, 100)
     assert info.status == "converged" and 5 < info.iterations < 100
     assert converged - 3 * info.iterations <= 24  # 48 before the driver's fast ending
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_observe_receives_the_largest_residual_norm_the_driver_read(batch):
+    # A method that watches the batch's progress sees, before each step, the largest
+    # residual norm of the iterate it steps from: the driver's history, as read.
+    seen = []
+
+    class Watching(implicit.solvers.FixedPoint):
+        def observe(self, state, largest):
+            seen.append(largest)
+            return state
+
+    W = contractive_matrix(6, 0.8, seed=1)
+    x = torch.randn(batch, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _, info = implicit.fixed_point(
+        lambda z, x: torch.tanh(z @ W.T + x),
+        torch.zeros(batch, 6, dtype=torch.float64),
+        x,
+        solver=Watching(),
+        tol=1e-10,
+        return_info=True,
+    )
+    assert info.status == "converged"
+    # The last iterate ends the loop: the driver reads it but no step follows.
+    assert seen == info.history[:-1]
+    seen.clear()
+    implicit.fixed_point(
+        lambda z, x: torch.tanh(z @ W.T + x),
+        torch.zeros(batch, 6, dtype=torch.float64),
+        x,
+        solver=Watching(check_every=4),  # no host read per iteration: nothing to hand on
+        tol=1e-10,
+    )
+    assert seen == []
