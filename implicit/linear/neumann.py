@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -109,7 +108,7 @@ class Neumann(IterativeSolver):
         # While every problem runs and the host checks each iteration (on the CPU), an
         # iteration in which none finishes or blows up needs no per-problem bookkeeping.
         every = one and bool(allowed) and initial.item() > limit
-        active = codes = None
+        active = codes = grow_limit = None
         if not every:
             active, codes = _start(allowed, initial, target)
             every = not one and known_all(active, check_every)
@@ -133,10 +132,30 @@ class Neumann(IterativeSolver):
                     x, r = x_new, r_new
                     codes = torch.full_like(target, CONVERGED, dtype=torch.long)
                     break
+            window = iterations % _WINDOW == 0
+            give_up = bool(self.give_up_after) and iterations % self.give_up_after == 0
+            if every:
+                if not one:
+                    worst = all_running(size, limit)
+                running = limit < worst < math.inf if one else worst is not None
+                if running and window and self.divergence and grow_limit is None:
+                    grow_limit = (self.divergence * initial).min().item()
+                if running and not (
+                    (window or give_up)
+                    and self._may_stop(size, worst, window, recent, give_up, reference, grow_limit)
+                ):
+                    if window:
+                        recent = size
+                    if give_up:
+                        reference = size
+                    x, r = x_new, r_new
+                    if shifted:
+                        q = q_new
+                    continue
             # The problems stopped early at this iteration, with their status, by
             # priority: a stagnated or diverged one is not handed on as merely slow.
             stops = []
-            if iterations % _WINDOW == 0:
+            if window:
                 # Stagnation: the residual did not halve over the window and is at the
                 # level of the rounding errors of its evaluation, which no method
                 # working with these products can go below.
@@ -146,19 +165,10 @@ class Neumann(IterativeSolver):
                 if self.divergence:
                     grown = (size > self.divergence * initial) & (size < math.inf)
                     stops.append((grown, DIVERGED))
-            if self.give_up_after and iterations % self.give_up_after == 0:
+            if give_up:
                 # The residual did not halve over the window (NaN included).
                 stops.append((~(size <= 0.5 * reference), MAX_ITER))
                 reference = size
-            if every:
-                stopping = [mask for mask, _ in stops]
-                if not (stopping and bool(functools.reduce(torch.logical_or, stopping).any())) and (
-                    limit < worst < math.inf if one else all_running(size, limit) is not None
-                ):
-                    x, r = x_new, r_new
-                    if shifted:
-                        q = q_new
-                    continue
             every = False
             if active is None:
                 active, codes = _start(allowed, initial, target)
@@ -180,6 +190,23 @@ class Neumann(IterativeSolver):
         if codes is None:  # out of iterations while every problem ran
             _, codes = _start(allowed, initial, target)
         return Progress(x, codes, iterations, r)
+
+    def _may_stop(self, size, worst, window, recent, give_up, reference, grow_limit) -> bool:
+        """Whether a stop for stagnation, divergence or slowness may select a problem
+        at this iteration, while every problem runs (``worst``: the largest residual
+        norm, finite; ``grow_limit``: the smallest of the problems' divergence
+        thresholds, or ``None``): ``False`` only where none of their masks can.
+
+        Every residual halved over the window rules out stagnation and slowness alike:
+        one comparison and one read, where their masks take eight operations (the same
+        comparison for both when their windows coincide); divergence is ruled out on
+        the host, by ``worst`` against ``grow_limit``."""
+        bases = [recent] if window else []
+        if give_up and not (window and reference is recent):
+            bases.append(reference)
+        if any(not bool((size <= 0.5 * base).all()) for base in bases):
+            return True
+        return window and grow_limit is not None and worst > grow_limit
 
 
 def _start(

@@ -60,6 +60,47 @@ class TestNeumann:
         never = run(linear.Neumann(divergence=None), op, rhs, tol=1e-10, max_iter=100)
         assert never.codes.tolist() == [MAX_ITER, MAX_ITER] and never.iterations == 100
 
+    @pytest.mark.parametrize("check_every", [None, 2])
+    def test_early_stops_per_problem_with_windows_apart(self, check_every):
+        # Diagonal S per problem, x ← S x − rhs: factor 0.1 and 0.6 converge (each
+        # residual halves over 4 and over 6 iterations), 0.95 does not halve over the 6
+        # iterations of give_up_after (max_iter at 6), 3 grows 81-fold by the window
+        # check at 4 (diverged). Read every iteration (None), the loop rules the stops
+        # out on the host while every residual halves and the largest stays below
+        # every divergence threshold; every 2 iterations, it computes their masks.
+        factors = torch.tensor([0.1, 0.6, 0.95, 3.0], dtype=F64)
+        rhs = rhs_of(4, 5, 3)
+        op = JacobianOperator.of_fixed_point(
+            lambda z: factors.unsqueeze(1) * z, torch.zeros_like(rhs)
+        )
+        solver = linear.Neumann(give_up_after=6, divergence=50, check_every=check_every)
+        result = run(solver, op, rhs, tol=1e-10, max_iter=100)
+        assert result.codes.tolist() == [CONVERGED, CONVERGED, MAX_ITER, DIVERGED]
+        want = -rhs[:2] / (1 - factors[:2].unsqueeze(1))  # x = S x − rhs
+        assert rel_err(result.x[:2], want) <= 1e-9
+        # The slow problem keeps its sixth iterate, −rhs (1 + s + … + s⁵).
+        assert rel_err(result.x[2], -rhs[2] * (1 - 0.95**6) / 0.05) <= 1e-12
+        # The two fast problems alone, where no stop fires: the same iterates.
+        alone = run(
+            solver,
+            JacobianOperator.of_fixed_point(
+                lambda z: factors[:2].unsqueeze(1) * z, torch.zeros_like(rhs[:2])
+            ),
+            rhs[:2],
+            tol=1e-10,
+            max_iter=100,
+        )
+        assert alone.codes.tolist() == [CONVERGED, CONVERGED]
+        assert torch.equal(alone.x, result.x[:2])
+        # give_up_after=3, off the window of 4: 0.8³ > ½ stops at 3, while every
+        # problem runs; the fast one goes on to converge.
+        slow = torch.tensor([0.1, 0.8], dtype=F64)
+        solver = linear.Neumann(give_up_after=3, check_every=check_every)
+        op = JacobianOperator.of_fixed_point(lambda z: slow.unsqueeze(1) * z, rhs[:2] * 0)
+        result = run(solver, op, rhs[:2], tol=1e-10, max_iter=100)
+        assert result.codes.tolist() == [CONVERGED, MAX_ITER]
+        assert rel_err(result.x[1], -rhs[1] * (1 - 0.8**3) / 0.2) <= 1e-12
+
     def test_a_transient_hump_is_not_divergence(self):
         # F = [[0.5, 40], [0, 0.5]]: ρ = 0.5 but ‖F^k‖ grows to ~20 first.
         f = torch.tensor([[[0.5, 40.0], [0.0, 0.5]]], dtype=F64)
