@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 import math
 from typing import ClassVar, NamedTuple
 
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._results import check_number, condition_limit, flag_ill_conditioned
+from implicit._results import check_number, flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
-    ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
     ApproximateInverse,
@@ -192,9 +190,13 @@ class IterativeSolver(LinearSolver):
             residual = norm(operator.mv(x) - rhs if true is None else true)
             # The common end, every problem solved (a true residual at most the target is
             # finite, and so is the x it was computed from), needs no more bookkeeping.
-            if one and residual.item() <= target.item():
-                return _solved_one(x, residual, rhs_norm, operator.gain, iterations, methods)
-            if not one and bool((residual <= target).all()):
+            if residual.item() <= target.item() if one else bool((residual <= target).all()):
+                # (A zero right-hand side takes the general end: its x is 0.)
+                if cheap_host_reads(rhs) and (
+                    rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())
+                ):
+                    gain = operator.gain
+                    return _condition.solved(x, residual, rhs_norm, gain, iterations, methods)
                 codes = torch.full_like(rhs_norm, CONVERGED, dtype=torch.long)
                 break
             codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
@@ -234,35 +236,6 @@ class IterativeSolver(LinearSolver):
         ``operator`` has the methods and attributes of a
         [`JacobianOperator`][implicit.linear.JacobianOperator] (it is one seen through
         a wrapper that records its first product for the condition estimate)."""
-
-
-def _solved_one(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    rhs_norm: torch.Tensor,
-    gain: torch.Tensor | None,
-    iterations: int,
-    methods: list[str],
-) -> LinearResult:
-    """The result of a converged solve of one problem: what the general end computes
-    (:func:`safe_div`, :func:`_condition.seen`, ``flag_ill_conditioned``), the same
-    numbers, with its tests read on the host instead of taken by ``torch.where``."""
-    scale = rhs_norm.item()
-    relative = residual / rhs_norm if scale != 0 else torch.zeros_like(residual)
-    if gain is not None and scale > 0:
-        condition = gain * (norm(x) / rhs_norm)
-    else:
-        condition = torch.full_like(rhs_norm, math.nan)
-    code = ILL_CONDITIONED if condition.item() > _condition_limit(x.dtype) else CONVERGED
-    codes = torch.full(rhs_norm.shape, code, dtype=torch.long, device=x.device)
-    return LinearResult(x, relative, codes, iterations, "+".join(methods) or None, condition)
-
-
-@functools.cache
-def _condition_limit(dtype: torch.dtype) -> float:
-    """``condition_limit(dtype)`` rounded to ``dtype``, as ``flag_ill_conditioned``'s
-    comparison of a tensor in ``dtype`` with it rounds it."""
-    return torch.tensor(condition_limit(dtype), dtype=dtype).item()
 
 
 @dataclasses.dataclass(frozen=True)

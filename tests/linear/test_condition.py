@@ -98,6 +98,19 @@ class TestIterative:
         assert bool((result.condition > condition_limit(F64)).all())
         assert set(result.codes.tolist()) <= {ILL_CONDITIONED, MAX_ITER}
 
+    def test_flagged_per_problem_when_every_problem_converged(self):
+        # Diagonal systems, solved by GMRES in 3 iterations: κ = 1e10 (the estimate
+        # sees about κ/3, above 1/√eps) beside the identity (estimate 1).
+        matrix = torch.stack(
+            [torch.diag(torch.tensor([1.0, 1e-5, 1e-10], dtype=F64)), torch.eye(3, dtype=F64)]
+        )
+        rhs = torch.ones(2, 3, dtype=F64)
+        result = run(linear.GMRES(), operator(matrix), rhs, tol=1e-8, max_iter=50)
+        assert result.codes.tolist() == [ILL_CONDITIONED, CONVERGED]
+        assert float(result.condition[0]) > condition_limit(F64)
+        assert float(result.condition[1]) == pytest.approx(1.0)
+        assert bool((result.residual <= 1e-8).all())
+
     def test_zero_right_hand_side_is_not_measured(self):
         matrix = with_condition(2, 5, 10.0, 0)
         rhs = torch.stack([rhs_of(1, 5, 0)[0], torch.zeros(5, dtype=F64)])
