@@ -180,13 +180,14 @@ class Neumann(IterativeSolver):
             else:
                 x, r = select_rows(step, check_every, (x_new, x), (r_new, r))
             done = step & (size <= target)
-            # (step is a subset of active and done of step: ^ removes the subset.)
-            codes = torch.where(done, CONVERGED, torch.where(active ^ step, NONFINITE, codes))
+            # (step is a subset of active and done of step: ^ removes the subset, and
+            # the two masks filled are disjoint.)
+            codes = codes.masked_fill(active ^ step, NONFINITE).masked_fill(done, CONVERGED)
             active = step ^ done
             for mask, code in stops:
                 stopped = active & mask
-                codes = torch.where(stopped, code, codes)
-                active = active & ~stopped
+                codes = codes.masked_fill(stopped, code)
+                active = active ^ stopped  # (a subset of active)
         if codes is None:  # out of iterations while every problem ran
             _, codes = _start(allowed, initial, target)
         return Progress(x, codes, iterations, r)
