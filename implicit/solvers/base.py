@@ -7,6 +7,9 @@ A solver finds ``z`` with ``g(z) = 0`` for a flat batch ``z`` of shape ``(B, n)`
 * ``Solver.init`` builds the method's state from the first iterate;
 * ``Solver.step`` proposes the next iterate and its residual.
 
+A method that watches the batch's progress may also take, through ``Solver.observe``,
+the largest residual norm the driver has read on the host (state in, state out).
+
 ``Solver.solve`` owns everything else, once for all methods: per-problem stopping
 (``‖g(z)_b‖₂ ≤ tol_b · (1 + scale_b)``, the scale fixed at the initial guess), freezing
 of finished problems, non-finite detection, the residual history, the counters of
