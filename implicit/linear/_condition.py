@@ -63,8 +63,11 @@ class FirstProduct:
 def _ratio(product: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     size = torch.linalg.vector_norm(x, dim=1)
     gain = torch.linalg.vector_norm(product, dim=1)
-    if size.shape[0] == 1 and cheap_host_reads(size):  # one problem: a read, not a pass
-        return gain / size if size.item() > 0 else gain
+    if cheap_host_reads(size):  # a read, not a pass (one problem: no operation)
+        if size.shape[0] == 1:
+            return gain / size if size.item() > 0 else gain
+        if size.min().item() > 0:
+            return gain / size
     return gain / torch.where(size > 0, size, 1)
 
 

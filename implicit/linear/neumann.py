@@ -110,8 +110,10 @@ class Neumann(IterativeSolver):
         every = one and bool(allowed) and initial.item() > limit
         active = codes = grow_limit = None
         if not every:
-            active, codes = _start(allowed, initial, target)
+            active = allowed & (initial > target)
             every = not one and known_all(active, check_every)
+            if not every:  # (else made where the loop leaves the fast path)
+                codes = where_codes(active, MAX_ITER, CONVERGED)
         iterations = 0
         while iterations < max_iter:
             if not every and iterations % check_every == 0 and not bool(active.any()):
@@ -172,6 +174,8 @@ class Neumann(IterativeSolver):
             every = False
             if active is None:
                 active, codes = _start(allowed, initial, target)
+            elif codes is None:  # every problem ran until now
+                codes = torch.full_like(target, MAX_ITER, dtype=torch.long)
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (size < math.inf)
             if shifted:

@@ -81,17 +81,23 @@ class TestNeumann:
         # The slow problem keeps its sixth iterate, −rhs (1 + s + … + s⁵).
         assert rel_err(result.x[2], -rhs[2] * (1 - 0.95**6) / 0.05) <= 1e-12
         # The two fast problems alone, where no stop fires: the same iterates.
+        alone_op = JacobianOperator.of_fixed_point(
+            lambda z: factors[:2].unsqueeze(1) * z, torch.zeros_like(rhs[:2])
+        )
         alone = run(
             solver,
-            JacobianOperator.of_fixed_point(
-                lambda z: factors[:2].unsqueeze(1) * z, torch.zeros_like(rhs[:2])
-            ),
+            alone_op,
             rhs[:2],
             tol=1e-10,
             max_iter=100,
         )
         assert alone.codes.tolist() == [CONVERGED, CONVERGED]
         assert torch.equal(alone.x, result.x[:2])
+        # Out of iterations after the fast problem ended: the other one ran out.
+        target = 1e-10 * torch.linalg.vector_norm(rhs[:2], dim=1)
+        allowed = torch.ones(2, dtype=torch.bool)
+        short = solver.iterate(alone_op, rhs[:2], None, target=target, max_iter=20, allowed=allowed)
+        assert short.codes.tolist() == [CONVERGED, MAX_ITER] and short.iterations == 20
         # give_up_after=3, off the window of 4: 0.8³ > ½ stops at 3, while every
         # problem runs; the fast one goes on to converge.
         slow = torch.tensor([0.1, 0.8], dtype=F64)
