@@ -7,9 +7,11 @@ import functools
 
 import torch
 
+from implicit._batch import check_interval
 from implicit._results import check_number
 from implicit.linear.base import (
     BREAKDOWN,
+    CONVERGED,
     DIVERGED,
     MAX_ITER,
     Hint,
@@ -53,8 +55,14 @@ class NeumannThenGMRES(IterativeSolver):
             x, codes, used, r, _ = neumann.iterate(
                 operator, rhs, x, target=target, max_iter=max_iter, allowed=allowed
             )
+            # (Every code converged, the smallest, is read in one operation where the
+            # loop reads the host each iteration.)
+            if used >= max_iter or (
+                check_interval(self.check_every, rhs) == 1 and int(codes.max()) == CONVERGED
+            ):
+                return Progress(x, codes, used, r, "+".join(ran))
             allowed = allowed & ((codes == MAX_ITER) | (codes == DIVERGED))
-            if used >= max_iter or not bool(allowed.any()):
+            if not bool(allowed.any()):
                 return Progress(x, codes, used, r, "+".join(ran))
             grew = allowed & ~(norm(r) <= norm(rhs))
             x = torch.where(row_mask(grew), 0, x)
