@@ -212,7 +212,7 @@ class Solver(abc.ABC):
             top = torch.where(running, new_norms, norms).max()
             history.append(top.item() if check_every == 1 else top)
             norms = torch.where(stepped, new_norms, norms)
-            stopped_at = torch.where(running, k + 1, stopped_at)
+            stopped_at = stopped_at.masked_fill(running, k + 1)
             running = stepped & (new_norms > threshold)
             if callback is not None:
                 callback(k + 1, norms, z)
