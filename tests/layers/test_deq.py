@@ -528,10 +528,13 @@ def test_training_memory_is_flat_in_max_iter_unlike_unroll():
         return peak_memory(lambda: deq(x).pow(2).sum().backward())[1]
 
     state = 32 * 64 * 4  # bytes of one batch × width float32 tensor
+    per_problem = 32 * 8  # bytes of one (batch,) int64 tensor: codes, masks, norms
     # Flat: no growth with iterations. (Iterations in which some samples stop select
     # rows with temporaries that the others skip, a copy of each state and the rows
-    # copied into it: at most three states apart.)
-    assert abs(step_peak("neumann", 40) - step_peak("neumann", 10)) <= 3 * state
+    # copied into it: at most three states apart, and a few per-problem vectors of
+    # bookkeeping that a loop in which every sample runs does not make.)
+    peaks = step_peak("neumann", 40), step_peak("neumann", 10)
+    assert abs(peaks[0] - peaks[1]) <= 3 * state + 8 * per_problem
     assert step_peak("unroll", 40) - step_peak("unroll", 10) >= 30 * 2 * state
     assert step_peak("unroll", 40) > 4 * step_peak("neumann", 40)
 
