@@ -13,14 +13,11 @@ the amplification its solve saw, ``‖A p‖/‖p‖ · ‖x‖/‖rhs‖`` for 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._results import condition_limit
-from implicit.linear.base import CONVERGED, ILL_CONDITIONED, LinearResult
 
 
 def seen(gain: torch.Tensor, x: torch.Tensor, rhs_norm: torch.Tensor) -> torch.Tensor:
@@ -69,42 +66,3 @@ def _ratio(product: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if size.min().item() > 0:
             return gain / size
     return gain / torch.where(size > 0, size, 1)
-
-
-def solved(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    rhs_norm: torch.Tensor,
-    gain: torch.Tensor | None,
-    iterations: int,
-    methods: list[str],
-) -> LinearResult:
-    """The result of an iterative solve in which every problem converged, every
-    right-hand side nonzero, on the CPU: what the general end of
-    ``IterativeSolver.solve`` computes (the relative residual, :func:`seen`,
-    ``flag_ill_conditioned``), the same numbers, with the tests that hold for every
-    problem read on the host instead of taken by ``torch.where``."""
-    relative = residual / rhs_norm
-    if gain is not None:
-        condition = gain * (torch.linalg.vector_norm(x, dim=1) / rhs_norm)
-    else:
-        condition = torch.full_like(rhs_norm, math.nan)
-    # (NaN compares False, as in flag_ill_conditioned.)
-    if rhs_norm.shape[0] == 1:
-        ill = condition.item() > _condition_limit(x.dtype)
-    else:
-        over = condition > condition_limit(condition.dtype)
-        ill = bool(over.any())
-    if ill and rhs_norm.shape[0] > 1:
-        codes = torch.where(over, ILL_CONDITIONED, CONVERGED)
-    else:
-        code = ILL_CONDITIONED if ill else CONVERGED
-        codes = torch.full(rhs_norm.shape, code, dtype=torch.long, device=x.device)
-    return LinearResult(x, relative, codes, iterations, "+".join(methods) or None, condition)
-
-
-@functools.cache
-def _condition_limit(dtype: torch.dtype) -> float:
-    """``condition_limit(dtype)`` rounded to ``dtype``, as ``flag_ill_conditioned``'s
-    comparison of a tensor in ``dtype`` with it rounds it."""
-    return torch.tensor(condition_limit(dtype), dtype=dtype).item()

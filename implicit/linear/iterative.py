@@ -191,12 +191,6 @@ class IterativeSolver(LinearSolver):
             # The common end, every problem solved (a true residual at most the target is
             # finite, and so is the x it was computed from), needs no more bookkeeping.
             if residual.item() <= target.item() if one else bool((residual <= target).all()):
-                # (A zero right-hand side takes the general end: its x is 0.)
-                if cheap_host_reads(rhs) and (
-                    rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())
-                ):
-                    gain = operator.gain
-                    return _condition.solved(x, residual, rhs_norm, gain, iterations, methods)
                 codes = torch.full_like(rhs_norm, CONVERGED, dtype=torch.long)
                 break
             codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
@@ -209,10 +203,16 @@ class IterativeSolver(LinearSolver):
                 )
                 codes = torch.where(finite, codes, NONFINITE)
                 break
-        # Relative, and 0 for a zero right-hand side (whose x is 0).
-        relative = safe_div(residual, rhs_norm)
         gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
-        condition = _condition.seen(gain, x, rhs_norm)
+        # Relative, and 0 for a zero right-hand side (whose x is 0), whose condition
+        # estimate is NaN: where the host reads cheaply that no right-hand side is zero
+        # (the common case), plain divisions, without the guards' passes.
+        if cheap_host_reads(rhs) and (rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())):
+            relative = residual / rhs_norm
+            condition = gain * (norm(x) / rhs_norm)
+        else:
+            relative = safe_div(residual, rhs_norm)
+            condition = _condition.seen(gain, x, rhs_norm)
         codes = flag_ill_conditioned(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)
