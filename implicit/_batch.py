@@ -195,7 +195,8 @@ def traced(*tensors: torch.Tensor) -> bool:
 def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)`` (float32 factors
     of half-precision blocks)."""
-    blocks = upcast(blocks)
+    if is_half(blocks.dtype):  # LAPACK has no half precision
+        return lu_factor(blocks.float())
     if blocks.shape[-1] != 1:
         return torch.linalg.lu_factor_ex(blocks)
     pivots = torch.ones(blocks.shape[:-1], dtype=torch.int32, device=blocks.device)

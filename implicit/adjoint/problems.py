@@ -10,6 +10,7 @@ them all, so the derivatives of a linear system (second order), its batching und
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -138,10 +139,28 @@ class RootProblem:
     ) -> Linearization:
         """``g`` linearised at ``(z, inputs)``; from one recorded graph where
         ``recorded`` (nothing differentiates what it is used for) and the user's
-        problem can be recorded as itself (not the slices of ``vmap``)."""
-        if recorded and isinstance(self.problem, Problem):
-            return Recorded(self.problem, z, inputs, moving)
-        return Functional(self.residual, z, inputs, moving)
+        problem can be recorded as itself (not the slices of ``vmap``).
+
+        Recorded, ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the
+        explicit inputs as detached leaves, and the captured tensors as themselves where
+        they are leaves (a leaf cannot depend on another input, so its partial
+        derivative is the total one; a captured non-leaf is swapped for a detached
+        leaf). For a fixed point ``g = f(z) − z`` the graph is ``f``'s: ``A = ∂f/∂z −
+        I`` is then shifted, and the partials are ``f``'s, the same.
+        """
+        problem = self.problem
+        if not (recorded and isinstance(problem, Problem)):
+            return Functional(self.residual, z, inputs, moving)
+        explicit = len(problem.tensor_positions)
+        stand_ins = [
+            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
+            for i, t in enumerate(inputs)
+        ]
+        shifted = problem.form == "fixed_point"
+        with torch.enable_grad():
+            point = z.detach().requires_grad_()
+            out = (problem.map if shifted else problem.residual)(point, *stand_ins)
+        return Recorded(GraphJacobian(out, point, shifted), tuple(stand_ins[i] for i in moving))
 
     def fold(
         self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
@@ -292,43 +311,21 @@ class LinearProblem:
         return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
+@dataclasses.dataclass
 class Recorded(Linearization):
-    """``g``'s linearisation from one graph recorded with plain autograd: the products
-    of that graph (a ``GraphJacobian``) and the pullback through it.
+    """``g``'s linearisation from one graph recorded with plain autograd (see
+    :meth:`RootProblem.linearize`): the products of that graph and the pullback through
+    it.
 
-    ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
-    detached leaves, and the captured tensors as themselves where they are leaves (a
-    leaf cannot depend on another input, so its partial derivative is the total one; a
-    captured non-leaf is swapped for a detached leaf). For a fixed point ``g = f(z) −
-    z`` the graph is ``f``'s: ``A = ∂f/∂z − I`` is then shifted, and the partials are
-    ``f``'s, the same.
-
-    Args:
-        problem: the user's problem.
-        z: the point.
-        inputs: the problem's inputs.
-        moving: the positions of the inputs to differentiate with respect to.
+    Attributes:
+        jacobian: the graph's products, ``A = ∂g/∂z``.
+        moving: the leaves the graph was recorded from that stand for the inputs to
+            differentiate with respect to.
     """
 
-    def __init__(
-        self,
-        problem: Problem,
-        z: torch.Tensor,
-        inputs: Sequence[torch.Tensor],
-        moving: Sequence[int],
-    ):
-        explicit = len(problem.tensor_positions)
-        stand_ins = [
-            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
-            for i, t in enumerate(inputs)
-        ]
-        shifted = problem.form == "fixed_point"
-        with torch.enable_grad():
-            point = z.detach().requires_grad_()
-            out = (problem.map if shifted else problem.residual)(point, *stand_ins)
-        self.jacobian = GraphJacobian(out, point, shifted)
-        self._moving = tuple(stand_ins[i] for i in moving)
+    jacobian: GraphJacobian
+    moving: tuple[torch.Tensor, ...]
 
     def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
         # The graph's last use: it is freed.
-        return autograd_grad(self.jacobian.out, cotangent, self._moving, retain_graph=False)
+        return autograd_grad(self.jacobian.out, cotangent, self.moving, retain_graph=False)

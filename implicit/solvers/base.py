@@ -349,7 +349,8 @@ def residual_norms(
     counts as non-finite."""
     if norms is None:
         norms = norms_of(r)
-    return norms.add(z.sum(dim=1, dtype=working_dtype(z.dtype)), alpha=0)
+    # (In the norms' dtype: the working dtype of z, as of r.)
+    return norms.add(z.sum(dim=1, dtype=norms.dtype), alpha=0)
 
 
 def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
