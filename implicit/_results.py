@@ -234,37 +234,31 @@ def check_number(value: object, name: str, rule: str) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def check_shared_options(
-    tol: object, max_iter: object, on_failure: object, callback: object
-) -> None:
-    """The options every front door takes, checked in one place: the first wrong one
-    raises, naming it. A tolerance tensor's entries are checked with the problem's
-    batch (:func:`implicit._tolerance.per_problem`)."""
-    if not isinstance(tol, torch.Tensor):
-        check_number(tol, "tol", "a positive finite number")
-    check_number(max_iter, "max_iter", "an integer >= 1")
-    if on_failure not in ON_FAILURE_CHOICES:
-        check_on_failure(on_failure)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback must be callable as callback(iteration, residual, z) or None, got "
-            f"{type(callback).__name__}"
-        )
-
-
 def check_on_failure(on_failure: object) -> None:
     if on_failure not in ON_FAILURE_CHOICES:
         raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
 
 
 def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
+    """The states of a problem (or the target ``y`` of an inverse): tensors of one dtype
+    and device, floating point or complex, not empty, with values in dense (strided)
+    storage: not a sparse tensor (the solvers reshape and combine states densely), not
+    a meta tensor (no values)."""
     if not states:
         raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
     first = labels[0]
     for state, label in zip(states, labels):
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
-        check_storage(state, label)
+        if state.layout != torch.strided:
+            raise TypeError(
+                f"{label} is a {state.layout} tensor: states must be dense, pass {label}.to_dense()"
+            )
+        if state.is_meta:
+            raise ValueError(
+                f"{label} is on the meta device, which holds no values to solve for: create "
+                f"it on a real device (cpu, cuda, ...)"
+            )
         # (A real state needs no look at the complex rules: the default path stays short.)
         if not state.is_floating_point() and not is_supported(state.dtype):
             half = " (complex32 is not supported: use complex64)"
@@ -284,20 +278,6 @@ def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, na
             raise ValueError(
                 f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
             )
-
-
-def check_storage(tensor: torch.Tensor, label: str) -> None:
-    """A state must hold values in dense (strided) storage: not a sparse tensor (the
-    solvers reshape and combine states densely), not a meta tensor (no values)."""
-    if tensor.layout != torch.strided:
-        raise TypeError(
-            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
-        )
-    if tensor.is_meta:
-        raise ValueError(
-            f"{label} is on the meta device, which holds no values to solve for: create "
-            f"it on a real device (cpu, cuda, ...)"
-        )
 
 
 def check_arg(

@@ -10,10 +10,9 @@ import torch
 
 from implicit import _aux, _blackbox, _tolerance, linear, solvers
 from implicit._batch import is_half
-from implicit._complex import is_supported
 from implicit._problem import Problem, State
 from implicit._progress import Callback, check_callback
-from implicit._results import check_shared_options, check_storage
+from implicit._results import ON_FAILURE_CHOICES, check_number, check_on_failure, check_states
 from implicit._tolerance import Tol
 from implicit._torch import eager
 from implicit.adjoint.function import solve
@@ -47,7 +46,18 @@ def run(
     their (immutable) instances. ``backward_x0``: the initial guess of the backward's
     adjoint solve (a layer's warm start).
     """
-    check_shared_options(tol, max_iter, on_failure, callback)
+    # The first wrong option raises, naming it. A tolerance tensor's entries are checked
+    # with the problem's batch (implicit._tolerance.per_problem).
+    if not isinstance(tol, torch.Tensor):
+        check_number(tol, "tol", "a positive finite number")
+    check_number(max_iter, "max_iter", "an integer >= 1")
+    if on_failure not in ON_FAILURE_CHOICES:
+        check_on_failure(on_failure)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be callable as callback(iteration, residual, z) or None, got "
+            f"{type(callback).__name__}"
+        )
     # A name without options is the same immutable instance at every call: looked up once.
     if isinstance(solver, str) and not solver_options:
         method = solvers.registry.named(solver)
@@ -272,11 +282,7 @@ def invert(
         >>> y.grad  # 1 / sqrt(1 − y²)
         tensor([1.0050, 1.1547])
     """
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    check_storage(y, "y")
-    if not is_supported(y.dtype):
-        raise TypeError(f"y must be a floating-point or complex tensor, got {y.dtype}")
+    check_states([y], ["y"], batched, "y")
     f, aux = _aux.split(f, "f") if has_aux else (f, None)
     options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
     options.update(return_info=return_info, aux=aux, args=args)
