@@ -22,6 +22,9 @@ path with a cheaper linearisation.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
 from implicit import _progress, _tolerance, _torch
@@ -130,13 +133,13 @@ class ImplicitFunction(torch.autograd.Function):
         return z.reshape(size, -1, z.shape[-1]), 0
 
 
+@dataclasses.dataclass
 class Solved:
     """A problem already solved before ``ImplicitFunction.apply`` (see
-    :func:`implicit_solve`)."""
+    :func:`implicit_solve`): the problem and its solution ``z``."""
 
-    def __init__(self, problem, z: torch.Tensor):
-        self.problem = problem
-        self.z = z
+    problem: Any
+    z: torch.Tensor
 
 
 def implicit_solve(
