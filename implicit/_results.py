@@ -5,7 +5,7 @@ What the library tells its caller lives here: the status codes and their names, 
 (:func:`check_number`, the one helper for every numeric option, so that every class
 rejects the same bad values with the same message: a bool is never a number here,
 ``damping=True`` is an error everywhere, and NaN never passes). The reports themselves,
-``SolveInfo`` and ``BackwardInfo``, are in :mod:`implicit._info`.
+``SolveInfo`` and ``BackwardInfo``, and the warning and error are in :mod:`implicit._info`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from implicit._complex import is_supported, same_precision
-from implicit._info import BackwardInfo, SolveInfo
+from implicit._info import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 
 # Frames in these directories are the library's, not the caller's.
 _INTERNAL_DIRS = (
@@ -111,37 +111,6 @@ def flag_ill_conditioned(codes: torch.Tensor, condition: torch.Tensor) -> torch.
     ``condition`` exceeds :func:`condition_limit` of its dtype."""
     limit = condition_limit(condition.dtype)
     return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
-
-
-class ConvergenceWarning(RuntimeWarning):
-    """A solve did not reach its tolerance, or a black box's answer is not a root.
-
-    Issued with ``on_failure="warn"`` (the default) by the forward solve, the backward
-    linear solve and the forward-mode linear solve; the result is returned all the
-    same. The message says which solve failed, for how many problems, the worst
-    residual, and what to try.
-    """
-
-
-class ConvergenceError(RuntimeError):
-    """A solve failed and ``on_failure="raise"`` was requested.
-
-    Raised where [`ConvergenceWarning`][implicit.ConvergenceWarning] would be warned,
-    with the same message.
-
-    Attributes:
-        info: the [`SolveInfo`][implicit.SolveInfo] (forward) or
-            [`BackwardInfo`][implicit.BackwardInfo] (backward) of the failed solve.
-    """
-
-    def __init__(self, message: str, info: SolveInfo | BackwardInfo):
-        super().__init__(message)
-        self.info = info
-
-    def __reduce__(self):
-        # Exceptions pickle as ``cls(*args)``, which would drop ``info`` (multiprocessing
-        # workers, DistributedDataParallel ranks and test runners pickle them).
-        return type(self), (str(self), self.info)
 
 
 def status_name(codes: torch.Tensor) -> str:
