@@ -43,6 +43,4 @@ def test_a_batch_of_vectors_is_used_as_it_is():
     out = torch.tanh(flat)
     assert Problem(lambda z: out, z, (), batched=True).map(flat) is out
     point = flat.detach().requires_grad_()
-    assert Problem(torch.tanh, z, (), batched=True).map(point).grad_fn.name() == (
-        "TanhBackward0"
-    )
+    assert Problem(torch.tanh, z, (), batched=True).map(point).grad_fn.name() == ("TanhBackward0")
