@@ -1,9 +1,9 @@
 """The problems the differentiable solve solves: a user's root problem, and the linear
 systems of its derivatives (each a :class:`LinearProblem` of its parent).
 
-Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward),
-``linearize(z, inputs, moving, recorded)`` and ``fold(size, in_dims, inputs)`` (the
-slices of ``vmap``). One :class:`~implicit.adjoint.function.ImplicitFunction` solves
+Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward) and
+``linearize(z, inputs, moving, recorded)``; :func:`implicit.adjoint.vmap.fold` makes one
+of the slices of ``vmap``. One :class:`~implicit.adjoint.function.ImplicitFunction` solves
 them all, so the derivatives of a linear system (second order), its batching under
 ``vmap`` and its forward mode come from the same machinery as the user problem's.
 """
@@ -30,7 +30,7 @@ from implicit._results import (
 from implicit._torch import autograd_grad
 from implicit.adjoint.linearize import Functional, Linearization
 from implicit.adjoint.settings import Given, Settings
-from implicit.adjoint.vmap import Folded, Repeated, rows
+from implicit.adjoint.vmap import Folded, Repeated
 from implicit.linear import (
     Hint,
     IterativeSolver,
@@ -101,7 +101,7 @@ class RootProblem:
         self.symmetric = problem.symmetric
         self.positive_definite = False
         # The problem this one folds (under vmap): it reports through the same info.
-        self._unfolded: RootProblem | None = None
+        self.unfolded: RootProblem | None = None
 
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self.problem.residual(z, *inputs)
@@ -125,7 +125,7 @@ class RootProblem:
         shape_report(info, self.report_shape)
         problem: RootProblem | None = self
         while problem is not None:
-            problem.info, problem = info, problem._unfolded
+            problem.info, problem = info, problem.unfolded
         if not isinstance(self.solver, Given):  # (a given answer's report was made)
             report_failure(info, settings.on_failure, "forward solve")
         return z
@@ -161,20 +161,6 @@ class RootProblem:
             point = z.detach().requires_grad_()
             out = (problem.map if shifted else problem.residual)(point, *stand_ins)
         return Recorded(GraphJacobian(out, point, shifted), tuple(stand_ins[i] for i in moving))
-
-    def fold(
-        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
-    ) -> tuple[RootProblem, Sequence[torch.Tensor]]:
-        """This problem for ``size`` vmapped slices at once, as more rows."""
-        folded = RootProblem(
-            Folded(self.problem, size, in_dims),
-            self.solver,
-            self.settings,
-            None,
-            (size, *self.report_shape),
-        )
-        folded._unfolded = self
-        return folded, inputs
 
 
 class LinearProblem:
@@ -290,25 +276,6 @@ class LinearProblem:
     ) -> Linearization:
         """The system's own linearisation (for second order): by ``torch.func``."""
         return Functional(self.residual, z, inputs, moving)
-
-    def fold(
-        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
-    ) -> tuple[LinearProblem, Sequence[torch.Tensor]] | None:
-        """This system for ``size`` vmapped slices at once, or ``None`` when no single
-        system covers them: more copies of it where only the right-hand sides differ
-        (``jacrev``, ``jacfwd``: ``g`` is not evaluated under ``vmap`` at all), else
-        the rows of the system of the folded parent.
-        """
-        rhs, z, *theta = inputs
-        rhs_dim, z_dim, *theta_dims = in_dims
-        stacked = rows(rhs, rhs_dim, size)
-        if z_dim is None and all(dim is None for dim in theta_dims):
-            repeated = LinearProblem(self.parent, self.transpose, size * self.copies)
-            return repeated, (stacked, z, *theta)
-        if self.copies > 1:
-            return None
-        folded = LinearProblem(Folded(self.parent, size, theta_dims), self.transpose)
-        return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
 @dataclasses.dataclass
