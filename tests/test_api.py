@@ -1,5 +1,5 @@
-"""The front doors (implicit/api.py): every bad input API.md lists gets an error naming
-the argument; black boxes and inverses (custom_root, invert, the inverse layer,
+"""The front doors (implicit/api.py, implicit/_invert.py): every bad input API.md lists
+gets an error naming the argument; black boxes and inverses (custom_root, invert, the inverse layer,
 batch_jacobian) with each gradient against an independent reference."""
 
 from __future__ import annotations
