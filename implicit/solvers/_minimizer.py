@@ -270,9 +270,3 @@ def check_objective(fn: Any, solver: Minimizer) -> None:
             f"{name} needs the residual vector of a least-squares problem: use it with "
             f"implicit.least_squares"
         )
-
-
-def unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """Each row of ``v`` scaled to unit norm (zero rows stay zero)."""
-    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    return v / torch.where(norm > 0, norm, 1)
