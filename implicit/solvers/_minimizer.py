@@ -225,7 +225,7 @@ class Minimizer(Solver):
         far = rows & ~negative & (newton > FAR * (1 + norms(z)))
         return rows & negative, (direction, curvature), rows & positive, far
 
-    # A method, as _saddles, because the scipy wrappers' loop leaves saddles the same way.
+    # A method beside _saddles: the scipy wrappers' loop (ScipyBase) leaves saddles through it.
     _escape = staticmethod(escape)
 
 
