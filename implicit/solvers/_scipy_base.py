@@ -22,12 +22,10 @@ import numpy as np
 import torch
 
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers._minimizer import (
+from implicit.solvers._minimizer import Minimizer, check_objective, residual_norms
+from implicit.solvers._saddle import (
     FAR_FROM_MINIMUM,
     UNKNOWN_CURVATURE,
-    Minimizer,
-    check_objective,
-    residual_norms,
     unknown_curvature,
     verified_minimum,
 )
