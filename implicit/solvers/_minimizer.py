@@ -156,8 +156,8 @@ class Minimizer(Solver):
                 strict = torch.where(pending, positive, strict)
                 if bool(saddle.any()):
                     report = _escape_report(callback, fn, k, norms)
-                    escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
-                    z, f, grad, escaped, used = escape
+                    trials = escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
+                    z, f, grad, escaped, used = trials
                     k += used
                     iterations = torch.where(saddle, k, iterations)
                     stuck = saddle & ~escaped
@@ -224,9 +224,6 @@ class Minimizer(Solver):
         )
         far = rows & ~negative & (newton > FAR * (1 + norms(z)))
         return rows & negative, (direction, curvature), rows & positive, far
-
-    # A method beside _saddles: the scipy wrappers' loop (ScipyBase) leaves saddles through it.
-    _escape = staticmethod(escape)
 
 
 _SADDLE = (
