@@ -178,8 +178,9 @@ class Problem:
         return Residual(source.residual, source.scale, inputs)
 
     def map(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        """The user's function on the flat view, its output flat (the residual before the
-        form subtracts ``z`` or ``y``): ``f`` of a fixed point, ``residual = map(z) − z``.
+        """The user's function at the flat ``z``, its output packed as rows: the residual
+        before the form subtracts ``z`` (a fixed point's ``f``: ``residual = map(z) − z``)
+        or ``y`` (an inverse's); a root's residual itself.
 
         With it a product with ``∂g/∂z = ∂f/∂z − I`` can skip the identity's pass over
         the data where a method wants ``∂f/∂z`` itself (the classic DEQ backward).

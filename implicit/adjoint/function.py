@@ -132,7 +132,7 @@ class ImplicitFunction(torch.autograd.Function):
         return z.reshape(size, -1, z.shape[-1]), 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Solved:
     """A problem already solved before ``ImplicitFunction.apply`` (see
     :func:`implicit_solve`): the problem and its solution ``z``."""

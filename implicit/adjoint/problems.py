@@ -278,7 +278,7 @@ class LinearProblem:
         return Functional(self.residual, z, inputs, moving)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Recorded(Linearization):
     """``g``'s linearisation from one graph recorded with plain autograd (see
     :meth:`RootProblem.linearize`): the products of that graph and the pullback through
