@@ -109,12 +109,12 @@ def test_backward_warm_start_and_preconditioner_under_vmap_and_jacrev():
         ),
         (torch.func.jacrev(deq), torch.func.jacrev(unrolled), x.detach()),
     )
-    for transform, reference, arg in cases:  # noqa: F402 (shadows the helper here only)
+    for transform, expected, arg in cases:
         counts = []
         for _ in range(2):
             got = transform(arg)
             counts.append(deq.last_info.backward.iterations)
-        assert rel_err(got, reference(arg)) <= 1e-9
+        assert rel_err(got, expected(arg)) <= 1e-9
         # The same systems again: solved at the start, from the last solution.
         assert counts[0] > 0 and counts[1] == 0
     assert seen and set(seen) == {x.shape}
