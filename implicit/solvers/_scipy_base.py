@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from implicit._batch import thresholds
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers._minimizer import Minimizer, check_objective, residual_norms
 from implicit.solvers._saddle import (
@@ -30,7 +31,6 @@ from implicit.solvers._saddle import (
     unknown_curvature,
     verified_minimum,
 )
-from implicit.solvers.base import thresholds
 
 #: Above this many unknowns in all, a batch is solved problem by problem (scipy's dense
 #: linear algebra on the whole batch costs the cube of it).
