@@ -16,10 +16,11 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._results import check_number, flag_ill_conditioned
+from implicit._results import check_number, condition_limit, flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
+    ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
     ApproximateInverse,
@@ -174,7 +175,8 @@ class IterativeSolver(LinearSolver):
         codes = None  # (after the first round: every problem's, all being allowed)
         iterations, methods = 0, []
         # One problem on the CPU: its end is tested on the host, without passes.
-        one = rhs.shape[0] == 1 and cheap_host_reads(rhs)
+        cheap = cheap_host_reads(rhs)
+        one = cheap and rhs.shape[0] == 1
         while True:
             x, new_codes, used, true, method = self.iterate(
                 operator,
@@ -189,9 +191,10 @@ class IterativeSolver(LinearSolver):
             methods += [part for part in (method or "").split("+") if part not in methods]
             residual = norm(operator.mv(x) - rhs if true is None else true)
             # The common end, every problem solved (a true residual at most the target is
-            # finite, and so is the x it was computed from), needs no more bookkeeping.
+            # finite, and so is the x it was computed from), needs no more bookkeeping:
+            # its codes (None) are made from the condition estimates below.
             if residual.item() <= target.item() if one else bool((residual <= target).all()):
-                codes = torch.full_like(rhs_norm, CONVERGED, dtype=torch.long)
+                codes = None
                 break
             codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
             finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
@@ -207,13 +210,22 @@ class IterativeSolver(LinearSolver):
         # Relative, and 0 for a zero right-hand side (whose x is 0), whose condition
         # estimate is NaN: where the host reads cheaply that no right-hand side is zero
         # (the common case), plain divisions, without the guards' passes.
-        if cheap_host_reads(rhs) and (rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())):
+        if cheap and (rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())):
             relative = residual / rhs_norm
             condition = gain * (norm(x) / rhs_norm)
         else:
             relative = safe_div(residual, rhs_norm)
             condition = _condition.seen(gain, x, rhs_norm)
-        codes = flag_ill_conditioned(codes, condition)
+        if codes is None:  # every problem solved: converged, or ill-conditioned
+            limit = condition_limit(condition.dtype)  # (flag_ill_conditioned's test)
+            if one:  # read on the host: the limit rounds down to every dtype, so the
+                # comparison is the tensor's (no number of the dtype lies in between)
+                code = ILL_CONDITIONED if condition.item() > limit else CONVERGED
+                codes = torch.full_like(rhs_norm, code, dtype=torch.long)
+            else:
+                codes = where_codes(condition > limit, ILL_CONDITIONED, CONVERGED)
+        else:
+            codes = flag_ill_conditioned(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)
 
