@@ -3,9 +3,10 @@
 from implicit import layers, linear, solvers
 from implicit._batch_jacobian import batch_jacobian
 from implicit._custom import custom_root, implicit_inverse_layer
+from implicit._info import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
+from implicit._invert import invert
 from implicit._optimize import least_squares, minimize
-from implicit._results import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
-from implicit.api import fixed_point, invert, root_solve
+from implicit.api import fixed_point, root_solve
 from implicit.layers import DEQ, ImplicitLayer, InverseLayer
 
 __version__ = "0.1.0"

@@ -2,8 +2,9 @@
 share.
 
 * **Rows**: selection without needless passes over the data (:func:`select_rows`),
-  host tests only where a host read is cheap (:func:`cheap_host_reads`), products with
-  a set of rows per problem (``(B, k, n)``: histories, Krylov bases).
+  host tests only where a host read is cheap (:func:`cheap_host_reads`), the stopping
+  test's norms and thresholds (:func:`residual_norms`, :func:`thresholds`), products
+  with a set of rows per problem (``(B, k, n)``: histories, Krylov bases).
 * **Small blocks** ``(B, n, n)``, one per problem: ``torch.linalg``'s batched LU calls
   LAPACK once per block, which for ``1 × 1`` blocks (a batch of scalar equations) is
   all the cost, orders of magnitude above the division that the factorisation and the
@@ -151,6 +152,35 @@ def select_rows(
     return [torch.where(mask, new, old) for new, old in pairs]
 
 
+def residual_norms(
+    z: torch.Tensor, r: torch.Tensor, known: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``‖r_b‖₂`` per row (in float32 for half precision; ``known`` where already
+    computed), NaN where the iterate ``z_b`` is not finite: a residual can be finite at
+    an infinite iterate (``tanh(∞) = 1``), which must never pass a test.
+
+    An infinite or NaN entry makes the row's sum non-finite, and ``0 · sum`` NaN, which
+    the sum ``norms + 0 · sum`` keeps (finite rows add zero): one fast reduction and
+    one small sum per check, where ``isfinite(z).all(dim=1)`` costs a sizeable part of
+    a small DEQ cell's evaluation on a CPU, and a ``torch.where`` more dispatches. A row
+    whose finite entries sum beyond the dtype's range (about 1e38 in float32) also
+    counts as non-finite."""
+    if known is None:
+        known = norms(r)
+    # (In the norms' dtype: the working dtype of z, as of r.)
+    return known.add(z.sum(dim=1, dtype=known.dtype), alpha=0)
+
+
+def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The stopping thresholds ``tol_b · (1 + scale_b)`` (``tol`` a number or one per
+    row, in the dtype of ``scale``), NaN where the scale is not
+    finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
+    a problem neither runs nor converges; it stops at once with status
+    ``"nonfinite"``."""
+    # (One call where a comparison and a torch.where take three with the scalar.)
+    return (tol * (1 + scale)).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
+
+
 def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(B, k)`` inner products of ``v`` ``(B, n)`` with the ``k`` rows of ``rows``
     ``(B, k, n)``.
@@ -195,7 +225,8 @@ def traced(*tensors: torch.Tensor) -> bool:
 def lu_factor(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.linalg.lu_factor_ex(blocks)``: ``(LU, pivots, info)`` (float32 factors
     of half-precision blocks)."""
-    blocks = upcast(blocks)
+    if is_half(blocks.dtype):  # LAPACK has no half precision
+        return lu_factor(blocks.float())
     if blocks.shape[-1] != 1:
         return torch.linalg.lu_factor_ex(blocks)
     pivots = torch.ones(blocks.shape[:-1], dtype=torch.int32, device=blocks.device)

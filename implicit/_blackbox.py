@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from implicit._batch import residual_norms, thresholds
 from implicit._capture import tree_map_tensors
 from implicit._results import (
     CONVERGED,
@@ -36,7 +37,7 @@ from implicit._results import (
     status_name,
 )
 from implicit.linear.unroll import Unroll
-from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver
 
 
 def describe(h: Callable[..., Any], role: str) -> str:

@@ -15,11 +15,12 @@ import torch
 
 from implicit import _blackbox, _tolerance, linear
 from implicit._checks import check_max_iter
+from implicit._invert import invert
 from implicit._problem import Problem, State
 from implicit._results import check_on_failure
 from implicit._tolerance import Tol
 from implicit._torch import eager
-from implicit.api import Backward, invert, run
+from implicit.api import Backward, run
 from implicit.linear.diagonal import DiagonalFirst, resolution
 
 

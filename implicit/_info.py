@@ -1,6 +1,7 @@
 """The reports of a solve: [`SolveInfo`][implicit.SolveInfo] (the forward) and
-[`BackwardInfo`][implicit.BackwardInfo] (the backward's adjoint solve); their status
-codes and the failure policy are in :mod:`implicit._results`."""
+[`BackwardInfo`][implicit.BackwardInfo] (the backward's adjoint solve), and the warning
+and error that report a failed one; their status codes and the failure policy are in
+:mod:`implicit._results`."""
 
 from __future__ import annotations
 
@@ -140,3 +141,34 @@ class SolveInfo:
             f"worst_residual={worst:.3e}, iterations={self.iterations}, "
             f"f_evals={self.f_evals}, backward={self.backward!r})"
         )
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A solve did not reach its tolerance, or a black box's answer is not a root.
+
+    Issued with ``on_failure="warn"`` (the default) by the forward solve, the backward
+    linear solve and the forward-mode linear solve; the result is returned all the
+    same. The message says which solve failed, for how many problems, the worst
+    residual, and what to try.
+    """
+
+
+class ConvergenceError(RuntimeError):
+    """A solve failed and ``on_failure="raise"`` was requested.
+
+    Raised where [`ConvergenceWarning`][implicit.ConvergenceWarning] would be warned,
+    with the same message.
+
+    Attributes:
+        info: the [`SolveInfo`][implicit.SolveInfo] (forward) or
+            [`BackwardInfo`][implicit.BackwardInfo] (backward) of the failed solve.
+    """
+
+    def __init__(self, message: str, info: SolveInfo | BackwardInfo):
+        super().__init__(message)
+        self.info = info
+
+    def __reduce__(self):
+        # Exceptions pickle as ``cls(*args)``, which would drop ``info`` (multiprocessing
+        # workers, DistributedDataParallel ranks and test runners pickle them).
+        return type(self), (str(self), self.info)

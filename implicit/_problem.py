@@ -159,7 +159,7 @@ class Problem:
         The stand-ins may be detached copies or transform-owned versions of the
         original inputs: captured tensors are swapped in by identity.
         """
-        out = self._pack_output(self.call(self.fn, z, inputs))
+        out = self.map(z, *inputs)
         if self.form == "fixed_point":
             return out - z
         if self.form == "inverse":
@@ -178,14 +178,24 @@ class Problem:
         return Residual(source.residual, source.scale, inputs)
 
     def map(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        """``f`` on the flat view, for the fixed-point form: ``residual = map(z) − z``.
+        """The user's function at the flat ``z``, its output packed as rows: the residual
+        before the form subtracts ``z`` (a fixed point's ``f``: ``residual = map(z) − z``)
+        or ``y`` (an inverse's); a root's residual itself.
 
         With it a product with ``∂g/∂z = ∂f/∂z − I`` can skip the identity's pass over
         the data where a method wants ``∂f/∂z`` itself (the classic DEQ backward).
         """
-        if self.form != "fixed_point":
-            raise ValueError(f"map() is the fixed-point form's, this problem is {self.form!r}")
-        return self._pack_output(self.call(self.fn, z, inputs))
+        out = self.call(self.fn, z, inputs)
+        if (
+            type(out) is torch.Tensor
+            and self.out_spec is _tree.LEAF
+            and out.shape == self.out_shapes[0]
+            and out.dtype == self.dtype
+        ):  # the common case, checked in full otherwise
+            if self.complex:
+                return _complex.as_real(out).reshape(self.batch_size, -1)
+            return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
+        return _flatten(check_output(self, out), self.batch_size)
 
     def call(self, function: Callable[..., Any], z: torch.Tensor, inputs: Sequence[torch.Tensor]):
         """``function(state, *args)`` at the flat ``z``, with ``inputs`` standing in for
@@ -248,18 +258,6 @@ class Problem:
         self.captured = [*self.captured, *added]
         self.inputs = self.explicit + self.captured
         return added
-
-    def _pack_output(self, out: Any) -> torch.Tensor:
-        if (
-            type(out) is torch.Tensor
-            and self.out_spec is _tree.LEAF
-            and out.shape == self.out_shapes[0]
-            and out.dtype == self.dtype
-        ):  # the common case, checked in full otherwise
-            if self.complex:
-                return _complex.as_real(out).reshape(self.batch_size, -1)
-            return out if out.dim() == 2 and self.batched else out.reshape(self.batch_size, -1)
-        return _flatten(check_output(self, out), self.batch_size)
 
 
 def _flatten(parts: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:

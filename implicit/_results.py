@@ -5,7 +5,7 @@ What the library tells its caller lives here: the status codes and their names, 
 (:func:`check_number`, the one helper for every numeric option, so that every class
 rejects the same bad values with the same message: a bool is never a number here,
 ``damping=True`` is an error everywhere, and NaN never passes). The reports themselves,
-``SolveInfo`` and ``BackwardInfo``, are in :mod:`implicit._info`.
+``SolveInfo`` and ``BackwardInfo``, and the warning and error are in :mod:`implicit._info`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from implicit._complex import is_supported, same_precision
-from implicit._info import BackwardInfo, SolveInfo
+from implicit._info import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 
 # Frames in these directories are the library's, not the caller's.
 _INTERNAL_DIRS = (
@@ -113,37 +113,6 @@ def flag_ill_conditioned(codes: torch.Tensor, condition: torch.Tensor) -> torch.
     return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
 
 
-class ConvergenceWarning(RuntimeWarning):
-    """A solve did not reach its tolerance, or a black box's answer is not a root.
-
-    Issued with ``on_failure="warn"`` (the default) by the forward solve, the backward
-    linear solve and the forward-mode linear solve; the result is returned all the
-    same. The message says which solve failed, for how many problems, the worst
-    residual, and what to try.
-    """
-
-
-class ConvergenceError(RuntimeError):
-    """A solve failed and ``on_failure="raise"`` was requested.
-
-    Raised where [`ConvergenceWarning`][implicit.ConvergenceWarning] would be warned,
-    with the same message.
-
-    Attributes:
-        info: the [`SolveInfo`][implicit.SolveInfo] (forward) or
-            [`BackwardInfo`][implicit.BackwardInfo] (backward) of the failed solve.
-    """
-
-    def __init__(self, message: str, info: SolveInfo | BackwardInfo):
-        super().__init__(message)
-        self.info = info
-
-    def __reduce__(self):
-        # Exceptions pickle as ``cls(*args)``, which would drop ``info`` (multiprocessing
-        # workers, DistributedDataParallel ranks and test runners pickle them).
-        return type(self), (str(self), self.info)
-
-
 def status_name(codes: torch.Tensor) -> str:
     """The name of the worst status (by ``SEVERITY``) in a tensor of per-sample codes."""
     if not codes.numel():
@@ -234,37 +203,31 @@ def check_number(value: object, name: str, rule: str) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def check_shared_options(
-    tol: object, max_iter: object, on_failure: object, callback: object
-) -> None:
-    """The options every front door takes, checked in one place: the first wrong one
-    raises, naming it. A tolerance tensor's entries are checked with the problem's
-    batch (:func:`implicit._tolerance.per_problem`)."""
-    if not isinstance(tol, torch.Tensor):
-        check_number(tol, "tol", "a positive finite number")
-    check_number(max_iter, "max_iter", "an integer >= 1")
-    if on_failure not in ON_FAILURE_CHOICES:
-        check_on_failure(on_failure)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback must be callable as callback(iteration, residual, z) or None, got "
-            f"{type(callback).__name__}"
-        )
-
-
 def check_on_failure(on_failure: object) -> None:
     if on_failure not in ON_FAILURE_CHOICES:
         raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
 
 
 def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, name: str) -> None:
+    """The states of a problem (or the target ``y`` of an inverse): tensors of one dtype
+    and device, floating point or complex, not empty, with values in dense (strided)
+    storage: not a sparse tensor (the solvers reshape and combine states densely), not
+    a meta tensor (no values)."""
     if not states:
         raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors")
     first = labels[0]
     for state, label in zip(states, labels):
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(state).__name__}")
-        check_storage(state, label)
+        if state.layout != torch.strided:
+            raise TypeError(
+                f"{label} is a {state.layout} tensor: states must be dense, pass {label}.to_dense()"
+            )
+        if state.is_meta:
+            raise ValueError(
+                f"{label} is on the meta device, which holds no values to solve for: create "
+                f"it on a real device (cpu, cuda, ...)"
+            )
         # (A real state needs no look at the complex rules: the default path stays short.)
         if not state.is_floating_point() and not is_supported(state.dtype):
             half = " (complex32 is not supported: use complex64)"
@@ -284,20 +247,6 @@ def check_states(states: Sequence[Any], labels: Sequence[str], batched: bool, na
             raise ValueError(
                 f"{label} has batch size {state.shape[0]}, {first} has {states[0].shape[0]}"
             )
-
-
-def check_storage(tensor: torch.Tensor, label: str) -> None:
-    """A state must hold values in dense (strided) storage: not a sparse tensor (the
-    solvers reshape and combine states densely), not a meta tensor (no values)."""
-    if tensor.layout != torch.strided:
-        raise TypeError(
-            f"{label} is a {tensor.layout} tensor: states must be dense, pass {label}.to_dense()"
-        )
-    if tensor.is_meta:
-        raise ValueError(
-            f"{label} is on the meta device, which holds no values to solve for: create "
-            f"it on a real device (cpu, cuda, ...)"
-        )
 
 
 def check_arg(

@@ -6,7 +6,7 @@ number (every problem alike) or a tensor with one entry per problem; ``tol_mode`
 what ``s_b`` is: ``"absolute"``, 0; ``"relative"``, the front door's scale, measured
 once at the initial guess (:meth:`implicit._problem.Problem.scale`). The solvers see
 ``tol`` as a number or a ``(rows,)`` tensor in the working dtype, which
-``tol · (1 + scale)`` broadcasts over the rows (:func:`implicit.solvers.base.thresholds`).
+``tol · (1 + scale)`` broadcasts over the rows (:func:`implicit._batch.thresholds`).
 """
 
 from __future__ import annotations

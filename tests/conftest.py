@@ -23,6 +23,15 @@ EXACT_MODES = [
     pytest.param(linear.Auto(max_dense=0), id="auto-iterative"),
 ]
 
+#: Options for a solve converged to near machine precision, for gradient checks.
+TIGHT = {"tol": 1e-13, "max_iter": 500}
+
+
+def loss_of(z: torch.Tensor) -> torch.Tensor:
+    """The loss the gradient checks differentiate: its first three derivatives in ``z``
+    are all non-trivial."""
+    return (z**3).sum() + z.sin().sum()
+
 
 @contextlib.contextmanager
 def time_limit(seconds: int):

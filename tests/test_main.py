@@ -1,6 +1,5 @@
-"""The tour, ``python -m implicit``: sections 2-4 check what they print (section 5 in
-test_higher_order.py); the whole tour runs end to end in a subprocess, from a read-only
-working directory."""
+"""The tour, ``python -m implicit``: sections 2-5 check what they print; the whole tour
+runs end to end in a subprocess, from a read-only working directory."""
 
 from __future__ import annotations
 
@@ -42,6 +41,11 @@ def test_custom_root_section():
 
 def test_anderson_section():
     assert tour.tour_anderson() <= 1e-9
+
+
+def test_tour_section():
+    errors = tour.tour_bilevel()
+    assert errors["hypergradient"] <= 1e-10 and errors["hvp"] <= 1e-10
 
 
 def test_help_lists_the_options_and_says_how_long_the_tour_takes():

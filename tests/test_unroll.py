@@ -13,16 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from conftest import contractive_matrix, rel_err, unrolled_fixed_point
+from conftest import contractive_matrix, loss_of, rel_err, unrolled_fixed_point
 
 import implicit
 
 F64 = torch.float64
 SOLVERS = ["fixed_point", "anderson", "newton", "broyden"]
-
-
-def loss_of(z: torch.Tensor) -> torch.Tensor:
-    return (z**3).sum() + z.sin().sum()
 
 
 class TanhMap:

@@ -11,8 +11,7 @@ the solution (:mod:`implicit.adjoint.linearize`):
   ``−w`` back to the inputs;
 * ``jvp``: push the tangents ``dθ`` through ``∂g/∂θ`` and solve ``(∂g/∂z) dz = −b``;
 * ``vmap``: the vmapped slices become more rows of one problem, or more right-hand
-  sides of one system (:meth:`RootProblem.fold`, :meth:`LinearProblem.fold`), solved in
-  one call.
+  sides of one system (:func:`~implicit.adjoint.vmap.fold`), solved in one call.
 
 Where nothing differentiates the backward (first order) and no ``torch.func`` transform
 wraps its tensors, the linearisation is one recorded autograd graph, shared by the
@@ -22,6 +21,9 @@ path with a cheaper linearisation.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
 from implicit import _progress, _tolerance, _torch
@@ -29,7 +31,7 @@ from implicit._problem import Problem, carries_derivative
 from implicit._results import SolveInfo
 from implicit.adjoint.problems import LinearProblem, RootProblem
 from implicit.adjoint.settings import Given, Settings
-from implicit.adjoint.vmap import rows
+from implicit.adjoint.vmap import fold, rows
 from implicit.linear import Auto, LinearSolver, Unroll
 from implicit.solvers.base import Solver
 
@@ -113,7 +115,7 @@ class ImplicitFunction(torch.autograd.Function):
         z0 = z0 if z0_dim is None else z0.movedim(z0_dim, 0)
         inputs = [t if d is None else t.movedim(d, 0) for t, d in zip(inputs, input_dims)]
         dims = [None if d is None else 0 for d in input_dims]
-        folded = problem.fold(size, dims, inputs)
+        folded = fold(problem, size, dims, inputs)
         if folded is None:
             # No one problem covers the slices: one solve per slice.
             slices = [
@@ -130,13 +132,13 @@ class ImplicitFunction(torch.autograd.Function):
         return z.reshape(size, -1, z.shape[-1]), 0
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Solved:
     """A problem already solved before ``ImplicitFunction.apply`` (see
-    :func:`implicit_solve`)."""
+    :func:`implicit_solve`): the problem and its solution ``z``."""
 
-    def __init__(self, problem, z: torch.Tensor):
-        self.problem = problem
-        self.z = z
+    problem: Any
+    z: torch.Tensor
 
 
 def implicit_solve(

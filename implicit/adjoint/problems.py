@@ -1,15 +1,16 @@
 """The problems the differentiable solve solves: a user's root problem, and the linear
 systems of its derivatives (each a :class:`LinearProblem` of its parent).
 
-Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward),
-``linearize(z, inputs, moving, recorded)`` and ``fold(size, in_dims, inputs)`` (the
-slices of ``vmap``). One :class:`~implicit.adjoint.function.ImplicitFunction` solves
+Each has ``residual(z, *inputs)``, ``solve(z0, inputs)`` (its forward) and
+``linearize(z, inputs, moving, recorded)``; :func:`implicit.adjoint.vmap.fold` makes one
+of the slices of ``vmap``. One :class:`~implicit.adjoint.function.ImplicitFunction` solves
 them all, so the derivatives of a linear system (second order), its batching under
 ``vmap`` and its forward mode come from the same machinery as the user problem's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ from implicit._results import (
 from implicit._torch import autograd_grad
 from implicit.adjoint.linearize import Functional, Linearization
 from implicit.adjoint.settings import Given, Settings
-from implicit.adjoint.vmap import Folded, Repeated, rows
+from implicit.adjoint.vmap import Folded, Repeated
 from implicit.linear import (
     Hint,
     IterativeSolver,
@@ -100,7 +101,7 @@ class RootProblem:
         self.symmetric = problem.symmetric
         self.positive_definite = False
         # The problem this one folds (under vmap): it reports through the same info.
-        self._unfolded: RootProblem | None = None
+        self.unfolded: RootProblem | None = None
 
     def residual(self, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self.problem.residual(z, *inputs)
@@ -124,7 +125,7 @@ class RootProblem:
         shape_report(info, self.report_shape)
         problem: RootProblem | None = self
         while problem is not None:
-            problem.info, problem = info, problem._unfolded
+            problem.info, problem = info, problem.unfolded
         if not isinstance(self.solver, Given):  # (a given answer's report was made)
             report_failure(info, settings.on_failure, "forward solve")
         return z
@@ -138,24 +139,28 @@ class RootProblem:
     ) -> Linearization:
         """``g`` linearised at ``(z, inputs)``; from one recorded graph where
         ``recorded`` (nothing differentiates what it is used for) and the user's
-        problem can be recorded as itself (not the slices of ``vmap``)."""
-        if recorded and isinstance(self.problem, Problem):
-            return Recorded(self.problem, z, inputs, moving)
-        return Functional(self.residual, z, inputs, moving)
+        problem can be recorded as itself (not the slices of ``vmap``).
 
-    def fold(
-        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
-    ) -> tuple[RootProblem, Sequence[torch.Tensor]]:
-        """This problem for ``size`` vmapped slices at once, as more rows."""
-        folded = RootProblem(
-            Folded(self.problem, size, in_dims),
-            self.solver,
-            self.settings,
-            None,
-            (size, *self.report_shape),
-        )
-        folded._unfolded = self
-        return folded, inputs
+        Recorded, ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the
+        explicit inputs as detached leaves, and the captured tensors as themselves where
+        they are leaves (a leaf cannot depend on another input, so its partial
+        derivative is the total one; a captured non-leaf is swapped for a detached
+        leaf). For a fixed point ``g = f(z) − z`` the graph is ``f``'s: ``A = ∂f/∂z −
+        I`` is then shifted, and the partials are ``f``'s, the same.
+        """
+        problem = self.problem
+        if not (recorded and isinstance(problem, Problem)):
+            return Functional(self.residual, z, inputs, moving)
+        explicit = len(problem.tensor_positions)
+        stand_ins = [
+            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
+            for i, t in enumerate(inputs)
+        ]
+        shifted = problem.form == "fixed_point"
+        with torch.enable_grad():
+            point = z.detach().requires_grad_()
+            out = (problem.map if shifted else problem.residual)(point, *stand_ins)
+        return Recorded(GraphJacobian(out, point, shifted), tuple(stand_ins[i] for i in moving))
 
 
 class LinearProblem:
@@ -272,63 +277,22 @@ class LinearProblem:
         """The system's own linearisation (for second order): by ``torch.func``."""
         return Functional(self.residual, z, inputs, moving)
 
-    def fold(
-        self, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
-    ) -> tuple[LinearProblem, Sequence[torch.Tensor]] | None:
-        """This system for ``size`` vmapped slices at once, or ``None`` when no single
-        system covers them: more copies of it where only the right-hand sides differ
-        (``jacrev``, ``jacfwd``: ``g`` is not evaluated under ``vmap`` at all), else
-        the rows of the system of the folded parent.
-        """
-        rhs, z, *theta = inputs
-        rhs_dim, z_dim, *theta_dims = in_dims
-        stacked = rows(rhs, rhs_dim, size)
-        if z_dim is None and all(dim is None for dim in theta_dims):
-            repeated = LinearProblem(self.parent, self.transpose, size * self.copies)
-            return repeated, (stacked, z, *theta)
-        if self.copies > 1:
-            return None
-        folded = LinearProblem(Folded(self.parent, size, theta_dims), self.transpose)
-        return folded, (stacked, rows(z, z_dim, size), *theta)
 
-
+@dataclasses.dataclass(frozen=True, eq=False)
 class Recorded(Linearization):
-    """``g``'s linearisation from one graph recorded with plain autograd: the products
-    of that graph (a ``GraphJacobian``) and the pullback through it.
+    """``g``'s linearisation from one graph recorded with plain autograd (see
+    :meth:`RootProblem.linearize`): the products of that graph and the pullback through
+    it.
 
-    ``g`` is evaluated once at ``(z, θ)``: ``z`` as a fresh leaf, the explicit inputs as
-    detached leaves, and the captured tensors as themselves where they are leaves (a
-    leaf cannot depend on another input, so its partial derivative is the total one; a
-    captured non-leaf is swapped for a detached leaf). For a fixed point ``g = f(z) −
-    z`` the graph is ``f``'s: ``A = ∂f/∂z − I`` is then shifted, and the partials are
-    ``f``'s, the same.
-
-    Args:
-        problem: the user's problem.
-        z: the point.
-        inputs: the problem's inputs.
-        moving: the positions of the inputs to differentiate with respect to.
+    Attributes:
+        jacobian: the graph's products, ``A = ∂g/∂z``.
+        moving: the leaves the graph was recorded from that stand for the inputs to
+            differentiate with respect to.
     """
 
-    def __init__(
-        self,
-        problem: Problem,
-        z: torch.Tensor,
-        inputs: Sequence[torch.Tensor],
-        moving: Sequence[int],
-    ):
-        explicit = len(problem.tensor_positions)
-        stand_ins = [
-            t if i >= explicit and t.is_leaf else t.detach().requires_grad_(t.requires_grad)
-            for i, t in enumerate(inputs)
-        ]
-        shifted = problem.form == "fixed_point"
-        with torch.enable_grad():
-            point = z.detach().requires_grad_()
-            out = (problem.map if shifted else problem.residual)(point, *stand_ins)
-        self.jacobian = GraphJacobian(out, point, shifted)
-        self._moving = tuple(stand_ins[i] for i in moving)
+    jacobian: GraphJacobian
+    moving: tuple[torch.Tensor, ...]
 
     def pullback(self, cotangent: torch.Tensor) -> Sequence[torch.Tensor]:
         # The graph's last use: it is freed.
-        return autograd_grad(self.jacobian.out, cotangent, self._moving, retain_graph=False)
+        return autograd_grad(self.jacobian.out, cotangent, self.moving, retain_graph=False)

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 import torch
 
 from implicit import _progress, _tolerance, _torch
+from implicit._batch import residual_norms, thresholds
 from implicit._problem import Problem, carries_derivative
 from implicit._results import SolveInfo, report_failure
 from implicit.adjoint.function import implicit_solve
 from implicit.adjoint.problems import RootProblem, shape_report
 from implicit.adjoint.settings import Given, Settings
 from implicit.linear import resolve as resolve_linear
-from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _VMAP_REFUSALS = ("data-dependent control flow", "calling .item() on a Tensor")

@@ -5,12 +5,14 @@ batched one. So ``size`` slices of a problem on ``(B, n)`` rows are solved as on
 problem on ``(size·B, n)`` rows (:class:`Folded`), each row with its own stopping
 test, in one call of the solver. Where only the right-hand sides of a linear system
 differ between slices (``jacrev``, ``jacfwd``: one matrix, many vectors), the slices
-are more copies of one system, whose Jacobian is linearised once (:class:`Repeated`).
+are more copies of one system, whose Jacobian is linearised once (:class:`Repeated`);
+:func:`fold` makes the one problem.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -80,6 +82,39 @@ class Folded:
     def info(self):
         """The report of the inner problem (where its backward is reported)."""
         return self.inner.info
+
+
+def fold(
+    problem: Any, size: int, in_dims: Sequence[int | None], inputs: Sequence[torch.Tensor]
+) -> tuple[Any, Sequence[torch.Tensor]] | None:
+    """``problem`` (a :class:`~implicit.adjoint.problems.RootProblem` or
+    :class:`~implicit.adjoint.problems.LinearProblem`) for ``size`` vmapped slices at
+    once, with its inputs (``in_dims``: 0 or ``None`` for each), or ``None`` when no
+    single problem covers them.
+
+    A root problem's slices are more rows of it. A linear system's are more copies of
+    it where only the right-hand sides differ (``jacrev``, ``jacfwd``: ``g`` is not
+    evaluated under ``vmap`` at all), else the rows of the system of the folded parent.
+    """
+    from implicit.adjoint.problems import LinearProblem, RootProblem  # (they import this)
+
+    if isinstance(problem, RootProblem):
+        shape = (size, *problem.report_shape)
+        folded = RootProblem(
+            Folded(problem.problem, size, in_dims), problem.solver, problem.settings, None, shape
+        )
+        folded.unfolded = problem
+        return folded, inputs
+    rhs, z, *theta = inputs
+    rhs_dim, z_dim, *theta_dims = in_dims
+    stacked = rows(rhs, rhs_dim, size)
+    if z_dim is None and all(dim is None for dim in theta_dims):
+        repeated = LinearProblem(problem.parent, problem.transpose, size * problem.copies)
+        return repeated, (stacked, z, *theta)
+    if problem.copies > 1:
+        return None
+    folded = LinearProblem(Folded(problem.parent, size, theta_dims), problem.transpose)
+    return folded, (stacked, rows(z, z_dim, size), *theta)
 
 
 def rows(tensor: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from implicit import linear
+from implicit._invert import invert
 from implicit._problem import State
-from implicit.api import invert
 from implicit.layers._base import SolverLayer, front_door_defaults
 
 #: The options that still apply when a black box replaces the solver.

@@ -15,7 +15,7 @@ products come from one of two linearisations of ``g``, which give the same numbe
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -222,7 +222,7 @@ class GraphJacobian(Jacobian):
     :func:`torch.autograd.grad` calls it, see :func:`~implicit._torch.autograd_grad`):
     the same products as :class:`Jacobian`, without the transform's wrappers. The
     first-order backward also takes the partial derivatives in the inputs ``θ`` from the
-    same graph (``out``).
+    same graph (``out``: :class:`~implicit.adjoint.problems.Recorded`).
 
     For a fixed point ``g = f(z) − z`` the graph may be that of ``f`` alone
     (``shifted=True``): ``A = ∂f/∂z − I``, whose products subtract their argument
@@ -289,14 +289,6 @@ class GraphJacobian(Jacobian):
         # (``W @ z`` with a constant W: 14x slower).
         product = autograd_grad(self.out, w, (self.z,), create_graph=create_graph)[0]
         return product - w if self.shifted else product
-
-    def partials(
-        self, cotangent: torch.Tensor, inputs: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """``(∂out/∂x)ᵀ cotangent`` for each ``x`` in ``inputs`` (leaves ``out`` was
-        recorded from), zero for those it does not depend on; the graph's last use: it
-        is freed."""
-        return autograd_grad(self.out, cotangent, tuple(inputs), retain_graph=False)
 
 
 def _trailing(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], z: torch.Tensor):

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from implicit._batch import thresholds
 from implicit._results import CONVERGED, FAILED, MAX_ITER, NONFINITE, SolveInfo, status_name
-from implicit.solvers.base import Solver, thresholds
+from implicit.solvers.base import Solver
 
 Bound = float | torch.Tensor | None
 

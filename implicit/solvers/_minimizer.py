@@ -22,6 +22,9 @@ damping, its own history and its own stop. A method implements ``init`` and ``st
   ``"failed"`` (usually ``tol`` below what the precision allows); a non-finite
   objective at the initial guess with ``"nonfinite"`` (so does a non-finite gradient
   at an iterate). A non-finite value at a trial point only shortens the step.
+
+The escape from a saddle, the second-order test's verdicts and their messages are in
+``_saddle.py`` (the scipy wrappers' loop shares them).
 """
 
 from __future__ import annotations
@@ -41,15 +44,18 @@ from implicit._results import (
     check_number,
     status_name,
 )
-from implicit.linear.base import PositiveDefinite
 from implicit.solvers._curvature import negative_curvature
 from implicit.solvers._objective import Objective
-from implicit.solvers._search import C1
+from implicit.solvers._saddle import (
+    FAR_FROM_MINIMUM,
+    UNKNOWN_CURVATURE,
+    escape,
+    unknown_curvature,
+    verified_minimum,
+)
 from implicit.solvers.base import Solver, thresholds
 from implicit.solvers.base import residual_norms as finite_norms
 
-#: Halvings an escape from a saddle tries before it gives up.
-ESCAPE_TRIALS = 40
 #: A point that passed the gradient test is no minimum where the Newton step is longer
 #: than this fraction of ``1 + ‖z‖`` (see ``Minimizer._saddles``).
 FAR = 0.1
@@ -150,8 +156,8 @@ class Minimizer(Solver):
                 strict = torch.where(pending, positive, strict)
                 if bool(saddle.any()):
                     report = _escape_report(callback, fn, k, norms)
-                    escape = self._escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
-                    z, f, grad, escaped, used = escape
+                    trials = escape(fn, z, f, grad, saddle, leave, max_iter - k, report)
+                    z, f, grad, escaped, used = trials
                     k += used
                     iterations = torch.where(saddle, k, iterations)
                     stuck = saddle & ~escaped
@@ -219,58 +225,10 @@ class Minimizer(Solver):
         far = rows & ~negative & (newton > FAR * (1 + norms(z)))
         return rows & negative, (direction, curvature), rows & positive, far
 
-    def _escape(
-        self, fn: Objective, z, f, grad, rows: torch.Tensor, leave, budget: int, report=None
-    ):
-        """Leave the saddles of ``rows`` along their negative-curvature directions.
-
-        Steps ``t = 1 + ‖z‖∞, t/2, …`` (downhill along the eigenvector, whose sign is
-        free) until ``fun(P(z + t v)) ≤ fun(z) + c₁ (∇funᵀs + ½ λ ‖s‖²)`` with the step
-        ``s`` actually taken and ``λ < 0`` the curvature: a decrease the saddle owes.
-        ``report(trials, z, grad, escaped)`` (if given) is called after each trial.
-        """
-        direction, curvature = leave
-        sign = torch.where((grad * direction).sum(dim=1) > 0, -1.0, 1.0).to(z.dtype)
-        direction = sign.unsqueeze(1) * direction
-        t = 1 + z.abs().amax(dim=1)
-        done = ~rows
-        escaped = torch.zeros_like(rows)
-        used = 0
-        for _ in range(min(budget, ESCAPE_TRIALS)):
-            trial = torch.where(done.unsqueeze(1), z, fn.project(z + t.unsqueeze(1) * direction))
-            f_trial, g_trial = fn.value_and_grad(trial)
-            used += 1
-            step = trial - z
-            owed = (grad * step).sum(dim=1) + 0.5 * curvature * step.pow(2).sum(dim=1)
-            ok = ~done & torch.isfinite(f_trial) & (f_trial <= f + C1 * owed) & (owed < 0)
-            z = torch.where(ok.unsqueeze(1), trial, z)
-            f = torch.where(ok, f_trial, f)
-            grad = torch.where(ok.unsqueeze(1), g_trial, grad)
-            escaped, done = escaped | ok, done | ok
-            t = t / 2
-            if report is not None:
-                report(used, z, grad, escaped)
-            if bool(done.all()):
-                break
-        return z, f, grad, escaped, used
-
 
 _SADDLE = (
     "A stationary point with negative curvature (a saddle or a maximum) could not be left "
     "within max_iter: raise max_iter or start elsewhere."
-)
-FAR_FROM_MINIMUM = (
-    "The gradient test passed where a Newton step would still move z by more than a "
-    "tenth of its size: the objective flattens out there (towards a minimum far away, or "
-    "none at all, as a fit whose parameters can run off to infinity). Start nearer, or "
-    "keep z in a box with bounds=."
-)
-UNKNOWN_CURVATURE = (
-    "The gradient test passed where the Hessian is not finite (PyTorch's second derivative "
-    "of the objective is NaN or infinite there): neither a minimum nor the implicit "
-    "backward, which solves with the Hessian, can be trusted; write the objective so that "
-    "its second derivative is finite there (e.g. logaddexp(z, -z) has a NaN one for |z| "
-    "above a few hundred)."
 )
 _STALLED = (
     "No step could decrease the objective further (the line search or the damping gave "
@@ -291,19 +249,6 @@ def _escape_report(callback, fn: Objective, k: int, norms: torch.Tensor):
     return report
 
 
-def unknown_curvature(leave) -> torch.Tensor | bool:
-    """The rows whose Hessian was not finite where the second-order test looked (no
-    minimum can be claimed there), from :meth:`Minimizer._saddles`' ``leave``."""
-    return False if leave is None else torch.isnan(leave[1])
-
-
-def verified_minimum(codes: torch.Tensor, strict: torch.Tensor) -> PositiveDefinite | None:
-    """What the second-order test established for the backward: the Hessian is
-    positive definite at every solution, where every problem converged to a strict
-    minimum."""
-    return PositiveDefinite() if bool(((codes == CONVERGED) & strict).all()) else None
-
-
 def residual_norms(fn: Objective, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The stopping test's residual norm per row, from the gradient at ``z``; NaN where
     ``z`` is not finite (``tanh`` is flat, its gradient zero, at ``z = ∞``)."""
@@ -322,9 +267,3 @@ def check_objective(fn: Any, solver: Minimizer) -> None:
             f"{name} needs the residual vector of a least-squares problem: use it with "
             f"implicit.least_squares"
         )
-
-
-def unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """Each row of ``v`` scaled to unit norm (zero rows stay zero)."""
-    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    return v / torch.where(norm > 0, norm, 1)

@@ -21,17 +21,16 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from implicit._batch import thresholds
 from implicit._results import CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
-from implicit.solvers._minimizer import (
+from implicit.solvers._minimizer import Minimizer, check_objective, residual_norms
+from implicit.solvers._saddle import (
     FAR_FROM_MINIMUM,
     UNKNOWN_CURVATURE,
-    Minimizer,
-    check_objective,
-    residual_norms,
+    escape,
     unknown_curvature,
     verified_minimum,
 )
-from implicit.solvers.base import thresholds
 
 #: Above this many unknowns in all, a batch is solved problem by problem (scipy's dense
 #: linear algebra on the whole batch costs the cube of it).
@@ -100,7 +99,7 @@ class ScipyBase(Minimizer):
             saddle, leave, strict, far = self._saddles(fn, z, grad, passed)
             if attempt == 1 or not bool(saddle.any()):
                 break
-            z, f, grad, rows, used = self._escape(fn, z, f, grad, saddle, leave, max_iter)
+            z, f, grad, rows, used = escape(fn, z, f, grad, saddle, leave, max_iter)
             iterations += torch.where(saddle, used, 0)
         codes = torch.where(passed & ~saddle & ~far, CONVERGED, FAILED)
         unknown = passed & unknown_curvature(leave)

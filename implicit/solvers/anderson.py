@@ -179,23 +179,24 @@ class Anderson(Solver):
         return _History(z=state.z, r=state.r, worst=state.worst, latest=largest)
 
     def step(self, fn, z, r, state):
-        if z is state.z and r is state.r:
-            # The very tensors the history ends with (the first step, from init's point;
-            # or a step after every problem has stopped, which the driver discards): no
-            # step to remember, so no slot taken, and the plain mixing step.
-            z_next = torch.add(z, r, alpha=self.mixing)
-            if state.latest is not None:  # the driver's reading at z, for the next step
-                state = _History(z=z, r=r, worst=state.latest)
-            return z_next, fn(z_next), state
+        # The very tensors the history ends with (the first step, from init's point; or a
+        # step after every problem has stopped, which the driver discards): no step to
+        # remember, so no slot taken, and the plain mixing step.
+        first = z is state.z and r is state.r
         if state.dr is None:
-            # After a plain mixing step from state.z to z: the history starts with that
-            # step where the largest residual shrank by less than start_ratio (NaN: no
-            # sign of slow contraction), else the next step is a plain one too.
-            now = _largest(state.latest, r)
-            if not now > self.start_ratio * _largest(state.worst, state.r):  # contracting fast
+            # The largest residual at z, read on the host: the driver's reading where it
+            # made one. After a plain mixing step from state.z to z, the history starts
+            # with that step where the largest residual shrank by less than start_ratio
+            # (NaN: no sign of slow contraction) or where none was known at state.z (a
+            # step from another point than init's), else the next step is a plain one too.
+            now = state.latest if state.latest is not None else float(norms(r.detach()).max())
+            if first or (state.worst is not None and not now > self.start_ratio * state.worst):
                 z_next = torch.add(z, r, alpha=self.mixing)
                 return z_next, fn(z_next), _History(z=z, r=r, worst=now)
             state = self._started(state)
+        elif first:
+            z_next = torch.add(z, r, alpha=self.mixing)
+            return z_next, fn(z_next), state
         in_place = not traced(z, r)
         state = self._remember(z, r, state, in_place, self.check_every)
         rhs = state.rhs
@@ -315,8 +316,3 @@ class Anderson(Solver):
             rhs=rhs,
             slot=(slot + 1) % self.m,
         )
-
-
-def _largest(read: float | None, r: torch.Tensor) -> float:
-    """``max_b ‖r_b‖₂`` on the host: ``read`` where the driver has read it already."""
-    return read if read is not None else float(norms(r.detach()).max())

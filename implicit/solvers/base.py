@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from implicit._batch import all_running, check_interval, select_rows, traced, working_dtype
+from implicit._batch import (
+    all_running,
+    check_interval,
+    residual_norms,
+    select_rows,
+    thresholds,
+    traced,
+    working_dtype,
+)
 from implicit._batch import norms as norms_of
 from implicit._results import (
     CONVERGED,
@@ -332,31 +340,3 @@ class Residual:
         value, operator = self.linearize(z)
         self.jac_evals += 1
         return value, operator.dense()
-
-
-def residual_norms(
-    z: torch.Tensor, r: torch.Tensor, norms: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``‖r_b‖₂`` per row (in float32 for half precision; ``norms`` where already
-    computed), NaN where the iterate ``z_b`` is not finite: a residual can be finite at
-    an infinite iterate (``tanh(∞) = 1``), which must never pass a test.
-
-    An infinite or NaN entry makes the row's sum non-finite, and ``0 · sum`` NaN, which
-    the sum ``norms + 0 · sum`` keeps (finite rows add zero): one fast reduction and
-    one small sum per check, where ``isfinite(z).all(dim=1)`` costs a sizeable part of
-    a small DEQ cell's evaluation on a CPU, and a ``torch.where`` more dispatches. A row
-    whose finite entries sum beyond the dtype's range (about 1e38 in float32) also
-    counts as non-finite."""
-    if norms is None:
-        norms = norms_of(r)
-    return norms.add(z.sum(dim=1, dtype=working_dtype(z.dtype)), alpha=0)
-
-
-def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The stopping thresholds ``tol_b · (1 + scale_b)`` (``tol`` a number or one per
-    row, in the dtype of ``scale``), NaN where the scale is not
-    finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
-    a problem neither runs nor converges; it stops at once with status
-    ``"nonfinite"``."""
-    # (One call where a comparison and a torch.where take three with the scalar.)
-    return (tol * (1 + scale)).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)

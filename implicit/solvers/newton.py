@@ -1,37 +1,29 @@
-"""Newton's method: dense per-sample Jacobians, or matrix-free Newton–Krylov."""
+"""Newton's method: dense per-sample Jacobians, or matrix-free Newton–Krylov.
+
+The iteration, its line search and the reuse of factorisations are here; the direction
+each step solves for, dense or by GMRES, is in ``_newton_direction.py``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from implicit._batch import (
-    Factorization,
-    check_interval,
-    is_half,
-    known_all,
-    norms,
-    solve,
-    traced,
-    upcast,
-)
+from implicit._batch import Factorization, check_interval, known_all, norms
 from implicit._results import check_number
 from implicit.linear import GMRES, JacobianOperator, NearbyFactorization
-from implicit.linear.base import WorkingOperator
 from implicit.solvers._line_search import (
     Search,
     frozen_rows,
     records_rejected_trials,
     squared_norm,
 )
+from implicit.solvers._newton_direction import dense_direction, krylov_direction
 from implicit.solvers.base import Solver
 
 #: Step halvings the line search may try after the full Newton step (t ≥ 2⁻²⁰).
 HALVINGS = 20
-#: Inner GMRES iterations per Newton step when the ``krylov`` instance sets none.
-KRYLOV_MAX_ITER = 100
 
 
 @dataclasses.dataclass
@@ -232,85 +224,14 @@ class Newton(Solver):
         host only where the loop does every ``interval == 1`` iteration."""
         if self._dense(z, r):
             fn.jac_evals += 1  # built from a linearisation that fn has already counted
-            return self._dense_direction(jacobian.dense(), r, interval)
-        return (*self._krylov_direction(jacobian, r, initial_norm, waiting, interval), None)
+            return dense_direction(jacobian.dense(), r, interval)
+        direction, slope = krylov_direction(
+            self.krylov, self.check_every, jacobian, r, initial_norm, waiting, interval
+        )
+        return direction, slope, None
 
     def _dense(self, z, r):
         if self.linear != "auto":
             return self.linear == "dense"
         # GMRES cannot be differentiated through (backward="unroll"): dense is.
         return z.shape[1] <= self.max_dense or (torch.is_grad_enabled() and r.requires_grad)
-
-    @staticmethod
-    def _dense_direction(jacobian, r, interval):
-        """The direction, its slope and the factorisation when every block is regular
-        (a dense backward at the root may refine with it, see :meth:`hint`).
-
-        Where the host is not read every iteration (``interval > 1``), the blocks are not
-        known regular: every step takes the general path (the damped direction where a
-        block is singular), with no factorisation to reuse or hand on."""
-        factors = Factorization.of(jacobian)
-        # Singular to working precision: a pivot ratio (a cheap estimate of the reciprocal
-        # condition number) below n·eps, which an exact zero pivot and NaN also fail.
-        n = r.shape[1]
-        smallest, largest = torch.aminmax(factors.diagonal().abs(), dim=1)
-        regular = smallest > n * torch.finfo(r.dtype).eps * largest
-        direction = -factors.solve(r)
-        # NaN also fails the comparison with ∞.
-        solved = regular & (direction.abs().amax(dim=1) < math.inf)
-        if known_all(solved, interval):
-            # A Newton step: the line search knows its slope.
-            return direction, None, factors
-        singular, failed = ~regular, ~solved
-        if traced(r) if interval > 1 else bool(singular.any()):
-            # Factorise the identity in their place: the Newton branch stays finite
-            # (and so does its derivative, under backward="unroll").
-            eye = torch.eye(n, dtype=r.dtype, device=r.device)
-            direction = -Factorization.of(
-                torch.where(singular[:, None, None], eye, jacobian)
-            ).solve(r)
-        damped = _damped_least_squares(jacobian, r)
-        direction = torch.where(failed.unsqueeze(1), damped, direction)
-        slope = (upcast(r) * (upcast(jacobian) @ upcast(direction).unsqueeze(2)).squeeze(2)).sum(1)
-        return direction, slope, None
-
-    def _krylov_direction(self, jacobian, r, initial_norm, waiting, interval):
-        if torch.is_grad_enabled() and r.requires_grad:
-            raise NotImplementedError(
-                "Newton's Krylov inner solve (implicit.linear.GMRES) cannot be "
-                "differentiated through: with backward='unroll' use "
-                "Newton(linear='dense') or another backward mode"
-            )
-        krylov = self.krylov or GMRES(check_every=self.check_every)
-        norm = norms(r)
-        if krylov.tol is not None:
-            tol = krylov.tol
-        else:
-            # The least converged running sample sets the pace (frozen rows and rows
-            # still searching from their iterate do not).
-            ratio = torch.where(waiting, 0, norm / initial_norm).nan_to_num(0.0)
-            # (A tensor where the host is not read every iteration.)
-            ratio = ratio.max().detach().clamp(math.sqrt(torch.finfo(r.dtype).eps), 0.1)
-            tol = float(ratio) if interval == 1 else ratio
-        max_iter = krylov.max_iter if krylov.max_iter is not None else KRYLOV_MAX_ITER
-        op = WorkingOperator(jacobian, r.dtype) if is_half(r.dtype) else jacobian
-        result = krylov.solve(krylov.init(op), upcast(-r), tol=tol, max_iter=max_iter)
-        finite = torch.isfinite(result.x).all(dim=1) & torch.isfinite(result.residual)
-        direction = torch.where(finite.unsqueeze(1), result.x, 0).to(r.dtype)
-        # ‖J d + g‖ = η‖g‖ bounds the slope gᵀJd ≤ −(1 − η)‖g‖² (no extra product).
-        eta = torch.where(finite, result.residual, 1).clamp(0, 1)
-        return direction, -(1 - eta) * norm**2
-
-
-def _damped_least_squares(jacobian: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``−(JᵀJ + μI)⁻¹ Jᵀ r`` per sample with ``μ = √eps · ‖J‖²_F / n`` (μ = 1 if J = 0),
-    in float32 for half precision (where ``JᵀJ`` would overflow), in ``r``'s dtype."""
-    dtype, n = r.dtype, r.shape[1]
-    jacobian, r = upcast(jacobian), upcast(r)
-    normal = jacobian.transpose(1, 2) @ jacobian
-    mu = math.sqrt(torch.finfo(dtype).eps) * normal.diagonal(dim1=1, dim2=2).sum(dim=1) / n
-    mu = torch.where(mu > 0, mu, 1)
-    eye = torch.eye(n, dtype=r.dtype, device=r.device)
-    system = normal + mu[:, None, None] * eye
-    gradient = (jacobian.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
-    return -solve(system, gradient)[0].to(dtype)

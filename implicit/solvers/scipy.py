@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import torch
 
+from implicit._batch import residual_norms, thresholds
 from implicit._checks import check_options
 from implicit._results import BREAKDOWN, CONVERGED, FAILED, NONFINITE, SolveInfo, status_name
 from implicit.solvers._scipy_run import NONLIN, Run
-from implicit.solvers.base import Residual, Solver, residual_norms, thresholds
+from implicit.solvers.base import Residual, Solver
 
 METHODS = (
     "hybr",

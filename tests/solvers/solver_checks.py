@@ -15,6 +15,7 @@ from conftest import (
     TanhProblem,
     assert_fixed_point,
     contractive_matrix,
+    loss_of,
     rel_err,
     time_limit,
     unrolled_fixed_point,
@@ -25,10 +26,6 @@ from hypothesis import strategies as st
 import implicit
 from implicit import solvers
 from implicit.solvers import Residual
-
-
-def loss_of(z: torch.Tensor) -> torch.Tensor:
-    return (z**3).sum() + z.sin().sum()
 
 
 class MonotoneCubic:

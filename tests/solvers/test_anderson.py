@@ -178,6 +178,16 @@ def test_zero_residual_change_is_not_remembered():
     assert torch.equal(z_next, z + r) and not state.valid.any()
 
 
+def test_a_step_from_a_point_with_no_reading_starts_the_history():
+    # init at one point, the step from another: no largest residual is known before the
+    # step (the driver's first step is from init's point, and its later ones know the
+    # reading before them), so no fast contraction is either, and the step is kept.
+    solver = Anderson(m=3, start_ratio=0.5)
+    # The residual fell a thousandfold over that step: fast, had it been read.
+    *_, state = _one_step(solver, [1.0, 0.0], [-1000.0, 0.0])
+    assert state.dr is not None and state.valid.any()
+
+
 def test_float32():
     p = TanhProblem(n=6, batch=3, norm=0.9, dtype=torch.float32)
     z, info = implicit.fixed_point(
