@@ -174,9 +174,11 @@ class IterativeSolver(LinearSolver):
         allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
         codes = None  # (after the first round: every problem's, all being allowed)
         iterations, methods = 0, []
-        # One problem on the CPU: its end is tested on the host, without passes.
+        # One problem on the CPU: its end is tested on the host, without passes, against
+        # its target read once.
         cheap = cheap_host_reads(rhs)
         one = cheap and rhs.shape[0] == 1
+        host_target = target.item() if one else None
         while True:
             x, new_codes, used, true, method = self.iterate(
                 operator,
@@ -193,7 +195,7 @@ class IterativeSolver(LinearSolver):
             # The common end, every problem solved (a true residual at most the target is
             # finite, and so is the x it was computed from), needs no more bookkeeping:
             # its codes (None) are made from the condition estimates below.
-            if residual.item() <= target.item() if one else bool((residual <= target).all()):
+            if residual.item() <= host_target if one else bool((residual <= target).all()):
                 codes = None
                 break
             codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
@@ -209,8 +211,9 @@ class IterativeSolver(LinearSolver):
         gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
         # Relative, and 0 for a zero right-hand side (whose x is 0), whose condition
         # estimate is NaN: where the host reads cheaply that no right-hand side is zero
-        # (the common case), plain divisions, without the guards' passes.
-        if cheap and (rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())):
+        # (the common case; one problem's is not where its target is above zero), plain
+        # divisions, without the guards' passes (which give the same numbers elsewhere).
+        if cheap and (host_target > 0 if one else bool((rhs_norm > 0).all())):
             relative = residual / rhs_norm
             condition = gain * (norm(x) / rhs_norm)
         else:
