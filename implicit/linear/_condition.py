@@ -38,6 +38,9 @@ class FirstProduct:
 
     def __init__(self, operator):
         self.operator = operator
+        # (Read by every shifted method's solve: set here, where __getattr__ would
+        # take a failed lookup first.)
+        self.shifted: bool = operator.shifted
         #: ``‖A p‖/‖p‖`` per row (0 for ``p = 0``), ``None`` before the first product.
         self.gain: torch.Tensor | None = None
 

@@ -16,10 +16,11 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._results import check_number, flag_ill_conditioned
+from implicit._results import check_number, condition_limit, flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear.base import (
     CONVERGED,
+    ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
     ApproximateInverse,
@@ -173,8 +174,11 @@ class IterativeSolver(LinearSolver):
         allowed = torch.ones_like(rhs_norm, dtype=torch.bool)
         codes = None  # (after the first round: every problem's, all being allowed)
         iterations, methods = 0, []
-        # One problem on the CPU: its end is tested on the host, without passes.
-        one = rhs.shape[0] == 1 and cheap_host_reads(rhs)
+        # One problem on the CPU: its end is tested on the host, without passes, against
+        # its target read once.
+        cheap = cheap_host_reads(rhs)
+        one = cheap and rhs.shape[0] == 1
+        host_target = target.item() if one else None
         while True:
             x, new_codes, used, true, method = self.iterate(
                 operator,
@@ -189,9 +193,10 @@ class IterativeSolver(LinearSolver):
             methods += [part for part in (method or "").split("+") if part not in methods]
             residual = norm(operator.mv(x) - rhs if true is None else true)
             # The common end, every problem solved (a true residual at most the target is
-            # finite, and so is the x it was computed from), needs no more bookkeeping.
-            if residual.item() <= target.item() if one else bool((residual <= target).all()):
-                codes = torch.full_like(rhs_norm, CONVERGED, dtype=torch.long)
+            # finite, and so is the x it was computed from), needs no more bookkeeping:
+            # its codes (None) are made from the condition estimates below.
+            if residual.item() <= host_target if one else bool((residual <= target).all()):
+                codes = None
                 break
             codes = new_codes if codes is None else torch.where(allowed, new_codes, codes)
             finite = torch.isfinite(residual) & torch.isfinite(x).all(dim=1)
@@ -206,14 +211,24 @@ class IterativeSolver(LinearSolver):
         gain = operator.gain if operator.gain is not None else torch.full_like(rhs_norm, math.nan)
         # Relative, and 0 for a zero right-hand side (whose x is 0), whose condition
         # estimate is NaN: where the host reads cheaply that no right-hand side is zero
-        # (the common case), plain divisions, without the guards' passes.
-        if cheap_host_reads(rhs) and (rhs_norm.item() > 0 if one else bool((rhs_norm > 0).all())):
+        # (the common case; one problem's is not where its target is above zero), plain
+        # divisions, without the guards' passes (which give the same numbers elsewhere).
+        if cheap and (host_target > 0 if one else bool((rhs_norm > 0).all())):
             relative = residual / rhs_norm
             condition = gain * (norm(x) / rhs_norm)
         else:
             relative = safe_div(residual, rhs_norm)
             condition = _condition.seen(gain, x, rhs_norm)
-        codes = flag_ill_conditioned(codes, condition)
+        if codes is None:  # every problem solved: converged, or ill-conditioned
+            limit = condition_limit(condition.dtype)  # (flag_ill_conditioned's test)
+            if one:  # read on the host: the limit rounds down to every dtype, so the
+                # comparison is the tensor's (no number of the dtype lies in between)
+                code = ILL_CONDITIONED if condition.item() > limit else CONVERGED
+                codes = torch.full_like(rhs_norm, code, dtype=torch.long)
+            else:
+                codes = where_codes(condition > limit, ILL_CONDITIONED, CONVERGED)
+        else:
+            codes = flag_ill_conditioned(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)
 

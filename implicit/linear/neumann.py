@@ -90,15 +90,12 @@ class Neumann(IterativeSolver):
             x, r = start(operator, rhs, x)
             r = -r  # A x − rhs, exact (a product) at every iterate
         elif from_zero:
-            q, r = None, -rhs  # S x = 0
+            q, r = None, -rhs  # x = S x = 0, made where the loop needs them
         else:
             q = operator.shifted_mv(x)
             r = q - x - rhs
-        x = torch.zeros_like(rhs) if x is None else x
         # (From zero the residual is −rhs, whose norm is rhs's, exactly.)
         reference = recent = initial = rhs_norm if from_zero else norm(r)
-        # What rounding leaves of A x − rhs: the products run in the operator's dtype.
-        rounding = _ROUNDING * torch.finfo(operator.evaluated_in or rhs.dtype).eps
         check_every = check_interval(self.check_every, rhs)
         # One problem tested on the host every iteration: its target as a number, read
         # once (see all_running), and the iteration that solves it ends the loop
@@ -159,9 +156,11 @@ class Neumann(IterativeSolver):
             stops = []
             if window:
                 # Stagnation: the residual did not halve over the window and is at the
-                # level of the rounding errors of its evaluation, which no method
-                # working with these products can go below.
+                # level of the rounding errors of its evaluation (the products run in the
+                # operator's dtype), which no method working with these products can go
+                # below.
                 flat = ~(size <= 0.5 * recent)
+                rounding = _ROUNDING * torch.finfo(operator.evaluated_in or rhs.dtype).eps
                 stops.append((flat & (size <= rounding * (norm(x_new) + rhs_norm)), STAGNATED))
                 recent = size
                 if self.divergence:
@@ -179,8 +178,9 @@ class Neumann(IterativeSolver):
             # A problem whose residual turned infinite or NaN keeps its last finite x.
             step = active & (size < math.inf)
             if shifted:
-                q_old = torch.zeros_like(q_new) if q is None else q
-                x, r, q = select_rows(step, check_every, (x_new, x), (r_new, r), (q_new, q_old))
+                if q is None:  # the first iteration from zero
+                    x = q = torch.zeros_like(rhs)
+                x, r, q = select_rows(step, check_every, (x_new, x), (r_new, r), (q_new, q))
             else:
                 x, r = select_rows(step, check_every, (x_new, x), (r_new, r))
             done = step & (size <= target)
@@ -194,7 +194,7 @@ class Neumann(IterativeSolver):
                 active = active ^ stopped  # (a subset of active)
         if codes is None:  # out of iterations while every problem ran
             _, codes = _start(allowed, initial, target)
-        return Progress(x, codes, iterations, r)
+        return Progress(torch.zeros_like(rhs) if x is None else x, codes, iterations, r)
 
     def _may_stop(self, size, worst, window, recent, give_up, reference, grow_limit) -> bool:
         """Whether a stop for stagnation, divergence or slowness may select a problem

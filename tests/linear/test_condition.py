@@ -111,6 +111,31 @@ class TestIterative:
         assert float(result.condition[1]) == pytest.approx(1.0)
         assert bool((result.residual <= 1e-8).all())
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+    def test_one_problem_read_on_the_host_as_the_tensor_compares(self, dtype):
+        # One solved problem's flag is read on the host (condition.item() > limit); a
+        # tensor's comparison rounds the limit to its dtype: the same test only if no
+        # number of the dtype lies between the limit and its rounding.
+        limit = condition_limit(dtype)
+        nearest = torch.tensor([limit], dtype=dtype)
+        for step in (-math.inf, math.inf):
+            around = torch.cat([nearest, torch.nextafter(nearest, torch.full_like(nearest, step))])
+            assert (around > limit).tolist() == [value > limit for value in around.tolist()]
+
+    def test_one_problem_flagged_as_in_a_batch(self):
+        # Float32, GMRES in 8 iterations: the estimates above and below the limit.
+        matrix = with_condition(2, 8, 1e5, 1, torch.float32)
+        matrix[1] = torch.eye(8)
+        rhs = rhs_of(2, 8, 0).float()
+        together = run(linear.GMRES(), operator(matrix), rhs, tol=1e-3, max_iter=50)
+        assert together.codes.tolist() == [ILL_CONDITIONED, CONVERGED]
+        for b in range(2):
+            alone = run(
+                linear.GMRES(), operator(matrix[b : b + 1]), rhs[b : b + 1], tol=1e-3, max_iter=50
+            )
+            assert alone.codes.tolist() == together.codes[b : b + 1].tolist()
+            assert (float(alone.condition) > condition_limit(torch.float32)) == (b == 0)
+
     def test_zero_right_hand_side_is_not_measured(self):
         matrix = with_condition(2, 5, 10.0, 0)
         rhs = torch.stack([rhs_of(1, 5, 0)[0], torch.zeros(5, dtype=F64)])

@@ -213,6 +213,27 @@ class TestShiftedNeumann:
         # One product per iteration (and one for a warm start's initial residual).
         assert shifted.products == fast.iterations + (x0 is not None)
 
+    @pytest.mark.parametrize("check_every", [None, 4])
+    def test_a_zero_right_hand_side_keeps_the_zero_start(self, check_every):
+        # From zero, x = S x = 0 is made only where the loop needs it: a problem that
+        # never moves (zero right-hand side) keeps it beside one that iterates, and a
+        # solve in which none moves returns it, with the plain operator's answers.
+        shifted, plain, matrix = self.operators(2, 5, [0.5, 0.5], seed=2)
+        rhs = rhs_of(2, 5, 3)
+        rhs[0] = 0
+        solver = linear.Neumann(check_every=check_every)
+        fast, slow = (run(solver, op, rhs, tol=1e-12, max_iter=100) for op in (shifted, plain))
+        assert fast.codes.tolist() == slow.codes.tolist() == [CONVERGED, CONVERGED]
+        assert torch.equal(fast.x[0], torch.zeros(5, dtype=F64))
+        assert rel_err(fast.x, slow.x) <= 1e-13
+        assert rel_err(fast.x[1], torch.linalg.solve(matrix[1], rhs[1])) <= 1e-10
+        for rows in (slice(0, 1), slice(None)):
+            zero = torch.zeros_like(rhs[rows])
+            op = self.operators(zero.shape[0], 5, [0.5] * zero.shape[0], seed=2)[0]
+            none = run(solver, op, zero, tol=1e-12, max_iter=100)
+            assert none.iterations == 0 and none.codes.tolist() == [CONVERGED] * zero.shape[0]
+            assert torch.equal(none.x, zero)
+
     def test_a_damped_iteration_uses_the_plain_products(self):
         shifted, _, matrix = self.operators(2, 4, [0.5, 0.5], seed=1)
         rhs = rhs_of(2, 4, 2)
