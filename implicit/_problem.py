@@ -318,11 +318,14 @@ class Recorder(TorchFunctionMode):
             if id(tensor) not in made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
-        outputs = [out] if isinstance(out, torch.Tensor) else []
-        if not outputs:
-            _collect(out, outputs)
+        # Outputs are kept alive so that their ids are not recycled for another tensor.
+        if isinstance(out, torch.Tensor):
+            made.add(id(out))
+            self._keep_alive.append(out)
+            return out
+        outputs: list[torch.Tensor] = []
+        _collect(out, outputs)
         for tensor in outputs:
-            # Keep outputs alive so that their ids are not recycled for another tensor.
             made.add(id(tensor))
         self._keep_alive.extend(outputs)
         return out
