@@ -73,7 +73,7 @@ def cheap_host_reads(tensor: torch.Tensor) -> bool:
     data: on the CPU it does; on an accelerator (CUDA, MPS, XPU, ...) a read stalls the
     device until its queue has run. The one place that decides where loops test their
     data on the host."""
-    return tensor.device.type == "cpu"
+    return tensor.is_cpu  # (a flag: no device object made)
 
 
 def known_all(mask: torch.Tensor, check_every: int | None = None) -> bool:
@@ -177,8 +177,9 @@ def thresholds(tol: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     finite (an infinite ``z0`` or ``f(z0)``): every comparison with NaN fails, so such
     a problem neither runs nor converges; it stops at once with status
     ``"nonfinite"``."""
-    # (One call where a comparison and a torch.where take three with the scalar.)
-    return (tol * (1 + scale)).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
+    # (One call where a comparison and a torch.where take three with the scalar; methods,
+    # not operators, whose reflected forms with a number go through Python.)
+    return scale.add(1).mul(tol).nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
 
 
 def project(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

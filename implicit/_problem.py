@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -132,7 +133,12 @@ class Problem:
     def pack(self, states: State) -> torch.Tensor:
         """A state (tensor or tree) as one ``(B, n)`` tensor."""
         if self.spec is _tree.LEAF and not self.complex:
-            return states.reshape(self.batch_size, -1)
+            # A batch of vectors is its own flat view: no view, no operation.
+            return (
+                states
+                if states.dim() == 2 and self.batched
+                else states.reshape(self.batch_size, -1)
+            )
         if self.spec is _tree.LEAF:
             return _flatten([states], self.batch_size)
         return _flatten(_tree.leaves_like(self.spec, states, "the state", "z"), self.batch_size)
@@ -202,14 +208,14 @@ class Problem:
         the problem's inputs (explicit ones by position, captured ones by identity), as
         :meth:`residual` calls the user's function. The inverse form passes the
         arguments after ``y``. Returns ``function``'s output as it is."""
-        n_explicit = len(self.tensor_positions)
+        positions = self.tensor_positions
         args = list(self.args)
-        for position, tensor in zip(self.tensor_positions, inputs[:n_explicit]):
+        for position, tensor in zip(positions, inputs):  # (the explicit inputs come first)
             args[position] = tensor
         if self.form == "inverse":
             args = args[1:]
-        stand_ins = inputs[n_explicit:]
-        if all(s is c for s, c in zip(stand_ins, self.captured)):
+        stand_ins = inputs[len(positions) :]
+        if all(map(operator.is_, stand_ins, self.captured)):
             return function(self.unpack(z), *args)
         replacements = {id(c): s for c, s in zip(self.captured, stand_ins)}
         with eager_stance(), Substitute(replacements):
@@ -312,11 +318,14 @@ class Recorder(TorchFunctionMode):
             if id(tensor) not in made and carries_derivative(tensor):
                 self.captured.setdefault(id(tensor), tensor)
         out = func(*args, **kwargs)
-        outputs = [out] if isinstance(out, torch.Tensor) else []
-        if not outputs:
-            _collect(out, outputs)
+        # Outputs are kept alive so that their ids are not recycled for another tensor.
+        if isinstance(out, torch.Tensor):
+            made.add(id(out))
+            self._keep_alive.append(out)
+            return out
+        outputs: list[torch.Tensor] = []
+        _collect(out, outputs)
         for tensor in outputs:
-            # Keep outputs alive so that their ids are not recycled for another tensor.
             made.add(id(tensor))
         self._keep_alive.extend(outputs)
         return out
