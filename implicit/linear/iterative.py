@@ -1,5 +1,6 @@
 """What every iterative method shares: warm start, per-problem stop, the true-residual
-check and the status codes; and helpers for methods on batches of rows.
+check and the status codes; and (from ``implicit.linear._rows``) helpers for methods on
+batches of rows.
 
 A new iterative method is one file: a frozen dataclass subclassing
 [`IterativeSolver`][implicit.linear.IterativeSolver] that implements
@@ -18,6 +19,7 @@ import torch
 from implicit._batch import cheap_host_reads
 from implicit._results import check_number, condition_limit, flag_ill_conditioned
 from implicit.linear import _condition
+from implicit.linear._rows import dot, identity, norm, row_mask, safe_div, start, where_codes
 from implicit.linear.base import (
     CONVERGED,
     ILL_CONDITIONED,
@@ -281,47 +283,3 @@ def _initial(x0: torch.Tensor | None, rhs: torch.Tensor) -> torch.Tensor | None:
             f"x0 of shape {tuple(x0.shape)} does not fit the right-hand side of shape "
             f"{tuple(rhs.shape)} (flat (batch, n) view)"
         ) from None
-
-
-# -- helpers for methods, on batches of rows -------------------------------------------
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """``‖x_b‖₂`` per row, shape ``(B,)``."""
-    return torch.linalg.vector_norm(x, dim=1)
-
-
-def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a_b · b_b`` per row, shape ``(B,)``."""
-    return (a * b).sum(dim=1)
-
-
-def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with 0 where ``den == 0`` (frozen or broken-down problems).
-
-    The division by zero in the rows not taken is harmless: linear solves run where
-    nothing records a graph (inside the implicit function's forward, or a first-order
-    backward), so no gradient flows through it.
-    """
-    return torch.where(den != 0, num / den, 0)
-
-
-def row_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A per-problem mask ``(B,)`` as a mask over rows ``(B, 1)``."""
-    return mask.unsqueeze(1)
-
-
-def where_codes(mask: torch.Tensor, if_true: int, if_false: int) -> torch.Tensor:
-    """Status codes per problem: ``if_true`` where ``mask``, else ``if_false``."""
-    return torch.where(mask, if_true, if_false)  # int64, as Python integers give
-
-
-def start(
-    operator: JacobianOperator, rhs: torch.Tensor, x: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The iterate to start from and its residual ``rhs − A x``: zero and ``rhs``, without
-    a product, for ``x = None``."""
-    return (torch.zeros_like(rhs), rhs) if x is None else (x, rhs - operator.mv(x))
-
-
-def identity(r: torch.Tensor) -> torch.Tensor:
-    """The preconditioner of no preconditioning."""
-    return r
