@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from implicit._batch import check_interval, norms
+from implicit._batch import check_interval, norms, thresholds
+from implicit._batch import residual_norms as finite_norms
 from implicit._results import (
     CONVERGED,
     FAILED,
@@ -53,8 +54,7 @@ from implicit.solvers._saddle import (
     unknown_curvature,
     verified_minimum,
 )
-from implicit.solvers.base import Solver, thresholds
-from implicit.solvers.base import residual_norms as finite_norms
+from implicit.solvers.base import Solver
 
 #: A point that passed the gradient test is no minimum where the Newton step is longer
 #: than this fraction of ``1 + ‖z‖`` (see ``Minimizer._saddles``).
