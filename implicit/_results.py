@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from implicit._batch import cheap_host_reads
 from implicit._complex import is_supported, same_precision
 from implicit._info import BackwardInfo, ConvergenceError, ConvergenceWarning, SolveInfo
 
@@ -106,11 +107,19 @@ def condition_limit(dtype: torch.dtype) -> float:
     return 1 / math.sqrt(torch.finfo(dtype).eps)
 
 
-def flag_ill_conditioned(codes: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+def flag_ill_conditioned(codes: torch.Tensor | None, condition: torch.Tensor) -> torch.Tensor:
     """``codes`` with ``ILL_CONDITIONED`` where a problem converged but its
-    ``condition`` exceeds :func:`condition_limit` of its dtype."""
+    ``condition`` exceeds :func:`condition_limit` of its dtype. ``codes`` ``None``:
+    every problem converged, and the codes are made from the estimates alone."""
     limit = condition_limit(condition.dtype)
-    return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
+    if codes is not None:
+        return torch.where((codes == CONVERGED) & (condition > limit), ILL_CONDITIONED, codes)
+    if condition.shape[0] == 1 and cheap_host_reads(condition):
+        # One problem, read on the host: the limit rounds down to every dtype, so the
+        # comparison is the tensor's (no number of the dtype lies in between).
+        code = ILL_CONDITIONED if condition.item() > limit else CONVERGED
+        return torch.full_like(condition, code, dtype=torch.long)
+    return torch.where(condition > limit, ILL_CONDITIONED, CONVERGED)
 
 
 def status_name(codes: torch.Tensor) -> str:

@@ -17,12 +17,11 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from implicit._batch import cheap_host_reads
-from implicit._results import check_number, condition_limit, flag_ill_conditioned
+from implicit._results import check_number, flag_ill_conditioned
 from implicit.linear import _condition
 from implicit.linear._rows import dot, identity, norm, row_mask, safe_div, start, where_codes
 from implicit.linear.base import (
     CONVERGED,
-    ILL_CONDITIONED,
     MAX_ITER,
     NONFINITE,
     ApproximateInverse,
@@ -221,16 +220,8 @@ class IterativeSolver(LinearSolver):
         else:
             relative = safe_div(residual, rhs_norm)
             condition = _condition.seen(gain, x, rhs_norm)
-        if codes is None:  # every problem solved: converged, or ill-conditioned
-            limit = condition_limit(condition.dtype)  # (flag_ill_conditioned's test)
-            if one:  # read on the host: the limit rounds down to every dtype, so the
-                # comparison is the tensor's (no number of the dtype lies in between)
-                code = ILL_CONDITIONED if condition.item() > limit else CONVERGED
-                codes = torch.full_like(rhs_norm, code, dtype=torch.long)
-            else:
-                codes = where_codes(condition > limit, ILL_CONDITIONED, CONVERGED)
-        else:
-            codes = flag_ill_conditioned(codes, condition)
+        # (codes None: every problem solved, converged or ill-conditioned.)
+        codes = flag_ill_conditioned(codes, condition)
         method = "+".join(methods) or None
         return LinearResult(x, relative, codes, iterations, method, condition)
 
