@@ -13,7 +13,7 @@ import torch
 from implicit import _aux, _tolerance, linear, solvers
 from implicit._batch import is_half
 from implicit._problem import Problem, State
-from implicit._progress import Callback
+from implicit._progress import Callback, check_callback
 from implicit._results import ON_FAILURE_CHOICES, check_number, check_on_failure
 from implicit._tolerance import Tol
 from implicit._torch import eager
@@ -55,11 +55,8 @@ def run(
     check_number(max_iter, "max_iter", "an integer >= 1")
     if on_failure not in ON_FAILURE_CHOICES:
         check_on_failure(on_failure)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback must be callable as callback(iteration, residual, z) or None, got "
-            f"{type(callback).__name__}"
-        )
+    if callback is not None:
+        check_callback(callback)
     # A name without options is the same immutable instance at every call: looked up once.
     if isinstance(solver, str) and not solver_options:
         method = solvers.registry.named(solver)
