@@ -47,12 +47,16 @@ def fit(backward: str):
 
 
 class TestMinimize:
-    @pytest.mark.parametrize("solver", ["lbfgs", "newton", "scipy"])
-    def test_hermitian_quadratic_closed_form(self, solver):
+    # scipy's L-BFGS-B stops where f no longer decreases: float64 resolves that down to
+    # gradients of about √eps (1.4e-8 here), above a tol of 1e-9 on some CPUs.
+    @pytest.mark.parametrize(
+        ("solver", "tol"), [("lbfgs", 1e-9), ("newton", 1e-9), ("scipy", 1e-7)]
+    )
+    def test_hermitian_quadratic_closed_form(self, solver, tol):
         c = leaf(B)
-        z = implicit.minimize(quadratic, torch.zeros(N, dtype=C), c, solver=solver, tol=1e-9)
+        z = implicit.minimize(quadratic, torch.zeros(N, dtype=C), c, solver=solver, tol=tol)
         assert z.dtype == C
-        assert rel_err(z, torch.linalg.solve(H, B)) <= 1e-9
+        assert rel_err(z, torch.linalg.solve(H, B)) <= tol
         # L = ‖z‖² with z = H⁻¹c: PyTorch's gradient is 2H⁻ᴴz = 2H⁻¹z.
         (grad,) = torch.autograd.grad(z.abs().pow(2).sum(), c)
         assert rel_err(grad, 2 * torch.linalg.solve(H, z.detach())) <= 1e-8
