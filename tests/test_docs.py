@@ -18,9 +18,13 @@ import dataclasses
 import doctest
 import importlib
 import inspect
+import json
+import os
 import pathlib
 import pkgutil
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -105,16 +109,51 @@ RUNNABLE = [
 ]
 
 
+#: A page that starts a process group (torch.distributed) runs in a fresh interpreter,
+#: stopped with every thread's traceback if it outlives this many seconds: a stuck
+#: collective then fails the test instead of hanging the suite.
+SEPARATE_PROCESS_TIMEOUT = 240
+
+#: Runs a page's blocks (a JSON list of sources, padded to the page's lines) in order,
+#: a ConvergenceWarning an error as in this suite.
+RUN_BLOCKS = """
+import faulthandler, json, sys, warnings, torch, implicit
+faulthandler.dump_traceback_later({timeout}, exit=True)
+warnings.simplefilter("error", implicit.ConvergenceWarning)
+torch.manual_seed(0)
+namespace = {{"__name__": "__main__"}}
+for source in json.load(open(sys.argv[1])):
+    exec(compile(source, sys.argv[2], "exec"), namespace)
+"""
+
+
 @pytest.mark.parametrize("page", RUNNABLE, ids=page_id)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # Padding with empty lines makes tracebacks point at the page's own lines.
+    sources = [
+        "\n" * (block.line - 1) + expand_snippets(block.code)
+        for block in code_blocks(page.read_text())
+        if block.language == "python"
+    ]
+    if any("init_process_group" in source for source in sources):
+        blocks = tmp_path / "blocks.json"
+        blocks.write_text(json.dumps(sources))
+        # The checkout's package, as in this process.
+        python_path = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        script = RUN_BLOCKS.format(timeout=SEPARATE_PROCESS_TIMEOUT)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(blocks), str(page)],
+            capture_output=True,
+            text=True,
+            timeout=SEPARATE_PROCESS_TIMEOUT + 60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *python_path])},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return
     torch.manual_seed(0)
     namespace = {"__name__": "__main__"}
-    for block in code_blocks(page.read_text()):
-        if block.language != "python":
-            continue
-        # Padding with empty lines makes tracebacks point at the page's own lines.
-        source = "\n" * (block.line - 1) + expand_snippets(block.code)
+    for source in sources:
         exec(compile(source, str(page), "exec"), namespace)
 
 
