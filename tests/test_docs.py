@@ -109,22 +109,28 @@ RUNNABLE = [
 ]
 
 
+def run_blocks(sources: list[str], filename: str) -> None:
+    """Run a page's python blocks in order, in one namespace, as a script would
+    (``__name__ == "__main__"``)."""
+    torch.manual_seed(0)
+    namespace = {"__name__": "__main__"}
+    for source in sources:
+        exec(compile(source, filename, "exec"), namespace)
+
+
 #: A page that starts a process group (torch.distributed) runs in a fresh interpreter,
 #: stopped with every thread's traceback if it outlives this many seconds: a stuck
 #: collective then fails the test instead of hanging the suite.
 SEPARATE_PROCESS_TIMEOUT = 240
 
-#: Runs a page's blocks (a JSON list of sources, padded to the page's lines) in order,
-#: a ConvergenceWarning an error as in this suite.
-RUN_BLOCKS = """
-import faulthandler, json, sys, warnings, torch, implicit
-faulthandler.dump_traceback_later({timeout}, exit=True)
-warnings.simplefilter("error", implicit.ConvergenceWarning)
-torch.manual_seed(0)
-namespace = {{"__name__": "__main__"}}
-for source in json.load(open(sys.argv[1])):
-    exec(compile(source, sys.argv[2], "exec"), namespace)
-"""
+#: :func:`run_blocks` in that interpreter (a ConvergenceWarning an error, as in this
+#: suite), on the sources in a JSON file.
+IN_ITS_OWN_PROCESS = (
+    "import faulthandler, json, sys, warnings, implicit, test_docs; "
+    f"faulthandler.dump_traceback_later({SEPARATE_PROCESS_TIMEOUT}, exit=True); "
+    "warnings.simplefilter('error', implicit.ConvergenceWarning); "
+    "test_docs.run_blocks(json.load(open(sys.argv[1])), sys.argv[2])"
+)
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=page_id)
@@ -136,25 +142,20 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         for block in code_blocks(page.read_text())
         if block.language == "python"
     ]
-    if any("init_process_group" in source for source in sources):
-        blocks = tmp_path / "blocks.json"
-        blocks.write_text(json.dumps(sources))
-        # The checkout's package, as in this process.
-        python_path = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
-        script = RUN_BLOCKS.format(timeout=SEPARATE_PROCESS_TIMEOUT)
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(blocks), str(page)],
-            capture_output=True,
-            text=True,
-            timeout=SEPARATE_PROCESS_TIMEOUT + 60,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *python_path])},
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    if not any("init_process_group" in source for source in sources):
+        run_blocks(sources, str(page))
         return
-    torch.manual_seed(0)
-    namespace = {"__name__": "__main__"}
-    for source in sources:
-        exec(compile(source, str(page), "exec"), namespace)
+    blocks = tmp_path / "blocks.json"
+    blocks.write_text(json.dumps(sources))
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    done = subprocess.run(
+        [sys.executable, "-c", IN_ITS_OWN_PROCESS, str(blocks), str(page)],
+        capture_output=True,
+        text=True,
+        timeout=SEPARATE_PROCESS_TIMEOUT + 60,
+        env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_readme_shows_exactly_the_two_commands_ci_runs():
