@@ -143,13 +143,16 @@ def newton64(model: Objective64, z: Array, iterations: int = 200) -> Array:
         step = -np.linalg.solve(hess, grad[..., None])[..., 0]
         slope = np.sum(grad * step, axis=1)
         near = -slope <= 1e-8 * (1 + np.abs(f))
+        grad_norm = np.linalg.norm(grad, axis=1)
         t = np.ones(z.shape[0])
         for _ in range(60):
             with np.errstate(all="ignore"):
                 moved = z + t[:, None] * step
                 trial = model.value(moved)
-                smaller = np.linalg.norm(model.grad(moved), axis=1) < np.linalg.norm(grad, axis=1)
-                ok = np.isfinite(trial) & ((trial <= f + 1e-4 * t * slope) | (near & smaller))
+                ok = trial <= f + 1e-4 * t * slope
+                if near.any():  # (the gradient at the trials only where it is asked)
+                    ok |= near & (np.linalg.norm(model.grad(moved), axis=1) < grad_norm)
+                ok &= np.isfinite(trial)
             if ok.all():
                 break
             t = np.where(ok, t, t / 2)
