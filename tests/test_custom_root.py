@@ -25,6 +25,21 @@ def spd_system(n: int = 4, batch: tuple[int, ...] = (), seed: int = 0):
     return a.requires_grad_(), b.requires_grad_()
 
 
+def batched_linear_solve(backward: str):
+    """``A z = b`` per problem of a batch by numpy, made differentiable by custom_root."""
+
+    @implicit.custom_root(
+        lambda z, a, b: (a @ z.unsqueeze(-1)).squeeze(-1) - b,
+        batched=True,
+        backward=backward,
+        tol=1e-12,
+    )
+    def solve(a, b):
+        return np.linalg.solve(a.numpy(), b.numpy()[..., None])[..., 0]
+
+    return solve
+
+
 class TestCustomRootLinear:
     """solve(A, b) by scipy.linalg against torch.linalg.solve's own gradients."""
 
@@ -51,16 +66,7 @@ class TestCustomRootLinear:
     @pytest.mark.parametrize("backward", ["dense", "gmres", "bicgstab"])
     def test_batched_systems(self, backward):
         a, b = spd_system(n=3, batch=(4,))
-
-        @implicit.custom_root(
-            lambda z, a, b: (a @ z.unsqueeze(-1)).squeeze(-1) - b,
-            batched=True,
-            backward=backward,
-            tol=1e-12,
-        )
-        def solve(a, b):
-            return np.linalg.solve(a.numpy(), b.numpy()[..., None])[..., 0]
-
+        solve = batched_linear_solve(backward)
         z = solve(a, b)
         assert solve.last_info.converged.shape == (4,)
         grads = torch.autograd.grad(z.sin().sum(), [a, b])
@@ -122,17 +128,7 @@ class TestCustomRootLinear:
 )
 def test_custom_root_random_linear_systems(n, batch, seed, backward):
     a, b = spd_system(n=n, batch=(batch,), seed=seed)
-
-    @implicit.custom_root(
-        lambda z, a, b: (a @ z.unsqueeze(-1)).squeeze(-1) - b,
-        batched=True,
-        backward=backward,
-        tol=1e-12,
-    )
-    def solve(a, b):
-        return np.linalg.solve(a.numpy(), b.numpy()[..., None])[..., 0]
-
-    z = solve(a, b)
+    z = batched_linear_solve(backward)(a, b)
     grads = torch.autograd.grad((z**2).sum(), [a, b])
     z_ref = torch.linalg.solve(a, b)
     refs = torch.autograd.grad((z_ref**2).sum(), [a, b])
